@@ -1,0 +1,46 @@
+# gqmm - the two commands a fresh machine needs:
+#   make run    build, then run the main job (the seed workload benchmark on the best backend)
+#   make test   build, set up the Python test venv, run every C and Python test
+# Other targets: build, asan (sanitizer build + C tests), cuda-check (nvcc compile),
+# plots, clean.
+
+BUILD      ?= build
+ASAN_BUILD ?= build-asan
+VENV       ?= .venv
+JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
+CMAKE_ARGS ?=
+PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4
+
+.PHONY: all build run test test-c test-python asan cuda-check venv clean
+
+all: build
+
+build:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS) >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+
+run: build
+	./$(BUILD)/gqmm bench
+
+$(VENV)/.stamp:
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(PY_PINS)
+	touch $@
+
+venv: $(VENV)/.stamp
+
+test-c: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+test-python: build venv
+	GQMM_LIB=$(abspath $(BUILD))/libgqmm.so $(VENV)/bin/python -m pytest -q tests/python
+
+test: test-c test-python
+
+asan:
+	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DGQMM_SANITIZE=ON $(CMAKE_ARGS) >/dev/null
+	cmake --build $(ASAN_BUILD) -j $(JOBS)
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
+
+clean:
+	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -1,0 +1,201 @@
+/*
+ * gqmm.h - gathered low-bit quantized matrix multiplication (MLX affine format).
+ *
+ * gqmm computes what MLX's mx.quantize, mx.dequantize, mx.quantized_matmul and
+ * mx.gather_qmm compute in mode "affine", on the same packed layout, with
+ * kernels for the CPU and NVIDIA GPUs.
+ *
+ * Conventions
+ *   - Every function returns GQMM_OK (0) or a negative gqmm_status. The context
+ *     keeps a message naming the offending argument: gqmm_last_error(ctx).
+ *   - Tensors are descriptors over caller-owned memory (gqmm never frees them).
+ *     Strides are in elements; every op requires row-contiguous tensors and says
+ *     so if one is not.
+ *   - Quantization: w ~= scale * q + bias per group of `group_size` consecutive
+ *     elements of the last axis; q in [0, 2^bits - 1] packed LSB-first into
+ *     uint32 words (bits 3, 5, 6 form a byte stream, see docs/format.md).
+ */
+#ifndef GQMM_H
+#define GQMM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define GQMM_VERSION_MAJOR 0
+#define GQMM_VERSION_MINOR 1
+#define GQMM_VERSION_PATCH 0
+#define GQMM_VERSION_STRING "0.1.0"
+
+/* ---- status codes -------------------------------------------------------- */
+
+/* X(name, value, description): one list generates the enum and gqmm_strerror. */
+#define GQMM_STATUS_LIST(X)                                                     \
+  X(GQMM_OK, 0, "success")                                                     \
+  X(GQMM_ERR_NULL, -1, "null pointer argument")                                \
+  X(GQMM_ERR_DTYPE, -2, "unsupported or mismatched dtype")                     \
+  X(GQMM_ERR_NDIM, -3, "wrong number of dimensions")                           \
+  X(GQMM_ERR_SHAPE, -4, "incompatible shapes")                                 \
+  X(GQMM_ERR_BITS, -5, "unsupported bit width")                                \
+  X(GQMM_ERR_GROUP_SIZE, -6, "unsupported group size")                         \
+  X(GQMM_ERR_INDEX, -7, "index out of range")                                  \
+  X(GQMM_ERR_OUTPUT, -8, "output tensor has the wrong shape or dtype")         \
+  X(GQMM_ERR_OVERLAP, -9, "output overlaps an input")                          \
+  X(GQMM_ERR_LAYOUT, -10, "tensor is not row-contiguous")                      \
+  X(GQMM_ERR_DEVICE, -11, "tensor on the wrong device")                        \
+  X(GQMM_ERR_NOMEM, -12, "out of memory")                                      \
+  X(GQMM_ERR_UNSUPPORTED, -13, "operation not supported by this backend")      \
+  X(GQMM_ERR_BACKEND, -14, "backend failure")                                  \
+  X(GQMM_ERR_ARG, -15, "invalid argument value")                               \
+  X(GQMM_ERR_IO, -16, "file input/output error")                               \
+  X(GQMM_ERR_FORMAT, -17, "malformed file or cache")
+
+typedef enum {
+#define GQMM__STATUS_ENUM(name, value, text) name = value,
+  GQMM_STATUS_LIST(GQMM__STATUS_ENUM)
+#undef GQMM__STATUS_ENUM
+} gqmm_status;
+
+/* Static description of a status code ("index out of range"). */
+const char *gqmm_strerror(int status);
+
+/* ---- tensors ------------------------------------------------------------- */
+
+typedef enum {
+  GQMM_F32 = 0,
+  GQMM_F16 = 1,
+  GQMM_BF16 = 2,
+  GQMM_U32 = 3,
+  GQMM_I32 = 4,
+} gqmm_dtype;
+
+typedef enum {
+  GQMM_DEVICE_CPU = 0,
+  GQMM_DEVICE_CUDA = 1, /* data is a CUDA device pointer on the current device */
+} gqmm_device;
+
+#define GQMM_MAX_DIMS 8
+
+typedef struct {
+  void *data;
+  gqmm_dtype dtype;
+  int ndim;
+  int64_t shape[GQMM_MAX_DIMS];
+  int64_t strides[GQMM_MAX_DIMS]; /* in elements */
+  gqmm_device device;
+} gqmm_tensor;
+
+/* A row-contiguous CPU tensor over `data`. ndim in [0, GQMM_MAX_DIMS]. */
+gqmm_tensor gqmm_tensor_make(void *data, gqmm_dtype dtype, int ndim, const int64_t *shape);
+int64_t gqmm_tensor_numel(const gqmm_tensor *t);
+size_t gqmm_dtype_size(gqmm_dtype dtype);
+const char *gqmm_dtype_name(gqmm_dtype dtype);
+
+/* Scalar conversions (round to nearest even; NaN preserved). */
+float gqmm_bf16_to_f32(uint16_t h);
+uint16_t gqmm_f32_to_bf16(float f);
+float gqmm_f16_to_f32(uint16_t h);
+uint16_t gqmm_f32_to_f16(float f);
+
+/* ---- context ------------------------------------------------------------- */
+
+typedef enum {
+  GQMM_BACKEND_AUTO = 0, /* the GPU if present and the op is supported, else CPU */
+  GQMM_BACKEND_REF = 1,  /* scalar reference (the oracle; slow) */
+  GQMM_BACKEND_CPU = 2,
+  GQMM_BACKEND_CUDA = 3,
+} gqmm_backend_kind;
+
+typedef struct gqmm_ctx gqmm_ctx;
+
+typedef struct {
+  gqmm_backend_kind backend; /* default AUTO */
+  int num_threads;           /* 0: GQMM_NUM_THREADS or all cores */
+  const char *cpu_isa;       /* NULL: GQMM_CPU_ISA or best; else "avx512", "avx2", "portable" */
+} gqmm_ctx_options;
+
+/* opts may be NULL for defaults. */
+int gqmm_ctx_create(gqmm_ctx **out, const gqmm_ctx_options *opts);
+void gqmm_ctx_destroy(gqmm_ctx *ctx);
+/* Message for the last failing call on ctx ("" if none). Valid until the next call. */
+const char *gqmm_last_error(const gqmm_ctx *ctx);
+/* Name of the backend that ran the last op ("ref", "cpu-avx512", "cuda"...). */
+const char *gqmm_last_backend(const gqmm_ctx *ctx);
+
+/* ---- quantization parameters --------------------------------------------- */
+
+typedef struct {
+  int bits;       /* 2, 3, 4, 5, 6 or 8 */
+  int group_size; /* 32, 64 or 128 */
+} gqmm_quant;
+
+/* GQMM_OK if gqmm supports (bits, group_size); else GQMM_ERR_BITS / _GROUP_SIZE. */
+int gqmm_quant_check(gqmm_quant q);
+/* uint32 words per packed row of k elements (k * bits / 32). */
+int64_t gqmm_packed_words(gqmm_quant q, int64_t k);
+
+/* ---- ops (mode "affine") ------------------------------------------------- */
+
+/*
+ * quantize: w (..., N, K) f32/f16/bf16, K % group_size == 0
+ *   -> wq (..., N, K*bits/32) u32, scales/biases (..., N, K/group_size) of w's dtype.
+ * Bit-exact with mlx.core.quantize on MLX's CPU backend.
+ */
+int gqmm_quantize(gqmm_ctx *ctx, const gqmm_tensor *w, gqmm_quant q, gqmm_tensor *wq,
+                  gqmm_tensor *scales, gqmm_tensor *biases);
+
+/*
+ * dequantize: out = T(T(scale * q) + bias) elementwise in out's dtype T, as
+ * mlx.core.dequantize computes on the CPU. out shape (..., N, K), dtype any float.
+ */
+int gqmm_dequantize(gqmm_ctx *ctx, const gqmm_tensor *wq, const gqmm_tensor *scales,
+                    const gqmm_tensor *biases, gqmm_quant q, gqmm_tensor *out);
+
+/*
+ * quantized_matmul: out = x @ dequant(w).T (transpose=1, w (..., N, K*bits/32))
+ *                   out = x @ dequant(w)   (transpose=0, w (..., K, N*bits/32)).
+ * Batch dims broadcast as in MLX; out dtype = promote(x, scales, biases); the
+ * products accumulate in float32.
+ */
+int gqmm_quantized_matmul(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                          const gqmm_tensor *scales, const gqmm_tensor *biases, int transpose,
+                          gqmm_quant q, gqmm_tensor *out);
+
+/*
+ * gather_qmm: out[i] = x_b[lhs[i]] @ dequant(w_b[rhs[i]])^(T if transpose), with
+ * x_b, w_b the inputs flattened over their batch dims (all but the last two)
+ * and lhs, rhs broadcast together. NULL indices default to arange over the
+ * batch. Indices are int32 or uint32; an index out of range is GQMM_ERR_INDEX.
+ * sorted_indices is a hint that the given indices are ascending (the MoE path).
+ * out shape = broadcast(lhs, rhs).shape + (M, N).
+ */
+int gqmm_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                    const gqmm_tensor *scales, const gqmm_tensor *biases,
+                    const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices, int transpose,
+                    gqmm_quant q, int sorted_indices, gqmm_tensor *out);
+
+/*
+ * Shape/dtype inference: fill `out` (data NULL) with the output descriptor the
+ * op would need for these inputs, or fail with the same status the op would.
+ */
+int gqmm_quantized_matmul_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                                 const gqmm_tensor *scales, const gqmm_tensor *biases,
+                                 int transpose, gqmm_quant q, gqmm_tensor *out);
+int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                           const gqmm_tensor *scales, const gqmm_tensor *biases,
+                           const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
+                           int transpose, gqmm_quant q, gqmm_tensor *out);
+
+/* ---- library info -------------------------------------------------------- */
+
+const char *gqmm_version(void);
+/* Writes a one-line description of the CPU features gqmm detected. */
+void gqmm_cpu_features(char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* GQMM_H */

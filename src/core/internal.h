@@ -1,0 +1,187 @@
+/*
+ * internal.h - what every part of the library shares: the context, error
+ * reporting, the quant-format table and the backend interface.
+ * Internal names are gqmm__*; nothing here is part of the public API.
+ */
+#ifndef GQMM_INTERNAL_H
+#define GQMM_INTERNAL_H
+
+#include "gqmm.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define GQMM__ERRMSG_LEN 512
+
+struct gqmm__backend;
+
+struct gqmm_ctx {
+  gqmm_backend_kind backend_kind;
+  int num_threads;
+  char cpu_isa[32];
+  char errmsg[GQMM__ERRMSG_LEN];
+  const char *last_backend;
+  int forced_config; /* -1: automatic; else a config id of the running backend */
+  /* Backend-private state, created lazily by each backend, freed in destroy. */
+  void *cpu_state;
+  void *cuda_state;
+  void *tune_state;
+};
+
+/* Record a formatted message on ctx (may be NULL) and return status. */
+int gqmm__fail(gqmm_ctx *ctx, int status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+void gqmm__clear_error(gqmm_ctx *ctx);
+
+/* ---- quant formats ------------------------------------------------------- */
+
+/*
+ * MLX packs each row of q-values as one little-endian bit stream: element j
+ * occupies bits [j*bits, (j+1)*bits). For bits 2/4/8 that is "32/bits values
+ * per uint32, LSB first"; for 3/5 it is 8 values in 3/5 bytes, for 6 it is 4
+ * values in 3 bytes. One rule serves all widths, so the table only needs the
+ * pack unit used by loops that decode whole packs at a time.
+ */
+typedef struct {
+  int bits;
+  int values_per_pack; /* values decoded together */
+  int bytes_per_pack;  /* bytes those values occupy */
+} gqmm__format;
+
+/* NULL if bits is not supported. */
+const gqmm__format *gqmm__format_for_bits(int bits);
+
+/* Value j of a packed row (bit-stream rule above). */
+static inline uint32_t gqmm__unpack(const uint8_t *row, int bits, int64_t j) {
+  int64_t bit = j * bits;
+  const uint8_t *p = row + (bit >> 3);
+  int shift = (int)(bit & 7);
+  /* A value of <= 8 bits at shift <= 7 spans at most two bytes; 8-bit values
+   * always start on a byte boundary, so p[1] is read only when needed. */
+  uint32_t v = p[0];
+  if (shift + bits > 8) v |= (uint32_t)p[1] << 8;
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+/* ---- dtypes -------------------------------------------------------------- */
+
+static inline bool gqmm__is_float(gqmm_dtype t) {
+  return t == GQMM_F32 || t == GQMM_F16 || t == GQMM_BF16;
+}
+/* MLX type promotion among float types: equal -> same; f16 with bf16 -> f32. */
+gqmm_dtype gqmm__promote(gqmm_dtype a, gqmm_dtype b);
+/* Element i of a float tensor's buffer as float. */
+float gqmm__load_f(const void *p, gqmm_dtype t, int64_t i);
+/* Store v to element i, rounding to t (nearest even). */
+void gqmm__store_f(void *p, gqmm_dtype t, int64_t i, float v);
+/* Convert n elements between float dtypes (src and dst must not overlap). */
+void gqmm__convert(void *dst, gqmm_dtype dt, const void *src, gqmm_dtype st, int64_t n);
+
+/* ---- tensor checks (each returns a status and sets the message) ---------- */
+
+bool gqmm__is_contiguous(const gqmm_tensor *t);
+size_t gqmm__nbytes(const gqmm_tensor *t);
+int gqmm__check_tensor(gqmm_ctx *ctx, const gqmm_tensor *t, const char *name);
+/* Same device as `ref` (name for the message). */
+int gqmm__check_same_device(gqmm_ctx *ctx, const gqmm_tensor *t, const char *name,
+                            gqmm_device dev);
+/* Error if the byte ranges of out and in intersect. */
+int gqmm__check_no_overlap(gqmm_ctx *ctx, const gqmm_tensor *out, const char *out_name,
+                           const gqmm_tensor *in, const char *in_name);
+/* Error unless out has exactly this dtype and shape. */
+int gqmm__check_output(gqmm_ctx *ctx, const gqmm_tensor *out, gqmm_dtype dtype, int ndim,
+                       const int64_t *shape, const char *name);
+/* Status + message for an unsupported (bits, group_size). */
+int gqmm__check_quant(gqmm_ctx *ctx, gqmm_quant q);
+void gqmm__shape_str(char *buf, size_t len, int ndim, const int64_t *shape);
+
+/* ---- the backend interface ----------------------------------------------- */
+
+/*
+ * One batched quantized matmul, validated by the front end:
+ *   for b in [0, batch): out[b] (M x N) = x[x_index[b]] (M x K) @ W[w_index[b]]
+ * where W[e] is dequant(w[e]) transposed (transpose=1: w[e] is N x K packed)
+ * or not (transpose=0: w[e] is K x N packed). x, scales, biases and out all
+ * have dtype `dtype` (the front end widens mixed inputs first), are
+ * row-contiguous and live on `device`. Products accumulate in float32.
+ */
+typedef struct {
+  gqmm_dtype dtype;
+  gqmm_quant q;
+  int transpose;
+  gqmm_device device;
+  int64_t M, N, K;
+  int64_t batch;
+  int64_t x_batches, w_batches; /* sizes of the flattened batch axes */
+  const void *x;                /* [x_batches, M, K] */
+  const uint32_t *w;            /* [w_batches, N, K*bits/32] or [w_batches, K, N*bits/32] */
+  const void *scales;           /* [w_batches, N, K/gs]      or [w_batches, K, N/gs] */
+  const void *biases;           /* same as scales */
+  void *out;                    /* [batch, M, N] */
+  /* Host arrays, every entry checked in range: */
+  const int64_t *x_index; /* [batch] */
+  const int64_t *w_index; /* [batch] */
+  bool w_sorted;          /* w_index is non-decreasing (checked, not trusted) */
+} gqmm__qmm_args;
+
+/*
+ * A tile configuration of a fast kernel: changes speed, never results (tests
+ * run every one). Each backend keeps a table of the configurations compiled
+ * in; `id` indexes it. Fields a kernel does not use are 0.
+ */
+typedef struct {
+  int id;
+  char name[48]; /* e.g. "n128_k64_w4_s4"; stable across runs (cache key) */
+  int tile_m, tile_n, tile_k; /* rows (tokens), output features, reduction */
+  int threads;                /* threads per CTA (GPU) or per task (CPU) */
+  int stages;                 /* pipeline depth */
+  int split_k;                /* reduction split (1 = none) */
+} gqmm__tile_config;
+
+typedef struct gqmm__backend {
+  const char *name;
+  gqmm_backend_kind kind; /* which GQMM_BACKEND_* option selects it */
+  /* true if this backend can run these args (device, dtype, bits...). */
+  bool (*supports_qmm)(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+  int (*qmm)(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+  /* Optional (NULL if the backend has no tile choices): fill up to `max`
+   * configurations valid for these args (fit in registers/shared memory/
+   * caches) and return how many; run the op with one of them by id. */
+  int (*configs)(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_config *out, int max);
+  int (*qmm_config)(gqmm_ctx *ctx, const gqmm__qmm_args *a, int config_id);
+  /* Called by gqmm_ctx_destroy to free the backend's private state. */
+  void (*release)(gqmm_ctx *ctx);
+} gqmm__backend;
+
+/* Each backend defines one of these (src/ref, src/cpu, src/cuda). */
+extern const gqmm__backend gqmm__ref_backend;
+extern const gqmm__backend gqmm__cpu_backend;
+extern const gqmm__backend gqmm__cuda_backend;
+
+/* The backends compiled in, best first; NULL-terminated. */
+const gqmm__backend *const *gqmm__backends(void);
+/* Pick the backend for these args following ctx->backend_kind. */
+int gqmm__select_backend(gqmm_ctx *ctx, const gqmm__qmm_args *a, const gqmm__backend **out);
+
+/*
+ * The configuration a backend's qmm should use for these args: ctx's forced
+ * config if set (tests and `gqmm tune`), else the tuning cache's choice
+ * (src/tune), else -1, meaning "use your built-in heuristic".
+ */
+int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_args *a);
+
+/* ---- reference kernels (src/ref) ----------------------------------------- */
+
+void gqmm__ref_quantize(const void *w, gqmm_dtype dtype, int64_t rows, int64_t k, gqmm_quant q,
+                        uint32_t *wq, void *scales, void *biases);
+/* out = T(T_s(q * s) + b) with T = promote(s, b), then cast to out_dtype (MLX's CPU graph). */
+void gqmm__ref_dequantize(const uint32_t *wq, const void *scales, gqmm_dtype s_dtype,
+                          const void *biases, gqmm_dtype b_dtype, int64_t rows, int64_t k,
+                          gqmm_quant q, void *out, gqmm_dtype out_dtype);
+int gqmm__ref_qmm(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+
+#endif /* GQMM_INTERNAL_H */

@@ -129,6 +129,37 @@ typedef struct {
 } gqmm__qmm_args;
 
 /*
+ * The MoE expert layer, validated by the front end (src/moe):
+ *   for each token t and slot j < top_k, e = expert_ids[t, j]:
+ *     h = act(x[t] @ gate[e]^T, x[t] @ up[e]^T)          (inter values)
+ *     out[t] += expert_weights[t, j] * (h @ down[e]^T)   (hidden values)
+ * summed over j in ascending order (deterministic). act is SwiGLU
+ * (silu(g) * u) or GeGLU (gelu_tanh(g) * u). gate and up are [E, inter, hidden]
+ * packed; when they come fused in one tensor [E, 2*inter, hidden] (gate rows
+ * first), gate_w/up_w point into it and gu_expert_rows = 2*inter, else
+ * gu_expert_rows = inter. down is [E, hidden, inter] packed. x, scales,
+ * biases, expert_weights and out have dtype `dtype`; all on `device`.
+ */
+typedef enum { GQMM__ACT_SWIGLU = 0, GQMM__ACT_GEGLU = 1 } gqmm__activation;
+
+typedef struct {
+  gqmm_dtype dtype;
+  gqmm_quant q;
+  gqmm__activation act;
+  gqmm_device device;
+  int64_t tokens, hidden, inter, experts, top_k;
+  const void *x;              /* [tokens, hidden] */
+  const int32_t *expert_ids;  /* [tokens, top_k], each in [0, experts) (checked) */
+  const void *expert_weights; /* [tokens, top_k] */
+  const uint32_t *gate_w, *up_w;
+  const void *gate_s, *gate_b, *up_s, *up_b;
+  int64_t gu_expert_rows;
+  const uint32_t *down_w;
+  const void *down_s, *down_b;
+  void *out; /* [tokens, hidden] */
+} gqmm__moe_args;
+
+/*
  * A tile configuration of a fast kernel: changes speed, never results (tests
  * run every one). Each backend keeps a table of the configurations compiled
  * in; `id` indexes it. Fields a kernel does not use are 0.
@@ -148,6 +179,9 @@ typedef struct gqmm__backend {
   /* true if this backend can run these args (device, dtype, bits...). */
   bool (*supports_qmm)(gqmm_ctx *ctx, const gqmm__qmm_args *a);
   int (*qmm)(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+  /* Optional: the whole MoE expert layer with fused epilogues. NULL: src/moe
+   * composes it from qmm and its own elementwise steps. */
+  int (*moe_forward)(gqmm_ctx *ctx, const gqmm__moe_args *a);
   /* Optional (NULL if the backend has no tile choices): fill up to `max`
    * configurations valid for these args (fit in registers/shared memory/
    * caches) and return how many; run the op with one of them by id. */

@@ -173,6 +173,17 @@ typedef struct {
   int split_k;                /* reduction split (1 = none) */
 } gqmm__tile_config;
 
+/* Same-run ceilings a benchmark reports beside each figure. */
+typedef struct {
+  char device_name[96];   /* "AMD EPYC (2 threads)", "NVIDIA H100 80GB HBM3" */
+  double copy_GBps;       /* large copy, bytes read + written per second */
+  double read_GBps;       /* large read-only reduction */
+  double compute_GMACps;  /* peak multiply-adds/s of the instruction the kernel uses */
+  char compute_what[48];  /* which instruction/path that peak is for */
+} gqmm__ceilings;
+
+typedef enum { GQMM__COPY_H2D = 0, GQMM__COPY_D2H = 1, GQMM__COPY_D2D = 2 } gqmm__copy_dir;
+
 typedef struct gqmm__backend {
   const char *name;
   gqmm_backend_kind kind; /* which GQMM_BACKEND_* option selects it */
@@ -187,6 +198,14 @@ typedef struct gqmm__backend {
    * caches) and return how many; run the op with one of them by id. */
   int (*configs)(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_config *out, int max);
   int (*qmm_config)(gqmm_ctx *ctx, const gqmm__qmm_args *a, int config_id);
+  /* Optional: measure the ceilings now (takes ~0.1-1 s). */
+  int (*ceilings)(gqmm_ctx *ctx, gqmm__ceilings *out);
+  /* Optional (device backends): wait for queued work, so a host clock can time it. */
+  int (*sync)(gqmm_ctx *ctx);
+  /* Optional (device backends): memory of the backend's device. */
+  int (*mem_alloc)(gqmm_ctx *ctx, size_t bytes, void **out);
+  void (*mem_free)(gqmm_ctx *ctx, void *p);
+  int (*mem_copy)(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes, gqmm__copy_dir dir);
   /* Called by gqmm_ctx_destroy to free the backend's private state. */
   void (*release)(gqmm_ctx *ctx);
 } gqmm__backend;

@@ -61,6 +61,8 @@ typedef enum {
 
 /* Static description of a status code ("index out of range"). */
 const char *gqmm_strerror(int status);
+/* Static name of a status code ("GQMM_ERR_INDEX"); "GQMM_UNKNOWN" if none. */
+const char *gqmm_status_name(int status);
 
 /* ---- tensors ------------------------------------------------------------- */
 

@@ -1,7 +1,9 @@
 /*
  * dtype.c - float16/bfloat16 conversions and dtype helpers.
  * Conversions round to nearest even, like MLX's and the hardware's casts, so
- * a stored scale or output is bit-identical to what MLX would store.
+ * a stored scale or output is bit-identical to what MLX would store. NaN
+ * becomes MLX's canonical NaN (its software casts on x86: bf16 0x7fc0 without
+ * the sign, f16 sign|0x7d00), so even a NaN scale matches MLX bit for bit.
  */
 #include "internal.h"
 
@@ -23,7 +25,7 @@ float gqmm_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
 
 uint16_t gqmm_f32_to_bf16(float f) {
   uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
@@ -45,7 +47,7 @@ uint16_t gqmm_f32_to_f16(float f) {
   uint32_t u = f32_bits(f);
   uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu)); /* NaN */
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7d00u);
   if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
   if (a < 0x38800000u) {
     /* result is subnormal or zero: scale to units of 2^-24 and round even */

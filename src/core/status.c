@@ -16,6 +16,18 @@ const char *gqmm_strerror(int status) {
   }
 }
 
+const char *gqmm_status_name(int status) {
+  switch (status) {
+#define GQMM__STATUS_NAME(name, value, text) \
+  case value:                               \
+    return #name;
+    GQMM_STATUS_LIST(GQMM__STATUS_NAME)
+#undef GQMM__STATUS_NAME
+  default:
+    return "GQMM_UNKNOWN";
+  }
+}
+
 int gqmm__fail(gqmm_ctx *ctx, int status, const char *fmt, ...) {
   if (ctx) {
     va_list ap;

@@ -31,6 +31,7 @@ __all__ = [
     "quantized_matmul",
     "gather_qmm",
     "last_backend",
+    "backends",
     "version",
     "lib_path",
 ]
@@ -164,6 +165,22 @@ def version():
 def last_backend():
     """Name of the backend that ran the last op ("ref", "cpu-avx2", ...)."""
     return _lib.gqmm_last_backend(_last[0].handle).decode() if _last[0] else ""
+
+
+def backends():
+    """Backends that run a small host-memory quantized_matmul here, best first ("ref" last)."""
+    x = np.ones((1, 32), np.float32)
+    w, s, b = quantize(np.ones((1, 32), np.float32), group_size=32, bits=4, backend="ref")
+    found = []
+    for kind in ("cuda", "cpu", "ref"):
+        try:
+            quantized_matmul(x, w, s, b, group_size=32, bits=4, backend=kind)
+        except Error as e:
+            if e.status_name != "GQMM_ERR_UNSUPPORTED":
+                raise
+            continue
+        found.append(kind)
+    return found
 
 
 def _array(a, name, float_only=False):

@@ -61,7 +61,9 @@ void gqmm__ref_quantize(const void *w, gqmm_dtype dtype, int64_t rows, int64_t k
       for (int j = 0; j < q.group_size; j++) {
         float v = rintf((gqmm__load_f(w, dtype, base + j) - bias) / scale);
         v = min_like_std(max_like_std(v, 0.0f), n_bins);
-        pack_value(row, q.bits, g * q.group_size + j, (uint32_t)v);
+        /* NaN survives the clamp (std::max/min semantics); MLX's x86 cast of it
+         * yields 0, and a NaN to integer cast is undefined in C: spell it out. */
+        pack_value(row, q.bits, g * q.group_size + j, isnan(v) ? 0u : (uint32_t)v);
       }
       gqmm__store_f(scales, dtype, r * groups_per_row + g, scale);
       gqmm__store_f(biases, dtype, r * groups_per_row + g, bias);

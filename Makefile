@@ -22,18 +22,21 @@ build:
 run: build
 	./$(BUILD)/gqmm bench
 
-$(VENV)/.stamp:
-	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --disable-pip-version-check $(PY_PINS)
-	touch $@
+# Rebuilt when the pins change (the stamp records them).
+$(VENV)/.stamp: Makefile
+	@if [ -f $@ ] && [ "$$(cat $@)" = "$(PY_PINS)" ]; then touch $@; exit 0; fi; \
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV); \
+	$(VENV)/bin/pip install -q --disable-pip-version-check $(PY_PINS) && echo "$(PY_PINS)" > $@
 
 venv: $(VENV)/.stamp
 
 test-c: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
+# pytest exits 5 when it collects nothing: that fails the target, as it should.
 test-python: build venv
-	GQMM_LIB=$(abspath $(BUILD))/libgqmm.so $(VENV)/bin/python -m pytest -q tests/python
+	GQMM_LIB=$(abspath $(BUILD))/libgqmm.so GQMM_BUILD=$(abspath $(BUILD)) \
+	  $(VENV)/bin/python -m pytest -q tests/python
 
 test: test-c test-python
 

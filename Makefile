@@ -9,7 +9,7 @@ ASAN_BUILD ?= build-asan
 VENV       ?= .venv
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
-PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4
+PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4 matplotlib==3.11.2
 
 .PHONY: all build run test test-c test-python asan cuda-check venv clean
 

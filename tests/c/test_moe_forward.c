@@ -251,3 +251,98 @@ GQMM_TEST(moe_forward_matches_float64_all_formats) {
     gqmm_ctx_destroy(ctx);
   }
 }
+
+GQMM_TEST(moe_forward_is_deterministic_across_threads_and_runs) {
+  test_rng r = test_rng_make(602);
+  gqmm_ctx *ctx[2] = {NULL, NULL};
+  for (int i = 0; i < 2; i++) {
+    gqmm_ctx_options o = {.backend = GQMM_BACKEND_AUTO, .num_threads = i + 1};
+    CHECK_OK(gqmm_ctx_create(&ctx[i], &o));
+  }
+  layer L = {.T = 64, .k = 4, .E = 16, .H = 256, .I = 128, .q = {4, 64}, .dt = GQMM_BF16};
+  int st = layer_make(ctx[0], &r, &L, false);
+  const size_t nb = (size_t)(L.T * L.H) * 2;
+  void *first = malloc(nb);
+  for (int rep = 0; rep < 6 && !st; rep++) {
+    st = run(ctx[rep % 2], &L, rep % 3 ? &L.fused : &L.separate, GQMM_ACT_GEGLU);
+    if (!st && rep == 0) memcpy(first, L.out, nb);
+    if (!st && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
+  }
+  free(first);
+  layer_free(&L);
+  gqmm_ctx_destroy(ctx[0]);
+  gqmm_ctx_destroy(ctx[1]);
+  CHECK_OK(st);
+}
+
+GQMM_TEST(moe_forward_all_rows_on_one_expert) {
+  test_rng r = test_rng_make(603);
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, NULL));
+  layer L = {.T = 40, .k = 2, .E = 5, .H = 128, .I = 64, .q = {3, 32}, .dt = GQMM_F32};
+  int st = layer_make(ctx, &r, &L, true);
+  double *ref = malloc((size_t)(L.T * L.H) * sizeof(double));
+  if (!st) st = run(ctx, &L, &L.separate, GQMM_ACT_SWIGLU);
+  if (!st) reference64(&L, GQMM_ACT_SWIGLU, ref);
+  double err = st ? INFINITY : rel_err64(L.out, L.dt, ref, L.T * L.H);
+  free(ref);
+  layer_free(&L);
+  gqmm_ctx_destroy(ctx);
+  CHECK_OK(st);
+  CHECK_MSG(err <= tolerance(GQMM_F32), "err %.3g", err);
+}
+
+/* The call fails with `want` and a message containing `name`. */
+static int fails_with(gqmm_ctx *ctx, int st, int want, const char *name) {
+  if (st == want && strstr(gqmm_last_error(ctx), name)) return 1;
+  fprintf(stderr, "  expected %d naming '%s', got %d: %s\n", want, name, st, gqmm_last_error(ctx));
+  return 0;
+}
+
+/* Each bad argument returns its status and a message naming it. */
+GQMM_TEST(moe_forward_rejects_bad_arguments) {
+  test_rng r = test_rng_make(604);
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, NULL));
+  layer L = {.T = 6, .k = 2, .E = 4, .H = 128, .I = 64, .q = {4, 64}, .dt = GQMM_BF16};
+  int ok = layer_make(ctx, &r, &L, false) == GQMM_OK;
+  const gqmm_tensor *x = &L.t[TX], *ids = &L.t[TIDS], *ew = &L.t[TEW];
+  gqmm_tensor *out = &L.t[TOUT];
+  const gqmm_activation sw = GQMM_ACT_SWIGLU;
+  L.ids[5] = 4; /* == E, at [2, 1] */
+  ok = ok && fails_with(ctx, run(ctx, &L, &L.fused, sw), GQMM_ERR_INDEX, "expert_ids: element [2, 1]");
+  L.ids[5] = 0;
+  gqmm_moe_weights w = L.fused;
+  w.gate = L.separate.gate;
+  ok = ok && fails_with(ctx, run(ctx, &L, &w, sw), GQMM_ERR_ARG, "gate_up");
+  w = L.separate;
+  w.down = &L.t[TU]; /* [E, I, H*bits/32] where [E, H, I*bits/32] is due */
+  ok = ok && fails_with(ctx, run(ctx, &L, &w, sw), GQMM_ERR_SHAPE, "down");
+  gqmm_tensor f32s = L.t[TGS];
+  f32s.dtype = GQMM_F32;
+  w = L.separate;
+  w.gate_scales = &f32s;
+  ok = ok && fails_with(ctx, run(ctx, &L, &w, sw), GQMM_ERR_DTYPE, "gate_scales");
+  ok = ok && fails_with(ctx, run(ctx, &L, &L.fused, (gqmm_activation)7), GQMM_ERR_ARG, "act");
+  gqmm_tensor dev = *x;
+  dev.device = GQMM_DEVICE_CUDA;
+  ok = ok && fails_with(ctx, gqmm_moe_forward(ctx, &L.fused, &dev, ids, ew, sw, out),
+                        GQMM_ERR_DEVICE, "expert_ids");
+  gqmm_tensor alias = *out;
+  alias.data = L.x;
+  ok = ok && fails_with(ctx, gqmm_moe_forward(ctx, &L.fused, x, ids, ew, sw, &alias),
+                        GQMM_ERR_OVERLAP, "x");
+  const int64_t bad_shape[2] = {L.T, 1};
+  gqmm_tensor ew1 = gqmm_tensor_make(L.ew, L.dt, 2, bad_shape);
+  ok = ok && fails_with(ctx, gqmm_moe_forward(ctx, &L.fused, x, ids, &ew1, sw, out),
+                        GQMM_ERR_SHAPE, "expert_weights");
+  ok = ok && fails_with(ctx, gqmm_moe_forward(ctx, NULL, x, ids, ew, sw, out), GQMM_ERR_NULL,
+                        "weights");
+  gqmm_tensor out_f32 = *out;
+  out_f32.dtype = GQMM_F32;
+  ok = ok && fails_with(ctx, gqmm_moe_forward(ctx, &L.fused, x, ids, ew, sw, &out_f32),
+                        GQMM_ERR_OUTPUT, "out");
+  layer_free(&L);
+  gqmm_ctx_destroy(ctx);
+  CHECK(ok);
+}

@@ -262,7 +262,7 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
   double *times = calloc((size_t)o->reps, sizeof(double));
   int st = -1, noted = 0;
   if (!bias || !host || !times) goto done;
-  for (int64_t e = 0; e < m->experts; e++) bias[e] = 0.5f * rng_normal(&seed);
+  for (int64_t e = 0; e < m->experts; e++) bias[e] = 0.25f * rng_normal(&seed);
   for (int i = 0; i < NSETS; i++)
     if (inputs_make(env, m, tokens, &seed, bias, &in[i])) {
       fprintf(stderr, "gqmm bench: cannot make inputs: %s\n", gqmm_last_error(env->ctx));

@@ -9,9 +9,9 @@ ASAN_BUILD ?= build-asan
 VENV       ?= .venv
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
-PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4 ml_dtypes==0.6.0
+PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4 ml_dtypes==0.6.0 matplotlib==3.11.2
 
-.PHONY: all build run test test-c test-python asan cuda-check venv clean
+.PHONY: all build run test test-c test-python asan cuda-check venv plots clean
 
 all: build
 
@@ -44,6 +44,13 @@ asan:
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DGQMM_SANITIZE=ON $(CMAKE_ARGS) >/dev/null
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
+
+# The levers (canvases per step x expert bits) of the seed model's step on the
+# best backend, as JSON records and a PNG of time per canvas against B.
+plots: build venv
+	mkdir -p out
+	./$(BUILD)/gqmm bench --levers --breakdown --json out/moe_levers.json
+	$(VENV)/bin/python bench/plot_moe.py out/moe_levers.json out/moe_levers.png
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

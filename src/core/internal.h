@@ -157,6 +157,9 @@ typedef struct {
   const uint32_t *down_w;
   const void *down_s, *down_b;
   void *out; /* [tokens, hidden] */
+  /* Host copy of expert_ids (the same pointer for CPU tensors), already range
+   * checked: device backends may build their routing plan from it. */
+  const int32_t *expert_ids_host;
 } gqmm__moe_args;
 
 /*

@@ -17,6 +17,10 @@ int gqmm__rows_bucket(long long rows, long long experts) {
   return b;
 }
 
+const char *gqmm__tune_dtype_name(gqmm_dtype t) {
+  return t == GQMM_F32 ? "f32" : t == GQMM_F16 ? "f16" : t == GQMM_BF16 ? "bf16" : "?";
+}
+
 const char *gqmm__op_name(const gqmm__qmm_args *a) {
   return a->batch > 1 || a->w_batches > 1 ? "gather_qmm" : "qmm";
 }
@@ -49,7 +53,7 @@ void gqmm__tune_key_of(const gqmm__backend *be, const char *device, const gqmm__
   copy_clean(k->device, sizeof k->device, device);
   copy_clean(k->backend, sizeof k->backend, be->name);
   copy_clean(k->op, sizeof k->op, gqmm__op_name(a));
-  copy_clean(k->dtype, sizeof k->dtype, gqmm_dtype_name(a->dtype));
+  copy_clean(k->dtype, sizeof k->dtype, gqmm__tune_dtype_name(a->dtype));
   k->bits = a->q.bits;
   k->group_size = a->q.group_size;
   k->transpose = a->transpose ? 1 : 0;

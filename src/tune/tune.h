@@ -48,6 +48,8 @@ typedef struct {
 
 /* Smallest power of two >= ceil(rows / experts), at least 1, at most 65536. */
 int gqmm__rows_bucket(long long rows, long long experts);
+/* "f32", "f16", "bf16" (the names the cache and the CLI use). */
+const char *gqmm__tune_dtype_name(gqmm_dtype t);
 /* "gather_qmm" when the call has several batches or experts, else "qmm". */
 const char *gqmm__op_name(const gqmm__qmm_args *a);
 /* The device key of a backend: its device_key hook, else its name, the CPU

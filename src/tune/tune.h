@@ -137,7 +137,8 @@ typedef struct {
   int samples;
   double time_us_median, time_us_min;
   double weight_bytes, weight_GBps, roofline_GBps, fraction;
-  int status;                /* GQMM_OK, or why this config has no figure */
+  int status;                /* GQMM_OK, or why this config has no figure: */
+  char error[160];           /* the backend's message when status != GQMM_OK */
   bool pruned;               /* quick mode stopped it after a few samples */
 } gqmm__tune_record;
 

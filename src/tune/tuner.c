@@ -100,6 +100,7 @@ static void measure(tuner *t, const gqmm__tile_config *c, void **first, void *sc
   const int64_t n_out = (int64_t)(p->out_bytes / gqmm_dtype_size(o->dtype));
   double one;
   int st = gqmm__problem_poison(t->ctx, p);
+  t->copy = 0; /* the checked call runs on copy 0 for every config: same inputs */
   if (!st) st = time_calls(t, c->id, 1, &one);
   if (!st) st = gqmm__problem_read_out(t->ctx, p, scratch);
   if (!st && *first) {
@@ -218,6 +219,7 @@ int gqmm__tune_run(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__tune_opts
       measure(&t, &cfgs[i], &first, scratch, best_us, rec);
       derive(&p, &res->ceilings, rec);
       if (!rec->status && !rec->pruned) best_us = fmin(best_us, rec->time_us_median);
+      if (rec->status) snprintf(rec->error, sizeof rec->error, "%s", gqmm_last_error(ctx));
       gqmm__clear_error(ctx); /* a failing config is recorded, not fatal */
     }
     free(first);

@@ -140,6 +140,8 @@ typedef struct {
   int status;                /* GQMM_OK, or why this config has no figure: */
   char error[160];           /* the backend's message when status != GQMM_OK */
   bool pruned;               /* quick mode stopped it after a few samples */
+  bool best;                 /* the fastest fully measured config of its key */
+  bool heuristic;            /* what gqmm__tune_heuristic picks for its key */
 } gqmm__tune_record;
 
 typedef struct {
@@ -159,5 +161,14 @@ int gqmm__tune_best(const gqmm__tune_result *res, const gqmm__tune_key *k);
 /* The cache entries of a run: one per key, its fastest config. */
 int gqmm__tune_entries(const gqmm__tune_result *res, gqmm__tune_entry *out, int max);
 void gqmm__tune_result_free(gqmm__tune_result *res);
+
+/* ---- output (output.c) --------------------------------------------------- */
+
+/* A human table of every measurement beside the same run's ceilings. */
+void gqmm__tune_print_table(FILE *f, const gqmm__tune_result *res);
+/* Every measurement as one JSON document (DESIGN.md section 5 record fields,
+ * plus the config's fields, best/heuristic marks and errors). */
+void gqmm__tune_write_json(FILE *f, const gqmm__backend *be, const gqmm__tune_opts *o,
+                           const gqmm__tune_result *res);
 
 #endif

@@ -222,9 +222,13 @@ int gqmm__tune_run(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__tune_opts
       if (rec->status) snprintf(rec->error, sizeof rec->error, "%s", gqmm_last_error(ctx));
       gqmm__clear_error(ctx); /* a failing config is recorded, not fatal */
     }
+    /* mark what the heuristic would have picked for this call */
+    int h = gqmm__tune_heuristic(cfgs, n, &p.a, 0);
+    for (int i = res->n_rec - n; i < res->n_rec; i++) res->rec[i].heuristic = res->rec[i].cfg.id == h;
     free(first);
     free(scratch);
   }
+  for (int i = 0; i < res->n_rec; i++) res->rec[i].best = gqmm__tune_best(res, &res->rec[i].key) == i;
   if (!st && o->progress) {
     double el = now_s(&t) - t.t_start;
     gqmm__tune_progress pr = {res->n_rec, total, 0, "", el, 0};

@@ -5,6 +5,7 @@
  * config- and shape-dependent cost (so the fastest config is known without
  * timing anything real). One config computes wrong results on purpose.
  */
+#include "../../src/tune/json.h"
 #include "../../src/tune/tune.h"
 #include "test.h"
 
@@ -368,5 +369,58 @@ GQMM_TEST(tuner_quick_mode_and_plain_qmm) {
   CHECK(gqmm__tune_run(ctx, &fake_backend, &o, &res) == GQMM_ERR_ARG);
   o.n_rows = 1;
   CHECK(gqmm__tune_run(ctx, &gqmm__ref_backend, &o, &res) == GQMM_ERR_UNSUPPORTED);
+  gqmm_ctx_destroy(ctx);
+}
+
+GQMM_TEST(tuner_json_output_parses_and_carries_every_measurement) {
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, NULL));
+  static const int rows[] = {1, 16};
+  gqmm__tune_opts o;
+  gqmm__tune_opts_default(&o);
+  o.E = 8, o.K = 128, o.N = 128, o.top_k = 4, o.rows = rows, o.n_rows = 2, o.runs = 3;
+  o.rotate_bytes = 0, o.clock = fake_clock;
+  fake.offer_wrong = true;
+  gqmm__tune_result res;
+  CHECK_OK(gqmm__tune_run(ctx, &fake_backend, &o, &res));
+  char *text = NULL;
+  size_t len = 0;
+  FILE *f = open_memstream(&text, &len);
+  CHECK(f);
+  gqmm__tune_write_json(f, &fake_backend, &o, &res);
+  fclose(f);
+  char err[200];
+  gqmm__json *doc = gqmm__json_parse(text, len, err, sizeof err);
+  free(text);
+  CHECK_MSG(doc != NULL, "%s", err);
+  const gqmm__json *recs = gqmm__json_get(doc, "records");
+  CHECK(recs && recs->kind == GQMM__JSON_ARRAY);
+  int n = 0, best = 0, failed = 0;
+  for (const gqmm__json *r = recs->child; r; r = r->next, n++) {
+    const char *keys[] = {"backend", "device", "op", "E", "K", "N", "M", "rows_per_expert",
+                          "bits", "group_size", "dtype", "config", "time_us_median",
+                          "time_us_min", "weight_bytes", "weight_GBps", "ceiling_copy_GBps",
+                          "ceiling_read_GBps", "ceiling_compute_GMACps", "roofline_GBps",
+                          "fraction_of_roofline", "config_fields"};
+    for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++)
+      CHECK_MSG(gqmm__json_get(r, keys[k]) != NULL, "record %d lacks %s", n, keys[k]);
+    const gqmm__json *b = gqmm__json_get(r, "best");
+    best += b && b->kind == GQMM__JSON_BOOL && b->number == 1;
+    const char *e;
+    CHECK(gqmm__json_get_str(r, "error", &e));
+    if (e[0]) {
+      failed++;
+      CHECK(gqmm__json_get(r, "time_us_median")->kind == GQMM__JSON_NULL);
+    }
+    double frac, gbps, roof;
+    if (!e[0]) {
+      CHECK(gqmm__json_get_num(r, "fraction_of_roofline", &frac));
+      CHECK(gqmm__json_get_num(r, "weight_GBps", &gbps) && gqmm__json_get_num(r, "roofline_GBps", &roof));
+      CHECK(fabs(frac - gbps / roof) < 1e-6 * frac);
+    }
+  }
+  CHECK(n == res.n_rec && best == 2 && failed == 2);
+  gqmm__json_free(doc);
+  gqmm__tune_result_free(&res);
   gqmm_ctx_destroy(ctx);
 }

@@ -211,6 +211,11 @@ typedef struct gqmm__backend {
   int (*mem_copy)(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes, gqmm__copy_dir dir);
   /* Called by gqmm_ctx_destroy to free the backend's private state. */
   void (*release)(gqmm_ctx *ctx);
+  /* Optional: a short stable name of the device and what its kernels were
+   * built for ("NVIDIA H100 80GB HBM3 sm_90 driver 12080", "AMD EPYC 7B13
+   * avx2"), the tuning cache's device key. Must be cheap (no measuring).
+   * NULL: src/tune uses the backend name and the CPU features. */
+  void (*device_key)(gqmm_ctx *ctx, char *buf, size_t len);
 } gqmm__backend;
 
 /* Each backend defines one of these (src/ref, src/cpu, src/cuda). */
@@ -229,6 +234,9 @@ int gqmm__select_backend(gqmm_ctx *ctx, const gqmm__qmm_args *a, const gqmm__bac
  * (src/tune), else -1, meaning "use your built-in heuristic".
  */
 int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_args *a);
+/* Frees what src/tune keeps on the context (the loaded cache); called by
+ * gqmm_ctx_destroy. */
+void gqmm__tune_release(gqmm_ctx *ctx);
 
 /* ---- reference kernels (src/ref) ----------------------------------------- */
 

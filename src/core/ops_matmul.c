@@ -50,6 +50,14 @@ static int broadcast(gqmm_ctx *ctx, const int64_t *a, int na, const char *an, co
     }
     out[i] = da == 1 ? db : da;
   }
+  /* each side has < 2^40 elements, their broadcast may not: keep prod() finite */
+  int64_t total = 1;
+  for (int i = 0; i < n; i++) {
+    if (out[i] > 0 && total > (INT64_C(1) << 40) / out[i])
+      return gqmm__fail(ctx, GQMM_ERR_SHAPE, "%s/%s: broadcast batch has more than 2^40 elements",
+                        an, bn);
+    total *= out[i];
+  }
   *nout = n;
   return GQMM_OK;
 }
@@ -167,6 +175,25 @@ static void set_out_shape(qmm_plan *p, int nd, const int64_t *shape) {
   }
 }
 
+/* Output shape = batch shape (nb dims of `shape`) + (M, N); with `build`,
+ * allocate one (x, w) index pair per batch element. */
+static int plan_batch(gqmm_ctx *ctx, qmm_plan *p, int64_t *shape, int nb, bool build) {
+  const int64_t batch = prod(shape, nb);
+  shape[nb] = p->a.M;
+  shape[nb + 1] = p->a.N;
+  set_out_shape(p, nb + 2, shape);
+  p->a.batch = batch;
+  return build ? alloc_index(ctx, p, batch) : GQMM_OK;
+}
+
+/* Odometer increment of a multi-index over shape[0..nb). */
+static void next_index(int64_t *idx, const int64_t *shape, int nb) {
+  for (int d = nb - 1; d >= 0; d--) {
+    if (++idx[d] < shape[d]) return;
+    idx[d] = 0;
+  }
+}
+
 /* MLX quantized_matmul batching: w 2-D folds every leading dim of x into M;
  * x of <= 2 dims uses the first matrix of a batched w (as MLX's CPU kernel
  * does); otherwise the batch dims broadcast. */
@@ -193,20 +220,11 @@ static int plan_quantized_matmul(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm
   if ((st = broadcast(ctx, x->shape, x->ndim - 2, "x batch", w->shape, w->ndim - 2, "w batch",
                       shape, &nb)))
     return st;
-  int64_t batch = prod(shape, nb);
-  shape[nb] = p->a.M;
-  shape[nb + 1] = p->a.N;
-  set_out_shape(p, nb + 2, shape);
-  if (!build) return GQMM_OK;
-  if ((st = alloc_index(ctx, p, batch))) return st;
+  if ((st = plan_batch(ctx, p, shape, nb, build)) || !build) return st;
   int64_t idx[GQMM_MAX_DIMS] = {0};
-  for (int64_t b = 0; b < batch; b++) {
+  for (int64_t b = 0; b < p->a.batch; b++, next_index(idx, shape, nb)) {
     p->x_index[b] = bcast_offset(idx, nb, x->shape, x->ndim - 2);
     p->w_index[b] = bcast_offset(idx, nb, w->shape, w->ndim - 2);
-    for (int d = nb - 1; d >= 0; d--) { /* odometer increment */
-      if (++idx[d] < shape[d]) break;
-      idx[d] = 0;
-    }
   }
   return GQMM_OK;
 }
@@ -255,15 +273,10 @@ static int plan_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
   int64_t shape[GQMM_MAX_DIMS];
   int nb;
   if ((st = broadcast(ctx, ls, nl, "lhs_indices", rs, nr, "rhs_indices", shape, &nb))) return st;
-  int64_t batch = prod(shape, nb);
-  shape[nb] = p->a.M;
-  shape[nb + 1] = p->a.N;
-  set_out_shape(p, nb + 2, shape);
-  if (!build) return GQMM_OK;
-  if ((st = alloc_index(ctx, p, batch))) return st;
+  if ((st = plan_batch(ctx, p, shape, nb, build)) || !build) return st;
   int64_t idx[GQMM_MAX_DIMS] = {0};
   bool sorted = true;
-  for (int64_t b = 0; b < batch; b++) {
+  for (int64_t b = 0; b < p->a.batch; b++, next_index(idx, shape, nb)) {
     int64_t lo = bcast_offset(idx, nb, ls, nl), ro = bcast_offset(idx, nb, rs, nr);
     if (lhs) st = read_index(ctx, lhs, "lhs_indices", lo, p->a.x_batches, &p->x_index[b]);
     else p->x_index[b] = lo;
@@ -274,10 +287,6 @@ static int plan_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
       return st;
     }
     if (b > 0 && p->w_index[b] < p->w_index[b - 1]) sorted = false;
-    for (int d = nb - 1; d >= 0; d--) {
-      if (++idx[d] < shape[d]) break;
-      idx[d] = 0;
-    }
   }
   p->a.w_sorted = sorted;
   return GQMM_OK;

@@ -7,6 +7,7 @@
 #include "test.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { E = 3, N = 16, K = 64, M = 2, B = 4, GS = 32, BITS = 4 };
@@ -306,4 +307,17 @@ GQMM_TEST(bad_context_options) {
   CHECK(gqmm_ctx_create(&ctx, &o) == GQMM_ERR_ARG && ctx == NULL);
   CHECK(strcmp(gqmm_status_name(GQMM_ERR_INDEX), "GQMM_ERR_INDEX") == 0);
   CHECK(strcmp(gqmm_status_name(12345), "GQMM_UNKNOWN") == 0);
+}
+
+GQMM_TEST(broadcast_batch_too_large) {
+  WITH_PROBLEM(p);
+  /* lhs (2^21, 1) x rhs (1, 2^21): 2^42 output matrices, from small index arrays */
+  uint32_t *big = calloc((size_t)1 << 21, sizeof(uint32_t));
+  CHECK(big != NULL);
+  p->tl = gqmm_tensor_make(big, GQMM_U32, 2, (int64_t[]){INT64_C(1) << 21, 1});
+  p->tr = gqmm_tensor_make(big, GQMM_U32, 2, (int64_t[]){1, INT64_C(1) << 21});
+  int st = run(p);
+  free(big);
+  EXPECT_FAIL(p, st, GQMM_ERR_SHAPE, "lhs_indices");
+  gqmm_ctx_destroy(p->ctx);
 }

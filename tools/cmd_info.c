@@ -29,7 +29,8 @@ int gqmm_cmd_info(int argc, char **argv) {
   printf("gqmm %s\n", gqmm_version());
   printf("cpu: %s\n", feat);
   printf("backends compiled (best first):");
-  for (const gqmm__backend *const *b = gqmm__backends(); *b; b++) printf(" %s", (*b)->name);
+  for (const gqmm__backend *const *b = gqmm__backends(); *b; b++)
+    printf(" %s", (*b)->name);
   printf("\n");
   gqmm_ctx *ctx = gqmm_cli_ctx(GQMM_BACKEND_AUTO);
   if (!ctx) return 1;

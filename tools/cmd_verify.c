@@ -69,9 +69,12 @@ static int make_inputs(gqmm_ctx *rctx, rng *r, verify_shape s, gqmm_quant q, gqm
     snprintf(err, errlen, "out of memory");
     goto done;
   }
-  for (size_t i = 0; i < n_w; i++) wf[i] = next_normal(r);
-  for (size_t i = 0; i < in->n_x; i++) gqmm__store_f(in->x, dt, (int64_t)i, next_normal(r));
-  for (int i = 0; i < s.batch; i++) in->idx[i] = (int32_t)(next_u32(r) % (uint32_t)s.E);
+  for (size_t i = 0; i < n_w; i++)
+    wf[i] = next_normal(r);
+  for (size_t i = 0; i < in->n_x; i++)
+    gqmm__store_f(in->x, dt, (int64_t)i, next_normal(r));
+  for (int i = 0; i < s.batch; i++)
+    in->idx[i] = (int32_t)(next_u32(r) % (uint32_t)s.E);
   if (s.sorted) /* insertion sort: the MoE path groups rows by expert */
     for (int i = 1; i < s.batch; i++)
       for (int j = i; j > 0 && in->idx[j - 1] > in->idx[j]; j--) {
@@ -133,11 +136,13 @@ static int run_on_backend(const gqmm__backend *be, gqmm_ctx *ctx, const verify_i
   }
   if (!st) {
     const gqmm_device dev = device ? GQMM_DEVICE_CUDA : GQMM_DEVICE_CPU;
-    gqmm_tensor t[N_BUFS] = {
-        gqmm_tensor_make(buf[X], dt, 3, in->xshape), gqmm_tensor_make(buf[WQ], GQMM_U32, 3, in->wshape),
-        gqmm_tensor_make(buf[SC], dt, 3, in->sshape), gqmm_tensor_make(buf[BI], dt, 3, in->sshape),
-        gqmm_tensor_make(buf[OUT], dt, 3, in->oshape)};
-    for (int i = 0; i < N_BUFS; i++) t[i].device = dev;
+    gqmm_tensor t[N_BUFS] = {gqmm_tensor_make(buf[X], dt, 3, in->xshape),
+                             gqmm_tensor_make(buf[WQ], GQMM_U32, 3, in->wshape),
+                             gqmm_tensor_make(buf[SC], dt, 3, in->sshape),
+                             gqmm_tensor_make(buf[BI], dt, 3, in->sshape),
+                             gqmm_tensor_make(buf[OUT], dt, 3, in->oshape)};
+    for (int i = 0; i < N_BUFS; i++)
+      t[i].device = dev;
     gqmm_tensor ti = gqmm_tensor_make(in->idx, GQMM_I32, 1, in->ishape); /* indices: host */
     st = gqmm_gather_qmm(ctx, &t[X], &t[WQ], &t[SC], &t[BI], NULL, &ti, s.transpose, q, s.sorted,
                          &t[OUT]);
@@ -213,7 +218,8 @@ int gqmm_cmd_verify(int argc, char **argv) {
   static const int groups[] = {32, 64, 128};
   static const gqmm_dtype dtypes[] = {GQMM_F32, GQMM_F16, GQMM_BF16};
   printf("gqmm verify (seed %llu): each backend against the scalar reference, %zu shapes per "
-         "format\n", (unsigned long long)seed, sizeof shapes / sizeof shapes[0]);
+         "format\n",
+         (unsigned long long)seed, sizeof shapes / sizeof shapes[0]);
   printf("%-12s %4s %5s %-9s %5s %10s %8s  %s\n", "backend", "bits", "group", "dtype", "cases",
          "max_rel", "tol", "result");
   int failures = 0, rows = 0;

@@ -63,3 +63,17 @@ def test_dequantize_dtype_argument():
     assert out.dtype == np.float32 and out.shape == (4, 64)
     with pytest.raises(gqmm.Error):
         gqmm.dequantize(wq, s, b, group_size=32, bits=4, dtype=np.int32)
+
+
+@pytest.mark.parametrize("bits,group_size,status", [(-4, 32, "GQMM_ERR_BITS"), (0, 32, "GQMM_ERR_BITS"),
+                                                    (4, 0, "GQMM_ERR_GROUP_SIZE"),
+                                                    (4, -64, "GQMM_ERR_GROUP_SIZE")])
+def test_bad_parameters_reach_the_library(bits, group_size, status):
+    w = np.ones((2, 64), np.float32)
+    wq = np.zeros((2, 8), np.uint32)
+    s = np.ones((2, 2), np.float32)
+    for call in (lambda: gqmm.quantize(w, group_size=group_size, bits=bits),
+                 lambda: gqmm.dequantize(wq, s, s, group_size=group_size, bits=bits)):
+        with pytest.raises(gqmm.Error) as info:
+            call()
+        assert info.value.status_name == status

@@ -241,8 +241,9 @@ def quantize(w, group_size=64, bits=4, backend="auto"):
         raise _error(-3, f"w: must have at least 2 dimensions, got {w.ndim}")
     k = w.shape[-1]
     lead = w.shape[:-1]
-    wq = np.empty(lead + (k * bits // 32,), dtype=np.uint32)
-    scales = np.empty(lead + (k // group_size if group_size else 0,), dtype=w.dtype)
+    # shapes from possibly bad parameters stay >= 0 so the library names the error
+    wq = np.empty(lead + (max(0, k * bits // 32),), dtype=np.uint32)
+    scales = np.empty(lead + (k // group_size if group_size > 0 else 0,), dtype=w.dtype)
     biases = np.empty_like(scales)
     ctx = _ctx(backend)
     tw, twq, ts, tb = _tensor(w), _tensor(wq), _tensor(scales), _tensor(biases)
@@ -266,7 +267,7 @@ def dequantize(w, scales, biases, group_size=64, bits=4, dtype=None, backend="au
         raise _error(-8, f"dtype: {dtype} is not float32, float16 or bfloat16")
     if w.ndim < 2:
         raise _error(-3, f"w: must have at least 2 dimensions, got {w.ndim}")
-    out = np.empty(w.shape[:-1] + (w.shape[-1] * 32 // bits,), dtype=dtype)
+    out = np.empty(w.shape[:-1] + (w.shape[-1] * 32 // bits if bits > 0 else 0,), dtype=dtype)
     ctx = _ctx(backend)
     tw, ts, tb, to = _tensor(w), _tensor(scales), _tensor(biases), _tensor(out)
     ctx.check(

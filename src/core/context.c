@@ -39,4 +39,6 @@ void gqmm_ctx_destroy(gqmm_ctx *ctx) {
   free(ctx);
 }
 
-const char *gqmm_version(void) { return GQMM_VERSION_STRING; }
+const char *gqmm_version(void) {
+  return GQMM_VERSION_STRING;
+}

@@ -21,7 +21,9 @@ static float bits_f32(uint32_t u) {
   return f;
 }
 
-float gqmm_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+float gqmm_bf16_to_f32(uint16_t h) {
+  return bits_f32((uint32_t)h << 16);
+}
 
 uint16_t gqmm_f32_to_bf16(float f) {
   uint32_t u = f32_bits(f);
@@ -94,7 +96,9 @@ const char *gqmm_dtype_name(gqmm_dtype dtype) {
   return "unknown";
 }
 
-gqmm_dtype gqmm__promote(gqmm_dtype a, gqmm_dtype b) { return a == b ? a : GQMM_F32; }
+gqmm_dtype gqmm__promote(gqmm_dtype a, gqmm_dtype b) {
+  return a == b ? a : GQMM_F32;
+}
 
 float gqmm__load_f(const void *p, gqmm_dtype t, int64_t i) {
   switch (t) {
@@ -126,5 +130,6 @@ void gqmm__convert(void *dst, gqmm_dtype dt, const void *src, gqmm_dtype st, int
     memcpy(dst, src, (size_t)n * gqmm_dtype_size(dt));
     return;
   }
-  for (int64_t i = 0; i < n; i++) gqmm__store_f(dst, dt, i, gqmm__load_f(src, st, i));
+  for (int64_t i = 0; i < n; i++)
+    gqmm__store_f(dst, dt, i, gqmm__load_f(src, st, i));
 }

@@ -18,8 +18,12 @@
 #include <string.h>
 
 /* std::max / std::min as MLX uses them, including their NaN behaviour. */
-static float max_like_std(float a, float b) { return (a < b) ? b : a; }
-static float min_like_std(float a, float b) { return (b < a) ? b : a; }
+static float max_like_std(float a, float b) {
+  return (a < b) ? b : a;
+}
+static float min_like_std(float a, float b) {
+  return (b < a) ? b : a;
+}
 
 /* OR value v (< 2^bits) into a zeroed packed row at element j. */
 static void pack_value(uint8_t *row, int bits, int64_t j, uint32_t v) {

@@ -63,7 +63,8 @@ GQMM_TEST(ref_quantize_error_is_within_half_a_step) {
         uint32_t *wq = malloc((size_t)(rows * k * bits / 32) * 4);
         CHECK(w && s && b && wq);
         test_fill(&r, w, dt, rows * k, rows > 4 ? 100.0f : 0.5f);
-        for (int64_t j = 0; j < gs; j++) gqmm__store_f(w, dt, j, 0.0f); /* an all-zero group */
+        for (int64_t j = 0; j < gs; j++)
+          gqmm__store_f(w, dt, j, 0.0f); /* an all-zero group */
         gqmm_tensor tw = gqmm_tensor_make(w, dt, 2, (int64_t[]){rows, k});
         gqmm_tensor tq = gqmm_tensor_make(wq, GQMM_U32, 2, (int64_t[]){rows, k * bits / 32});
         gqmm_tensor ts = gqmm_tensor_make(s, dt, 2, (int64_t[]){rows, k / gs});
@@ -83,13 +84,14 @@ GQMM_TEST(ref_quantize_error_is_within_half_a_step) {
           }
           if (lo == 0 && hi == 0) {
             CHECK(bias == 0 && sc < 0); /* scale -eps, every q 0 */
-            for (int j = 0; j < gs; j++) CHECK(stream_value(qrow, bits, col0 + j) == 0);
+            for (int j = 0; j < gs; j++)
+              CHECK(stream_value(qrow, bits, col0 + j) == 0);
             continue;
           }
           /* the larger-magnitude extreme is the bias (q = 0), up to its cast */
           const double edge = fabs(lo) > fabs(hi) ? lo : hi;
-          CHECK_MSG(fabs(bias - edge) <= u * fabs(edge), "g %lld bias %g edge %g",
-                    (long long)g, bias, edge);
+          CHECK_MSG(fabs(bias - edge) <= u * fabs(edge), "g %lld bias %g edge %g", (long long)g,
+                    bias, edge);
           CHECK((edge == lo) == (sc > 0));
           /* Each value is the nearest grid point of scale * q + bias, in
            * grid units t = (w - bias) / scale; anchoring the grid at the edge
@@ -128,7 +130,8 @@ GQMM_TEST(ref_dequantize_is_two_roundings_in_the_dtype) {
         float *s = malloc((size_t)groups * 4), *b = malloc((size_t)groups * 4);
         float *out = malloc((size_t)(rows * k) * 4);
         CHECK(wq && s && b && out);
-        for (int64_t i = 0; i < rows * words; i++) wq[i] = test_rng_u32(&r);
+        for (int64_t i = 0; i < rows * words; i++)
+          wq[i] = test_rng_u32(&r);
         test_fill(&r, s, dt, groups, 0.1f); /* stored in dt, read back below */
         test_fill(&r, b, dt, groups, 1.0f);
         gqmm_tensor tq = gqmm_tensor_make(wq, GQMM_U32, 2, (int64_t[]){rows, words});
@@ -163,8 +166,8 @@ GQMM_TEST(ref_dequantize_is_two_roundings_in_the_dtype) {
 typedef struct {
   int64_t xb, M, K, N, E; /* x batches, rows, reduction, outputs, experts */
   int transpose;
-  int nl, nr;             /* ndim of lhs / rhs (0 = not given) */
-  int64_t ls[2], rs[2];   /* their shapes */
+  int nl, nr;           /* ndim of lhs / rhs (0 = not given) */
+  int64_t ls[2], rs[2]; /* their shapes */
   int sorted;
 } qmm_case;
 
@@ -172,8 +175,8 @@ typedef struct {
  * bound: the reference dequantizes w in float32 (two roundings) and sums K
  * products in float32 (K roundings), then rounds once to the dtype:
  * |err| <= (K + 4) u32 * sum|x||s q + b| + u_T * (|exact| + that). */
-static int check_gather_case(const qmm_case *c, gqmm_quant q, gqmm_dtype dt, test_rng *r,
-                             char *why, size_t whylen) {
+static int check_gather_case(const qmm_case *c, gqmm_quant q, gqmm_dtype dt, test_rng *r, char *why,
+                             size_t whylen) {
   const int64_t wrows = c->transpose ? c->N : c->K, wlen = c->transpose ? c->K : c->N;
   const int64_t words = wlen * q.bits / 32, groups = wlen / q.group_size;
   const size_t es = gqmm_dtype_size(dt);
@@ -190,7 +193,8 @@ static int check_gather_case(const qmm_case *c, gqmm_quant q, gqmm_dtype dt, tes
   const int64_t nrhs = c->nr ? c->rs[0] * (c->nr > 1 ? c->rs[1] : 1) : 0;
   void *x = malloc((size_t)(c->xb * c->M * c->K) * es);
   uint32_t *w = malloc((size_t)(c->E * wrows * words + 1) * 4);
-  void *s = malloc((size_t)(c->E * wrows * groups) * es), *bi = malloc((size_t)(c->E * wrows * groups) * es);
+  void *s = malloc((size_t)(c->E * wrows * groups) * es),
+       *bi = malloc((size_t)(c->E * wrows * groups) * es);
   uint32_t *lhs = malloc((size_t)(nlhs + 1) * 4);
   int32_t *rhs = malloc((size_t)(nrhs + 1) * 4);
   void *out = malloc((size_t)(nb * c->M * c->N + 1) * es);
@@ -198,13 +202,17 @@ static int check_gather_case(const qmm_case *c, gqmm_quant q, gqmm_dtype dt, tes
   int ok = 0;
   if (!x || !w || !s || !bi || !lhs || !rhs || !out || ref_ctx(&ctx)) goto done;
   test_fill(r, x, dt, c->xb * c->M * c->K, 1.0f);
-  for (int64_t i = 0; i < c->E * wrows * words; i++) w[i] = test_rng_u32(r);
+  for (int64_t i = 0; i < c->E * wrows * words; i++)
+    w[i] = test_rng_u32(r);
   test_fill(r, s, dt, c->E * wrows * groups, 0.05f);
   test_fill(r, bi, dt, c->E * wrows * groups, 0.2f);
-  for (int64_t i = 0; i < nlhs; i++) lhs[i] = test_rng_u32(r) % (uint32_t)c->xb;
-  for (int64_t i = 0; i < nrhs; i++) rhs[i] = (int32_t)(test_rng_u32(r) % (uint32_t)c->E);
+  for (int64_t i = 0; i < nlhs; i++)
+    lhs[i] = test_rng_u32(r) % (uint32_t)c->xb;
+  for (int64_t i = 0; i < nrhs; i++)
+    rhs[i] = (int32_t)(test_rng_u32(r) % (uint32_t)c->E);
   if (c->sorted) /* skewed and grouped: most rows to one expert, some experts none */
-    for (int64_t i = 0; i < nrhs; i++) rhs[i] = i < nrhs * 3 / 4 ? 0 : (int32_t)(c->E - 1);
+    for (int64_t i = 0; i < nrhs; i++)
+      rhs[i] = i < nrhs * 3 / 4 ? 0 : (int32_t)(c->E - 1);
   gqmm_tensor tx = gqmm_tensor_make(x, dt, 3, (int64_t[]){c->xb, c->M, c->K});
   gqmm_tensor tw = gqmm_tensor_make(w, GQMM_U32, 3, (int64_t[]){c->E, wrows, words});
   gqmm_tensor ts = gqmm_tensor_make(s, dt, 3, (int64_t[]){c->E, wrows, groups});
@@ -212,7 +220,8 @@ static int check_gather_case(const qmm_case *c, gqmm_quant q, gqmm_dtype dt, tes
   gqmm_tensor tl = gqmm_tensor_make(lhs, GQMM_U32, c->nl, c->ls);
   gqmm_tensor tr = gqmm_tensor_make(rhs, GQMM_I32, c->nr, c->rs);
   int64_t oshape[4];
-  for (int i = 0; i < nbd; i++) oshape[i] = bshape[i];
+  for (int i = 0; i < nbd; i++)
+    oshape[i] = bshape[i];
   oshape[nbd] = c->M;
   oshape[nbd + 1] = c->N;
   gqmm_tensor to = gqmm_tensor_make(out, dt, (int)nbd + 2, oshape);
@@ -270,12 +279,19 @@ GQMM_TEST(ref_gather_qmm_matches_float64_every_format) {
         const gqmm_quant q = {all_bits[bi], all_groups[gi]};
         const gqmm_dtype dt = all_dtypes[di];
         /* ragged: N, M and the batch are odd; K a few groups */
-        qmm_case c = {.xb = 3, .M = 1 + test_rng_u32(&r) % 5, .K = q.group_size * (1 + test_rng_u32(&r) % 3),
-                      .N = 1 + 2 * (test_rng_u32(&r) % 12), .E = 4, .transpose = 1,
-                      .nl = 2, .ls = {3, 1}, .nr = 2, .rs = {1, 5}};
+        qmm_case c = {.xb = 3,
+                      .M = 1 + test_rng_u32(&r) % 5,
+                      .K = q.group_size * (1 + test_rng_u32(&r) % 3),
+                      .N = 1 + 2 * (test_rng_u32(&r) % 12),
+                      .E = 4,
+                      .transpose = 1,
+                      .nl = 2,
+                      .ls = {3, 1},
+                      .nr = 2,
+                      .rs = {1, 5}};
         char why[256] = "";
-        CHECK_MSG(check_gather_case(&c, q, dt, &r, why, sizeof why), "bits %d gs %d %s: %s",
-                  q.bits, q.group_size, gqmm_dtype_name(dt), why);
+        CHECK_MSG(check_gather_case(&c, q, dt, &r, why, sizeof why), "bits %d gs %d %s: %s", q.bits,
+                  q.group_size, gqmm_dtype_name(dt), why);
       }
 }
 
@@ -283,15 +299,51 @@ GQMM_TEST(ref_gather_qmm_shapes) {
   test_rng r = test_rng_make(104);
   const qmm_case cases[] = {
       /* transpose=0: groups along N, K odd */
-      {.xb = 2, .M = 3, .K = 37, .N = 64, .E = 3, .transpose = 0, .nl = 1, .ls = {4}, .nr = 1, .rs = {4}},
+      {.xb = 2,
+       .M = 3,
+       .K = 37,
+       .N = 64,
+       .E = 3,
+       .transpose = 0,
+       .nl = 1,
+       .ls = {4},
+       .nr = 1,
+       .rs = {4}},
       /* rhs only, x batch matching, sorted and skewed (experts with 0 rows) */
       {.xb = 7, .M = 1, .K = 128, .N = 9, .E = 5, .transpose = 1, .nr = 1, .rs = {7}, .sorted = 1},
       /* M = 1, large K */
-      {.xb = 1, .M = 1, .K = 4096, .N = 5, .E = 2, .transpose = 1, .nl = 1, .ls = {1}, .nr = 1, .rs = {3}},
+      {.xb = 1,
+       .M = 1,
+       .K = 4096,
+       .N = 5,
+       .E = 2,
+       .transpose = 1,
+       .nl = 1,
+       .ls = {1},
+       .nr = 1,
+       .rs = {3}},
       /* lhs (1, 2) against rhs (3, 1) */
-      {.xb = 2, .M = 4, .K = 64, .N = 11, .E = 3, .transpose = 1, .nl = 2, .ls = {1, 2}, .nr = 2, .rs = {3, 1}},
+      {.xb = 2,
+       .M = 4,
+       .K = 64,
+       .N = 11,
+       .E = 3,
+       .transpose = 1,
+       .nl = 2,
+       .ls = {1, 2},
+       .nr = 2,
+       .rs = {3, 1}},
       /* empty batch: nothing to compute, nothing to fail */
-      {.xb = 1, .M = 2, .K = 64, .N = 3, .E = 2, .transpose = 1, .nl = 1, .ls = {1}, .nr = 1, .rs = {0}},
+      {.xb = 1,
+       .M = 2,
+       .K = 64,
+       .N = 3,
+       .E = 2,
+       .transpose = 1,
+       .nl = 1,
+       .ls = {1},
+       .nr = 1,
+       .rs = {0}},
   };
   const gqmm_quant qs[] = {{4, 64}, {3, 32}, {6, 64}};
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
@@ -316,7 +368,8 @@ GQMM_TEST(ref_quantized_matmul_folds_x_batch_into_rows) {
   test_fill(&r, x, GQMM_F32, 6 * K, 1.0f);
   test_fill(&r, s, GQMM_F32, N * 2, 0.1f);
   test_fill(&r, b, GQMM_F32, N * 2, 0.1f);
-  for (size_t i = 0; i < sizeof w / 4; i++) w[i] = test_rng_u32(&r);
+  for (size_t i = 0; i < sizeof w / 4; i++)
+    w[i] = test_rng_u32(&r);
   const gqmm_quant q = {5, 32};
   gqmm_tensor tw = gqmm_tensor_make(w, GQMM_U32, 2, (int64_t[]){N, K * 5 / 32});
   gqmm_tensor ts = gqmm_tensor_make(s, GQMM_F32, 2, (int64_t[]){N, 2});

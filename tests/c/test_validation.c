@@ -7,6 +7,7 @@
 #include "test.h"
 
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { E = 3, N = 16, K = 64, M = 2, B = 4, GS = 32, BITS = 4 };
@@ -31,11 +32,14 @@ static void problem_init(problem *p) {
   p->ctx = ctx;
   test_rng r = test_rng_make(77);
   test_fill(&r, p->x, GQMM_F32, B * M * K, 1.0f);
-  for (size_t i = 0; i < sizeof p->w / 4; i++) p->w[i] = test_rng_u32(&r);
+  for (size_t i = 0; i < sizeof p->w / 4; i++)
+    p->w[i] = test_rng_u32(&r);
   test_fill(&r, p->scales, GQMM_F32, E * N * K / GS, 0.1f);
   test_fill(&r, p->biases, GQMM_F32, E * N * K / GS, 0.1f);
-  for (int i = 0; i < B; i++) p->rhs[i] = (int32_t)(test_rng_u32(&r) % E);
-  for (int i = 0; i < B; i++) p->lhs[i] = test_rng_u32(&r) % B;
+  for (int i = 0; i < B; i++)
+    p->rhs[i] = (int32_t)(test_rng_u32(&r) % E);
+  for (int i = 0; i < B; i++)
+    p->lhs[i] = test_rng_u32(&r) % B;
   test_poison(p->out, GQMM_F32, B * M * N);
   p->tx = gqmm_tensor_make(p->x, GQMM_F32, 3, (int64_t[]){B, M, K});
   p->tw = gqmm_tensor_make(p->w, GQMM_U32, 3, (int64_t[]){E, N, K * BITS / 32});
@@ -54,34 +58,38 @@ static int run(problem *p) {
 }
 
 /* The call failed with `want`, its message names `arg`, the output is untouched. */
-#define EXPECT_FAIL(p, st, want, arg)                                                        \
-  do {                                                                                       \
-    int st__ = (st);                                                                         \
-    const char *msg__ = gqmm_last_error((p)->ctx);                                           \
-    CHECK_MSG(st__ == (want), "%s: got %s, want %s (%s)", #st, gqmm_status_name(st__),       \
-              gqmm_status_name(want), msg__);                                                \
-    CHECK_MSG(strstr(msg__, arg) != NULL, "message '%s' does not name '%s'", msg__, arg);   \
-    for (int i__ = 0; i__ < B * M * N; i__++) CHECK_MSG(isnan((p)->out[i__]), "out written"); \
+#define EXPECT_FAIL(p, st, want, arg)                                                     \
+  do {                                                                                    \
+    int st__ = (st);                                                                      \
+    const char *msg__ = gqmm_last_error((p)->ctx);                                        \
+    CHECK_MSG(st__ == (want), "%s: got %s, want %s (%s)", #st, gqmm_status_name(st__),    \
+              gqmm_status_name(want), msg__);                                             \
+    CHECK_MSG(strstr(msg__, arg) != NULL, "message '%s' does not name '%s'", msg__, arg); \
+    for (int i__ = 0; i__ < B * M * N; i__++)                                             \
+      CHECK_MSG(isnan((p)->out[i__]), "out written");                                     \
   } while (0)
 
-#define WITH_PROBLEM(p)                                                                      \
-  problem p##_storage, *p = &p##_storage;                                                    \
-  p->ctx = NULL;                                                                             \
-  problem_init(p);                                                                           \
-  CHECK(p->ctx != NULL);                                                                     \
-  CHECK_OK(run(p)); /* the unbroken problem is valid */                                      \
-  test_poison(p->out, GQMM_F32, B * M * N)
+#define WITH_PROBLEM(p)                                 \
+  problem p##_storage, *p = &p##_storage;               \
+  p->ctx = NULL;                                        \
+  problem_init(p);                                      \
+  CHECK(p->ctx != NULL);                                \
+  CHECK_OK(run(p)); /* the unbroken problem is valid */ \
+  test_poison(p->out, GQMM_F32, B *M *N)
 
 GQMM_TEST(null_pointers) {
   WITH_PROBLEM(p);
-  CHECK(gqmm_gather_qmm(NULL, &p->tx, &p->tw, &p->ts, &p->tb, NULL, &p->tr, 1, p->q, 0,
-                        &p->to) == GQMM_ERR_NULL);
-  EXPECT_FAIL(p, gqmm_gather_qmm(p->ctx, NULL, &p->tw, &p->ts, &p->tb, NULL, &p->tr, 1, p->q, 0,
-                                 &p->to), GQMM_ERR_NULL, "x");
-  EXPECT_FAIL(p, gqmm_gather_qmm(p->ctx, &p->tx, &p->tw, &p->ts, NULL, NULL, &p->tr, 1, p->q, 0,
-                                 &p->to), GQMM_ERR_NULL, "biases");
-  EXPECT_FAIL(p, gqmm_gather_qmm(p->ctx, &p->tx, &p->tw, &p->ts, &p->tb, NULL, &p->tr, 1, p->q, 0,
-                                 NULL), GQMM_ERR_NULL, "out");
+  CHECK(gqmm_gather_qmm(NULL, &p->tx, &p->tw, &p->ts, &p->tb, NULL, &p->tr, 1, p->q, 0, &p->to) ==
+        GQMM_ERR_NULL);
+  EXPECT_FAIL(
+      p, gqmm_gather_qmm(p->ctx, NULL, &p->tw, &p->ts, &p->tb, NULL, &p->tr, 1, p->q, 0, &p->to),
+      GQMM_ERR_NULL, "x");
+  EXPECT_FAIL(
+      p, gqmm_gather_qmm(p->ctx, &p->tx, &p->tw, &p->ts, NULL, NULL, &p->tr, 1, p->q, 0, &p->to),
+      GQMM_ERR_NULL, "biases");
+  EXPECT_FAIL(
+      p, gqmm_gather_qmm(p->ctx, &p->tx, &p->tw, &p->ts, &p->tb, NULL, &p->tr, 1, p->q, 0, NULL),
+      GQMM_ERR_NULL, "out");
   p->tw.data = NULL;
   EXPECT_FAIL(p, run(p), GQMM_ERR_NULL, "w: data pointer");
   CHECK(gqmm_ctx_create(NULL, NULL) == GQMM_ERR_NULL);
@@ -230,8 +238,8 @@ GQMM_TEST(output_too_small_wrong_shape_wrong_dtype) {
   EXPECT_FAIL(p, run(p), GQMM_ERR_OUTPUT, "out");
   /* the output-shape query agrees with what the op wants */
   gqmm_tensor want;
-  CHECK_OK(gqmm_gather_qmm_output(p->ctx, &p->tx, &p->tw, &p->ts, &p->tb, &p->tl, &p->tr, 1,
-                                  p->q, &want));
+  CHECK_OK(gqmm_gather_qmm_output(p->ctx, &p->tx, &p->tw, &p->ts, &p->tb, &p->tl, &p->tr, 1, p->q,
+                                  &want));
   CHECK(want.ndim == 3 && want.shape[0] == B && want.shape[1] == M && want.shape[2] == N);
   CHECK(want.dtype == GQMM_F32 && want.data == NULL);
   gqmm_ctx_destroy(p->ctx);
@@ -306,4 +314,17 @@ GQMM_TEST(bad_context_options) {
   CHECK(gqmm_ctx_create(&ctx, &o) == GQMM_ERR_ARG && ctx == NULL);
   CHECK(strcmp(gqmm_status_name(GQMM_ERR_INDEX), "GQMM_ERR_INDEX") == 0);
   CHECK(strcmp(gqmm_status_name(12345), "GQMM_UNKNOWN") == 0);
+}
+
+GQMM_TEST(broadcast_batch_too_large) {
+  WITH_PROBLEM(p);
+  /* lhs (2^21, 1) x rhs (1, 2^21): 2^42 output matrices, from small index arrays */
+  uint32_t *big = calloc((size_t)1 << 21, sizeof(uint32_t));
+  CHECK(big != NULL);
+  p->tl = gqmm_tensor_make(big, GQMM_U32, 2, (int64_t[]){INT64_C(1) << 21, 1});
+  p->tr = gqmm_tensor_make(big, GQMM_U32, 2, (int64_t[]){1, INT64_C(1) << 21});
+  int st = run(p);
+  free(big);
+  EXPECT_FAIL(p, st, GQMM_ERR_SHAPE, "lhs_indices");
+  gqmm_ctx_destroy(p->ctx);
 }

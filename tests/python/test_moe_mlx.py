@@ -93,7 +93,7 @@ def rel(a, b):
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("bits,gs", [(4, 64), (2, 32), (3, 64), (8, 128), (6, 64), (5, 32)])
 def test_moe_forward_matches_mlx_switchglu(dtype, act, bits, gs):
-    T, E, k, H, I = 24, 9, 3, 256, 128
+    T, E, k, H, I = 24, 9, 3, 512, 128
     q, x, ids, scores = make_layer(bits * 100 + gs, T, E, k, H, I, bits, gs, dtype)
     ref = f64_reference(q, x, ids, scores, bits, gs, act)
     mlx_out = as_f64(mlx_switchglu(q, x, ids, scores, bits, gs, act))
@@ -110,9 +110,13 @@ def test_moe_forward_matches_mlx_switchglu(dtype, act, bits, gs):
     assert np.array_equal(outs[0], outs[1]), "fused and separate gate/up differ"
     got = gqmm_moe.bf16_to_f32(outs[0]).astype(np.float64) if dtype == "bfloat16" else \
         outs[0].astype(np.float64)
+    # mlx's CPU backend rounds every bf16 product and partial sum (~4e-2 at
+    # K=512, see docs/perf-notes.md), so "same within bf16 tolerance" is
+    # measured against that: 6e-2 relative for bf16, 1e-5 for f32.
     tol = 2e-2 if dtype == "bfloat16" else 1e-5
     err_gqmm, err_mlx = rel(got, ref), rel(mlx_out, ref)
-    assert rel(got, mlx_out) < 2 * tol, (err_gqmm, err_mlx)
+    assert err_gqmm < tol, (err_gqmm, err_mlx)
+    assert rel(got, mlx_out) < (6e-2 if dtype == "bfloat16" else 1e-5), (err_gqmm, err_mlx)
     # gqmm accumulates in float32 and sums the slots once: never less accurate than mlx
     assert err_gqmm <= max(1.05 * err_mlx, tol / 10), (err_gqmm, err_mlx)
 

@@ -404,7 +404,7 @@ static double roofline_GBps(const bench_env *env, const bench_opts *o, const ben
 
 static void print_row(const bench_env *env, const bench_opts *o, const bench_result *r) {
   const double gbps = r->weight_bytes / r->step_med_s / 1e9, roof = roofline_GBps(env, o, r);
-  printf("%3d %5d %13.2f %15.2f %10.3f %8.1f", r->canvases, r->bits, r->step_med_s * 1e3,
+  printf("%3d %5d %13.2f %15.2f %10.4g %8.4g", r->canvases, r->bits, r->step_med_s * 1e3,
          r->step_med_s * 1e3 / r->canvases, r->weight_bytes / 1e9, gbps);
   if (roof > 0)
     printf(" %10.1f %8.3f %10.2f\n", roof, gbps / roof, r->weight_bytes / (roof * 1e9) * 1e3);

@@ -268,6 +268,18 @@ GQMM_TEST(moe_forward_is_deterministic_across_threads_and_runs) {
     if (!st && rep == 0) memcpy(first, L.out, nb);
     if (!st && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
   }
+  /* num_threads 0 defers to GQMM_NUM_THREADS (then the core count) */
+  gqmm_ctx *env_ctx = NULL;
+  const char *threads[] = {"1", "3"};
+  for (int i = 0; i < 2 && !st; i++) {
+    setenv("GQMM_NUM_THREADS", threads[i], 1);
+    st = gqmm_ctx_create(&env_ctx, NULL);
+    if (!st) st = run(env_ctx, &L, &L.fused, GQMM_ACT_GEGLU);
+    if (!st && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
+    gqmm_ctx_destroy(env_ctx);
+    env_ctx = NULL;
+  }
+  unsetenv("GQMM_NUM_THREADS");
   free(first);
   layer_free(&L);
   gqmm_ctx_destroy(ctx[0]);

@@ -559,6 +559,12 @@ static int pick_env(bench_opts *o, bench_env *env) {
   if (!env->ctx) return -1;
   for (const gqmm__backend *const *b = gqmm__backends(); *b; b++) {
     if (o->kind != GQMM_BACKEND_AUTO && (*b)->kind != o->kind) continue;
+    if (o->kind == GQMM_BACKEND_AUTO && (*b)->mem_alloc && !(*b)->moe_forward) {
+      /* device tensors need the backend's fused layer (no composed device path) */
+      fprintf(stderr, "gqmm bench: backend %s has no MoE layer (moe_forward); skipping it\n",
+              (*b)->name);
+      continue;
+    }
     env->be = *b;
     env->dev = (*b)->mem_alloc ? GQMM_DEVICE_CUDA : GQMM_DEVICE_CPU;
     void *probe = dev_alloc(env, 1 << 20);
@@ -569,7 +575,7 @@ static int pick_env(bench_opts *o, bench_env *env) {
     env->be = NULL;
   }
   if (!env->be) {
-    fprintf(stderr, "gqmm bench: no usable backend for --backend %d here\n", (int)o->kind);
+    fprintf(stderr, "gqmm bench: no backend compiled in can run here for this --backend\n");
     return -1;
   }
   if (env->be->ceilings && env->be->ceilings(env->ctx, &env->ceil) == GQMM_OK) env->have_ceil = 1;

@@ -50,6 +50,13 @@ int gqmm__moe_forward_timed(gqmm_ctx *ctx, const gqmm_moe_weights *w, const gqmm
 /* The activation of one (gate, up) pair in float32. */
 float gqmm__moe_act(gqmm__activation act, float gate, float up);
 
+/* Run fn(arg, begin, end) over [0, rows) split into contiguous ranges, one
+ * per thread (ctx->num_threads, GQMM_NUM_THREADS or the cores), at least
+ * min_rows each. Rows must be independent: the result is the same for any split. */
+typedef void (*gqmm__moe_rows_fn)(void *arg, int64_t begin, int64_t end);
+void gqmm__moe_parallel_rows(gqmm_ctx *ctx, int64_t rows, int64_t min_rows, gqmm__moe_rows_fn fn,
+                             void *arg);
+
 /* Monotonic host clock in seconds. */
 double gqmm__moe_now(void);
 

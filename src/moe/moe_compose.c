@@ -26,8 +26,10 @@ float gqmm__moe_act(gqmm__activation act, float gate, float up) {
   if (act == GQMM__ACT_GEGLU) {
     /* gelu, tanh approximation (mlx.nn.gelu_approx, Gemma's gelu_pytorch_tanh) */
     const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
-    float g = 0.5f * gate * (1.0f + tanhf(c * (gate + 0.044715f * gate * gate * gate)));
-    return g * up;
+    const float z = c * (gate + 0.044715f * gate * gate * gate);
+    /* 1 + tanh(z) = 2 - 2 / (exp(2z) + 1): one expf instead of tanhf, and
+     * exact at both saturations (exp -> inf gives 2, exp -> 0 gives 0). */
+    return 0.5f * gate * (2.0f - 2.0f / (expf(2.0f * z) + 1.0f)) * up;
   }
   return gate / (1.0f + expf(-gate)) * up; /* silu(gate) * up */
 }
@@ -60,6 +62,56 @@ static int gathered_qmm(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_
   return be->qmm(ctx, &q);
 }
 
+/* The elementwise steps, row-parallel; rows go through float32 in chunks. */
+typedef struct {
+  const gqmm__moe_args *a;
+  const gqmm__moe_plan *plan;
+  const char *gu; /* gate_up output; gate of row r at r*gs, its up at r*gs + uo */
+  int64_t gs, uo;
+  char *h;       /* activation output [R, I] */
+  const char *y; /* down output [R, H] */
+} layer_job;
+
+#define CHUNK 512 /* floats per stack buffer */
+
+static void act_rows(void *arg, int64_t begin, int64_t end) {
+  const layer_job *j = arg;
+  const gqmm_dtype dt = j->a->dtype;
+  const size_t esz = gqmm_dtype_size(dt);
+  const int64_t I = j->a->inter;
+  float g[CHUNK], u[CHUNK];
+  for (int64_t r = begin; r < end; r++)
+    for (int64_t c = 0; c < I; c += CHUNK) {
+      const int64_t n = I - c < CHUNK ? I - c : CHUNK;
+      gqmm__convert(g, GQMM_F32, j->gu + (size_t)(r * j->gs + c) * esz, dt, n);
+      gqmm__convert(u, GQMM_F32, j->gu + (size_t)(r * j->gs + j->uo + c) * esz, dt, n);
+      for (int64_t i = 0; i < n; i++) g[i] = gqmm__moe_act(j->a->act, g[i], u[i]);
+      gqmm__convert(j->h + (size_t)(r * I + c) * esz, dt, g, GQMM_F32, n);
+    }
+}
+
+/* out[t] = sum over slots in ascending order, one float32 add each: the
+ * order, not the thread, fixes the bits. */
+static void combine_rows(void *arg, int64_t begin, int64_t end) {
+  const layer_job *j = arg;
+  const gqmm__moe_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t H = a->hidden, k = a->top_k;
+  float acc[CHUNK], y[CHUNK];
+  for (int64_t t = begin; t < end; t++)
+    for (int64_t c = 0; c < H; c += CHUNK) {
+      const int64_t n = H - c < CHUNK ? H - c : CHUNK;
+      for (int64_t i = 0; i < n; i++) acc[i] = 0.0f;
+      for (int64_t s = 0; s < k; s++) {
+        const int64_t p = t * k + s;
+        const float wt = gqmm__load_f(a->expert_weights, a->dtype, p);
+        gqmm__convert(y, GQMM_F32, j->y + (size_t)(j->plan->pair_row[p] * H + c) * esz, a->dtype, n);
+        for (int64_t i = 0; i < n; i++) acc[i] += wt * y[i];
+      }
+      gqmm__convert((char *)a->out + (size_t)(t * H + c) * esz, a->dtype, acc, GQMM_F32, n);
+    }
+}
+
 int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_args *a,
                       gqmm__moe_phases *phases) {
   if (a->device != GQMM_DEVICE_CPU)
@@ -81,9 +133,7 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   char *gu = malloc(nr * (size_t)(2 * I) * esz); /* [R, 2I]: gate | up, or [R, I] twice */
   char *h = malloc(nr * (size_t)I * esz);
   char *y = malloc(nr * (size_t)H * esz);
-  const size_t wide = (size_t)(H > I ? H : I);
-  float *fa = malloc(wide * sizeof(float)), *fb = malloc(wide * sizeof(float)); /* row scratch */
-  if (!token_of_row || !row_id || !gu || !h || !y || !fa || !fb) {
+  if (!token_of_row || !row_id || !gu || !h || !y) {
     st = gqmm__fail(ctx, GQMM_ERR_NOMEM, "moe_forward: cannot allocate work buffers for %lld rows",
                     (long long)R);
     goto done;
@@ -108,31 +158,17 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   if (st) goto done;
   double t2 = gqmm__moe_now();
   ph.gate_up_s = t2 - t1;
-  /* Gate of row r at gu[r*gs], up at gu[r*gs + uo]; rows go through float32. */
-  const int64_t gs = fused ? 2 * I : I, uo = fused ? I : R * I;
-  for (int64_t r = 0; r < R; r++) {
-    gqmm__convert(fa, GQMM_F32, gu + (size_t)(r * gs) * esz, a->dtype, I);
-    gqmm__convert(fb, GQMM_F32, gu + (size_t)(r * gs + uo) * esz, a->dtype, I);
-    for (int64_t i = 0; i < I; i++) fa[i] = gqmm__moe_act(a->act, fa[i], fb[i]);
-    gqmm__convert(h + (size_t)(r * I) * esz, a->dtype, fa, GQMM_F32, I);
-  }
+  /* Gate of row r at gu[r*gs], up at gu[r*gs + uo]. */
+  layer_job job = {.a = a, .plan = &plan, .gu = gu, .gs = fused ? 2 * I : I,
+                   .uo = fused ? I : R * I, .h = h, .y = y};
+  gqmm__moe_parallel_rows(ctx, R, 16, act_rows, &job);
   double t3 = gqmm__moe_now();
   ph.act_s = t3 - t2;
   st = gathered_qmm(ctx, be, a, h, R, row_id, I, a->down_w, a->down_s, a->down_b, H, &plan, y);
   if (st) goto done;
   double t4 = gqmm__moe_now();
   ph.down_s = t4 - t3;
-  /* acc (fa) sums the token's slots in ascending j, one float32 add each. */
-  for (int64_t t = 0; t < T; t++) {
-    for (int64_t n = 0; n < H; n++) fa[n] = 0.0f;
-    for (int64_t j = 0; j < k; j++) {
-      const int64_t p = t * k + j;
-      const float wt = gqmm__load_f(a->expert_weights, a->dtype, p);
-      gqmm__convert(fb, GQMM_F32, y + (size_t)(plan.pair_row[p] * H) * esz, a->dtype, H);
-      for (int64_t n = 0; n < H; n++) fa[n] += wt * fb[n];
-    }
-    gqmm__convert((char *)a->out + (size_t)(t * H) * esz, a->dtype, fa, GQMM_F32, H);
-  }
+  gqmm__moe_parallel_rows(ctx, T, 4, combine_rows, &job);
   ph.combine_s = gqmm__moe_now() - t4;
   if (phases) *phases = ph;
 done:
@@ -141,8 +177,6 @@ done:
   free(gu);
   free(h);
   free(y);
-  free(fa);
-  free(fb);
   gqmm__moe_plan_free(&plan);
   return st;
 }

@@ -66,11 +66,12 @@ static int check_weights(gqmm_ctx *ctx, const gqmm_moe_weights *w, gqmm__moe_arg
     return gqmm__fail(ctx, GQMM_ERR_ARG, "weights: give either gate_up or gate and up, not both");
   if (!fused && (!w->gate || !w->up))
     return gqmm__fail(ctx, GQMM_ERR_NULL, "weights: gate_up is NULL and so is gate or up");
-  int64_t E, rows, st;
+  int64_t E, rows;
+  int st;
   if (fused) {
     st = check_qset(ctx, w->gate_up, w->gate_up_scales, w->gate_up_biases, "gate_up", a->q,
                     a->dtype, a->device, -1, -1, a->hidden, &E, &rows);
-    if (st) return (int)st;
+    if (st) return st;
     if (rows % 2 != 0)
       return gqmm__fail(ctx, GQMM_ERR_SHAPE, "gate_up: %lld rows per expert is odd (need 2 * inter)",
                         (long long)rows);
@@ -93,7 +94,7 @@ static int check_weights(gqmm_ctx *ctx, const gqmm_moe_weights *w, gqmm__moe_arg
     if (!st)
       st = check_qset(ctx, w->up, w->up_scales, w->up_biases, "up", a->q, a->dtype, a->device, E,
                       rows, a->hidden, &E, &rows);
-    if (st) return (int)st;
+    if (st) return st;
     a->inter = rows;
     a->gate_w = w->gate->data;
     a->gate_s = w->gate_scales->data;
@@ -104,10 +105,12 @@ static int check_weights(gqmm_ctx *ctx, const gqmm_moe_weights *w, gqmm__moe_arg
     a->gu_expert_rows = rows;
   }
   a->experts = E;
-  if (E < 1) return gqmm__fail(ctx, GQMM_ERR_SHAPE, "weights: zero experts");
+  if (E < 1 || a->inter < 1)
+    return gqmm__fail(ctx, GQMM_ERR_SHAPE, "%s: %lld experts of %lld rows (need >= 1 each)",
+                      fused ? "gate_up" : "gate", (long long)E, (long long)a->inter);
   st = check_qset(ctx, w->down, w->down_scales, w->down_biases, "down", a->q, a->dtype, a->device,
                   E, a->hidden, a->inter, &E, &rows);
-  if (st) return (int)st;
+  if (st) return st;
   a->down_w = w->down->data;
   a->down_s = w->down_scales->data;
   a->down_b = w->down_biases->data;
@@ -136,6 +139,7 @@ static int check_args(gqmm_ctx *ctx, const gqmm_moe_weights *w, const gqmm_tenso
   a->device = x->device;
   a->tokens = x->shape[0];
   a->hidden = x->shape[1];
+  if (a->hidden < 1) return gqmm__fail(ctx, GQMM_ERR_SHAPE, "x: hidden size is 0");
   if ((st = gqmm__check_tensor(ctx, ids, "expert_ids"))) return st;
   if (ids->dtype != GQMM_I32 && ids->dtype != GQMM_U32)
     return gqmm__fail(ctx, GQMM_ERR_DTYPE, "expert_ids: dtype is %s, expected int32 or uint32",

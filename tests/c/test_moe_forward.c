@@ -268,6 +268,18 @@ GQMM_TEST(moe_forward_is_deterministic_across_threads_and_runs) {
     if (!st && rep == 0) memcpy(first, L.out, nb);
     if (!st && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
   }
+  /* num_threads 0 defers to GQMM_NUM_THREADS (then the core count) */
+  gqmm_ctx *env_ctx = NULL;
+  const char *threads[] = {"1", "3"};
+  for (int i = 0; i < 2 && !st; i++) {
+    setenv("GQMM_NUM_THREADS", threads[i], 1);
+    st = gqmm_ctx_create(&env_ctx, NULL);
+    if (!st) st = run(env_ctx, &L, &L.fused, GQMM_ACT_GEGLU);
+    if (!st && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
+    gqmm_ctx_destroy(env_ctx);
+    env_ctx = NULL;
+  }
+  unsetenv("GQMM_NUM_THREADS");
   free(first);
   layer_free(&L);
   gqmm_ctx_destroy(ctx[0]);
@@ -345,4 +357,33 @@ GQMM_TEST(moe_forward_rejects_bad_arguments) {
   layer_free(&L);
   gqmm_ctx_destroy(ctx);
   CHECK(ok);
+}
+
+GQMM_TEST(moe_forward_zero_tokens_and_uint32_ids) {
+  test_rng r = test_rng_make(605);
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, NULL));
+  layer L = {.T = 9, .k = 2, .E = 4, .H = 128, .I = 64, .q = {5, 32}, .dt = GQMM_F16};
+  int st = layer_make(ctx, &r, &L, false);
+  double *ref = malloc((size_t)(L.T * L.H) * sizeof(double));
+  /* uint32 ids: the same values, read the same way */
+  gqmm_tensor ids_u32 = L.t[TIDS];
+  ids_u32.dtype = GQMM_U32;
+  test_poison(L.out, L.dt, L.T * L.H);
+  if (!st)
+    st = gqmm_moe_forward(ctx, &L.separate, &L.t[TX], &ids_u32, &L.t[TEW], GQMM_ACT_GEGLU,
+                          &L.t[TOUT]);
+  if (!st) reference64(&L, GQMM_ACT_GEGLU, ref);
+  const double err = st ? INFINITY : rel_err64(L.out, L.dt, ref, L.T * L.H);
+  /* zero tokens: valid shapes, nothing to do, out untouched */
+  const int64_t xs0[2] = {0, L.H}, ps0[2] = {0, L.k};
+  gqmm_tensor x0 = gqmm_tensor_make(L.x, L.dt, 2, xs0), i0 = gqmm_tensor_make(L.ids, GQMM_I32, 2, ps0);
+  gqmm_tensor w0 = gqmm_tensor_make(L.ew, L.dt, 2, ps0), o0 = gqmm_tensor_make(L.out, L.dt, 2, xs0);
+  const int st0 = st ? st : gqmm_moe_forward(ctx, &L.fused, &x0, &i0, &w0, GQMM_ACT_SWIGLU, &o0);
+  free(ref);
+  layer_free(&L);
+  gqmm_ctx_destroy(ctx);
+  CHECK_OK(st);
+  CHECK_OK(st0);
+  CHECK_MSG(err <= tolerance(GQMM_F16), "err %.3g", err);
 }

@@ -93,7 +93,7 @@ def rel(a, b):
 @pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("bits,gs", [(4, 64), (2, 32), (3, 64), (8, 128), (6, 64), (5, 32)])
 def test_moe_forward_matches_mlx_switchglu(dtype, act, bits, gs):
-    T, E, k, H, I = 24, 9, 3, 256, 128
+    T, E, k, H, I = 24, 9, 3, 512, 128
     q, x, ids, scores = make_layer(bits * 100 + gs, T, E, k, H, I, bits, gs, dtype)
     ref = f64_reference(q, x, ids, scores, bits, gs, act)
     mlx_out = as_f64(mlx_switchglu(q, x, ids, scores, bits, gs, act))
@@ -110,9 +110,13 @@ def test_moe_forward_matches_mlx_switchglu(dtype, act, bits, gs):
     assert np.array_equal(outs[0], outs[1]), "fused and separate gate/up differ"
     got = gqmm_moe.bf16_to_f32(outs[0]).astype(np.float64) if dtype == "bfloat16" else \
         outs[0].astype(np.float64)
+    # mlx's CPU backend rounds every bf16 product and partial sum (~4e-2 at
+    # K=512, see docs/perf-notes.md), so "same within bf16 tolerance" is
+    # measured against that: 6e-2 relative for bf16, 1e-5 for f32.
     tol = 2e-2 if dtype == "bfloat16" else 1e-5
     err_gqmm, err_mlx = rel(got, ref), rel(mlx_out, ref)
-    assert rel(got, mlx_out) < 2 * tol, (err_gqmm, err_mlx)
+    assert err_gqmm < tol, (err_gqmm, err_mlx)
+    assert rel(got, mlx_out) < (6e-2 if dtype == "bfloat16" else 1e-5), (err_gqmm, err_mlx)
     # gqmm accumulates in float32 and sums the slots once: never less accurate than mlx
     assert err_gqmm <= max(1.05 * err_mlx, tol / 10), (err_gqmm, err_mlx)
 
@@ -150,3 +154,28 @@ def test_moe_forward_rejects_out_of_range_ids():
     bad[3, 1] = 5
     with gqmm_moe.Context() as ctx, pytest.raises(gqmm_moe.GqmmError, match=r"expert_ids"):
         ctx.moe_forward(np.array(x), bad, np.array(scores), w, 4, 64, "swiglu")
+
+
+def error_table():
+    """The accuracy table of docs/perf-notes.md ("MoE layer"):
+    GQMM_LIB=build/libgqmm.so .venv/bin/python tests/python/test_moe_mlx.py"""
+    T, E, k, H, I = 64, 16, 4, 512, 256
+    print("dtype     act     bits gs   gqmm      mlx       gqmm-vs-mlx")
+    for dtype in ("bfloat16", "float32"):
+        for act in ("geglu", "swiglu"):
+            for bits, gs in ((4, 64), (2, 32), (8, 128)):
+                q, x, ids, sc = make_layer(3, T, E, k, H, I, bits, gs, dtype)
+                ref = f64_reference(q, x, ids, sc, bits, gs, act)
+                mo = as_f64(mlx_switchglu(q, x, ids, sc, bits, gs, act))
+                w = {f"{n}{s}": to_np(q[n][i], dtype) for n in ("gate", "up", "down")
+                     for i, s in enumerate(("", "_scales", "_biases"))}
+                with gqmm_moe.Context() as ctx:
+                    o = ctx.moe_forward(to_np(x, dtype), np.array(ids), to_np(sc, dtype), w,
+                                        bits, gs, act)
+                g = (gqmm_moe.bf16_to_f32(o) if dtype == "bfloat16" else o).astype(np.float64)
+                print(f"{dtype:9s} {act:7s} {bits:4d} {gs:4d} {rel(g, ref):.2e}  "
+                      f"{rel(mo, ref):.2e}  {rel(g, mo):.2e}")
+
+
+if __name__ == "__main__":
+    error_table()

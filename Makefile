@@ -2,16 +2,16 @@
 #   make run    build, then run the main job (the seed workload benchmark on the best backend)
 #   make test   build, set up the Python test venv, run every C and Python test
 # Other targets: build, asan (sanitizer build + C tests), cuda-check (nvcc compile),
-# plots, clean.
+# plots, tune-report, clean.
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
 VENV       ?= .venv
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
-PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4
+PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4 matplotlib==3.11.2
 
-.PHONY: all build run test test-c test-python asan cuda-check venv clean
+.PHONY: all build run test test-c test-python asan cuda-check venv clean tune-report
 
 all: build
 
@@ -41,6 +41,11 @@ asan:
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DGQMM_SANITIZE=ON $(CMAKE_ARGS) >/dev/null
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
+
+# docs/tile-tuning.md + docs/img/tune-*.png from `gqmm tune --json` outputs.
+TUNE_JSON ?= $(wildcard bench/data/tune-*.json)
+tune-report: venv
+	$(VENV)/bin/python bench/tune_report.py --out docs/tile-tuning.md --img docs/img $(TUNE_JSON)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

@@ -424,3 +424,37 @@ GQMM_TEST(tuner_json_output_parses_and_carries_every_measurement) {
   gqmm__tune_result_free(&res);
   gqmm_ctx_destroy(ctx);
 }
+
+GQMM_TEST(autotune_on_first_use_when_asked) {
+  char path[512], msg[400];
+  tmp_path(path, sizeof path, "auto");
+  remove_cache(path);
+  char saved_cache[512] = "", saved_tune[64] = "";
+  const char *oc = getenv("GQMM_TUNE_CACHE"), *ot = getenv("GQMM_TUNE");
+  if (oc) snprintf(saved_cache, sizeof saved_cache, "%s", oc);
+  if (ot) snprintf(saved_tune, sizeof saved_tune, "%s", ot);
+  setenv("GQMM_TUNE_CACHE", path, 1);
+  setenv("GQMM_TUNE", "auto", 1);
+  fake.offer_wrong = false;
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, NULL));
+  gqmm__qmm_args a = gather_args(4, 128, 64, 8, GQMM_BF16);
+  int calls0 = fake.calls;
+  int id = gqmm__choose_config(ctx, &fake_backend, &a);
+  CHECK(id >= 0 && id < FAKE_N && id != WRONG_ID && fake_fits(&fake_table[id], &a));
+  CHECK(fake.calls > calls0); /* it measured */
+  int calls1 = fake.calls;
+  CHECK(gqmm__choose_config(ctx, &fake_backend, &a) == id);
+  CHECK(fake.calls == calls1); /* and only once */
+  CHECK(gqmm_last_error(ctx)[0] == '\0');
+  gqmm_ctx_destroy(ctx);
+  gqmm__tune_cache c;
+  CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg));
+  CHECK(c.n == 1 && c.entries[0].key.rows == 8 && !strcmp(c.entries[0].key.op, "gather_qmm"));
+  gqmm__tune_cache_free(&c);
+  if (oc) setenv("GQMM_TUNE_CACHE", saved_cache, 1);
+  else unsetenv("GQMM_TUNE_CACHE");
+  if (ot) setenv("GQMM_TUNE", saved_tune, 1);
+  else unsetenv("GQMM_TUNE");
+  remove_cache(path);
+}

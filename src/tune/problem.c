@@ -166,6 +166,8 @@ int gqmm__problem_set_rows(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows,
   for (int i = 0; i < p->copies; i++) buf_free(ctx, p, p->x[i]), p->x[i] = NULL;
   buf_free(ctx, p, p->out);
   p->out = NULL;
+  free(p->nan_host);
+  p->nan_host = NULL;
   free(p->x_index);
   free(p->w_index);
   p->x_index = p->w_index = NULL;
@@ -200,6 +202,13 @@ int gqmm__problem_set_rows(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows,
     if (!(p->x[i] = buf_from(ctx, p, x, p->x_bytes))) st = GQMM_ERR_NOMEM;
   }
   if (!st && !(p->out = buf_alloc(ctx, p, p->out_bytes))) st = GQMM_ERR_NOMEM;
+  if (!st && !(p->nan_host = malloc(p->out_bytes ? p->out_bytes : 1)))
+    st = gqmm__fail(ctx, GQMM_ERR_NOMEM, "tune: cannot allocate the output");
+  if (!st) { /* NaN in every dtype: the pattern of one element, repeated */
+    char one[4];
+    gqmm__store_f(one, o->dtype, 0, NAN);
+    for (size_t i = 0; i < p->out_bytes; i += esz) memcpy((char *)p->nan_host + i, one, esz);
+  }
   free(x);
   if (!st) gqmm__problem_use_copy(p, 0);
   return st;
@@ -215,17 +224,11 @@ void gqmm__problem_use_copy(gqmm__tune_problem *p, int i) {
 }
 
 int gqmm__problem_poison(gqmm_ctx *ctx, gqmm__tune_problem *p) {
-  const int64_t n = (int64_t)(p->out_bytes / gqmm_dtype_size(p->a.dtype));
   if (!p->on_device) {
-    for (int64_t i = 0; i < n; i++) gqmm__store_f(p->out, p->a.dtype, i, NAN);
+    memcpy(p->out, p->nan_host, p->out_bytes);
     return GQMM_OK;
   }
-  void *h = malloc(p->out_bytes ? p->out_bytes : 1);
-  if (!h) return gqmm__fail(ctx, GQMM_ERR_NOMEM, "tune: cannot allocate the output");
-  for (int64_t i = 0; i < n; i++) gqmm__store_f(h, p->a.dtype, i, NAN);
-  int st = p->be->mem_copy(ctx, p->out, h, p->out_bytes, GQMM__COPY_H2D);
-  free(h);
-  return st;
+  return p->be->mem_copy(ctx, p->out, p->nan_host, p->out_bytes, GQMM__COPY_H2D);
 }
 
 int gqmm__problem_read_out(gqmm_ctx *ctx, gqmm__tune_problem *p, void *host) {
@@ -244,6 +247,7 @@ void gqmm__problem_free(gqmm_ctx *ctx, gqmm__tune_problem *p) {
     buf_free(ctx, p, p->x[i]);
   }
   buf_free(ctx, p, p->out);
+  free(p->nan_host);
   free(p->x_index);
   free(p->w_index);
   memset(p, 0, sizeof *p);

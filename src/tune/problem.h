@@ -18,6 +18,7 @@ typedef struct {
   void *w[GQMM__TUNE_MAX_COPIES], *s[GQMM__TUNE_MAX_COPIES], *b[GQMM__TUNE_MAX_COPIES];
   void *x[GQMM__TUNE_MAX_COPIES];
   void *out;
+  void *nan_host;          /* out_bytes of NaN, copied over the output before a check */
   size_t w_bytes, sb_bytes, x_bytes, out_bytes;
   double expert_bytes;     /* packed + scales + biases of one expert */
   gqmm__qmm_args a;        /* the call; x/w/scales/biases set per copy */

@@ -74,14 +74,40 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Relative L2 distance of two outputs; infinite if either holds a NaN. */
+/* n elements from src[off] as float: a loop per dtype, since the per-element
+ * switch of gqmm__load_f costs more than checking 10^7 outputs should. */
+static void block_to_f32(const void *src, gqmm_dtype t, int64_t off, int n, float *dst) {
+  if (t == GQMM_F32) {
+    memcpy(dst, (const float *)src + off, (size_t)n * sizeof(float));
+  } else if (t == GQMM_BF16) {
+    const uint16_t *h = (const uint16_t *)src + off;
+    for (int i = 0; i < n; i++) {
+      uint32_t u = (uint32_t)h[i] << 16;
+      memcpy(&dst[i], &u, sizeof u);
+    }
+  } else {
+    const uint16_t *h = (const uint16_t *)src + off;
+    for (int i = 0; i < n; i++) dst[i] = gqmm_f16_to_f32(h[i]);
+  }
+}
+
+/* Relative L2 distance of two outputs (b may equal a: then it only looks for
+ * NaN); infinite if either holds a NaN. Identical bytes are checked first. */
 static double rel_diff(const void *a, const void *b, gqmm_dtype t, int64_t n) {
+  enum { BLOCK = 4096 };
+  float x[BLOCK], y[BLOCK];
+  const bool same = a == b || !memcmp(a, b, (size_t)n * gqmm_dtype_size(t));
   double num = 0, den = 0;
-  for (int64_t i = 0; i < n; i++) {
-    double x = gqmm__load_f(a, t, i), y = gqmm__load_f(b, t, i);
-    if (isnan(x) || isnan(y)) return INFINITY;
-    num += (x - y) * (x - y);
-    den += y * y;
+  for (int64_t off = 0; off < n; off += BLOCK) {
+    int m = n - off < BLOCK ? (int)(n - off) : BLOCK;
+    block_to_f32(a, t, off, m, x);
+    if (!same) block_to_f32(b, t, off, m, y);
+    for (int i = 0; i < m; i++) {
+      float yi = same ? x[i] : y[i];
+      if (isnan(x[i]) || isnan(yi)) return INFINITY;
+      num += ((double)x[i] - yi) * ((double)x[i] - yi);
+      den += (double)yi * yi;
+    }
   }
   return den > 0 ? sqrt(num / den) : sqrt(num);
 }

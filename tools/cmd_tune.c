@@ -149,8 +149,9 @@ int gqmm_cmd_tune(int argc, char **argv) {
     static const int quick_rows[] = {16};
     o.rows = quick_rows, o.n_rows = 1;
   }
-  o.runs = runs > 0 ? runs : o.quick ? 5 : 20;
-  o.warmup = warmup >= 0 ? warmup : o.quick ? 1 : 2;
+  /* quick: the checked first call already warms up */
+  o.runs = runs > 0 ? runs : o.quick ? 3 : 20;
+  o.warmup = warmup >= 0 ? warmup : o.quick ? 0 : 2;
   gqmm_ctx *ctx = gqmm_cli_ctx(kind);
   if (!ctx) return 1;
   int rc = 1;

@@ -82,7 +82,7 @@ static const gqmm__tune_entry *autotune(gqmm_ctx *ctx, tune_state *s, const gqmm
   o.E = a->w_batches, o.K = a->K, o.N = a->N, o.q = a->q, o.dtype = a->dtype;
   o.top_k = a->w_batches < 8 ? a->w_batches : 8;
   o.rows = &k->rows, o.n_rows = 1;
-  o.quick = true, o.runs = 5, o.warmup = 1;
+  o.quick = true, o.runs = 3, o.warmup = 0;
   o.min_sample_s = be->sync ? 1e-3 : 0;
   fprintf(stderr, "gqmm: GQMM_TUNE=auto: tuning %s %s K=%lld N=%lld %d-bit g%d %s, %d rows/expert\n",
           be->name, k->op, k->K, k->N, k->bits, k->group_size, k->dtype, k->rows);

@@ -34,14 +34,32 @@ static void copy_clean(char *dst, size_t len, const char *src) {
   dst[i] = '\0';
 }
 
+/* The CPU's model name ("AMD EPYC 7B13"), or "" where /proc/cpuinfo lacks it. */
+static void cpu_model(char *buf, size_t len) {
+  buf[0] = '\0';
+  FILE *f = fopen("/proc/cpuinfo", "r");
+  if (!f) return;
+  char line[256];
+  while (fgets(line, sizeof line, f)) {
+    char *colon = strchr(line, ':');
+    if (strncmp(line, "model name", 10) || !colon) continue;
+    colon += 1 + (colon[1] == ' ');
+    colon[strcspn(colon, "\n")] = '\0';
+    snprintf(buf, len, "%s", colon);
+    break;
+  }
+  fclose(f);
+}
+
 void gqmm__tune_device_key(gqmm_ctx *ctx, const gqmm__backend *be, char *buf, size_t len) {
   char tmp[256] = "";
   if (be->device_key) {
     be->device_key(ctx, tmp, sizeof tmp);
   } else {
-    char feat[160];
+    char feat[160], model[96];
     gqmm_cpu_features(feat, sizeof feat);
-    snprintf(tmp, sizeof tmp, "%s %s%s%s", be->name, feat, ctx->cpu_isa[0] ? " isa=" : "",
+    cpu_model(model, sizeof model);
+    snprintf(tmp, sizeof tmp, "%s %s %s%s%s", be->name, model, feat, ctx->cpu_isa[0] ? " isa=" : "",
              ctx->cpu_isa);
   }
   copy_clean(buf, len, tmp);

@@ -19,7 +19,7 @@
 #include <time.h>
 
 #define MAX_REPS 1000
-#define QUICK_MIN_SAMPLES 3
+#define QUICK_MIN_SAMPLES 2
 #define QUICK_SLOWER 1.25 /* quick mode drops a config this much slower than the best */
 
 void gqmm__tune_opts_default(gqmm__tune_opts *o) {

@@ -86,7 +86,7 @@ def load(paths):
                 "group_size": num(r.get("group_size")), "dtype": str(r.get("dtype", "?")),
                 "rows": int(rows), "config": r["config"],
                 "fields": {k: int(num(fields.get(k)) or 0) for k in FIELDS},
-                "us": num(r.get("time_us_median")), "gbps": num(r.get("weight_GBps")),
+                "us": num(r.get("time_us_median")), "us_min": num(r.get("time_us_min")), "gbps": num(r.get("weight_GBps")),
                 "frac": num(r.get("fraction_of_roofline")), "roof": num(r.get("roofline_GBps")),
                 "copy": num(r.get("ceiling_copy_GBps")), "read": num(r.get("ceiling_read_GBps")),
                 "heuristic": r.get("heuristic") is True, "file": path,
@@ -151,7 +151,7 @@ def heat_map(cells, configs, rows, title, path):
             for j in range(len(rows)):
                 rec = cells.get((configs[i], rows[j]))
                 if rec is not None and rec["gbps"] is not None:
-                    ax.text(j, i, f"{rec['gbps']:.0f}", ha="center", va="center", fontsize=6,
+                    ax.text(j, i, gb(rec["gbps"]), ha="center", va="center", fontsize=6,
                             color="white" if (vals[i, j] < 0.6 if use_frac else False) else "black")
     fig.colorbar(im, ax=ax, label="fraction of same-run roofline" if use_frac else "weight GB/s")
     fig.tight_layout()
@@ -162,6 +162,11 @@ def heat_map(cells, configs, rows, title, path):
 def best_at(cells, configs, r):
     cand = [cells[(c, r)] for c in configs if (c, r) in cells and cells[(c, r)]["gbps"] is not None]
     return max(cand, key=lambda x: x["gbps"]) if cand else None
+
+
+def gb(x):
+    """GB/s with three significant digits (CPU figures are ~0.3, H100 ones ~3000)."""
+    return "n/a" if x is None else f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def pct(x):
@@ -182,14 +187,14 @@ def conclusion(cells, configs, rows):
         if b is None:
             continue
         if f is b:
-            out.append(f"  - M={r}: the 64-tile is itself the fastest, {b['gbps']:.1f} GB/s "
+            out.append(f"  - M={r}: the 64-tile is itself the fastest, {gb(b['gbps'])} GB/s "
                        f"({pct(b['frac'])} of roofline).")
         elif f is None or f["gbps"] is None:
-            out.append(f"  - M={r}: best `{b['config']}` {b['gbps']:.1f} GB/s "
+            out.append(f"  - M={r}: best `{b['config']}` {gb(b['gbps'])} GB/s "
                        f"({pct(b['frac'])} of roofline); the 64-tile has no figure here.")
         else:
-            out.append(f"  - M={r}: best `{b['config']}` {b['gbps']:.1f} GB/s "
-                       f"({pct(b['frac'])}) vs `{base}` {f['gbps']:.1f} GB/s ({pct(f['frac'])}): "
+            out.append(f"  - M={r}: best `{b['config']}` {gb(b['gbps'])} GB/s "
+                       f"({pct(b['frac'])}) vs `{base}` {gb(f['gbps'])} GB/s ({pct(f['frac'])}): "
                        f"{b['gbps'] / f['gbps']:.2f}x.")
     # parameter effects at the focus rows: best GB/s reachable with each value held fixed
     at = [cells[(c, focus)] for c in configs
@@ -207,7 +212,7 @@ def conclusion(cells, configs, rows):
         out.append(f"- **What matters at {focus} rows per expert** (best GB/s reachable with the "
                    f"parameter held at each value; the larger the spread, the more it matters):")
         for spread, p, by in effects:
-            vals = ", ".join(f"{v}: {g:.0f}" for v, g in sorted(by.items()))
+            vals = ", ".join(f"{v}: {gb(g)}" for v, g in sorted(by.items()))
             out.append(f"  - `{p}` {spread:.2f}x ({vals} GB/s) - {WHY[p]}.")
         unused = [p for p in FIELDS if p not in {e[1] for e in effects}]
         if unused:
@@ -223,13 +228,13 @@ def conclusion(cells, configs, rows):
         return out
     mem = max(x for x in (b["copy"], b["read"], 0.0) if x is not None)
     compute_bound = b["roof"] is not None and mem > 0 and b["roof"] < 0.999 * mem
-    gap = f"{b['gbps']:.1f} GB/s is {pct(b['frac'])} of the roofline ({b['roof']:.1f} GB/s)"
+    gap = f"{gb(b['gbps'])} GB/s is {pct(b['frac'])} of the roofline ({gb(b['roof'])} GB/s)"
     if b["frac"] >= 0.9:
         verdict = ("within 10% of the ceiling measured in the same run: what remains is the memory "
                    "itself, not the kernel.")
     elif compute_bound:
-        verdict = (f"here the roofline is the compute ceiling ({b['roof']:.1f} GB/s of weights at "
-                   f"this arithmetic, below the memory's {mem:.1f} GB/s): the gap is arithmetic "
+        verdict = (f"here the roofline is the compute ceiling ({gb(b['roof'])} GB/s of weights at "
+                   f"this arithmetic, below the memory's {gb(mem)} GB/s): the gap is arithmetic "
                    f"(dequantize and multiply-add throughput), a kernel problem, not the memory.")
     elif b1 is not None and b1["frac"] is not None and b1["frac"] >= 0.9 and b1 is not b:
         verdict = (f"yet at {b1['rows']} row(s) per expert the best config reaches "
@@ -244,7 +249,7 @@ def conclusion(cells, configs, rows):
     h = [cells[(c, focus)] for c in configs if (c, focus) in cells and cells[(c, focus)]["heuristic"]]
     if h and h[0]["gbps"] is not None:
         out.append(f"- **Built-in heuristic** (used when the cache has no entry) picks "
-                   f"`{h[0]['config']}` at {focus} rows: {h[0]['gbps']:.1f} GB/s, "
+                   f"`{h[0]['config']}` at {focus} rows: {gb(h[0]['gbps'])} GB/s, "
                    f"{100 * h[0]['gbps'] / b['gbps']:.0f}% of the tuned best.")
     return out
 
@@ -264,6 +269,12 @@ def section(key, cells, img_dir, md_dir):
     lines = [f"### {shape_name(key)}", "",
              f"Device `{device}`, backend `{backend}`; {ceil} "
              f"(source: `{os.path.basename(any_rec['file'])}`).", ""]
+    noise = sorted(c["us"] / c["us_min"] for c in cells.values()
+                   if c["us"] is not None and c["us_min"] is not None and c["us_min"] > 0)
+    if noise:
+        lines += [f"Run-to-run noise (median / fastest sample of each measurement): typically "
+                  f"{noise[len(noise) // 2]:.2f}x, at worst {noise[-1]:.2f}x; differences between "
+                  f"configurations smaller than that are not significant.", ""]
     missing = [r for r in ROWS if r not in rows]
     if missing:
         lines += [f"Rows per expert not measured in these files: {', '.join(map(str, missing))}.", ""]
@@ -287,7 +298,7 @@ def section(key, cells, img_dir, md_dir):
             elif rec["gbps"] is None:
                 row.append("failed")
             else:
-                txt = f"{rec['gbps']:.1f} ({pct(rec['frac'])})"
+                txt = f"{gb(rec['gbps'])} ({pct(rec['frac'])})"
                 row.append(f"**{txt}**" if best[r] is rec else txt)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "#### Conclusion", ""] + conclusion(cells, configs, rows) + [""]

@@ -2,24 +2,13 @@
  * stale and hostile files, and concurrent writers in separate processes. */
 #include "../../src/tune/tune.h"
 #include "test.h"
+#include "test_tune.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-static void tmp_path(char *buf, size_t n, const char *tag) {
-  const char *dir = getenv("TMPDIR");
-  snprintf(buf, n, "%s/gqmm-test-%ld-%s.json", dir && dir[0] ? dir : "/tmp", (long)getpid(), tag);
-}
-
-static void remove_cache(const char *path) {
-  char lock[1100];
-  snprintf(lock, sizeof lock, "%s.lock", path);
-  unlink(path);
-  unlink(lock);
-}
 
 static gqmm__tune_entry entry(int i) {
   gqmm__tune_entry e;

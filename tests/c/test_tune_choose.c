@@ -8,6 +8,7 @@
 #include "../../src/tune/json.h"
 #include "../../src/tune/tune.h"
 #include "test.h"
+#include "test_tune.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -103,18 +104,6 @@ static double fake_clock(void *user) {
 }
 
 /* ---- helpers ------------------------------------------------------------- */
-
-static void tmp_path(char *buf, size_t n, const char *tag) {
-  const char *dir = getenv("TMPDIR");
-  snprintf(buf, n, "%s/gqmm-test-%ld-%s.json", dir && dir[0] ? dir : "/tmp", (long)getpid(), tag);
-}
-
-static void remove_cache(const char *path) {
-  char lock[1100];
-  snprintf(lock, sizeof lock, "%s.lock", path);
-  unlink(path);
-  unlink(lock);
-}
 
 /* The args of a gather_qmm call with `rows` rows per expert (data unused by
  * configs and the key). */

@@ -177,6 +177,24 @@ const gqmm__tune_entry *gqmm__tune_cache_find(const gqmm__tune_cache *c, const g
   return NULL;
 }
 
+const gqmm__tune_entry *gqmm__tune_cache_find_near(const gqmm__tune_cache *c,
+                                                   const gqmm__tune_key *k) {
+  const gqmm__tune_entry *exact = gqmm__tune_cache_find(c, k), *near = NULL;
+  if (exact) return exact;
+  for (int i = 0; i < c->n; i++) {
+    const gqmm__tune_entry *e = &c->entries[i];
+    gqmm__tune_key same_rows = e->key;
+    same_rows.rows = k->rows;
+    /* one bucket away (half or double the rows); the larger wins a tie,
+     * since a tile sized for more rows still covers fewer */
+    if ((e->key.rows == 2 * k->rows || 2 * e->key.rows == k->rows) &&
+        gqmm__tune_key_equal(&same_rows, k) && !strcmp(e->lib, gqmm_version()) &&
+        (!near || e->key.rows > near->key.rows))
+      near = e;
+  }
+  return near;
+}
+
 int gqmm__tune_cache_put(gqmm__tune_cache *c, const gqmm__tune_entry *e) {
   for (int i = 0; i < c->n; i++) {
     if (!strcmp(c->entries[i].lib, e->lib) && gqmm__tune_key_equal(&c->entries[i].key, &e->key)) {

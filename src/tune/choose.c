@@ -119,6 +119,7 @@ int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_
   gqmm__tune_key_of(be, device_key(ctx, s, be), a, &k);
   const gqmm__tune_entry *e = gqmm__tune_cache_find(&s->cache, &k);
   if (!e && autotune_enabled()) e = autotune(ctx, s, be, a, &k);
+  if (!e) e = gqmm__tune_cache_find_near(&s->cache, &k);
   if (!e) return -1;
   int n = be->configs(ctx, a, s->cfgs, GQMM__TUNE_MAX_CONFIGS);
   if (n > GQMM__TUNE_MAX_CONFIGS) n = GQMM__TUNE_MAX_CONFIGS;

@@ -77,6 +77,11 @@ int gqmm__tune_cache_store(const char *path, const gqmm__tune_entry *add, int n,
                            size_t msglen);
 /* The entry for key measured by this library version, or NULL. */
 const gqmm__tune_entry *gqmm__tune_cache_find(const gqmm__tune_cache *c, const gqmm__tune_key *k);
+/* The entry for k, else one for the same call one rows bucket away (half or
+ * double; the larger if both): buckets nobody tuned borrow a neighbour's
+ * choice before falling back to the heuristic. */
+const gqmm__tune_entry *gqmm__tune_cache_find_near(const gqmm__tune_cache *c,
+                                                   const gqmm__tune_key *k);
 /* Replace the entry with the same key and library version, or append. */
 int gqmm__tune_cache_put(gqmm__tune_cache *c, const gqmm__tune_entry *e);
 void gqmm__tune_cache_free(gqmm__tune_cache *c);

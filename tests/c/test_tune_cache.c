@@ -72,6 +72,26 @@ GQMM_TEST(cache_round_trip_and_merge) {
   remove_cache(path);
 }
 
+GQMM_TEST(cache_lookup_borrows_a_neighbouring_bucket) {
+  gqmm__tune_cache c = {0};
+  gqmm__tune_entry e1 = entry(0), e4 = entry(0), e64 = entry(0);
+  e1.key.rows = 1, e4.key.rows = 4, e64.key.rows = 64;
+  CHECK_OK(gqmm__tune_cache_put(&c, &e1));
+  CHECK_OK(gqmm__tune_cache_put(&c, &e4));
+  CHECK_OK(gqmm__tune_cache_put(&c, &e64));
+  gqmm__tune_key k = e1.key;
+  const int want[][2] = {{1, 1}, {2, 4}, {4, 4}, {8, 4}, {16, 0}, {32, 64}, {128, 64}, {256, 0}};
+  for (int i = 0; i < 8; i++) {
+    k.rows = want[i][0];
+    const gqmm__tune_entry *f = gqmm__tune_cache_find_near(&c, &k);
+    CHECK_MSG(want[i][1] ? f && f->key.rows == want[i][1] : !f, "rows %d", k.rows);
+  }
+  k.rows = 2;
+  k.N = 704; /* another shape never borrows */
+  CHECK(gqmm__tune_cache_find_near(&c, &k) == NULL);
+  gqmm__tune_cache_free(&c);
+}
+
 GQMM_TEST(cache_stale_version_is_not_used) {
   gqmm__tune_cache c = {0};
   gqmm__tune_entry e = entry(1);

@@ -70,6 +70,9 @@ def load(paths):
         if not isinstance(items, list):
             notes.append(f"{path}: no record list")
             continue
+        # the ceilings' device name names the GPU even where the device key does not
+        ceil = doc.get("ceilings") if isinstance(doc, dict) else None
+        dev_name = ceil.get("device_name") if isinstance(ceil, dict) else None
         for r in items:
             if not isinstance(r, dict) or not isinstance(r.get("config"), str):
                 bad += 1
@@ -79,8 +82,11 @@ def load(paths):
                 bad += 1
                 continue
             fields = r.get("config_fields") if isinstance(r.get("config_fields"), dict) else {}
+            device = str(r.get("device", "?"))
+            if isinstance(dev_name, str) and dev_name and dev_name not in device:
+                device = f"{dev_name} ({device})"
             recs.append({
-                "backend": str(r.get("backend", "?")), "device": str(r.get("device", "?")),
+                "backend": str(r.get("backend", "?")), "device": device,
                 "op": str(r.get("op", "?")), "E": num(r.get("E")), "K": num(r.get("K")),
                 "N": num(r.get("N")), "bits": num(r.get("bits")),
                 "group_size": num(r.get("group_size")), "dtype": str(r.get("dtype", "?")),
@@ -196,9 +202,20 @@ def conclusion(cells, configs, rows):
             out.append(f"  - M={r}: best `{b['config']}` {gb(b['gbps'])} GB/s "
                        f"({pct(b['frac'])}) vs `{base}` {gb(f['gbps'])} GB/s ({pct(f['frac'])}): "
                        f"{b['gbps'] / f['gbps']:.2f}x.")
-    # parameter effects at the focus rows: best GB/s reachable with each value held fixed
+    # parameter effects at the focus rows, within the kernel family of the best config (a
+    # config name's first word: "mma_w8_m1_s4" -> "mma"; another family is another kernel)
+    fam = lambda c: c.split("_")[0]
+    b = best_at(cells, configs, focus)
     at = [cells[(c, focus)] for c in configs
-          if (c, focus) in cells and cells[(c, focus)]["gbps"] is not None]
+          if (c, focus) in cells and cells[(c, focus)]["gbps"] is not None
+          and b is not None and fam(c) == fam(b["config"])]
+    for other in sorted({fam(c) for c in configs} - ({fam(b["config"])} if b else set())):
+        o = best_at(cells, [c for c in configs if fam(c) == other], focus)
+        if o is not None and b is not None:
+            out.append(f"- Kernel family `{other}` is another kernel, not a tile choice: best "
+                       f"{gb(o['gbps'])} GB/s at {focus} rows, {b['gbps'] / o['gbps']:.1f}x slower "
+                       f"than `{b['config']}`; the analysis below compares `{fam(b['config'])}` "
+                       f"configurations only.")
     effects = []
     for p in FIELDS:
         by = {}
@@ -217,10 +234,26 @@ def conclusion(cells, configs, rows):
         unused = [p for p in FIELDS if p not in {e[1] for e in effects}]
         if unused:
             out.append(f"  - Not varied in this table: {', '.join('`' + p + '`' for p in unused)}.")
+        # controlled comparisons: two configs that differ in exactly one field
+        pairs = []
+        for i, x in enumerate(at):
+            for y in at[i + 1:]:
+                diff = [p for p in FIELDS if x["fields"][p] != y["fields"][p]]
+                if len(diff) == 1:
+                    lo, hi = sorted((x, y), key=lambda r: r["fields"][diff[0]])
+                    pairs.append((abs(math.log(hi["gbps"] / lo["gbps"])), diff[0], lo, hi))
+        pairs.sort(key=lambda t: -t[0])
+        if pairs:
+            out.append("  - Controlled pairs (only that field differs): " + "; ".join(
+                f"`{p}` {lo['fields'][p]} -> {hi['fields'][p]}: {gb(lo['gbps'])} -> "
+                f"{gb(hi['gbps'])} GB/s ({hi['gbps'] / lo['gbps']:.2f}x)"
+                for _, p, lo, hi in pairs[:6]) + ".")
+        elif len(effects) > 1:
+            out.append("  - No two configurations differ in one field only, so these effects are "
+                       "confounded (each value comes with other changes).")
     else:
         out.append(f"- No parameter varies among the configurations measured at {focus} rows.")
     # where the gap is
-    b = best_at(cells, configs, focus)
     b1 = best_at(cells, configs, min(rows))
     if b is None or b["frac"] is None:
         out.append("- **Gap to the ceiling:** no same-run ceiling was recorded, so the gap cannot be "
@@ -248,7 +281,8 @@ def conclusion(cells, configs, rows):
     out.append(f"- **Gap to the ceiling at {focus} rows:** best {gap}; {verdict}")
     h = [cells[(c, focus)] for c in configs if (c, focus) in cells and cells[(c, focus)]["heuristic"]]
     if h and h[0]["gbps"] is not None:
-        out.append(f"- **Built-in heuristic** (used when the cache has no entry) picks "
+        out.append(f"- **gqmm's generic heuristic** (`gqmm__tune_heuristic`, for backends that "
+                   f"defer to it when the cache has no entry) picks "
                    f"`{h[0]['config']}` at {focus} rows: {gb(h[0]['gbps'])} GB/s, "
                    f"{100 * h[0]['gbps'] / b['gbps']:.0f}% of the tuned best.")
     return out
@@ -324,6 +358,15 @@ def main():
              "(E=128, K=2816, N in {1408, 704}, 4-bit, group 64). `gqmm tune` measures every "
              "configuration a backend compiles in and caches the fastest per rows-per-expert "
              "bucket; this page shows what it measured.", "",
+             "How `gqmm tune` measures: every configuration the backend offers (already pruned "
+             "for registers/shared memory) runs once on NaN-poisoned output and must agree with "
+             "the first configuration, then the median of 20 timed samples (host clock around "
+             "back-to-back calls ended by the backend's sync, at least 1 ms per sample on a GPU) "
+             "is taken, rotating through input copies that together exceed 512 MB so caches do "
+             "not flatter; routing is random top-8 over E experts, so at 1 row per expert about a "
+             "third of the experts get no row. Weight GB/s counts packed weights + scales + "
+             "biases of the experts used; the fraction is of the roofline "
+             "min(max(copy, read), compute x bytes / MACs) measured in the same run.", "",
              f"Input files: {names}; {len(recs)} measurements."]
     if bad:
         lines.append(f"{bad} malformed records were skipped.")

@@ -55,6 +55,11 @@ void gqmm__tune_device_key(gqmm_ctx *ctx, const gqmm__backend *be, char *buf, si
   char tmp[256] = "";
   if (be->device_key) {
     be->device_key(ctx, tmp, sizeof tmp);
+  } else if (be->kind != GQMM_BACKEND_CPU && be->kind != GQMM_BACKEND_REF) {
+    /* The host's CPU says nothing about a GPU; without the hook all devices
+     * of this backend share one key (a wrong choice can then cost speed,
+     * never results: names are still checked against the configs). */
+    snprintf(tmp, sizeof tmp, "%s (no device_key hook)", be->name);
   } else {
     char feat[160], model[96];
     gqmm_cpu_features(feat, sizeof feat);

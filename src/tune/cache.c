@@ -22,23 +22,33 @@
 
 #define NOTE(...) ((msg && msglen) ? (void)snprintf(msg, msglen, __VA_ARGS__) : (void)0)
 
-static bool is_pow2(long long v) { return v > 0 && (v & (v - 1)) == 0; }
+static bool is_pow2(long long v) {
+  return v > 0 && (v & (v - 1)) == 0;
+}
 
 bool gqmm__tune_entry_valid(const gqmm__tune_entry *e, char *why, size_t whylen) {
   const char *bad = NULL;
   const gqmm__tune_key *k = &e->key;
-  if (!k->device[0]) bad = "device is empty";
-  else if (!k->backend[0]) bad = "backend is empty";
-  else if (strcmp(k->op, "gather_qmm") && strcmp(k->op, "qmm")) bad = "op is not gather_qmm or qmm";
+  if (!k->device[0])
+    bad = "device is empty";
+  else if (!k->backend[0])
+    bad = "backend is empty";
+  else if (strcmp(k->op, "gather_qmm") && strcmp(k->op, "qmm"))
+    bad = "op is not gather_qmm or qmm";
   else if (strcmp(k->dtype, "f32") && strcmp(k->dtype, "f16") && strcmp(k->dtype, "bf16"))
     bad = "dtype is not f32, f16 or bf16";
   else if (gqmm_quant_check((gqmm_quant){k->bits, k->group_size}) != GQMM_OK)
     bad = "bits/group_size not supported";
-  else if (k->transpose != 0 && k->transpose != 1) bad = "transpose is not 0 or 1";
-  else if (k->K < 1 || k->K > (1 << 24) || k->N < 1 || k->N > (1 << 24)) bad = "K or N out of range";
-  else if (!is_pow2(k->rows) || k->rows > 65536) bad = "rows_per_expert is not a power of two <= 65536";
-  else if (!e->lib[0]) bad = "lib is empty";
-  else if (!e->config[0]) bad = "config is empty";
+  else if (k->transpose != 0 && k->transpose != 1)
+    bad = "transpose is not 0 or 1";
+  else if (k->K < 1 || k->K > (1 << 24) || k->N < 1 || k->N > (1 << 24))
+    bad = "K or N out of range";
+  else if (!is_pow2(k->rows) || k->rows > 65536)
+    bad = "rows_per_expert is not a power of two <= 65536";
+  else if (!e->lib[0])
+    bad = "lib is empty";
+  else if (!e->config[0])
+    bad = "config is empty";
   if (bad && why && whylen) snprintf(why, whylen, "%s", bad);
   return bad == NULL;
 }
@@ -63,19 +73,32 @@ static bool read_entry(const gqmm__json *o, gqmm__tune_entry *e, char *why, size
   gqmm__tune_key *k = &e->key;
   long long bits, gs, tr, K, N, rows;
   const char *field = NULL;
-  if (!o || o->kind != GQMM__JSON_OBJECT) field = "(not an object)";
-  else if (!get_text(o, "device", k->device, sizeof k->device)) field = "device";
-  else if (!get_text(o, "backend", k->backend, sizeof k->backend)) field = "backend";
-  else if (!get_text(o, "op", k->op, sizeof k->op)) field = "op";
-  else if (!get_text(o, "dtype", k->dtype, sizeof k->dtype)) field = "dtype";
-  else if (!get_text(o, "lib", e->lib, sizeof e->lib)) field = "lib";
-  else if (!get_text(o, "config", e->config, sizeof e->config)) field = "config";
-  else if (!get_i(o, "bits", 64, &bits)) field = "bits";
-  else if (!get_i(o, "group_size", 1024, &gs)) field = "group_size";
-  else if (!get_i(o, "transpose", 1, &tr)) field = "transpose";
-  else if (!get_i(o, "K", 1 << 24, &K)) field = "K";
-  else if (!get_i(o, "N", 1 << 24, &N)) field = "N";
-  else if (!get_i(o, "rows_per_expert", 65536, &rows)) field = "rows_per_expert";
+  if (!o || o->kind != GQMM__JSON_OBJECT)
+    field = "(not an object)";
+  else if (!get_text(o, "device", k->device, sizeof k->device))
+    field = "device";
+  else if (!get_text(o, "backend", k->backend, sizeof k->backend))
+    field = "backend";
+  else if (!get_text(o, "op", k->op, sizeof k->op))
+    field = "op";
+  else if (!get_text(o, "dtype", k->dtype, sizeof k->dtype))
+    field = "dtype";
+  else if (!get_text(o, "lib", e->lib, sizeof e->lib))
+    field = "lib";
+  else if (!get_text(o, "config", e->config, sizeof e->config))
+    field = "config";
+  else if (!get_i(o, "bits", 64, &bits))
+    field = "bits";
+  else if (!get_i(o, "group_size", 1024, &gs))
+    field = "group_size";
+  else if (!get_i(o, "transpose", 1, &tr))
+    field = "transpose";
+  else if (!get_i(o, "K", 1 << 24, &K))
+    field = "K";
+  else if (!get_i(o, "N", 1 << 24, &N))
+    field = "N";
+  else if (!get_i(o, "rows_per_expert", 65536, &rows))
+    field = "rows_per_expert";
   if (field) {
     snprintf(why, whylen, "'%s' missing, of the wrong type or too long", field);
     return false;
@@ -228,14 +251,10 @@ static void write_entry(FILE *f, const gqmm__tune_entry *e) {
   const struct {
     const char *name;
     double value;
-  } nums[] = {{"bits", k->bits},
-              {"group_size", k->group_size},
-              {"transpose", k->transpose},
-              {"K", (double)k->K},
-              {"N", (double)k->N},
-              {"rows_per_expert", k->rows},
-              {"time_us", e->time_us},
-              {"weight_GBps", e->weight_GBps},
+  } nums[] = {{"bits", k->bits},           {"group_size", k->group_size},
+              {"transpose", k->transpose}, {"K", (double)k->K},
+              {"N", (double)k->N},         {"rows_per_expert", k->rows},
+              {"time_us", e->time_us},     {"weight_GBps", e->weight_GBps},
               {"fraction", e->fraction}};
   fputs("    {", f);
   for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
@@ -327,9 +346,12 @@ int gqmm__tune_cache_store(const char *path, const gqmm__tune_entry *add, int n,
     return lst;
   }
   st = GQMM_OK;
-  for (int i = 0; i < n && !st; i++) st = gqmm__tune_cache_put(&c, &add[i]);
-  if (st) NOTE("cannot add entries: %s", gqmm_strerror(st));
-  else st = write_file(path, &c, msg, msglen);
+  for (int i = 0; i < n && !st; i++)
+    st = gqmm__tune_cache_put(&c, &add[i]);
+  if (st)
+    NOTE("cannot add entries: %s", gqmm_strerror(st));
+  else
+    st = write_file(path, &c, msg, msglen);
   if (!st && note[0]) NOTE("replaced or cleaned: %s", note);
   gqmm__tune_cache_free(&c);
   close(fd); /* releases the lock */

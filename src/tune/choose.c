@@ -84,7 +84,8 @@ static const gqmm__tune_entry *autotune(gqmm_ctx *ctx, tune_state *s, const gqmm
   o.rows = &k->rows, o.n_rows = 1;
   o.quick = true, o.runs = 3, o.warmup = 0;
   o.min_sample_s = be->sync ? 1e-3 : 0;
-  fprintf(stderr, "gqmm: GQMM_TUNE=auto: tuning %s %s K=%lld N=%lld %d-bit g%d %s, %d rows/expert\n",
+  fprintf(stderr,
+          "gqmm: GQMM_TUNE=auto: tuning %s %s K=%lld N=%lld %d-bit g%d %s, %d rows/expert\n",
           be->name, k->op, k->K, k->N, k->bits, k->group_size, k->dtype, k->rows);
   gqmm__tune_result res;
   gqmm__tune_entry e;
@@ -92,13 +93,15 @@ static const gqmm__tune_entry *autotune(gqmm_ctx *ctx, tune_state *s, const gqmm
   int n = st ? 0 : gqmm__tune_entries(&res, &e, 1);
   if (!st) gqmm__tune_result_free(&res);
   if (n != 1 || !gqmm__tune_key_equal(&e.key, k) || gqmm__tune_cache_put(&s->cache, &e)) {
-    fprintf(stderr, "gqmm: GQMM_TUNE=auto: no result (%s)\n", st ? gqmm_last_error(ctx) : "no valid config");
+    fprintf(stderr, "gqmm: GQMM_TUNE=auto: no result (%s)\n",
+            st ? gqmm_last_error(ctx) : "no valid config");
     gqmm__clear_error(ctx);
     return NULL;
   }
   gqmm__clear_error(ctx);
   char path[1024], msg[400] = "";
-  if (gqmm__tune_default_path(path, sizeof path) && gqmm__tune_cache_store(path, &e, 1, msg, sizeof msg))
+  if (gqmm__tune_default_path(path, sizeof path) &&
+      gqmm__tune_cache_store(path, &e, 1, msg, sizeof msg))
     fprintf(stderr, "gqmm: GQMM_TUNE=auto: not saved: %s\n", msg);
   return gqmm__tune_cache_find(&s->cache, k);
 }

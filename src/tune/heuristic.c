@@ -26,14 +26,14 @@ static double config_score(const gqmm__tile_config *c, const gqmm__qmm_args *a, 
   const double split = c->split_k > 1 ? c->split_k : 1;
   const double stages = c->stages > 0 ? c->stages : 1;
   const double row_tiles = ceil(rows / tm);
-  double score = 1.0 / row_tiles;                    /* weight re-reads */
-  score *= pow(rows / (row_tiles * tm), 0.25);       /* padded MMA rows */
+  double score = 1.0 / row_tiles;              /* weight re-reads */
+  score *= pow(rows / (row_tiles * tm), 0.25); /* padded MMA rows */
   const double n_tiles = ceil((double)a->N / tn);
-  score *= sqrt((double)a->N / (n_tiles * tn));     /* lanes past N */
+  score *= sqrt((double)a->N / (n_tiles * tn)); /* lanes past N */
   const double units = n_tiles * experts * split;
   if (parallel_units > 0) {
     double waves = ceil(units / parallel_units);
-    score *= units / (waves * parallel_units);       /* last-wave tail */
+    score *= units / (waves * parallel_units); /* last-wave tail */
   } else if (units < 16) {
     score *= units / 16;
   }

@@ -13,7 +13,8 @@ int gqmm__rows_bucket(long long rows, long long experts) {
   if (experts < 1) experts = 1;
   long long avg = rows <= 0 ? 1 : (rows + experts - 1) / experts;
   int b = 1;
-  while (b < avg && b < 65536) b *= 2;
+  while (b < avg && b < 65536)
+    b *= 2;
   return b;
 }
 
@@ -95,11 +96,13 @@ bool gqmm__tune_key_equal(const gqmm__tune_key *a, const gqmm__tune_key *b) {
 bool gqmm__tune_default_path(char *buf, size_t len) {
   const char *env = getenv("GQMM_TUNE_CACHE");
   int n;
-  if (env && env[0]) n = snprintf(buf, len, "%s", env);
+  if (env && env[0])
+    n = snprintf(buf, len, "%s", env);
   else if ((env = getenv("XDG_CACHE_HOME")) && env[0] == '/')
     n = snprintf(buf, len, "%s/gqmm/tune.json", env);
   else if ((env = getenv("HOME")) && env[0])
     n = snprintf(buf, len, "%s/.cache/gqmm/tune.json", env);
-  else return false;
+  else
+    return false;
   return n > 0 && (size_t)n < len;
 }

@@ -50,7 +50,8 @@ GQMM_TEST(cache_round_trip_and_merge) {
   CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg)); /* missing file: empty */
   CHECK(c.n == 0 && msg[0] == '\0');
   gqmm__tune_entry es[10];
-  for (int i = 0; i < 10; i++) es[i] = entry(i);
+  for (int i = 0; i < 10; i++)
+    es[i] = entry(i);
   CHECK_OK(gqmm__tune_cache_store(path, es, 6, msg, sizeof msg));
   CHECK_OK(gqmm__tune_cache_store(path, es + 4, 6, msg, sizeof msg)); /* overlaps 4, 5 */
   es[5].time_us = 1;
@@ -122,16 +123,17 @@ GQMM_TEST(cache_corrupt_or_truncated_files_are_reported) {
     if (cut < n - 1) CHECK_MSG(st == GQMM_ERR_FORMAT && c.n == 0 && msg[0], "cut %zu: %d", cut, st);
     gqmm__tune_cache_free(&c);
   }
-  const char *docs[] = {
-      "not json", "[]", "{\"format\": \"other\", \"version\": 1, \"entries\": []}",
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 2, \"entries\": []}",
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 1}",
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": {}}"};
+  const char *docs[] = {"not json",
+                        "[]",
+                        "{\"format\": \"other\", \"version\": 1, \"entries\": []}",
+                        "{\"format\": \"gqmm-tune-cache\", \"version\": 2, \"entries\": []}",
+                        "{\"format\": \"gqmm-tune-cache\", \"version\": 1}",
+                        "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": {}}"};
   for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
     CHECK(write_text(path, docs[i], strlen(docs[i])) == 0);
     gqmm__tune_cache c;
-    CHECK_MSG(gqmm__tune_cache_load(path, &c, msg, sizeof msg) == GQMM_ERR_FORMAT && msg[0],
-              "%s", docs[i]);
+    CHECK_MSG(gqmm__tune_cache_load(path, &c, msg, sizeof msg) == GQMM_ERR_FORMAT && msg[0], "%s",
+              docs[i]);
     CHECK(c.n == 0);
   }
   /* a store over a corrupt file replaces it and says so */
@@ -149,28 +151,35 @@ GQMM_TEST(cache_hostile_entries_are_skipped) {
   char path[512];
   tmp_path(path, sizeof path, "hostile");
   /* The first entry is valid; each other one breaks one rule. */
-  const char *valid = "\"device\": \"d\", \"lib\": \"0.1.0\", \"backend\": \"cuda\", \"op\": \"qmm\", "
-                      "\"dtype\": \"bf16\", \"config\": \"c\", \"group_size\": 64, \"transpose\": 1, "
-                      "\"K\": 64, \"N\": 64, \"rows_per_expert\": 16";
-  const char *bad_tail[] = {
-      "\"bits\": 7",   "\"bits\": -4",        "\"bits\": 4.5",     "\"bits\": 1e300",
-      "\"bits\": \"4\"", "\"bits\": null",  "\"bits\": 4, \"rows_per_expert\": 12",
-      "\"bits\": 4, \"K\": 99999999999", "\"bits\": 4, \"op\": \"rm -rf\"", "\"bits\": 4, \"dtype\": \"f64\""};
+  const char *valid =
+      "\"device\": \"d\", \"lib\": \"0.1.0\", \"backend\": \"cuda\", \"op\": \"qmm\", "
+      "\"dtype\": \"bf16\", \"config\": \"c\", \"group_size\": 64, \"transpose\": 1, "
+      "\"K\": 64, \"N\": 64, \"rows_per_expert\": 16";
+  const char *bad_tail[] = {"\"bits\": 7",
+                            "\"bits\": -4",
+                            "\"bits\": 4.5",
+                            "\"bits\": 1e300",
+                            "\"bits\": \"4\"",
+                            "\"bits\": null",
+                            "\"bits\": 4, \"rows_per_expert\": 12",
+                            "\"bits\": 4, \"K\": 99999999999",
+                            "\"bits\": 4, \"op\": \"rm -rf\"",
+                            "\"bits\": 4, \"dtype\": \"f64\""};
   /* later members do not override: the reader takes the first, so each bad
    * field comes first in its object */
   char *doc = malloc(1 << 16);
   CHECK(doc);
-  int n = snprintf(doc, 1 << 16,
-                   "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [{%s, \"bits\": 4}",
-                   valid);
+  int n = snprintf(
+      doc, 1 << 16,
+      "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [{%s, \"bits\": 4}", valid);
   for (size_t i = 0; i < sizeof bad_tail / sizeof bad_tail[0]; i++)
     n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {%s, %s}", bad_tail[i], valid);
   /* a device name longer than the key holds, a control character */
   char longname[300];
   memset(longname, 'x', sizeof longname - 1);
   longname[sizeof longname - 1] = '\0';
-  n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {\"device\": \"%s\", %s, \"bits\": 4}", longname,
-                valid + strlen("\"device\": \"d\", "));
+  n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {\"device\": \"%s\", %s, \"bits\": 4}",
+                longname, valid + strlen("\"device\": \"d\", "));
   n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {\"device\": \"a\\u0001b\", %s, \"bits\": 4}",
                 valid + strlen("\"device\": \"d\", "));
   n += snprintf(doc + n, (size_t)((1 << 16) - n), ", 42, [], \"str\"]}");
@@ -186,7 +195,8 @@ GQMM_TEST(cache_hostile_entries_are_skipped) {
   /* an oversized file is refused before parsing */
   FILE *f = fopen(path, "wb");
   CHECK(f);
-  for (unsigned i = 0; i <= GQMM__TUNE_MAX_FILE / 4096; i++) fprintf(f, "%4096s", " ");
+  for (unsigned i = 0; i <= GQMM__TUNE_MAX_FILE / 4096; i++)
+    fprintf(f, "%4096s", " ");
   fclose(f);
   CHECK(gqmm__tune_cache_load(path, &c, msg, sizeof msg) == GQMM_ERR_FORMAT);
   CHECK(strstr(msg, "larger") != NULL);

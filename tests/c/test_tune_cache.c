@@ -93,6 +93,29 @@ GQMM_TEST(cache_lookup_borrows_a_neighbouring_bucket) {
   gqmm__tune_cache_free(&c);
 }
 
+GQMM_TEST(cache_stale_entries_are_reported_and_dropped) {
+  char path[512], msg[400];
+  tmp_path(path, sizeof path, "stale");
+  FILE *f = fopen(path, "w");
+  CHECK(f);
+  fprintf(f, "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [{\"device\": \"d\", "
+             "\"lib\": \"0.0.1-old\", \"backend\": \"cuda\", \"op\": \"qmm\", \"dtype\": \"bf16\", "
+             "\"config\": \"c\", \"bits\": 4, \"group_size\": 64, \"transpose\": 1, \"K\": 64, "
+             "\"N\": 64, \"rows_per_expert\": 16}]}");
+  fclose(f);
+  gqmm__tune_cache c;
+  CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg));
+  CHECK(c.n == 1 && strstr(msg, "stale") != NULL);
+  CHECK(gqmm__tune_cache_find(&c, &c.entries[0].key) == NULL);
+  gqmm__tune_cache_free(&c);
+  gqmm__tune_entry now = entry(3); /* the next store drops it */
+  CHECK_OK(gqmm__tune_cache_store(path, &now, 1, msg, sizeof msg));
+  CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg));
+  CHECK(c.n == 1 && !strcmp(c.entries[0].lib, gqmm_version()) && msg[0] == '\0');
+  gqmm__tune_cache_free(&c);
+  remove_cache(path);
+}
+
 GQMM_TEST(cache_stale_version_is_not_used) {
   gqmm__tune_cache c = {0};
   gqmm__tune_entry e = entry(1);

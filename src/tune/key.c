@@ -53,7 +53,7 @@ static void cpu_model(char *buf, size_t len) {
 }
 
 void gqmm__tune_device_key(gqmm_ctx *ctx, const gqmm__backend *be, char *buf, size_t len) {
-  char tmp[256] = "";
+  char tmp[400] = ""; /* longer than any name + model + features + isa */
   if (be->device_key) {
     be->device_key(ctx, tmp, sizeof tmp);
   } else if (be->kind != GQMM_BACKEND_CPU && be->kind != GQMM_BACKEND_REF) {

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 
 ROWS = [1, 4, 8, 16, 32, 64]
 FOCUS_ROWS = 16  # the seed's M
@@ -315,7 +316,8 @@ def section(key, cells, img_dir, md_dir):
     safe = "".join(ch if ch.isalnum() else "-" for ch in f"{backend}-{key[2]}-K{fmt_int(key[4])}"
                    f"-N{fmt_int(key[5])}-{fmt_int(key[6])}bit-{key[8]}")
     png = os.path.join(img_dir, f"tune-{safe}.png")
-    heat_map(cells, configs, rows, f"{device}\n{shape_name(key)}", png)
+    short = textwrap.shorten(device.split(" (")[0], width=70, placeholder="...")
+    heat_map(cells, configs, rows, f"{short}\n{shape_name(key)}", png)
     lines += [f"![heat map]({os.path.relpath(png, md_dir)})", "",
               "Weight GB/s (fraction of the same-run roofline); **bold** = fastest at that M.", ""]
     lines.append("| config | tm | tn | tk | thr | stg | sk | " +

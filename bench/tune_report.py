@@ -369,6 +369,15 @@ def main():
              "third of the experts get no row. Weight GB/s counts packed weights + scales + "
              "biases of the experts used; the fraction is of the roofline "
              "min(max(copy, read), compute x bytes / MACs) measured in the same run.", "",
+             "Using the result: `gqmm tune` stores the fastest configuration per rows-per-expert "
+             "bucket (the power of two at or above rows / experts) in a JSON cache, "
+             "`$GQMM_TUNE_CACHE` or else `~/.cache/gqmm/tune.json` (`$XDG_CACHE_HOME` honoured), "
+             "keyed by device, backend, op, dtype, bits, group size, K, N, bucket and library "
+             "version. Every later call looks its key up once per context (a neighbouring bucket's "
+             "choice stands in for an untuned one); a missing, corrupt or stale entry falls back "
+             "to the backend's heuristic, and a stored name is used only if that configuration "
+             "is still compiled in and valid for the call. `GQMM_TUNE=auto` tunes a missing key "
+             "on first use (quick search) and stores it.", "",
              f"Input files: {names}; {len(recs)} measurements."]
     if bad:
         lines.append(f"{bad} malformed records were skipped.")

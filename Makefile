@@ -2,7 +2,7 @@
 #   make run    build, then run the main job (the seed workload benchmark on the best backend)
 #   make test   build, set up the Python test venv, run every C and Python test
 # Other targets: build, asan (sanitizer build + C tests), cuda-check (nvcc compile),
-# plots, clean.
+# plots, tune-report, clean.
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
@@ -11,7 +11,7 @@ JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
 PY_PINS    := numpy==2.4.6 pytest==9.2.0 mlx==0.32.4 mlx-cpu==0.32.4 ml_dtypes==0.6.0 matplotlib==3.11.2
 
-.PHONY: all build run test test-c test-python asan cuda-check venv plots clean
+.PHONY: all build run test test-c test-python asan cuda-check venv plots clean tune-report
 
 all: build
 
@@ -53,6 +53,11 @@ plots: build venv
 	mkdir -p out
 	./$(BUILD)/gqmm bench --levers --breakdown --json out/moe_levers.json
 	$(VENV)/bin/python bench/plot_moe.py out/moe_levers.json out/moe_levers.png
+
+# docs/tile-tuning.md + docs/img/tune-*.png from `gqmm tune --json` outputs.
+TUNE_JSON ?= $(wildcard bench/data/tune-*.json)
+tune-report: venv
+	$(VENV)/bin/python bench/tune_report.py --out docs/tile-tuning.md --img docs/img $(TUNE_JSON)
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)

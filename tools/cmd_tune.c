@@ -40,18 +40,24 @@ static int parse_rows(const char *s, int *rows, int *n) {
     long v = strtol(s, &end, 10);
     if (end == s || v < 1 || v > 65536 || (v & (v - 1)) || *n >= MAX_ROWS) return -1;
     rows[(*n)++] = (int)v;
-    if (*end == ',') end++;
-    else if (*end) return -1;
+    if (*end == ',')
+      end++;
+    else if (*end)
+      return -1;
     s = end;
   }
   return *n ? 0 : -1;
 }
 
 static int parse_dtype(const char *s, gqmm_dtype *t) {
-  if (!strcmp(s, "f32")) *t = GQMM_F32;
-  else if (!strcmp(s, "f16")) *t = GQMM_F16;
-  else if (!strcmp(s, "bf16")) *t = GQMM_BF16;
-  else return -1;
+  if (!strcmp(s, "f32"))
+    *t = GQMM_F32;
+  else if (!strcmp(s, "f16"))
+    *t = GQMM_F16;
+  else if (!strcmp(s, "bf16"))
+    *t = GQMM_BF16;
+  else
+    return -1;
   return 0;
 }
 
@@ -62,9 +68,17 @@ static const gqmm__backend *find_backend(gqmm_ctx *ctx, gqmm_backend_kind kind,
   for (const gqmm__backend *const *b = gqmm__backends(); *b; b++) {
     const gqmm__backend *be = *b;
     if (!be->configs || (kind != GQMM_BACKEND_AUTO && be->kind != kind)) continue;
-    gqmm__qmm_args a = {.dtype = o->dtype, .q = o->q, .transpose = 1, .M = 1, .N = o->N,
-                        .K = o->K, .batch = 1, .x_batches = 1, .w_batches = 1,
-                        .device = be->kind == GQMM_BACKEND_CUDA ? GQMM_DEVICE_CUDA : GQMM_DEVICE_CPU};
+    gqmm__qmm_args a = {.dtype = o->dtype,
+                        .q = o->q,
+                        .transpose = 1,
+                        .M = 1,
+                        .N = o->N,
+                        .K = o->K,
+                        .batch = 1,
+                        .x_batches = 1,
+                        .w_batches = 1,
+                        .device =
+                            be->kind == GQMM_BACKEND_CUDA ? GQMM_DEVICE_CUDA : GQMM_DEVICE_CPU};
     if (be->supports_qmm(ctx, &a)) return be;
   }
   return NULL;
@@ -120,45 +134,61 @@ int gqmm_cmd_tune(int argc, char **argv) {
     if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
       usage(stdout);
       return 0;
-    } else if (!strcmp(a, "--quick")) o.quick = true;
-    else if (!strcmp(a, "--no-save")) save = false;
-    else if (!v) ok = false;
-    else if (dim >= 0) ok = (*dims[dim] = atoll(v)) > 0, i++;
-    else if (!strcmp(a, "--backend")) ok = !gqmm_cli_backend(v, &kind), backend_arg = v, i++;
+    } else if (!strcmp(a, "--quick"))
+      o.quick = true;
+    else if (!strcmp(a, "--no-save"))
+      save = false;
+    else if (!v)
+      ok = false;
+    else if (dim >= 0)
+      ok = (*dims[dim] = atoll(v)) > 0, i++;
+    else if (!strcmp(a, "--backend"))
+      ok = !gqmm_cli_backend(v, &kind), backend_arg = v, i++;
     else if (!strcmp(a, "--op")) {
       ok = !strcmp(v, "qmm") || !strcmp(v, "gather_qmm");
       o.gather = strcmp(v, "qmm") != 0, i++;
-    }
-    else if (!strcmp(a, "--bits")) o.q.bits = atoi(v), i++;
-    else if (!strcmp(a, "--group")) o.q.group_size = atoi(v), i++;
-    else if (!strcmp(a, "--dtype")) ok = !parse_dtype(v, &o.dtype), i++;
-    else if (!strcmp(a, "--rows-per-expert")) ok = !parse_rows(v, rows, &n_rows), i++;
-    else if (!strcmp(a, "--runs")) ok = (runs = atoi(v)) >= 1 && runs <= 10000, i++;
-    else if (!strcmp(a, "--warmup")) ok = (warmup = atoi(v)) >= 0 && warmup <= 1000, i++;
-    else if (!strcmp(a, "--json")) json = v, i++;
-    else if (!strcmp(a, "--cache")) cache = v, i++;
-    else ok = false;
+    } else if (!strcmp(a, "--bits"))
+      o.q.bits = atoi(v), i++;
+    else if (!strcmp(a, "--group"))
+      o.q.group_size = atoi(v), i++;
+    else if (!strcmp(a, "--dtype"))
+      ok = !parse_dtype(v, &o.dtype), i++;
+    else if (!strcmp(a, "--rows-per-expert"))
+      ok = !parse_rows(v, rows, &n_rows), i++;
+    else if (!strcmp(a, "--runs"))
+      ok = (runs = atoi(v)) >= 1 && runs <= 10000, i++;
+    else if (!strcmp(a, "--warmup"))
+      ok = (warmup = atoi(v)) >= 0 && warmup <= 1000, i++;
+    else if (!strcmp(a, "--json"))
+      json = v, i++;
+    else if (!strcmp(a, "--cache"))
+      cache = v, i++;
+    else
+      ok = false;
     if (!ok) {
       fprintf(stderr, "gqmm tune: bad option or value: %s%s%s\n", a, v ? " " : "", v ? v : "");
       usage(stderr);
       return 2;
     }
   }
-  if (n_rows) o.rows = rows, o.n_rows = n_rows;
+  if (n_rows)
+    o.rows = rows, o.n_rows = n_rows;
   else if (o.quick) {
     static const int quick_rows[] = {16};
     o.rows = quick_rows, o.n_rows = 1;
   }
-  o.runs = runs > 0 ? runs : o.quick ? 5 : 20;
-  o.warmup = warmup >= 0 ? warmup : o.quick ? 1 : 2;
+  /* quick: the checked first call already warms up */
+  o.runs = runs > 0 ? runs : o.quick ? 3 : 20;
+  o.warmup = warmup >= 0 ? warmup : o.quick ? 0 : 2;
   gqmm_ctx *ctx = gqmm_cli_ctx(kind);
   if (!ctx) return 1;
   int rc = 1;
   gqmm__tune_result res = {0};
   const gqmm__backend *be = find_backend(ctx, kind, &o);
   if (!be) {
-    fprintf(stderr, "gqmm tune: no %s backend with tile configurations can run this op here "
-                    "(the reference backend has none)\n",
+    fprintf(stderr,
+            "gqmm tune: no %s backend with tile configurations can run this op here "
+            "(the reference backend has none)\n",
             kind == GQMM_BACKEND_AUTO ? "compiled-in" : backend_arg);
     goto done;
   }
@@ -188,7 +218,8 @@ int gqmm_cmd_tune(int argc, char **argv) {
     gqmm__tune_entry entries[MAX_ROWS];
     int n = gqmm__tune_entries(&res, entries, MAX_ROWS);
     char path[1024], msg[400] = "";
-    if (cache) snprintf(path, sizeof path, "%s", cache);
+    if (cache)
+      snprintf(path, sizeof path, "%s", cache);
     else if (!gqmm__tune_default_path(path, sizeof path)) {
       fprintf(stderr, "gqmm tune: no cache path (set GQMM_TUNE_CACHE or HOME, or --cache)\n");
       goto done;

@@ -214,7 +214,8 @@ typedef struct gqmm__backend {
   /* Optional: a short stable name of the device and what its kernels were
    * built for ("NVIDIA H100 80GB HBM3 sm_90 driver 12080", "AMD EPYC 7B13
    * avx2"), the tuning cache's device key. Must be cheap (no measuring).
-   * NULL: src/tune uses the backend name and the CPU features. */
+   * NULL: a CPU backend is keyed by its name, the CPU model and features;
+   * a device backend by its name alone (all its GPUs share entries). */
   void (*device_key)(gqmm_ctx *ctx, char *buf, size_t len);
 } gqmm__backend;
 

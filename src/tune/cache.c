@@ -22,23 +22,33 @@
 
 #define NOTE(...) ((msg && msglen) ? (void)snprintf(msg, msglen, __VA_ARGS__) : (void)0)
 
-static bool is_pow2(long long v) { return v > 0 && (v & (v - 1)) == 0; }
+static bool is_pow2(long long v) {
+  return v > 0 && (v & (v - 1)) == 0;
+}
 
 bool gqmm__tune_entry_valid(const gqmm__tune_entry *e, char *why, size_t whylen) {
   const char *bad = NULL;
   const gqmm__tune_key *k = &e->key;
-  if (!k->device[0]) bad = "device is empty";
-  else if (!k->backend[0]) bad = "backend is empty";
-  else if (strcmp(k->op, "gather_qmm") && strcmp(k->op, "qmm")) bad = "op is not gather_qmm or qmm";
+  if (!k->device[0])
+    bad = "device is empty";
+  else if (!k->backend[0])
+    bad = "backend is empty";
+  else if (strcmp(k->op, "gather_qmm") && strcmp(k->op, "qmm"))
+    bad = "op is not gather_qmm or qmm";
   else if (strcmp(k->dtype, "f32") && strcmp(k->dtype, "f16") && strcmp(k->dtype, "bf16"))
     bad = "dtype is not f32, f16 or bf16";
   else if (gqmm_quant_check((gqmm_quant){k->bits, k->group_size}) != GQMM_OK)
     bad = "bits/group_size not supported";
-  else if (k->transpose != 0 && k->transpose != 1) bad = "transpose is not 0 or 1";
-  else if (k->K < 1 || k->K > (1 << 24) || k->N < 1 || k->N > (1 << 24)) bad = "K or N out of range";
-  else if (!is_pow2(k->rows) || k->rows > 65536) bad = "rows_per_expert is not a power of two <= 65536";
-  else if (!e->lib[0]) bad = "lib is empty";
-  else if (!e->config[0]) bad = "config is empty";
+  else if (k->transpose != 0 && k->transpose != 1)
+    bad = "transpose is not 0 or 1";
+  else if (k->K < 1 || k->K > (1 << 24) || k->N < 1 || k->N > (1 << 24))
+    bad = "K or N out of range";
+  else if (!is_pow2(k->rows) || k->rows > 65536)
+    bad = "rows_per_expert is not a power of two <= 65536";
+  else if (!e->lib[0])
+    bad = "lib is empty";
+  else if (!e->config[0])
+    bad = "config is empty";
   if (bad && why && whylen) snprintf(why, whylen, "%s", bad);
   return bad == NULL;
 }
@@ -53,35 +63,60 @@ static bool get_text(const gqmm__json *o, const char *key, char *dst, size_t len
   return true;
 }
 
-static bool get_i(const gqmm__json *o, const char *key, long long hi, long long *v) {
-  return gqmm__json_get_int(o, key, 0, hi, v);
+/* The fields of an entry as data, shared by the reader and the writer: the
+ * file's schema is this one list. Integers go through long long copies. */
+typedef struct {
+  const char *name;
+  char *text; /* text field, or NULL */
+  size_t len;
+  long long *num; /* integer field */
+  long long hi;   /* its largest valid value (all are >= 0) */
+} field;
+
+typedef struct {
+  long long bits, group_size, transpose, K, N, rows;
+} entry_ints;
+
+enum { N_FIELDS = 12 };
+
+static void entry_fields(gqmm__tune_entry *e, entry_ints *v, field f[N_FIELDS]) {
+  gqmm__tune_key *k = &e->key;
+  const field all[N_FIELDS] = {
+      {"device", k->device, sizeof k->device, NULL, 0},
+      {"lib", e->lib, sizeof e->lib, NULL, 0},
+      {"backend", k->backend, sizeof k->backend, NULL, 0},
+      {"op", k->op, sizeof k->op, NULL, 0},
+      {"dtype", k->dtype, sizeof k->dtype, NULL, 0},
+      {"config", e->config, sizeof e->config, NULL, 0},
+      {"bits", NULL, 0, &v->bits, 64},
+      {"group_size", NULL, 0, &v->group_size, 1024},
+      {"transpose", NULL, 0, &v->transpose, 1},
+      {"K", NULL, 0, &v->K, 1 << 24},
+      {"N", NULL, 0, &v->N, 1 << 24},
+      {"rows_per_expert", NULL, 0, &v->rows, 65536},
+  };
+  memcpy(f, all, sizeof all);
 }
 
 /* One entry of the file; false (with the field named in why) if invalid. */
 static bool read_entry(const gqmm__json *o, gqmm__tune_entry *e, char *why, size_t whylen) {
   memset(e, 0, sizeof *e);
-  gqmm__tune_key *k = &e->key;
-  long long bits, gs, tr, K, N, rows;
-  const char *field = NULL;
-  if (!o || o->kind != GQMM__JSON_OBJECT) field = "(not an object)";
-  else if (!get_text(o, "device", k->device, sizeof k->device)) field = "device";
-  else if (!get_text(o, "backend", k->backend, sizeof k->backend)) field = "backend";
-  else if (!get_text(o, "op", k->op, sizeof k->op)) field = "op";
-  else if (!get_text(o, "dtype", k->dtype, sizeof k->dtype)) field = "dtype";
-  else if (!get_text(o, "lib", e->lib, sizeof e->lib)) field = "lib";
-  else if (!get_text(o, "config", e->config, sizeof e->config)) field = "config";
-  else if (!get_i(o, "bits", 64, &bits)) field = "bits";
-  else if (!get_i(o, "group_size", 1024, &gs)) field = "group_size";
-  else if (!get_i(o, "transpose", 1, &tr)) field = "transpose";
-  else if (!get_i(o, "K", 1 << 24, &K)) field = "K";
-  else if (!get_i(o, "N", 1 << 24, &N)) field = "N";
-  else if (!get_i(o, "rows_per_expert", 65536, &rows)) field = "rows_per_expert";
-  if (field) {
-    snprintf(why, whylen, "'%s' missing, of the wrong type or too long", field);
+  entry_ints v;
+  field f[N_FIELDS];
+  entry_fields(e, &v, f);
+  const char *bad = !o || o->kind != GQMM__JSON_OBJECT ? "(not an object)" : NULL;
+  for (int i = 0; i < N_FIELDS && !bad; i++) {
+    bool ok = f[i].text ? get_text(o, f[i].name, f[i].text, f[i].len)
+                        : gqmm__json_get_int(o, f[i].name, 0, f[i].hi, f[i].num);
+    if (!ok) bad = f[i].name;
+  }
+  if (bad) {
+    snprintf(why, whylen, "'%s' missing, of the wrong type or too long", bad);
     return false;
   }
-  k->bits = (int)bits, k->group_size = (int)gs, k->transpose = (int)tr;
-  k->K = K, k->N = N, k->rows = (int)rows;
+  gqmm__tune_key *k = &e->key;
+  k->bits = (int)v.bits, k->group_size = (int)v.group_size, k->transpose = (int)v.transpose;
+  k->K = v.K, k->N = v.N, k->rows = (int)v.rows;
   /* informative figures: absent or odd values are simply not shown */
   if (!gqmm__json_get_num(o, "time_us", &e->time_us) || e->time_us < 0) e->time_us = NAN;
   if (!gqmm__json_get_num(o, "weight_GBps", &e->weight_GBps)) e->weight_GBps = NAN;
@@ -166,7 +201,15 @@ int gqmm__tune_cache_load(const char *path, gqmm__tune_cache *c, char *msg, size
     gqmm__tune_cache_free(c);
     return st;
   }
-  if (skipped) NOTE("%s: %d of %d entries ignored (first: %s)", path, skipped, total, first_why);
+  int stale = 0;
+  for (int i = 0; i < c->n; i++)
+    stale += strcmp(c->entries[i].lib, gqmm_version()) != 0;
+  if (skipped)
+    NOTE("%s: %d of %d entries ignored (first: %s)", path, skipped, total, first_why);
+  else if (stale)
+    NOTE("%s: %d entries measured by another gqmm version are stale and not used (the next "
+         "`gqmm tune` drops them)",
+         path, stale);
   return GQMM_OK;
 }
 
@@ -175,6 +218,24 @@ const gqmm__tune_entry *gqmm__tune_cache_find(const gqmm__tune_cache *c, const g
     if (!strcmp(c->entries[i].lib, gqmm_version()) && gqmm__tune_key_equal(&c->entries[i].key, k))
       return &c->entries[i];
   return NULL;
+}
+
+const gqmm__tune_entry *gqmm__tune_cache_find_near(const gqmm__tune_cache *c,
+                                                   const gqmm__tune_key *k) {
+  const gqmm__tune_entry *exact = gqmm__tune_cache_find(c, k), *near = NULL;
+  if (exact) return exact;
+  for (int i = 0; i < c->n; i++) {
+    const gqmm__tune_entry *e = &c->entries[i];
+    gqmm__tune_key same_rows = e->key;
+    same_rows.rows = k->rows;
+    /* one bucket away (half or double the rows); the larger wins a tie,
+     * since a tile sized for more rows still covers fewer */
+    if ((e->key.rows == 2 * k->rows || 2 * e->key.rows == k->rows) &&
+        gqmm__tune_key_equal(&same_rows, k) && !strcmp(e->lib, gqmm_version()) &&
+        (!near || e->key.rows > near->key.rows))
+      near = e;
+  }
+  return near;
 }
 
 int gqmm__tune_cache_put(gqmm__tune_cache *c, const gqmm__tune_entry *e) {
@@ -201,34 +262,29 @@ void gqmm__tune_cache_free(gqmm__tune_cache *c) {
   memset(c, 0, sizeof *c);
 }
 
-static void write_entry(FILE *f, const gqmm__tune_entry *e) {
-  const gqmm__tune_key *k = &e->key;
-  const struct {
-    const char *name, *value;
-  } texts[] = {{"device", k->device}, {"lib", e->lib},     {"backend", k->backend},
-               {"op", k->op},         {"dtype", k->dtype}, {"config", e->config}};
+static void write_entry(FILE *out, const gqmm__tune_entry *entry) {
+  gqmm__tune_entry e = *entry;
+  const gqmm__tune_key *k = &e.key;
+  entry_ints v = {k->bits, k->group_size, k->transpose, k->K, k->N, k->rows};
+  field f[N_FIELDS];
+  entry_fields(&e, &v, f);
+  fputs("    {", out);
+  for (int i = 0; i < N_FIELDS; i++) {
+    fprintf(out, "%s\"%s\": ", i ? ", " : "", f[i].name);
+    if (f[i].text)
+      gqmm__json_write_str(out, f[i].text);
+    else
+      gqmm__json_write_num(out, (double)*f[i].num);
+  }
   const struct {
     const char *name;
     double value;
-  } nums[] = {{"bits", k->bits},
-              {"group_size", k->group_size},
-              {"transpose", k->transpose},
-              {"K", (double)k->K},
-              {"N", (double)k->N},
-              {"rows_per_expert", k->rows},
-              {"time_us", e->time_us},
-              {"weight_GBps", e->weight_GBps},
-              {"fraction", e->fraction}};
-  fputs("    {", f);
-  for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
-    fprintf(f, "%s\"%s\": ", i ? ", " : "", texts[i].name);
-    gqmm__json_write_str(f, texts[i].value);
+  } figures[] = {{"time_us", e.time_us}, {"weight_GBps", e.weight_GBps}, {"fraction", e.fraction}};
+  for (size_t i = 0; i < sizeof figures / sizeof figures[0]; i++) {
+    fprintf(out, ", \"%s\": ", figures[i].name);
+    gqmm__json_write_num(out, figures[i].value);
   }
-  for (size_t i = 0; i < sizeof nums / sizeof nums[0]; i++) {
-    fprintf(f, ", \"%s\": ", nums[i].name);
-    gqmm__json_write_num(f, nums[i].value);
-  }
-  fputc('}', f);
+  fputc('}', out);
 }
 
 /* mkdir -p of the directory part of path. */
@@ -308,10 +364,18 @@ int gqmm__tune_cache_store(const char *path, const gqmm__tune_entry *add, int n,
     close(fd);
     return lst;
   }
+  /* entries of other library versions are stale: this version never uses them */
+  int kept = 0;
+  for (int i = 0; i < c.n; i++)
+    if (!strcmp(c.entries[i].lib, gqmm_version())) c.entries[kept++] = c.entries[i];
+  c.n = kept;
   st = GQMM_OK;
-  for (int i = 0; i < n && !st; i++) st = gqmm__tune_cache_put(&c, &add[i]);
-  if (st) NOTE("cannot add entries: %s", gqmm_strerror(st));
-  else st = write_file(path, &c, msg, msglen);
+  for (int i = 0; i < n && !st; i++)
+    st = gqmm__tune_cache_put(&c, &add[i]);
+  if (st)
+    NOTE("cannot add entries: %s", gqmm_strerror(st));
+  else
+    st = write_file(path, &c, msg, msglen);
   if (!st && note[0]) NOTE("replaced or cleaned: %s", note);
   gqmm__tune_cache_free(&c);
   close(fd); /* releases the lock */

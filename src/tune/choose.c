@@ -14,6 +14,7 @@
 #include <string.h>
 
 #define DEVICE_MEMO 4 /* backends whose device key a context remembers */
+#define TRIED_MEMO 32 /* keys a context has tried to auto-tune (never twice) */
 
 typedef struct {
   bool loaded;
@@ -23,6 +24,8 @@ typedef struct {
     char key[128];
   } device[DEVICE_MEMO];
   gqmm__tile_config cfgs[GQMM__TUNE_MAX_CONFIGS];
+  gqmm__tune_key tried[TRIED_MEMO];
+  int n_tried;
 } tune_state;
 
 static tune_state *state(gqmm_ctx *ctx) {
@@ -56,6 +59,53 @@ static const char *device_key(gqmm_ctx *ctx, tune_state *s, const gqmm__backend 
   return s->device[i].key;
 }
 
+static bool autotune_enabled(void) {
+  const char *v = getenv("GQMM_TUNE");
+  return v && !strcmp(v, "auto");
+}
+
+/*
+ * GQMM_TUNE=auto: on a cache miss, run a quick tune of this very key (one
+ * rows bucket, a few samples per config, slow configs dropped early), store
+ * it in the cache file and use it. Opt-in, since it allocates the whole
+ * problem once more and takes seconds; each key is tried once per context.
+ */
+static const gqmm__tune_entry *autotune(gqmm_ctx *ctx, tune_state *s, const gqmm__backend *be,
+                                        const gqmm__qmm_args *a, const gqmm__tune_key *k) {
+  for (int i = 0; i < s->n_tried && i < TRIED_MEMO; i++)
+    if (gqmm__tune_key_equal(&s->tried[i], k)) return NULL;
+  s->tried[s->n_tried++ % TRIED_MEMO] = *k;
+  if (!a->transpose) return NULL; /* the tuner measures the Linear (transposed) layout */
+  gqmm__tune_opts o;
+  gqmm__tune_opts_default(&o);
+  o.gather = !strcmp(k->op, "gather_qmm");
+  o.E = a->w_batches, o.K = a->K, o.N = a->N, o.q = a->q, o.dtype = a->dtype;
+  o.top_k = a->w_batches < 8 ? a->w_batches : 8;
+  o.rows = &k->rows, o.n_rows = 1;
+  o.quick = true, o.runs = 3, o.warmup = 0;
+  o.min_sample_s = be->sync ? 1e-3 : 0;
+  fprintf(stderr,
+          "gqmm: GQMM_TUNE=auto: tuning %s %s K=%lld N=%lld %d-bit g%d %s, %d rows/expert\n",
+          be->name, k->op, k->K, k->N, k->bits, k->group_size, k->dtype, k->rows);
+  gqmm__tune_result res;
+  gqmm__tune_entry e;
+  int st = gqmm__tune_run(ctx, be, &o, &res);
+  int n = st ? 0 : gqmm__tune_entries(&res, &e, 1);
+  if (!st) gqmm__tune_result_free(&res);
+  if (n != 1 || !gqmm__tune_key_equal(&e.key, k) || gqmm__tune_cache_put(&s->cache, &e)) {
+    fprintf(stderr, "gqmm: GQMM_TUNE=auto: no result (%s)\n",
+            st ? gqmm_last_error(ctx) : "no valid config");
+    gqmm__clear_error(ctx);
+    return NULL;
+  }
+  gqmm__clear_error(ctx);
+  char path[1024], msg[400] = "";
+  if (gqmm__tune_default_path(path, sizeof path) &&
+      gqmm__tune_cache_store(path, &e, 1, msg, sizeof msg))
+    fprintf(stderr, "gqmm: GQMM_TUNE=auto: not saved: %s\n", msg);
+  return gqmm__tune_cache_find(&s->cache, k);
+}
+
 int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_args *a) {
   if (ctx->forced_config >= 0) return ctx->forced_config;
   if (!be->configs) return -1;
@@ -67,10 +117,12 @@ int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_
       fprintf(stderr, "gqmm: tuning cache: %s; %s\n", msg,
               s->cache.n ? "using the valid entries" : "ignored, using built-in defaults");
   }
-  if (s->cache.n == 0) return -1;
   gqmm__tune_key k;
+  if (s->cache.n == 0 && !autotune_enabled()) return -1;
   gqmm__tune_key_of(be, device_key(ctx, s, be), a, &k);
   const gqmm__tune_entry *e = gqmm__tune_cache_find(&s->cache, &k);
+  if (!e && autotune_enabled()) e = autotune(ctx, s, be, a, &k);
+  if (!e) e = gqmm__tune_cache_find_near(&s->cache, &k);
   if (!e) return -1;
   int n = be->configs(ctx, a, s->cfgs, GQMM__TUNE_MAX_CONFIGS);
   if (n > GQMM__TUNE_MAX_CONFIGS) n = GQMM__TUNE_MAX_CONFIGS;

@@ -8,8 +8,9 @@
  * units in the last wave of the grid, too few weight bytes in flight per
  * tile to cover memory latency, and only then arithmetic on padded rows
  * (cheap: the tensor cores are far from busy). The score multiplies one
- * efficiency factor per effect; the highest score wins, ties go to the
- * earlier (smaller) configuration in the backend's table.
+ * efficiency factor per effect; the highest score wins; of equal scores,
+ * the one with more threads per tile (on the H100 8 warps beat 4 by ~30% at
+ * equal tiles, bench/data/tune-h100-*.json), then the earlier in the table.
  */
 #include "tune.h"
 
@@ -25,14 +26,14 @@ static double config_score(const gqmm__tile_config *c, const gqmm__qmm_args *a, 
   const double split = c->split_k > 1 ? c->split_k : 1;
   const double stages = c->stages > 0 ? c->stages : 1;
   const double row_tiles = ceil(rows / tm);
-  double score = 1.0 / row_tiles;                    /* weight re-reads */
-  score *= pow(rows / (row_tiles * tm), 0.25);       /* padded MMA rows */
+  double score = 1.0 / row_tiles;              /* weight re-reads */
+  score *= pow(rows / (row_tiles * tm), 0.25); /* padded MMA rows */
   const double n_tiles = ceil((double)a->N / tn);
-  score *= sqrt((double)a->N / (n_tiles * tn));     /* lanes past N */
+  score *= sqrt((double)a->N / (n_tiles * tn)); /* lanes past N */
   const double units = n_tiles * experts * split;
   if (parallel_units > 0) {
     double waves = ceil(units / parallel_units);
-    score *= units / (waves * parallel_units);       /* last-wave tail */
+    score *= units / (waves * parallel_units); /* last-wave tail */
   } else if (units < 16) {
     score *= units / 16;
   }
@@ -51,7 +52,10 @@ int gqmm__tune_heuristic(const gqmm__tile_config *cfgs, int n, const gqmm__qmm_a
   double best_score = -1;
   for (int i = 0; i < n; i++) {
     double s = config_score(&cfgs[i], a, rows, experts, parallel_units);
-    if (s > best_score * (1 + 1e-9)) best = i, best_score = s;
+    /* equal scores: more threads per tile keep more loads in flight */
+    bool tie = s > best_score * (1 - 1e-9) && s < best_score * (1 + 1e-9);
+    if (s > best_score * (1 + 1e-9) || (tie && cfgs[i].threads > cfgs[best].threads))
+      best = i, best_score = s;
   }
   return cfgs[best].id;
 }

@@ -33,9 +33,8 @@ static gqmm__json *fail(parser *p, const char *fmt, ...) {
 }
 
 static void skip_ws(parser *p) {
-  while (p->pos < p->len &&
-         (p->s[p->pos] == ' ' || p->s[p->pos] == '\t' || p->s[p->pos] == '\n' ||
-          p->s[p->pos] == '\r'))
+  while (p->pos < p->len && (p->s[p->pos] == ' ' || p->s[p->pos] == '\t' || p->s[p->pos] == '\n' ||
+                             p->s[p->pos] == '\r'))
     p->pos++;
 }
 
@@ -54,10 +53,14 @@ static int hex4(parser *p, unsigned *out) {
   for (int i = 0; i < 4; i++) {
     char c = p->s[p->pos++];
     v <<= 4;
-    if (c >= '0' && c <= '9') v |= (unsigned)(c - '0');
-    else if (c >= 'a' && c <= 'f') v |= (unsigned)(c - 'a' + 10);
-    else if (c >= 'A' && c <= 'F') v |= (unsigned)(c - 'A' + 10);
-    else return -1;
+    if (c >= '0' && c <= '9')
+      v |= (unsigned)(c - '0');
+    else if (c >= 'a' && c <= 'f')
+      v |= (unsigned)(c - 'a' + 10);
+    else if (c >= 'A' && c <= 'F')
+      v |= (unsigned)(c - 'A' + 10);
+    else
+      return -1;
   }
   *out = v;
   return 0;
@@ -88,16 +91,11 @@ static char *parse_string(parser *p) {
     }
     if (p->pos >= p->len) goto bad_end;
     char e = p->s[p->pos++];
-    switch (e) {
-    case '"': cp = '"'; break;
-    case '\\': cp = '\\'; break;
-    case '/': cp = '/'; break;
-    case 'b': cp = '\b'; break;
-    case 'f': cp = '\f'; break;
-    case 'n': cp = '\n'; break;
-    case 'r': cp = '\r'; break;
-    case 't': cp = '\t'; break;
-    case 'u': {
+    static const char from[] = "\"\\/bfnrt", to[] = "\"\\/\b\f\n\r\t";
+    const char *hit = e ? strchr(from, e) : NULL;
+    if (hit) {
+      cp = (unsigned char)to[hit - from];
+    } else if (e == 'u') {
       if (hex4(p, &cp)) {
         fail(p, "bad \\u escape");
         goto error;
@@ -118,23 +116,24 @@ static char *parse_string(parser *p) {
         fail(p, cp ? "unpaired surrogate" : "\\u0000 in string");
         goto error;
       }
-      break;
-    }
-    default:
+    } else {
       fail(p, "bad escape '\\%c'", e);
       goto error;
     }
     /* UTF-8 encode cp */
     unsigned char u[4];
     int m;
-    if (cp < 0x80) u[0] = (unsigned char)cp, m = 1;
-    else if (cp < 0x800) u[0] = (unsigned char)(0xC0 | (cp >> 6)), u[1] = (unsigned char)(0x80 | (cp & 63)), m = 2;
+    if (cp < 0x80)
+      u[0] = (unsigned char)cp, m = 1;
+    else if (cp < 0x800)
+      u[0] = (unsigned char)(0xC0 | (cp >> 6)), u[1] = (unsigned char)(0x80 | (cp & 63)), m = 2;
     else if (cp < 0x10000)
       u[0] = (unsigned char)(0xE0 | (cp >> 12)), u[1] = (unsigned char)(0x80 | ((cp >> 6) & 63)),
       u[2] = (unsigned char)(0x80 | (cp & 63)), m = 3;
     else
       u[0] = (unsigned char)(0xF0 | (cp >> 18)), u[1] = (unsigned char)(0x80 | ((cp >> 12) & 63)),
-      u[2] = (unsigned char)(0x80 | ((cp >> 6) & 63)), u[3] = (unsigned char)(0x80 | (cp & 63)), m = 4;
+      u[2] = (unsigned char)(0x80 | ((cp >> 6) & 63)), u[3] = (unsigned char)(0x80 | (cp & 63)),
+      m = 4;
     if (n + (size_t)m > GQMM__JSON_MAX_STRING) goto too_long;
     memcpy(buf + n, u, (size_t)m);
     n += (size_t)m;
@@ -159,19 +158,23 @@ static gqmm__json *parse_number(parser *p) {
 #define DIGIT(k) ((k) < p->len && s[k] >= '0' && s[k] <= '9')
   if (i < p->len && s[i] == '-') i++;
   if (!DIGIT(i)) return fail(p, "bad number");
-  if (s[i] == '0') i++;
+  if (s[i] == '0')
+    i++;
   else
-    while (DIGIT(i)) i++;
+    while (DIGIT(i))
+      i++;
   if (i < p->len && s[i] == '.') {
     i++;
     if (!DIGIT(i)) return fail(p, "bad number");
-    while (DIGIT(i)) i++;
+    while (DIGIT(i))
+      i++;
   }
   if (i < p->len && (s[i] == 'e' || s[i] == 'E')) {
     i++;
     if (i < p->len && (s[i] == '+' || s[i] == '-')) i++;
     if (!DIGIT(i)) return fail(p, "bad number");
-    while (DIGIT(i)) i++;
+    while (DIGIT(i))
+      i++;
   }
 #undef DIGIT
   char tmp[64];
@@ -256,17 +259,23 @@ static gqmm__json *parse_value(parser *p, int depth) {
     char *str = parse_string(p);
     if (!str) return NULL;
     gqmm__json *j = new_node(p, GQMM__JSON_STRING);
-    if (!j) free(str);
-    else j->string = str;
+    if (!j)
+      free(str);
+    else
+      j->string = str;
     return j;
   }
   if (c == '-' || (c >= '0' && c <= '9')) return parse_number(p);
   gqmm__json_kind kind;
   double v = 0;
-  if (literal(p, "true")) kind = GQMM__JSON_BOOL, v = 1;
-  else if (literal(p, "false")) kind = GQMM__JSON_BOOL;
-  else if (literal(p, "null")) kind = GQMM__JSON_NULL;
-  else return fail(p, "unexpected character 0x%02x", (unsigned char)c);
+  if (literal(p, "true"))
+    kind = GQMM__JSON_BOOL, v = 1;
+  else if (literal(p, "false"))
+    kind = GQMM__JSON_BOOL;
+  else if (literal(p, "null"))
+    kind = GQMM__JSON_NULL;
+  else
+    return fail(p, "unexpected character 0x%02x", (unsigned char)c);
   gqmm__json *j = new_node(p, kind);
   if (j) j->number = v;
   return j;
@@ -333,16 +342,23 @@ bool gqmm__json_get_int(const gqmm__json *obj, const char *key, long long lo, lo
 void gqmm__json_write_str(FILE *f, const char *s) {
   fputc('"', f);
   for (const unsigned char *c = (const unsigned char *)s; *c; c++) {
-    if (*c == '"' || *c == '\\') fprintf(f, "\\%c", *c);
-    else if (*c == '\n') fputs("\\n", f);
-    else if (*c < 0x20 || *c == 0x7f) fprintf(f, "\\u%04x", *c);
-    else fputc(*c, f);
+    if (*c == '"' || *c == '\\')
+      fprintf(f, "\\%c", *c);
+    else if (*c == '\n')
+      fputs("\\n", f);
+    else if (*c < 0x20 || *c == 0x7f)
+      fprintf(f, "\\u%04x", *c);
+    else
+      fputc(*c, f);
   }
   fputc('"', f);
 }
 
 void gqmm__json_write_num(FILE *f, double v) {
-  if (!isfinite(v)) fputs("null", f);
-  else if (v == floor(v) && fabs(v) < 9007199254740992.0) fprintf(f, "%.0f", v);
-  else fprintf(f, "%.9g", v);
+  if (!isfinite(v))
+    fputs("null", f);
+  else if (v == floor(v) && fabs(v) < 9007199254740992.0)
+    fprintf(f, "%.0f", v);
+  else
+    fprintf(f, "%.9g", v);
 }

@@ -11,9 +11,9 @@
 #include <stddef.h>
 #include <stdio.h>
 
-#define GQMM__JSON_MAX_DEPTH 16      /* the cache needs 3 levels */
-#define GQMM__JSON_MAX_STRING 1024   /* bytes after unescaping */
-#define GQMM__JSON_MAX_NODES 200000  /* ~ 10 MB of cache; far beyond real use */
+#define GQMM__JSON_MAX_DEPTH 16     /* the cache needs 3 levels */
+#define GQMM__JSON_MAX_STRING 1024  /* bytes after unescaping */
+#define GQMM__JSON_MAX_NODES 200000 /* ~ 10 MB of cache; far beyond real use */
 
 typedef enum {
   GQMM__JSON_NULL,

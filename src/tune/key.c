@@ -13,7 +13,8 @@ int gqmm__rows_bucket(long long rows, long long experts) {
   if (experts < 1) experts = 1;
   long long avg = rows <= 0 ? 1 : (rows + experts - 1) / experts;
   int b = 1;
-  while (b < avg && b < 65536) b *= 2;
+  while (b < avg && b < 65536)
+    b *= 2;
   return b;
 }
 
@@ -34,14 +35,37 @@ static void copy_clean(char *dst, size_t len, const char *src) {
   dst[i] = '\0';
 }
 
+/* The CPU's model name ("AMD EPYC 7B13"), or "" where /proc/cpuinfo lacks it. */
+static void cpu_model(char *buf, size_t len) {
+  buf[0] = '\0';
+  FILE *f = fopen("/proc/cpuinfo", "r");
+  if (!f) return;
+  char line[256];
+  while (fgets(line, sizeof line, f)) {
+    char *colon = strchr(line, ':');
+    if (strncmp(line, "model name", 10) || !colon) continue;
+    colon += 1 + (colon[1] == ' ');
+    colon[strcspn(colon, "\n")] = '\0';
+    snprintf(buf, len, "%s", colon);
+    break;
+  }
+  fclose(f);
+}
+
 void gqmm__tune_device_key(gqmm_ctx *ctx, const gqmm__backend *be, char *buf, size_t len) {
-  char tmp[256] = "";
+  char tmp[400] = ""; /* longer than any name + model + features + isa */
   if (be->device_key) {
     be->device_key(ctx, tmp, sizeof tmp);
+  } else if (be->kind != GQMM_BACKEND_CPU && be->kind != GQMM_BACKEND_REF) {
+    /* The host's CPU says nothing about a GPU; without the hook all devices
+     * of this backend share one key (a wrong choice can then cost speed,
+     * never results: names are still checked against the configs). */
+    snprintf(tmp, sizeof tmp, "%s (no device_key hook)", be->name);
   } else {
-    char feat[160];
+    char feat[160], model[96];
     gqmm_cpu_features(feat, sizeof feat);
-    snprintf(tmp, sizeof tmp, "%s %s%s%s", be->name, feat, ctx->cpu_isa[0] ? " isa=" : "",
+    cpu_model(model, sizeof model);
+    snprintf(tmp, sizeof tmp, "%s %s %s%s%s", be->name, model, feat, ctx->cpu_isa[0] ? " isa=" : "",
              ctx->cpu_isa);
   }
   copy_clean(buf, len, tmp);
@@ -72,11 +96,13 @@ bool gqmm__tune_key_equal(const gqmm__tune_key *a, const gqmm__tune_key *b) {
 bool gqmm__tune_default_path(char *buf, size_t len) {
   const char *env = getenv("GQMM_TUNE_CACHE");
   int n;
-  if (env && env[0]) n = snprintf(buf, len, "%s", env);
+  if (env && env[0])
+    n = snprintf(buf, len, "%s", env);
   else if ((env = getenv("XDG_CACHE_HOME")) && env[0] == '/')
     n = snprintf(buf, len, "%s/gqmm/tune.json", env);
   else if ((env = getenv("HOME")) && env[0])
     n = snprintf(buf, len, "%s/.cache/gqmm/tune.json", env);
-  else return false;
+  else
+    return false;
   return n > 0 && (size_t)n < len;
 }

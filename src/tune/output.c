@@ -18,7 +18,9 @@ static void kv_num(FILE *f, const char *k, double v) {
   gqmm__json_write_num(f, v);
 }
 
-static double positive_or_nan(double v) { return v > 0 ? v : NAN; }
+static double positive_or_nan(double v) {
+  return v > 0 ? v : NAN;
+}
 
 static void write_record(FILE *f, const gqmm__backend *be, const gqmm__tune_opts *o,
                          const gqmm__tune_result *res, const gqmm__tune_record *r) {

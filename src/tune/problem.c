@@ -24,7 +24,8 @@ static float next_signed(uint64_t *s) {
 }
 
 static void fill_floats(void *buf, gqmm_dtype t, int64_t n, uint64_t *s, float scale, float add) {
-  for (int64_t i = 0; i < n; i++) gqmm__store_f(buf, t, i, next_signed(s) * scale + add);
+  for (int64_t i = 0; i < n; i++)
+    gqmm__store_f(buf, t, i, next_signed(s) * scale + add);
 }
 
 static void *buf_alloc(gqmm_ctx *ctx, gqmm__tune_problem *p, size_t bytes) {
@@ -40,8 +41,10 @@ static void *buf_alloc(gqmm_ctx *ctx, gqmm__tune_problem *p, size_t bytes) {
 
 static void buf_free(gqmm_ctx *ctx, gqmm__tune_problem *p, void *q) {
   if (!q) return;
-  if (p->on_device) p->be->mem_free(ctx, q);
-  else free(q);
+  if (p->on_device)
+    p->be->mem_free(ctx, q);
+  else
+    free(q);
 }
 
 /* A new buffer (device or host) holding a copy of host[0, bytes). */
@@ -71,8 +74,8 @@ int gqmm__problem_init(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__tune_
   if (!gqmm__is_float(o->dtype))
     return gqmm__fail(ctx, GQMM_ERR_DTYPE, "dtype: must be f32, f16 or bf16");
   const long long E = o->gather ? o->E : 1;
-  if (E < 1 || E > 65536 || o->N < 1 || o->K < 1 || o->K % o->q.group_size ||
-      o->N > (1 << 24) || o->K > (1 << 24))
+  if (E < 1 || E > 65536 || o->N < 1 || o->K < 1 || o->K % o->q.group_size || o->N > (1 << 24) ||
+      o->K > (1 << 24))
     return gqmm__fail(ctx, GQMM_ERR_SHAPE,
                       "E, K, N: need E in [1, 65536], K and N in [1, 2^24], K %% group size "
                       "== 0; got E=%lld K=%lld N=%lld",
@@ -107,7 +110,8 @@ int gqmm__problem_init(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__tune_
   st = GQMM_OK;
   if (!w || !s || !b) st = gqmm__fail(ctx, GQMM_ERR_NOMEM, "tune: cannot allocate the weights");
   if (!st) {
-    for (size_t i = 0; i < p->w_bytes / 4; i++) w[i] = (uint32_t)next_u64(&seed);
+    for (size_t i = 0; i < p->w_bytes / 4; i++)
+      w[i] = (uint32_t)next_u64(&seed);
     fill_floats(s, o->dtype, (int64_t)(p->sb_bytes / esz), &seed, 0.01f, 0.0f);
     fill_floats(b, o->dtype, (int64_t)(p->sb_bytes / esz), &seed, 0.05f, 0.0f);
   }
@@ -144,7 +148,8 @@ static int route(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows, uint64_t *se
       do { /* distinct experts per token; top_k <= E so this ends */
         e = (int64_t)(next_u64(seed) % (uint64_t)E);
         dup = false;
-        for (long long i = 0; i < j; i++) dup |= pick[first + i] == e;
+        for (long long i = 0; i < j; i++)
+          dup |= pick[first + i] == e;
       } while (dup);
       pick[first + j] = e;
       count[e]++;
@@ -153,9 +158,11 @@ static int route(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows, uint64_t *se
   p->experts_used = 0;
   for (long long e = 0, r = 0; e < E; e++) {
     p->experts_used += count[e] > 0;
-    for (int64_t c = 0; c < count[e]; c++) p->w_index[r++] = e;
+    for (int64_t c = 0; c < count[e]; c++)
+      p->w_index[r++] = e;
   }
-  for (long long r = 0; r < total; r++) p->x_index[r] = r;
+  for (long long r = 0; r < total; r++)
+    p->x_index[r] = r;
   free(count);
   free(pick);
   return GQMM_OK;
@@ -163,9 +170,12 @@ static int route(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows, uint64_t *se
 
 int gqmm__problem_set_rows(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows,
                            gqmm__tune_problem *p) {
-  for (int i = 0; i < p->copies; i++) buf_free(ctx, p, p->x[i]), p->x[i] = NULL;
+  for (int i = 0; i < p->copies; i++)
+    buf_free(ctx, p, p->x[i]), p->x[i] = NULL;
   buf_free(ctx, p, p->out);
   p->out = NULL;
+  free(p->nan_host);
+  p->nan_host = NULL;
   free(p->x_index);
   free(p->w_index);
   p->x_index = p->w_index = NULL;
@@ -200,6 +210,14 @@ int gqmm__problem_set_rows(gqmm_ctx *ctx, const gqmm__tune_opts *o, int rows,
     if (!(p->x[i] = buf_from(ctx, p, x, p->x_bytes))) st = GQMM_ERR_NOMEM;
   }
   if (!st && !(p->out = buf_alloc(ctx, p, p->out_bytes))) st = GQMM_ERR_NOMEM;
+  if (!st && !(p->nan_host = malloc(p->out_bytes ? p->out_bytes : 1)))
+    st = gqmm__fail(ctx, GQMM_ERR_NOMEM, "tune: cannot allocate the output");
+  if (!st) { /* NaN in every dtype: the pattern of one element, repeated */
+    char one[4];
+    gqmm__store_f(one, o->dtype, 0, NAN);
+    for (size_t i = 0; i < p->out_bytes; i += esz)
+      memcpy((char *)p->nan_host + i, one, esz);
+  }
   free(x);
   if (!st) gqmm__problem_use_copy(p, 0);
   return st;
@@ -215,17 +233,11 @@ void gqmm__problem_use_copy(gqmm__tune_problem *p, int i) {
 }
 
 int gqmm__problem_poison(gqmm_ctx *ctx, gqmm__tune_problem *p) {
-  const int64_t n = (int64_t)(p->out_bytes / gqmm_dtype_size(p->a.dtype));
   if (!p->on_device) {
-    for (int64_t i = 0; i < n; i++) gqmm__store_f(p->out, p->a.dtype, i, NAN);
+    memcpy(p->out, p->nan_host, p->out_bytes);
     return GQMM_OK;
   }
-  void *h = malloc(p->out_bytes ? p->out_bytes : 1);
-  if (!h) return gqmm__fail(ctx, GQMM_ERR_NOMEM, "tune: cannot allocate the output");
-  for (int64_t i = 0; i < n; i++) gqmm__store_f(h, p->a.dtype, i, NAN);
-  int st = p->be->mem_copy(ctx, p->out, h, p->out_bytes, GQMM__COPY_H2D);
-  free(h);
-  return st;
+  return p->be->mem_copy(ctx, p->out, p->nan_host, p->out_bytes, GQMM__COPY_H2D);
 }
 
 int gqmm__problem_read_out(gqmm_ctx *ctx, gqmm__tune_problem *p, void *host) {
@@ -244,6 +256,7 @@ void gqmm__problem_free(gqmm_ctx *ctx, gqmm__tune_problem *p) {
     buf_free(ctx, p, p->x[i]);
   }
   buf_free(ctx, p, p->out);
+  free(p->nan_host);
   free(p->x_index);
   free(p->w_index);
   memset(p, 0, sizeof *p);

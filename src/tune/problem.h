@@ -13,14 +13,15 @@
 
 typedef struct {
   const gqmm__backend *be;
-  bool on_device;          /* buffers come from be->mem_alloc */
-  int copies;              /* weight/activation copies in rotation */
+  bool on_device; /* buffers come from be->mem_alloc */
+  int copies;     /* weight/activation copies in rotation */
   void *w[GQMM__TUNE_MAX_COPIES], *s[GQMM__TUNE_MAX_COPIES], *b[GQMM__TUNE_MAX_COPIES];
   void *x[GQMM__TUNE_MAX_COPIES];
   void *out;
+  void *nan_host; /* out_bytes of NaN, copied over the output before a check */
   size_t w_bytes, sb_bytes, x_bytes, out_bytes;
-  double expert_bytes;     /* packed + scales + biases of one expert */
-  gqmm__qmm_args a;        /* the call; x/w/scales/biases set per copy */
+  double expert_bytes; /* packed + scales + biases of one expert */
+  gqmm__qmm_args a;    /* the call; x/w/scales/biases set per copy */
   int64_t *x_index, *w_index;
   int experts_used;
 } gqmm__tune_problem;

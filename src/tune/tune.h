@@ -23,19 +23,19 @@
 #define GQMM__TUNE_FORMAT_VERSION 1
 
 typedef struct {
-  char device[128];  /* the backend's device key: model + driver/ISA */
-  char backend[16];  /* "cpu", "cuda" ... */
-  char op[16];       /* "gather_qmm" or "qmm" */
-  char dtype[8];     /* "f32", "f16", "bf16" */
+  char device[128]; /* the backend's device key: model + driver/ISA */
+  char backend[16]; /* "cpu", "cuda" ... */
+  char op[16];      /* "gather_qmm" or "qmm" */
+  char dtype[8];    /* "f32", "f16", "bf16" */
   int bits, group_size, transpose;
   long long K, N;
-  int rows;          /* rows-per-expert bucket, a power of two */
+  int rows; /* rows-per-expert bucket, a power of two */
 } gqmm__tune_key;
 
 typedef struct {
   gqmm__tune_key key;
-  char lib[16];      /* library version that measured it (stale if different) */
-  char config[48];   /* config name */
+  char lib[16];                          /* library version that measured it (stale if different) */
+  char config[48];                       /* config name */
   double time_us, weight_GBps, fraction; /* what the choice achieved (informative) */
 } gqmm__tune_entry;
 
@@ -77,6 +77,11 @@ int gqmm__tune_cache_store(const char *path, const gqmm__tune_entry *add, int n,
                            size_t msglen);
 /* The entry for key measured by this library version, or NULL. */
 const gqmm__tune_entry *gqmm__tune_cache_find(const gqmm__tune_cache *c, const gqmm__tune_key *k);
+/* The entry for k, else one for the same call one rows bucket away (half or
+ * double; the larger if both): buckets nobody tuned borrow a neighbour's
+ * choice before falling back to the heuristic. */
+const gqmm__tune_entry *gqmm__tune_cache_find_near(const gqmm__tune_cache *c,
+                                                   const gqmm__tune_key *k);
 /* Replace the entry with the same key and library version, or append. */
 int gqmm__tune_cache_put(gqmm__tune_cache *c, const gqmm__tune_entry *e);
 void gqmm__tune_cache_free(gqmm__tune_cache *c);
@@ -105,23 +110,23 @@ int gqmm__tune_heuristic(const gqmm__tile_config *cfgs, int n, const gqmm__qmm_a
 /* ---- the tuner (tuner.c, inputs.c) --------------------------------------- */
 
 typedef struct {
-  int done, total;      /* measurements finished / planned */
-  int rows;             /* rows-per-expert bucket being measured */
-  const char *config;   /* config name being measured */
+  int done, total;    /* measurements finished / planned */
+  int rows;           /* rows-per-expert bucket being measured */
+  const char *config; /* config name being measured */
   double elapsed_s, eta_s;
 } gqmm__tune_progress;
 
 typedef struct {
-  bool gather;          /* gather_qmm over E experts (else qmm on one matrix) */
+  bool gather; /* gather_qmm over E experts (else qmm on one matrix) */
   long long E, K, N, top_k;
   gqmm_quant q;
   gqmm_dtype dtype;
-  const int *rows;      /* rows-per-expert values to measure (powers of two) */
+  const int *rows; /* rows-per-expert values to measure (powers of two) */
   int n_rows;
-  int runs, warmup;     /* timed samples per config (median), untimed calls first */
-  double min_sample_s;  /* a sample repeats the call until it lasts this long */
-  bool quick;           /* stop timing a config once it is clearly slower than the best */
-  double rotate_bytes;  /* weight copies rotated so that together they exceed this */
+  int runs, warmup;    /* timed samples per config (median), untimed calls first */
+  double min_sample_s; /* a sample repeats the call until it lasts this long */
+  bool quick;          /* stop timing a config once it is clearly slower than the best */
+  double rotate_bytes; /* weight copies rotated so that together they exceed this */
   unsigned long long seed;
   void (*progress)(void *user, const gqmm__tune_progress *p);
   double (*clock)(void *user); /* seconds; NULL: CLOCK_MONOTONIC (tests inject one) */
@@ -130,23 +135,23 @@ typedef struct {
 
 typedef struct {
   gqmm__tile_config cfg;
-  gqmm__tune_key key;        /* what a later call looks this measurement up by */
-  int rows;                  /* rows per expert asked for (key.rows is its bucket) */
-  long long rows_total;      /* rows in the call */
+  gqmm__tune_key key;   /* what a later call looks this measurement up by */
+  int rows;             /* rows per expert asked for (key.rows is its bucket) */
+  long long rows_total; /* rows in the call */
   int experts_used;
   int samples;
   double time_us_median, time_us_min;
   double weight_bytes, weight_GBps, roofline_GBps, fraction;
-  int status;                /* GQMM_OK, or why this config has no figure: */
-  char error[160];           /* the backend's message when status != GQMM_OK */
-  bool pruned;               /* quick mode stopped it after a few samples */
-  bool best;                 /* the fastest fully measured config of its key */
-  bool heuristic;            /* what gqmm__tune_heuristic picks for its key */
+  int status;      /* GQMM_OK, or why this config has no figure: */
+  char error[160]; /* the backend's message when status != GQMM_OK */
+  bool pruned;     /* quick mode stopped it after a few samples */
+  bool best;       /* the fastest fully measured config of its key */
+  bool heuristic;  /* what gqmm__tune_heuristic picks for its key */
 } gqmm__tune_record;
 
 typedef struct {
   char device[128];
-  gqmm__ceilings ceilings;   /* zero if the backend cannot measure them */
+  gqmm__ceilings ceilings; /* zero if the backend cannot measure them */
   gqmm__tune_record *rec;
   int n_rec;
 } gqmm__tune_result;

@@ -19,7 +19,7 @@
 #include <time.h>
 
 #define MAX_REPS 1000
-#define QUICK_MIN_SAMPLES 3
+#define QUICK_MIN_SAMPLES 2
 #define QUICK_SLOWER 1.25 /* quick mode drops a config this much slower than the best */
 
 void gqmm__tune_opts_default(gqmm__tune_opts *o) {
@@ -57,13 +57,16 @@ static int call(tuner *t, int id) {
   return t->be->qmm_config(t->ctx, &t->p->a, id);
 }
 
-static int sync_dev(tuner *t) { return t->be->sync ? t->be->sync(t->ctx) : GQMM_OK; }
+static int sync_dev(tuner *t) {
+  return t->be->sync ? t->be->sync(t->ctx) : GQMM_OK;
+}
 
 /* Time reps calls back to back; seconds per call. */
 static int time_calls(tuner *t, int id, int reps, double *per_call) {
   int st = sync_dev(t);
   double t0 = now_s(t);
-  for (int r = 0; r < reps && !st; r++) st = call(t, id);
+  for (int r = 0; r < reps && !st; r++)
+    st = call(t, id);
   if (!st) st = sync_dev(t);
   *per_call = (now_s(t) - t0) / reps;
   return st;
@@ -74,21 +77,50 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Relative L2 distance of two outputs; infinite if either holds a NaN. */
+/* n elements from src[off] as float: a loop per dtype, since the per-element
+ * switch of gqmm__load_f costs more than checking 10^7 outputs should. */
+static void block_to_f32(const void *src, gqmm_dtype t, int64_t off, int n, float *dst) {
+  if (t == GQMM_F32) {
+    memcpy(dst, (const float *)src + off, (size_t)n * sizeof(float));
+  } else if (t == GQMM_BF16) {
+    const uint16_t *h = (const uint16_t *)src + off;
+    for (int i = 0; i < n; i++) {
+      uint32_t u = (uint32_t)h[i] << 16;
+      memcpy(&dst[i], &u, sizeof u);
+    }
+  } else {
+    const uint16_t *h = (const uint16_t *)src + off;
+    for (int i = 0; i < n; i++)
+      dst[i] = gqmm_f16_to_f32(h[i]);
+  }
+}
+
+/* Relative L2 distance of two outputs (b may equal a: then it only looks for
+ * NaN); infinite if either holds a NaN. Identical bytes are checked first. */
 static double rel_diff(const void *a, const void *b, gqmm_dtype t, int64_t n) {
+  enum { BLOCK = 4096 };
+  float x[BLOCK], y[BLOCK];
+  const bool same = a == b || !memcmp(a, b, (size_t)n * gqmm_dtype_size(t));
   double num = 0, den = 0;
-  for (int64_t i = 0; i < n; i++) {
-    double x = gqmm__load_f(a, t, i), y = gqmm__load_f(b, t, i);
-    if (isnan(x) || isnan(y)) return INFINITY;
-    num += (x - y) * (x - y);
-    den += y * y;
+  for (int64_t off = 0; off < n; off += BLOCK) {
+    int m = n - off < BLOCK ? (int)(n - off) : BLOCK;
+    block_to_f32(a, t, off, m, x);
+    if (!same) block_to_f32(b, t, off, m, y);
+    for (int i = 0; i < m; i++) {
+      float yi = same ? x[i] : y[i];
+      if (isnan(x[i]) || isnan(yi)) return INFINITY;
+      num += ((double)x[i] - yi) * ((double)x[i] - yi);
+      den += (double)yi * yi;
+    }
   }
   return den > 0 ? sqrt(num / den) : sqrt(num);
 }
 
 /* Outputs of two configs may differ by rounding (another summation order,
  * one more rounding to the output dtype), never by more. */
-static double tolerance(gqmm_dtype t) { return t == GQMM_F32 ? 1e-4 : t == GQMM_F16 ? 4e-3 : 3e-2; }
+static double tolerance(gqmm_dtype t) {
+  return t == GQMM_F32 ? 1e-4 : t == GQMM_F16 ? 4e-3 : 3e-2;
+}
 
 /* One (bucket, config) measurement into rec. `first` holds the output of the
  * first config that ran (NULL until one did); best_us is this bucket's best
@@ -113,9 +145,11 @@ static void measure(tuner *t, const gqmm__tile_config *c, void **first, void *sc
   } else if (!st) {
     if (rel_diff(scratch, scratch, o->dtype, n_out) != 0)
       st = gqmm__fail(t->ctx, GQMM_ERR_BACKEND, "config %s left NaN in the output", c->name);
-    else if ((*first = malloc(p->out_bytes ? p->out_bytes : 1))) memcpy(*first, scratch, p->out_bytes);
+    else if ((*first = malloc(p->out_bytes ? p->out_bytes : 1)))
+      memcpy(*first, scratch, p->out_bytes);
   }
-  for (int w = 0; w < o->warmup && !st; w++) st = time_calls(t, c->id, 1, &one);
+  for (int w = 0; w < o->warmup && !st; w++)
+    st = time_calls(t, c->id, 1, &one);
   rec->status = st;
   if (st) return;
   int reps = 1;
@@ -141,7 +175,8 @@ static void measure(tuner *t, const gqmm__tile_config *c, void **first, void *sc
   if (!st) {
     qsort(samples, (size_t)n, sizeof *samples, cmp_double);
     rec->samples = n;
-    rec->time_us_median = 1e6 * (n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]));
+    rec->time_us_median =
+        1e6 * (n % 2 ? samples[n / 2] : 0.5 * (samples[n / 2 - 1] + samples[n / 2]));
     rec->time_us_min = 1e6 * samples[0];
   }
   free(samples);
@@ -206,8 +241,8 @@ int gqmm__tune_run(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__tune_opts
       if (o->progress) {
         double el = now_s(&t) - t.t_start;
         int done = res->n_rec;
-        gqmm__tune_progress pr = {done, total, o->rows[r], cfgs[i].name, el,
-                                  done ? el / done * (total - done) : NAN};
+        gqmm__tune_progress pr = {done,         total, o->rows[r],
+                                  cfgs[i].name, el,    done ? el / done * (total - done) : NAN};
         o->progress(o->user, &pr);
       }
       gqmm__tune_record *rec = &res->rec[res->n_rec++];
@@ -224,11 +259,13 @@ int gqmm__tune_run(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__tune_opts
     }
     /* mark what the heuristic would have picked for this call */
     int h = gqmm__tune_heuristic(cfgs, n, &p.a, 0);
-    for (int i = res->n_rec - n; i < res->n_rec; i++) res->rec[i].heuristic = res->rec[i].cfg.id == h;
+    for (int i = res->n_rec - n; i < res->n_rec; i++)
+      res->rec[i].heuristic = res->rec[i].cfg.id == h;
     free(first);
     free(scratch);
   }
-  for (int i = 0; i < res->n_rec; i++) res->rec[i].best = gqmm__tune_best(res, &res->rec[i].key) == i;
+  for (int i = 0; i < res->n_rec; i++)
+    res->rec[i].best = gqmm__tune_best(res, &res->rec[i].key) == i;
   if (!st && o->progress) {
     double el = now_s(&t) - t.t_start;
     gqmm__tune_progress pr = {res->n_rec, total, 0, "", el, 0};
@@ -258,7 +295,8 @@ int gqmm__tune_entries(const gqmm__tune_result *res, gqmm__tune_entry *out, int 
   int n = 0;
   for (int i = 0; i < res->n_rec && n < max; i++) {
     bool seen = false;
-    for (int j = 0; j < n && !seen; j++) seen = gqmm__tune_key_equal(&out[j].key, &res->rec[i].key);
+    for (int j = 0; j < n && !seen; j++)
+      seen = gqmm__tune_key_equal(&out[j].key, &res->rec[i].key);
     int b = seen ? -1 : gqmm__tune_best(res, &res->rec[i].key);
     if (b < 0) continue;
     const gqmm__tune_record *rec = &res->rec[b];

@@ -2,24 +2,13 @@
  * stale and hostile files, and concurrent writers in separate processes. */
 #include "../../src/tune/tune.h"
 #include "test.h"
+#include "test_tune.h"
 
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-static void tmp_path(char *buf, size_t n, const char *tag) {
-  const char *dir = getenv("TMPDIR");
-  snprintf(buf, n, "%s/gqmm-test-%ld-%s.json", dir && dir[0] ? dir : "/tmp", (long)getpid(), tag);
-}
-
-static void remove_cache(const char *path) {
-  char lock[1100];
-  snprintf(lock, sizeof lock, "%s.lock", path);
-  unlink(path);
-  unlink(lock);
-}
 
 static gqmm__tune_entry entry(int i) {
   gqmm__tune_entry e;
@@ -61,7 +50,8 @@ GQMM_TEST(cache_round_trip_and_merge) {
   CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg)); /* missing file: empty */
   CHECK(c.n == 0 && msg[0] == '\0');
   gqmm__tune_entry es[10];
-  for (int i = 0; i < 10; i++) es[i] = entry(i);
+  for (int i = 0; i < 10; i++)
+    es[i] = entry(i);
   CHECK_OK(gqmm__tune_cache_store(path, es, 6, msg, sizeof msg));
   CHECK_OK(gqmm__tune_cache_store(path, es + 4, 6, msg, sizeof msg)); /* overlaps 4, 5 */
   es[5].time_us = 1;
@@ -79,6 +69,49 @@ GQMM_TEST(cache_round_trip_and_merge) {
   gqmm__tune_key k = es[0].key;
   k.rows *= 2;
   CHECK(gqmm__tune_cache_find(&c, &k) == NULL);
+  gqmm__tune_cache_free(&c);
+  remove_cache(path);
+}
+
+GQMM_TEST(cache_lookup_borrows_a_neighbouring_bucket) {
+  gqmm__tune_cache c = {0};
+  gqmm__tune_entry e1 = entry(0), e4 = entry(0), e64 = entry(0);
+  e1.key.rows = 1, e4.key.rows = 4, e64.key.rows = 64;
+  CHECK_OK(gqmm__tune_cache_put(&c, &e1));
+  CHECK_OK(gqmm__tune_cache_put(&c, &e4));
+  CHECK_OK(gqmm__tune_cache_put(&c, &e64));
+  gqmm__tune_key k = e1.key;
+  const int want[][2] = {{1, 1}, {2, 4}, {4, 4}, {8, 4}, {16, 0}, {32, 64}, {128, 64}, {256, 0}};
+  for (int i = 0; i < 8; i++) {
+    k.rows = want[i][0];
+    const gqmm__tune_entry *f = gqmm__tune_cache_find_near(&c, &k);
+    CHECK_MSG(want[i][1] ? f && f->key.rows == want[i][1] : !f, "rows %d", k.rows);
+  }
+  k.rows = 2;
+  k.N = 704; /* another shape never borrows */
+  CHECK(gqmm__tune_cache_find_near(&c, &k) == NULL);
+  gqmm__tune_cache_free(&c);
+}
+
+GQMM_TEST(cache_stale_entries_are_reported_and_dropped) {
+  char path[512], msg[400];
+  tmp_path(path, sizeof path, "stale");
+  FILE *f = fopen(path, "w");
+  CHECK(f);
+  fprintf(f, "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [{\"device\": \"d\", "
+             "\"lib\": \"0.0.1-old\", \"backend\": \"cuda\", \"op\": \"qmm\", \"dtype\": \"bf16\", "
+             "\"config\": \"c\", \"bits\": 4, \"group_size\": 64, \"transpose\": 1, \"K\": 64, "
+             "\"N\": 64, \"rows_per_expert\": 16}]}");
+  fclose(f);
+  gqmm__tune_cache c;
+  CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg));
+  CHECK(c.n == 1 && strstr(msg, "stale") != NULL);
+  CHECK(gqmm__tune_cache_find(&c, &c.entries[0].key) == NULL);
+  gqmm__tune_cache_free(&c);
+  gqmm__tune_entry now = entry(3); /* the next store drops it */
+  CHECK_OK(gqmm__tune_cache_store(path, &now, 1, msg, sizeof msg));
+  CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg));
+  CHECK(c.n == 1 && !strcmp(c.entries[0].lib, gqmm_version()) && msg[0] == '\0');
   gqmm__tune_cache_free(&c);
   remove_cache(path);
 }
@@ -113,16 +146,17 @@ GQMM_TEST(cache_corrupt_or_truncated_files_are_reported) {
     if (cut < n - 1) CHECK_MSG(st == GQMM_ERR_FORMAT && c.n == 0 && msg[0], "cut %zu: %d", cut, st);
     gqmm__tune_cache_free(&c);
   }
-  const char *docs[] = {
-      "not json", "[]", "{\"format\": \"other\", \"version\": 1, \"entries\": []}",
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 2, \"entries\": []}",
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 1}",
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": {}}"};
+  const char *docs[] = {"not json",
+                        "[]",
+                        "{\"format\": \"other\", \"version\": 1, \"entries\": []}",
+                        "{\"format\": \"gqmm-tune-cache\", \"version\": 2, \"entries\": []}",
+                        "{\"format\": \"gqmm-tune-cache\", \"version\": 1}",
+                        "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": {}}"};
   for (size_t i = 0; i < sizeof docs / sizeof docs[0]; i++) {
     CHECK(write_text(path, docs[i], strlen(docs[i])) == 0);
     gqmm__tune_cache c;
-    CHECK_MSG(gqmm__tune_cache_load(path, &c, msg, sizeof msg) == GQMM_ERR_FORMAT && msg[0],
-              "%s", docs[i]);
+    CHECK_MSG(gqmm__tune_cache_load(path, &c, msg, sizeof msg) == GQMM_ERR_FORMAT && msg[0], "%s",
+              docs[i]);
     CHECK(c.n == 0);
   }
   /* a store over a corrupt file replaces it and says so */
@@ -140,28 +174,35 @@ GQMM_TEST(cache_hostile_entries_are_skipped) {
   char path[512];
   tmp_path(path, sizeof path, "hostile");
   /* The first entry is valid; each other one breaks one rule. */
-  const char *valid = "\"device\": \"d\", \"lib\": \"0.1.0\", \"backend\": \"cuda\", \"op\": \"qmm\", "
-                      "\"dtype\": \"bf16\", \"config\": \"c\", \"group_size\": 64, \"transpose\": 1, "
-                      "\"K\": 64, \"N\": 64, \"rows_per_expert\": 16";
-  const char *bad_tail[] = {
-      "\"bits\": 7",   "\"bits\": -4",        "\"bits\": 4.5",     "\"bits\": 1e300",
-      "\"bits\": \"4\"", "\"bits\": null",  "\"bits\": 4, \"rows_per_expert\": 12",
-      "\"bits\": 4, \"K\": 99999999999", "\"bits\": 4, \"op\": \"rm -rf\"", "\"bits\": 4, \"dtype\": \"f64\""};
+  const char *valid =
+      "\"device\": \"d\", \"lib\": \"0.1.0\", \"backend\": \"cuda\", \"op\": \"qmm\", "
+      "\"dtype\": \"bf16\", \"config\": \"c\", \"group_size\": 64, \"transpose\": 1, "
+      "\"K\": 64, \"N\": 64, \"rows_per_expert\": 16";
+  const char *bad_tail[] = {"\"bits\": 7",
+                            "\"bits\": -4",
+                            "\"bits\": 4.5",
+                            "\"bits\": 1e300",
+                            "\"bits\": \"4\"",
+                            "\"bits\": null",
+                            "\"bits\": 4, \"rows_per_expert\": 12",
+                            "\"bits\": 4, \"K\": 99999999999",
+                            "\"bits\": 4, \"op\": \"rm -rf\"",
+                            "\"bits\": 4, \"dtype\": \"f64\""};
   /* later members do not override: the reader takes the first, so each bad
    * field comes first in its object */
   char *doc = malloc(1 << 16);
   CHECK(doc);
-  int n = snprintf(doc, 1 << 16,
-                   "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [{%s, \"bits\": 4}",
-                   valid);
+  int n = snprintf(
+      doc, 1 << 16,
+      "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [{%s, \"bits\": 4}", valid);
   for (size_t i = 0; i < sizeof bad_tail / sizeof bad_tail[0]; i++)
     n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {%s, %s}", bad_tail[i], valid);
   /* a device name longer than the key holds, a control character */
   char longname[300];
   memset(longname, 'x', sizeof longname - 1);
   longname[sizeof longname - 1] = '\0';
-  n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {\"device\": \"%s\", %s, \"bits\": 4}", longname,
-                valid + strlen("\"device\": \"d\", "));
+  n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {\"device\": \"%s\", %s, \"bits\": 4}",
+                longname, valid + strlen("\"device\": \"d\", "));
   n += snprintf(doc + n, (size_t)((1 << 16) - n), ", {\"device\": \"a\\u0001b\", %s, \"bits\": 4}",
                 valid + strlen("\"device\": \"d\", "));
   n += snprintf(doc + n, (size_t)((1 << 16) - n), ", 42, [], \"str\"]}");
@@ -177,7 +218,8 @@ GQMM_TEST(cache_hostile_entries_are_skipped) {
   /* an oversized file is refused before parsing */
   FILE *f = fopen(path, "wb");
   CHECK(f);
-  for (unsigned i = 0; i <= GQMM__TUNE_MAX_FILE / 4096; i++) fprintf(f, "%4096s", " ");
+  for (unsigned i = 0; i <= GQMM__TUNE_MAX_FILE / 4096; i++)
+    fprintf(f, "%4096s", " ");
   fclose(f);
   CHECK(gqmm__tune_cache_load(path, &c, msg, sizeof msg) == GQMM_ERR_FORMAT);
   CHECK(strstr(msg, "larger") != NULL);

@@ -8,6 +8,7 @@
 #include "../../src/tune/json.h"
 #include "../../src/tune/tune.h"
 #include "test.h"
+#include "test_tune.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -57,7 +58,8 @@ static int fake_qmm_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int id) {
     return gqmm__fail(ctx, GQMM_ERR_ARG, "fake: config %d not valid here", id);
   int st = gqmm__ref_qmm(ctx, a);
   if (!st && id == WRONG_ID) gqmm__store_f(a->out, a->dtype, 0, 1e6f);
-  fake.clock_s += 1e-6 * fake_cost_us(&fake_table[id], gqmm__rows_bucket(a->M * a->batch, a->w_batches));
+  fake.clock_s +=
+      1e-6 * fake_cost_us(&fake_table[id], gqmm__rows_bucket(a->M * a->batch, a->w_batches));
   fake.calls++;
   return st;
 }
@@ -104,18 +106,6 @@ static double fake_clock(void *user) {
 
 /* ---- helpers ------------------------------------------------------------- */
 
-static void tmp_path(char *buf, size_t n, const char *tag) {
-  const char *dir = getenv("TMPDIR");
-  snprintf(buf, n, "%s/gqmm-test-%ld-%s.json", dir && dir[0] ? dir : "/tmp", (long)getpid(), tag);
-}
-
-static void remove_cache(const char *path) {
-  char lock[1100];
-  snprintf(lock, sizeof lock, "%s.lock", path);
-  unlink(path);
-  unlink(lock);
-}
-
 /* The args of a gather_qmm call with `rows` rows per expert (data unused by
  * configs and the key). */
 static gqmm__qmm_args gather_args(long long E, long long K, long long N, int rows, gqmm_dtype t) {
@@ -135,7 +125,8 @@ static int best_fake(const gqmm__qmm_args *a) {
   int n = fake_configs(NULL, a, c, FAKE_N), best = -1;
   int rows = gqmm__rows_bucket(a->M * a->batch, a->w_batches);
   for (int i = 0; i < n; i++)
-    if (c[i].id != WRONG_ID && (best < 0 || fake_cost_us(&c[i], rows) < fake_cost_us(&fake_table[best], rows)))
+    if (c[i].id != WRONG_ID &&
+        (best < 0 || fake_cost_us(&c[i], rows) < fake_cost_us(&fake_table[best], rows)))
       best = c[i].id;
   return best;
 }
@@ -181,7 +172,8 @@ GQMM_TEST(heuristic_gives_every_shape_a_valid_config) {
     int units = (int)(test_rng_u32(&r) % 300);
     int id = gqmm__tune_heuristic(table, n, &a, units);
     bool found = false;
-    for (int i = 0; i < n; i++) found |= table[i].id == id;
+    for (int i = 0; i < n; i++)
+      found |= table[i].id == id;
     CHECK_MSG(found, "iteration %d: id %d not in the table", it, id);
     CHECK(gqmm__tune_heuristic(table, n, &a, units) == id); /* deterministic */
   }
@@ -189,6 +181,12 @@ GQMM_TEST(heuristic_gives_every_shape_a_valid_config) {
   gqmm__qmm_args a = gather_args(128, 2816, 1408, 16, GQMM_BF16);
   gqmm__tile_config two[2] = {{7, "m8", 8, 128, 64, 128, 4, 1}, {9, "m16", 16, 128, 64, 128, 4, 1}};
   CHECK(gqmm__tune_heuristic(two, 2, &a, 132) == 9);
+  /* equal tiles: more threads per tile win the tie, whatever the order */
+  gqmm__tile_config warps[2] = {{3, "w4", 32, 128, 128, 128, 4, 1},
+                                {5, "w8", 32, 128, 128, 256, 4, 1}};
+  CHECK(gqmm__tune_heuristic(warps, 2, &a, 132) == 5);
+  gqmm__tile_config swapped[2] = {warps[1], warps[0]};
+  CHECK(gqmm__tune_heuristic(swapped, 2, &a, 132) == 5);
 }
 
 GQMM_TEST(choose_follows_forced_then_cache_then_heuristic) {
@@ -212,7 +210,8 @@ GQMM_TEST(choose_follows_forced_then_cache_then_heuristic) {
   CHECK(!strchr(dev, '\n'));
   gqmm__tune_entry e[4];
   memset(e, 0, sizeof e);
-  for (int i = 0; i < 4; i++) snprintf(e[i].lib, sizeof e[i].lib, "%s", gqmm_version());
+  for (int i = 0; i < 4; i++)
+    snprintf(e[i].lib, sizeof e[i].lib, "%s", gqmm_version());
   gqmm__tune_key_of(&fake_backend, dev, &a, &e[0].key);
   snprintf(e[0].config, sizeof e[0].config, "m32_n64_k128_t256_s4");
   gqmm__qmm_args a_k64 = gather_args(128, 64 * 3, 1408, 16, GQMM_BF16); /* k128 tile cannot fit */
@@ -226,7 +225,7 @@ GQMM_TEST(choose_follows_forced_then_cache_then_heuristic) {
   snprintf(e[3].config, sizeof e[3].config, "m64_n64_k64_t128_s2");
   CHECK_OK(gqmm__tune_cache_store(path, e, 4, msg, sizeof msg));
   CHECK_OK(gqmm__tune_use_cache(ctx, path, msg, sizeof msg));
-  CHECK(gqmm__choose_config(ctx, &fake_backend, &a) == 3);     /* the cached name, mapped to its id */
+  CHECK(gqmm__choose_config(ctx, &fake_backend, &a) == 3); /* the cached name, mapped to its id */
   CHECK(gqmm__choose_config(ctx, &fake_backend, &a_k64) == -1); /* cached config does not fit */
   CHECK(gqmm__choose_config(ctx, &fake_backend, &a_r4) == -1);  /* stale name */
   CHECK(gqmm__choose_config(ctx, &fake_backend, &a_f32) == -1); /* other device */
@@ -252,8 +251,10 @@ GQMM_TEST(choose_follows_forced_then_cache_then_heuristic) {
   CHECK(gqmm__choose_config(ctx, &fake_backend, &a) == -1);
   CHECK(gqmm__pick_config(ctx, &fake_backend, &a) >= 0);
   gqmm_ctx_destroy(ctx);
-  if (old) setenv("GQMM_TUNE_CACHE", saved, 1);
-  else unsetenv("GQMM_TUNE_CACHE");
+  if (old)
+    setenv("GQMM_TUNE_CACHE", saved, 1);
+  else
+    unsetenv("GQMM_TUNE_CACHE");
   remove_cache(path);
 }
 
@@ -305,7 +306,8 @@ GQMM_TEST(tuner_picks_the_fastest_correct_config_and_cache_serves_it) {
       CHECK_MSG(fabs(r->time_us_median - want) < 1e-6 * want, "%s: %g vs %g", r->cfg.name,
                 r->time_us_median, want);
       CHECK(r->experts_used >= 1 && r->experts_used <= 4 && r->rows_total == 4LL * r->rows);
-      CHECK(fabs(r->weight_GBps - r->weight_bytes / (r->time_us_median * 1e3)) < 1e-9 * r->weight_GBps);
+      CHECK(fabs(r->weight_GBps - r->weight_bytes / (r->time_us_median * 1e3)) <
+            1e-9 * r->weight_GBps);
       /* roofline = min(max(copy, read), compute * bytes / MACs) */
       double macs = (double)r->rows_total * 128 * 64;
       CHECK(fabs(r->roofline_GBps - fmin(120, 1000 * r->weight_bytes / macs)) < 1e-9);
@@ -349,9 +351,10 @@ GQMM_TEST(tuner_quick_mode_and_plain_qmm) {
   int pruned = 0;
   for (int i = 0; i < res.n_rec; i++) {
     CHECK_OK(res.rec[i].status);
-    CHECK(!strcmp(res.rec[i].key.op, "qmm") && res.rec[i].key.rows == 16 && res.rec[i].rows_total == 16);
+    CHECK(!strcmp(res.rec[i].key.op, "qmm") && res.rec[i].key.rows == 16 &&
+          res.rec[i].rows_total == 16);
     pruned += res.rec[i].pruned;
-    if (res.rec[i].pruned) CHECK(res.rec[i].samples == 3);
+    if (res.rec[i].pruned) CHECK(res.rec[i].samples == 2);
   }
   CHECK(pruned > 0); /* m64 (cost 130) is more than 1.25x m16_n128 (95) */
   gqmm__qmm_args a;
@@ -397,11 +400,28 @@ GQMM_TEST(tuner_json_output_parses_and_carries_every_measurement) {
   CHECK(recs && recs->kind == GQMM__JSON_ARRAY);
   int n = 0, best = 0, failed = 0;
   for (const gqmm__json *r = recs->child; r; r = r->next, n++) {
-    const char *keys[] = {"backend", "device", "op", "E", "K", "N", "M", "rows_per_expert",
-                          "bits", "group_size", "dtype", "config", "time_us_median",
-                          "time_us_min", "weight_bytes", "weight_GBps", "ceiling_copy_GBps",
-                          "ceiling_read_GBps", "ceiling_compute_GMACps", "roofline_GBps",
-                          "fraction_of_roofline", "config_fields"};
+    const char *keys[] = {"backend",
+                          "device",
+                          "op",
+                          "E",
+                          "K",
+                          "N",
+                          "M",
+                          "rows_per_expert",
+                          "bits",
+                          "group_size",
+                          "dtype",
+                          "config",
+                          "time_us_median",
+                          "time_us_min",
+                          "weight_bytes",
+                          "weight_GBps",
+                          "ceiling_copy_GBps",
+                          "ceiling_read_GBps",
+                          "ceiling_compute_GMACps",
+                          "roofline_GBps",
+                          "fraction_of_roofline",
+                          "config_fields"};
     for (size_t k = 0; k < sizeof keys / sizeof keys[0]; k++)
       CHECK_MSG(gqmm__json_get(r, keys[k]) != NULL, "record %d lacks %s", n, keys[k]);
     const gqmm__json *b = gqmm__json_get(r, "best");
@@ -415,7 +435,8 @@ GQMM_TEST(tuner_json_output_parses_and_carries_every_measurement) {
     double frac, gbps, roof;
     if (!e[0]) {
       CHECK(gqmm__json_get_num(r, "fraction_of_roofline", &frac));
-      CHECK(gqmm__json_get_num(r, "weight_GBps", &gbps) && gqmm__json_get_num(r, "roofline_GBps", &roof));
+      CHECK(gqmm__json_get_num(r, "weight_GBps", &gbps) &&
+            gqmm__json_get_num(r, "roofline_GBps", &roof));
       CHECK(fabs(frac - gbps / roof) < 1e-6 * frac);
     }
   }
@@ -423,4 +444,42 @@ GQMM_TEST(tuner_json_output_parses_and_carries_every_measurement) {
   gqmm__json_free(doc);
   gqmm__tune_result_free(&res);
   gqmm_ctx_destroy(ctx);
+}
+
+GQMM_TEST(autotune_on_first_use_when_asked) {
+  char path[512], msg[400];
+  tmp_path(path, sizeof path, "auto");
+  remove_cache(path);
+  char saved_cache[512] = "", saved_tune[64] = "";
+  const char *oc = getenv("GQMM_TUNE_CACHE"), *ot = getenv("GQMM_TUNE");
+  if (oc) snprintf(saved_cache, sizeof saved_cache, "%s", oc);
+  if (ot) snprintf(saved_tune, sizeof saved_tune, "%s", ot);
+  setenv("GQMM_TUNE_CACHE", path, 1);
+  setenv("GQMM_TUNE", "auto", 1);
+  fake.offer_wrong = false;
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, NULL));
+  gqmm__qmm_args a = gather_args(4, 128, 64, 8, GQMM_BF16);
+  int calls0 = fake.calls;
+  int id = gqmm__choose_config(ctx, &fake_backend, &a);
+  CHECK(id >= 0 && id < FAKE_N && id != WRONG_ID && fake_fits(&fake_table[id], &a));
+  CHECK(fake.calls > calls0); /* it measured */
+  int calls1 = fake.calls;
+  CHECK(gqmm__choose_config(ctx, &fake_backend, &a) == id);
+  CHECK(fake.calls == calls1); /* and only once */
+  CHECK(gqmm_last_error(ctx)[0] == '\0');
+  gqmm_ctx_destroy(ctx);
+  gqmm__tune_cache c;
+  CHECK_OK(gqmm__tune_cache_load(path, &c, msg, sizeof msg));
+  CHECK(c.n == 1 && c.entries[0].key.rows == 8 && !strcmp(c.entries[0].key.op, "gather_qmm"));
+  gqmm__tune_cache_free(&c);
+  if (oc)
+    setenv("GQMM_TUNE_CACHE", saved_cache, 1);
+  else
+    unsetenv("GQMM_TUNE_CACHE");
+  if (ot)
+    setenv("GQMM_TUNE", saved_tune, 1);
+  else
+    unsetenv("GQMM_TUNE");
+  remove_cache(path);
 }

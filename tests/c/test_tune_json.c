@@ -14,8 +14,9 @@ static gqmm__json *parse(const char *s) {
 }
 
 GQMM_TEST(json_parses_values_and_escapes) {
-  gqmm__json *j = parse(" {\"a\": [1, -2.5e3, true, false, null], \"s\": \"x\\\"\\\\\\/\\n\\u00e9\\ud83d\\ude00\","
-                        " \"o\": {}, \"e\": []} ");
+  gqmm__json *j = parse(
+      " {\"a\": [1, -2.5e3, true, false, null], \"s\": \"x\\\"\\\\\\/\\n\\u00e9\\ud83d\\ude00\","
+      " \"o\": {}, \"e\": []} ");
   CHECK(j && j->kind == GQMM__JSON_OBJECT);
   const gqmm__json *a = gqmm__json_get(j, "a");
   CHECK(a && a->kind == GQMM__JSON_ARRAY);
@@ -31,17 +32,43 @@ GQMM_TEST(json_parses_values_and_escapes) {
   j = parse("{\"i\": 42, \"f\": 4.5, \"big\": 1e300}");
   CHECK(j);
   CHECK(gqmm__json_get_int(j, "i", 0, 100, &v) && v == 42);
-  CHECK(!gqmm__json_get_int(j, "i", 0, 10, &v));   /* out of range */
+  CHECK(!gqmm__json_get_int(j, "i", 0, 10, &v));    /* out of range */
   CHECK(!gqmm__json_get_int(j, "f", 0, 100, &v));   /* not integral */
   CHECK(!gqmm__json_get_int(j, "big", 0, 100, &v)); /* no UB cast of a huge double */
   gqmm__json_free(j);
 }
 
 GQMM_TEST(json_rejects_malformed_input) {
-  const char *bad[] = {"", "   ", "{", "[1,]", "[1 2]", "{\"a\" 1}", "{\"a\":}", "{a:1}", "01",
-                       "1.", ".5", "-", "1e", "+1", "inf", "NaN", "0x10", "\"abc", "\"\\x\"",
-                       "\"\\u12\"", "\"\\ud800\"", "\"\\udc00x\"", "\"\\u0000\"", "\"a\nb\"",
-                       "tru", "nul", "[1] 2", "{\"a\":1}}", "1e999", "[\"\\ud800\\u0041\"]"};
+  const char *bad[] = {"",
+                       "   ",
+                       "{",
+                       "[1,]",
+                       "[1 2]",
+                       "{\"a\" 1}",
+                       "{\"a\":}",
+                       "{a:1}",
+                       "01",
+                       "1.",
+                       ".5",
+                       "-",
+                       "1e",
+                       "+1",
+                       "inf",
+                       "NaN",
+                       "0x10",
+                       "\"abc",
+                       "\"\\x\"",
+                       "\"\\u12\"",
+                       "\"\\ud800\"",
+                       "\"\\udc00x\"",
+                       "\"\\u0000\"",
+                       "\"a\nb\"",
+                       "tru",
+                       "nul",
+                       "[1] 2",
+                       "{\"a\":1}}",
+                       "1e999",
+                       "[\"\\ud800\\u0041\"]"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     char err[200] = "";
     gqmm__json *j = gqmm__json_parse(bad[i], strlen(bad[i]), err, sizeof err);
@@ -56,8 +83,10 @@ GQMM_TEST(json_rejects_malformed_input) {
 GQMM_TEST(json_limits_depth_and_string_length) {
   char deep[4 * GQMM__JSON_MAX_DEPTH + 8];
   int n = 0;
-  for (int i = 0; i <= GQMM__JSON_MAX_DEPTH; i++) deep[n++] = '[';
-  for (int i = 0; i <= GQMM__JSON_MAX_DEPTH; i++) deep[n++] = ']';
+  for (int i = 0; i <= GQMM__JSON_MAX_DEPTH; i++)
+    deep[n++] = '[';
+  for (int i = 0; i <= GQMM__JSON_MAX_DEPTH; i++)
+    deep[n++] = ']';
   gqmm__json *j = gqmm__json_parse(deep, (size_t)n, NULL, 0);
   CHECK(j == NULL); /* one level too deep */
   j = gqmm__json_parse(deep + 1, (size_t)n - 2, NULL, 0);
@@ -86,36 +115,37 @@ GQMM_TEST(json_limits_depth_and_string_length) {
   gqmm__json_free(j);
 }
 
+/* What the writer makes of a string (s != NULL) or a number, in buf. */
+static bool written(char *buf, size_t len, const char *s, double v) {
+  FILE *f = fmemopen(buf, len, "w");
+  if (!f) return false;
+  if (s)
+    gqmm__json_write_str(f, s);
+  else
+    gqmm__json_write_num(f, v);
+  return fclose(f) == 0;
+}
+
 GQMM_TEST(json_writer_round_trips_through_reader) {
   const char *strs[] = {"plain", "quote\" backslash\\ newline\n tab\t ctl\x01 del\x7f", "\xc3\xa9"};
   const double nums[] = {0, -1, 2816, 1e-9, 123.456, 9007199254740991.0};
+  char buf[256];
   for (size_t i = 0; i < 3; i++) {
-    char buf[256];
-    FILE *f = fmemopen(buf, sizeof buf, "w");
-    CHECK(f);
-    gqmm__json_write_str(f, strs[i]);
-    fclose(f);
+    CHECK(written(buf, sizeof buf, strs[i], 0));
     gqmm__json *j = parse(buf);
-    CHECK_MSG(j && j->kind == GQMM__JSON_STRING && !strcmp(j->string, strs[i]), "%s", buf);
+    bool same = j && j->kind == GQMM__JSON_STRING && !strcmp(j->string, strs[i]);
     gqmm__json_free(j);
+    CHECK_MSG(same, "%s", buf);
   }
   for (size_t i = 0; i < 6; i++) {
-    char buf[64];
-    FILE *f = fmemopen(buf, sizeof buf, "w");
-    CHECK(f);
-    gqmm__json_write_num(f, nums[i]);
-    fclose(f);
+    CHECK(written(buf, sizeof buf, NULL, nums[i]));
     gqmm__json *j = parse(buf);
-    CHECK(j && j->kind == GQMM__JSON_NUMBER);
-    CHECK_MSG(fabs(j->number - nums[i]) <= 1e-8 * fabs(nums[i]), "%s", buf);
+    bool same =
+        j && j->kind == GQMM__JSON_NUMBER && fabs(j->number - nums[i]) <= 1e-8 * fabs(nums[i]);
     gqmm__json_free(j);
+    CHECK_MSG(same, "%s", buf);
   }
-  char buf[16];
-  FILE *f = fmemopen(buf, sizeof buf, "w");
-  CHECK(f);
-  gqmm__json_write_num(f, NAN);
-  fclose(f);
-  CHECK(!strcmp(buf, "null"));
+  CHECK(written(buf, sizeof buf, NULL, NAN) && !strcmp(buf, "null"));
 }
 
 /* Random byte edits (flip, delete, duplicate, insert structural characters)
@@ -132,10 +162,11 @@ static int count_nodes(const gqmm__json *j, int depth) {
 }
 
 GQMM_TEST(json_survives_random_mutations) {
-  const char *seed =
-      "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [\n"
-      "{\"device\": \"NVIDIA H100 \\u00e9\", \"lib\": \"0.1.0\", \"op\": \"gather_qmm\", \"bits\": 4,"
-      " \"K\": 2816, \"N\": 1408, \"rows_per_expert\": 16, \"time_us\": 95.25e0, \"x\": [true, null]}]}";
+  const char *seed = "{\"format\": \"gqmm-tune-cache\", \"version\": 1, \"entries\": [\n"
+                     "{\"device\": \"NVIDIA H100 \\u00e9\", \"lib\": \"0.1.0\", \"op\": "
+                     "\"gather_qmm\", \"bits\": 4,"
+                     " \"K\": 2816, \"N\": 1408, \"rows_per_expert\": 16, \"time_us\": 95.25e0, "
+                     "\"x\": [true, null]}]}";
   const size_t len = strlen(seed);
   test_rng r = test_rng_make(77);
   const char inserts[] = "{}[]\",:\\0123456789-+.eEtrufalsn \x01\xff";
@@ -149,8 +180,12 @@ GQMM_TEST(json_survives_random_mutations) {
     for (int e = 0; e < edits && n > 0; e++) {
       size_t pos = test_rng_u32(&r) % n;
       switch (test_rng_u32(&r) % 4) {
-      case 0: buf[pos] = (char)(buf[pos] ^ (1 << (test_rng_u32(&r) % 8))); break;
-      case 1: memmove(buf + pos, buf + pos + 1, n - pos - 1), n--; break;
+      case 0:
+        buf[pos] = (char)(buf[pos] ^ (1 << (test_rng_u32(&r) % 8)));
+        break;
+      case 1:
+        memmove(buf + pos, buf + pos + 1, n - pos - 1), n--;
+        break;
       case 2:
         if (n < len * 2 + 32) memmove(buf + pos + 1, buf + pos, n - pos), n++;
         break;

@@ -1,0 +1,40 @@
+/*
+ * ukr_x86_common.h - pieces shared by the x86 ISA files, included after the
+ * vector primitives (ukr_vf, vf_fma...) are defined: conversion of
+ * activations and group parameters to float32 (F16C for f16; bf16 is the top
+ * half of a float32), and the peak loops the ceilings measure.
+ */
+#ifndef GQMM_UKR_X86_COMMON_H
+#define GQMM_UKR_X86_COMMON_H
+
+static void ukr_to_float(const void *src, gqmm_dtype t, int64_t n, float *dst) {
+  int64_t i = 0;
+  if (t == GQMM_F32) {
+    memcpy(dst, src, (size_t)n * sizeof(float));
+    return;
+  }
+  const uint16_t *h = (const uint16_t *)src;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)(h + i));
+    const __m256 f = t == GQMM_F16 ? _mm256_cvtph_ps(v)
+                                   : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    _mm256_storeu_ps(dst + i, f);
+  }
+  for (; i < n; i++) dst[i] = t == GQMM_F16 ? gqmm_f16_to_f32(h[i]) : gqmm_bf16_to_f32(h[i]);
+}
+
+/* The exact path's instruction: vector FMA in 12 independent chains (more
+ * than latency x throughput = 4 x 2), a loop the compiler cannot drop. */
+static double ukr_peak_fma(long iters) {
+  ukr_vf acc[12], a = vf_set1(1.0000001f), b = vf_set1(1e-7f);
+  for (int i = 0; i < 12; i++) acc[i] = vf_set1((float)i);
+  for (long it = 0; it < iters; it++) {
+    for (int i = 0; i < 12; i++) acc[i] = vf_fma(acc[i], a, b);
+    __asm__ volatile("" : "+x"(a), "+x"(b));
+  }
+  float sink = 0;
+  for (int i = 0; i < 12; i++) sink += vf_hsum(acc[i]);
+  return (double)sink;
+}
+
+#endif /* GQMM_UKR_X86_COMMON_H */

@@ -31,6 +31,7 @@ static const gqmm__cpu_isa *const isa_list[] = {
  * registers, so it also gets the wider tiles.
  */
 static const gqmm__cpu_config configs_16reg[] = {
+    {"m4n3_k256_t24_q4", 4, 3, 256, 24, 4},
     {"m4n3_k256_t24_q3", 4, 3, 256, 24, 3},
     {"m6n2_k256_t16_q4", 6, 2, 256, 16, 4},
     {"m4n2_k256_t16_q3", 4, 2, 256, 16, 3},
@@ -38,6 +39,9 @@ static const gqmm__cpu_config configs_16reg[] = {
     {"m6n2_k512_t32_q4", 6, 2, 512, 32, 4},
     {"m2n4_k256_t16_q1", 2, 4, 256, 16, 1},
     {"m4n3_k256_t48_q4", 4, 3, 256, 48, 4},
+    {"m4n3_k128_t24_q3", 4, 3, 128, 24, 3},
+    {"m6n2_k128_t16_q4", 6, 2, 128, 16, 4},
+    {"m6n2_k128_t32_q4", 6, 2, 128, 32, 4},
 };
 static const gqmm__cpu_config configs_32reg[] = {
     {"m6n4_k256_t32_q4", 6, 4, 256, 32, 4},

@@ -58,9 +58,12 @@ typedef struct {
   /* Dequantize values [k0, k0 + kc) of one row as s*q + b into dst (chunk order). */
   void (*dequant)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
                   float *dst);
-  /* C[m * ldc + n] += sum_k x[m * ldx + k] * P[n * ldp + k], m < mr, n < nr, k < kc. */
+  /* For m < mr, n < nr: the vw-lane vector at Cv + (m * ldc + n) * vw accumulates
+   * x[m * ldx + k] * P[n * ldp + k] over k < kc, lane (k mod vw); the sum of
+   * its lanes is the dot product. */
   void (*gemm)(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P,
-               int64_t ldp, float *C, int64_t ldc);
+               int64_t ldp, float *Cv, int64_t ldc);
+  int vw; /* float lanes of the gemm accumulators */
   /*
    * Opt-in int8 mode (NULL where the ISA has none): 4-bit weights only.
    * xq: int8 activations in chunk order [R][K]; xs: per-row per-group scales
@@ -84,6 +87,8 @@ extern const gqmm__cpu_isa gqmm__cpu_isa_portable;
 double gqmm__cpu_time_peak(double (*loop)(long iters), double macs_per_iter);
 
 /* Byte offset of value k (a multiple of 32) inside a packed row. */
-static inline int64_t gqmm__cpu_chunk_offset(int bits, int64_t k) { return k / 8 * bits; }
+static inline int64_t gqmm__cpu_chunk_offset(int bits, int64_t k) {
+  return (int64_t)((uint64_t)k >> 3) * bits;
+}
 
 #endif /* GQMM_CPU_ISA_H */

@@ -105,6 +105,7 @@ static int build_blocks(gqmm_ctx *ctx, job *j) {
 
 typedef struct {
   float *xf, *xsum, *xs, *tmp, *sf, *bf, *panel, *C;
+  float *Cv; /* gemm accumulators: R x nt vectors of vw lanes */
   int8_t *xq;
   gqmm__cpu_wrow *wrows;
 } scratch_view;
@@ -127,6 +128,7 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
   const size_t o_sf = carve(&off, (size_t)sb * 4), o_bf = carve(&off, (size_t)sb * 4);
   const size_t o_panel = carve(&off, (size_t)(j->a->transpose ? nt * j->cfg->kc : ncols) * 4);
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
+  const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
   const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
   const size_t o_wr = carve(&off, (size_t)nt * sizeof(gqmm__cpu_wrow));
   if (base) {
@@ -138,6 +140,7 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
     v->bf = (float *)(base + o_bf);
     v->panel = (float *)(base + o_panel);
     v->C = (float *)(base + o_C);
+    v->Cv = (float *)(base + o_Cv);
     v->xq = (int8_t *)(base + o_xq);
     v->wrows = (gqmm__cpu_wrow *)(base + o_wr);
   }
@@ -178,19 +181,22 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
       for (int l = 0; l < 32; l++) v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
     if (!a->transpose) continue;
     for (int64_t g = 0; g < G; g++) {
-      float s = 0.0f, amax = 0.0f;
-      for (int i = 0; i < gs; i++) {
-        s += v->tmp[g * gs + i];
-        amax = fmaxf(amax, fabsf(v->tmp[g * gs + i]));
-      }
+      const float *t = v->tmp + g * gs;
+      float s = 0.0f;
+      for (int i = 0; i < gs; i++) s += t[i];
       v->xsum[r * G + g] = s;
       if (!j->int8) continue;
       /* int8 mode: symmetric per-(row, group) scale, codes in [-127, 127] */
-      const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      v->xs[r * G + g] = scale;
-      for (int64_t c = g * gs; c < (g + 1) * gs; c += 32)
+      float amax = 0.0f;
+      for (int i = 0; i < gs; i++) {
+        const float m = t[i] < 0.0f ? -t[i] : t[i];
+        amax = m > amax ? m : amax;
+      }
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      v->xs[r * G + g] = amax / 127.0f;
+      for (int64_t c = 0; c < gs; c += 32)
         for (int l = 0; l < 32; l++)
-          v->xq[r * K + c + l] = (int8_t)lrintf(v->tmp[c + j->perm_i8[l]] * inv);
+          v->xq[r * K + g * gs + c + l] = (int8_t)lrintf(t[c + j->perm_i8[l]] * inv);
     }
   }
 }
@@ -215,8 +221,8 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, v->C, nt);
     return;
   }
-  const int mr = j->cfg->mr, nr = j->cfg->nr;
-  memset(v->C, 0, (size_t)(R * nt) * sizeof(float));
+  const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
+  memset(v->Cv, 0, (size_t)(R * nt * vw) * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {
     const int64_t kc = K - k0 < j->cfg->kc ? K - k0 : j->cfg->kc;
     for (int i = 0; i < nn; i++) j->isa->dequant(&j->sh, &v->wrows[i], k0, kc, v->panel + i * kc);
@@ -224,8 +230,13 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
       const int mb = R - m < mr ? (int)(R - m) : mr;
       for (int n = 0; n < nn; n += nr)
         j->isa->gemm(mb, nn - n < nr ? nn - n : nr, kc, v->xf + m * K + k0, K, v->panel + n * kc,
-                     kc, v->C + m * nt + n, nt);
+                     kc, v->Cv + (m * nt + n) * vw, nt);
     }
+  }
+  for (int64_t i = 0; i < R * nt; i++) {
+    float sum = 0.0f;
+    for (int l = 0; l < vw; l++) sum += v->Cv[i * vw + l];
+    v->C[i] = sum;
   }
 }
 

@@ -104,6 +104,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx2 = {
     .qmv = avx2_qmv,
     .dequant = avx2_dequant,
     .gemm = avx2_gemm,
+    .vw = UKR_VW,
     .qmv_i8 = avx2_qmv_i8,
     .perm_i8 = ukr_x86_perm_i8,
     .peak_macs = avx2_peak_macs,

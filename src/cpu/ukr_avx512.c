@@ -109,6 +109,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .qmv = avx512_qmv,
     .dequant = avx512_dequant,
     .gemm = avx512_gemm,
+    .vw = UKR_VW,
     .qmv_i8 = avx512_qmv_i8,
     .perm_i8 = ukr_x86_perm_i8,
     .peak_macs = avx512_peak_macs,

@@ -87,6 +87,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_portable = {
     .qmv = portable_qmv,
     .dequant = portable_dequant,
     .gemm = portable_gemm,
+    .vw = UKR_VW,
     .qmv_i8 = NULL,
     .perm_i8 = NULL,
     .peak_macs = portable_peak_macs,

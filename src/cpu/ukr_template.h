@@ -95,12 +95,14 @@ UKR_INLINE void ukr_dequant_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow 
 }
 
 /* MR x NR register tile over kc (a multiple of 32); lanes run along k, so
- * each accumulator is one (row, weight row) dot product, reduced at the end. */
+ * each accumulator is one (row, weight row) dot product. The accumulators
+ * live on as whole vectors in Cv between kc blocks (loaded and stored once
+ * per call), so the horizontal sum happens once per output, at the end. */
 UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const float *x, int64_t ldx,
-                              const float *P, int64_t ldp, float *C, int64_t ldc) {
+                              const float *P, int64_t ldp, float *Cv, int64_t ldc) {
   ukr_vf acc[GQMM__CPU_MAX_MR][GQMM__CPU_MAX_NR];
   for (int m = 0; m < mr; m++)
-    for (int n = 0; n < nr; n++) acc[m][n] = vf_zero();
+    for (int n = 0; n < nr; n++) acc[m][n] = vf_load(Cv + (m * ldc + n) * UKR_VW);
   for (int64_t k = 0; k < kc; k += UKR_VW) {
     ukr_vf p[GQMM__CPU_MAX_NR];
     for (int n = 0; n < nr; n++) p[n] = vf_load(P + n * ldp + k);
@@ -110,7 +112,7 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
     }
   }
   for (int m = 0; m < mr; m++)
-    for (int n = 0; n < nr; n++) C[m * ldc + n] += vf_hsum(acc[m][n]);
+    for (int n = 0; n < nr; n++) vf_store(Cv + (m * ldc + n) * UKR_VW, acc[m][n]);
 }
 
 /* ---- dispatchers: one instantiation per constant combination ------------ */
@@ -132,7 +134,7 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
     break;
 #define UKR_GEMM_CASE(m, n)                                                         \
   case (m) * 8 + (n):                                                               \
-    ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, C, ldc);                                \
+    ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, Cv, ldc);                                \
     break;
 
 #define UKR_DEFINE_KERNELS(isa)                                                     \
@@ -145,7 +147,7 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
     switch (sh->bits) { UKR_FOR_BITS(UKR_DEQ_CASE) default: break; }               \
   }                                                                                 \
   static void isa##_gemm(int mr, int nr, int64_t kc, const float *x, int64_t ldx,   \
-                         const float *P, int64_t ldp, float *C, int64_t ldc) {      \
+                         const float *P, int64_t ldp, float *Cv, int64_t ldc) {     \
     switch (mr * 8 + nr) { UKR_FOR_MR(UKR_GEMM_CASE) default: break; }             \
   }
 

@@ -4,8 +4,9 @@
  * (the AVX-512 file pairs the vectors up, which keeps the same lane order).
  *
  * Lane order (perm) per width, j = 8 * vector + lane:
- *   4-bit: the 16 bytes' low nibbles are the even values, high nibbles the
- *          odd ones: vector v holds values (v & 1) * 16 + 2 * lane + (v >> 1).
+ *   4-bit: bytes 0-7 widen to vectors 0 (low nibbles: even values) and 1
+ *          (high nibbles: odd values), bytes 8-15 to vectors 2 and 3:
+ *          vector v holds values (v >> 1) * 16 + 2 * lane + (v & 1).
  *   2-bit: byte i holds values 4i..4i+3: vector v = shift 2v, value 4 * lane + v.
  *   8-bit, 3/5/6-bit: natural order. The odd widths take 8 values from
  *          `bits` bytes as two 32-bit words (values 0-3 from byte 0, values
@@ -29,13 +30,14 @@ static inline __attribute__((always_inline)) int32_t ukr_load32(const uint8_t *p
 
 static inline __attribute__((always_inline)) void ukr_unpack32_i32(const uint8_t *src, int bits,
                                                                   __m256i v[4]) {
-  if (bits == 4) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)src), m = _mm_set1_epi8(0x0f);
-    const __m128i lo = _mm_and_si128(raw, m), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m);
-    v[0] = _mm256_cvtepu8_epi32(lo);
-    v[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
-    v[2] = _mm256_cvtepu8_epi32(hi);
-    v[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+  if (bits == 4) { /* each byte widened to a lane, then its two nibbles */
+    const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src));
+    const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8)));
+    const __m256i m = _mm256_set1_epi32(0x0f);
+    v[0] = _mm256_and_si256(b0, m);
+    v[1] = _mm256_srli_epi32(b0, 4);
+    v[2] = _mm256_and_si256(b1, m);
+    v[3] = _mm256_srli_epi32(b1, 4);
   } else if (bits == 8) {
     for (int i = 0; i < 4; i++) v[i] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * i)));
   } else if (bits == 2) {
@@ -60,7 +62,7 @@ static inline __attribute__((always_inline)) void ukr_unpack32_i32(const uint8_t
 static inline void ukr_x86_perm(int bits, int perm[32]) {
   for (int j = 0; j < 32; j++) {
     const int v = j / 8, l = j % 8;
-    if (bits == 4) perm[j] = (v & 1) * 16 + 2 * l + (v >> 1);
+    if (bits == 4) perm[j] = (v >> 1) * 16 + 2 * l + (v & 1);
     else if (bits == 2) perm[j] = 4 * l + v;
     else perm[j] = j;
   }

@@ -249,8 +249,10 @@ static double cpu_llc_bytes(void) {
   return best > 0 ? best : 32e6;
 }
 
-static const int ms[] = {1, 2, 4, 8, 16, 32, 64, 128};
-#define N_MS ((int)(sizeof ms / sizeof ms[0]))
+/* M (qmm) and rows per expert (gather) of the sweep; --m picks a subset. */
+static const int ms_all[] = {1, 2, 4, 8, 16, 32, 64, 128};
+static int ms[8] = {1, 2, 4, 8, 16, 32, 64, 128};
+static int N_MS = 8;
 
 static int sweep_qmm(sweep *s, gqmm_quant q, int K) {
   const double bytes_per_row = (double)K * q.bits / 8 + 2.0 * 2 * K / q.group_size;
@@ -310,6 +312,7 @@ int gqmm_cmd_sweep(int argc, char **argv) {
   gqmm_backend_kind kind = GQMM_BACKEND_AUTO;
   const char *json_path = NULL, *ops = "all";
   int int8 = 0, config = -1, threads = 0;
+  double llc_mb = 0.0;
   sweep s;
   memset(&s, 0, sizeof s);
   s.min_runs = 20;
@@ -326,9 +329,18 @@ int gqmm_cmd_sweep(int argc, char **argv) {
     else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--int8")) int8 = 1;
+    else if (!strcmp(argv[i], "--llc-mb") && i + 1 < argc) llc_mb = atof(argv[++i]);
+    else if (!strcmp(argv[i], "--m") && i + 1 < argc) {
+      N_MS = 0; /* comma-separated subset of 1,2,4,...,128 */
+      for (char *t = strtok(argv[++i], ","); t && N_MS < 8; t = strtok(NULL, ","))
+        for (int k = 0; k < 8; k++)
+          if (atoi(t) == ms_all[k]) ms[N_MS++] = ms_all[k];
+    }
     else {
       printf("usage: gqmm sweep [--backend auto|cpu|cuda] [--op all|qmm|gather] [--json FILE]\n"
              "                  [--runs N (default 20)] [--config ID] [--threads N]\n"
+             "                  [--m 1,2,...  subset of M / rows per expert]\n"
+             "                  [--llc-mb MB  cache size the shapes must exceed (default: sysfs)]\n"
              "                  [--int8  FAST MODE: int8-quantized activations, not exact]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
@@ -367,7 +379,7 @@ int gqmm_cmd_sweep(int argc, char **argv) {
     fprintf(stderr, "gqmm sweep: ceilings: %s\n", gqmm_last_error(s.ctx));
     goto done;
   }
-  s.llc_bytes = s.be->mem_alloc ? 50e6 : cpu_llc_bytes();
+  s.llc_bytes = llc_mb > 0 ? llc_mb * 1e6 : s.be->mem_alloc ? 50e6 : cpu_llc_bytes();
   if (json_path && !(s.json = fopen(json_path, "w"))) {
     fprintf(stderr, "gqmm sweep: cannot write %s\n", json_path);
     goto done;

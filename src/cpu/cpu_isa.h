@@ -19,22 +19,27 @@
 
 #include "internal.h"
 
+#include <string.h>
+
 /* Weight rows handled by one qmv call and the most rows of x it accepts. */
 #define GQMM__CPU_QMV_MAX_ROWS 4
 /* Register-blocking limits of the gemm micro-kernel (MR x NR accumulators). */
 #define GQMM__CPU_MAX_MR 6
 #define GQMM__CPU_MAX_NR 4
 
-/* One packed weight row and its group parameters, already in float32. */
+/* One packed weight row and its group parameters (in the problem's dtype:
+ * kernels convert one scale and bias per group, which costs nothing next to
+ * the group's multiply-adds and saves a conversion pass per work unit). */
 typedef struct {
   const uint8_t *w;  /* packed values of the row (bit stream) */
-  const float *s;    /* [groups] scales */
-  const float *b;    /* [groups] biases */
+  const void *s;     /* [groups] scales */
+  const void *b;     /* [groups] biases */
 } gqmm__cpu_wrow;
 
 /* Shape facts every kernel needs. */
 typedef struct {
   int bits, group_size;
+  gqmm_dtype dtype;   /* of scales and biases */
   int64_t K;          /* values per weight row (the reduction) */
   int64_t row_bytes;  /* packed bytes per weight row */
 } gqmm__cpu_shape;
@@ -85,6 +90,21 @@ extern const gqmm__cpu_isa gqmm__cpu_isa_portable;
 /* MACs/s of one thread running loop(iters) (macs_per_iter each) for ~50 ms
  * (cpu_ceilings.c); the ISA files' peak loops use it. */
 double gqmm__cpu_time_peak(double (*loop)(long iters), double macs_per_iter);
+
+/* Element i of a scale/bias row as float; f16 through `f16` (F16C on x86). */
+static inline __attribute__((always_inline)) float gqmm__cpu_param(const void *p, gqmm_dtype t,
+                                                                  int64_t i,
+                                                                  float (*f16)(uint16_t)) {
+  if (t == GQMM_F32) return ((const float *)p)[i];
+  const uint16_t h = ((const uint16_t *)p)[i];
+  if (t == GQMM_BF16) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return f16(h);
+}
 
 /* Byte offset of value k (a multiple of 32) inside a packed row. */
 static inline int64_t gqmm__cpu_chunk_offset(int bits, int64_t k) {

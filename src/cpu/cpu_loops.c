@@ -104,7 +104,7 @@ static int build_blocks(gqmm_ctx *ctx, job *j) {
 /* ---- per-thread scratch -------------------------------------------------- */
 
 typedef struct {
-  float *xf, *xsum, *xs, *tmp, *sf, *bf, *panel, *C;
+  float *xf, *xsum, *xs, *tmp, *panel, *C;
   float *Cv; /* gemm accumulators: R x nt vectors of vw lanes */
   int8_t *xq;
   gqmm__cpu_wrow *wrows;
@@ -118,15 +118,11 @@ static size_t carve(size_t *off, size_t bytes) {
 
 /* Lays the scratch out; returns the bytes needed, pointers into base if set. */
 static size_t layout(const job *j, char *base, scratch_view *v) {
-  const int64_t R = j->rows_max, K = j->a->K, nt = j->nt, G = j->G;
-  const int64_t wlen = j->a->transpose ? K : j->a->N; /* values per weight row */
+  const int64_t R = j->rows_max, K = j->a->K, nt = j->nt;
   size_t off = 0;
   const size_t o_xf = carve(&off, (size_t)(R * K) * 4), o_xsum = carve(&off, (size_t)(R * (K / 32 + 1)) * 4);
   const size_t o_xs = carve(&off, (size_t)(R * (K / 32 + 1)) * 4), o_tmp = carve(&off, (size_t)K * 4);
-  const int64_t ncols = j->a->transpose ? nt : wlen; /* transpose=0: whole rows */
-  const int64_t sb = j->a->transpose ? nt * G : G;
-  const size_t o_sf = carve(&off, (size_t)sb * 4), o_bf = carve(&off, (size_t)sb * 4);
-  const size_t o_panel = carve(&off, (size_t)(j->a->transpose ? nt * j->cfg->kc : ncols) * 4);
+  const size_t o_panel = carve(&off, (size_t)(nt * (j->a->transpose ? j->cfg->kc : 1)) * 4);
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
   const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
   const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
@@ -136,8 +132,6 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
     v->xsum = (float *)(base + o_xsum);
     v->xs = (float *)(base + o_xs);
     v->tmp = (float *)(base + o_tmp);
-    v->sf = (float *)(base + o_sf);
-    v->bf = (float *)(base + o_bf);
     v->panel = (float *)(base + o_panel);
     v->C = (float *)(base + o_C);
     v->Cv = (float *)(base + o_Cv);
@@ -208,10 +202,8 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
   const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], K = a->K, G = j->G, nt = j->nt;
   for (int i = 0; i < nn; i++) {
     const int64_t wr = e * j->nw + n0 + i;
-    j->isa->to_float(elem(a->scales, wr * G, esz), a->dtype, G, v->sf + i * G);
-    j->isa->to_float(elem(a->biases, wr * G, esz), a->dtype, G, v->bf + i * G);
-    v->wrows[i] = (gqmm__cpu_wrow){(const uint8_t *)a->w + wr * j->sh.row_bytes, v->sf + i * G,
-                                   v->bf + i * G};
+    v->wrows[i] = (gqmm__cpu_wrow){(const uint8_t *)a->w + wr * j->sh.row_bytes,
+                                   elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
   }
   if (j->int8) {
     j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
@@ -251,9 +243,8 @@ static void unit_plain(const job *j, const scratch_view *v, int64_t blk, int64_t
   memset(v->C, 0, (size_t)(R * nt) * sizeof(float));
   for (int64_t k = 0; k < K; k++) {
     const int64_t wr = e * K + k;
-    j->isa->to_float(elem(a->scales, wr * G, esz), a->dtype, G, v->sf);
-    j->isa->to_float(elem(a->biases, wr * G, esz), a->dtype, G, v->bf);
-    const gqmm__cpu_wrow row = {(const uint8_t *)a->w + wr * j->sh.row_bytes, v->sf, v->bf};
+    const gqmm__cpu_wrow row = {(const uint8_t *)a->w + wr * j->sh.row_bytes,
+                                elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
     j->isa->dequant(&j->sh, &row, n0, nn, v->panel);
     for (int64_t r = 0; r < R; r++) {
       const float xv = v->xf[r * K + k];
@@ -313,7 +304,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   const int64_t wlen = a->transpose ? a->K : a->N;
   j.nw = a->transpose ? a->N : a->K;
   j.G = wlen / a->q.group_size;
-  j.sh = (gqmm__cpu_shape){a->q.bits, a->q.group_size, wlen, gqmm_packed_words(a->q, wlen) * 4};
+  j.sh = (gqmm__cpu_shape){a->q.bits, a->q.group_size, a->dtype, wlen,
+                           gqmm_packed_words(a->q, wlen) * 4};
   j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
   if (j.rows_max < 8) j.rows_max = 8;
   if (j.rows_max > 512) j.rows_max = 512;

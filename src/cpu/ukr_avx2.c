@@ -24,6 +24,7 @@ static inline float vf_hsum(ukr_vf v) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+static inline float ukr_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
                                                           ukr_vf q[4]) {
   __m256i v[4];
@@ -67,9 +68,9 @@ static void avx2_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, i
           }
         }
         for (int r = 0; r < rb; r++) {
-          const float sc = rw->s[g] * xs[(r0 + r) * G + g];
+          const float sc = UKR_PARAM(rw->s, sh->dtype, g) * xs[(r0 + r) * G + g];
           tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(sc), tot[r]);
-          bsum[r] += rw->b[g] * xsum[(r0 + r) * G + g];
+          bsum[r] += UKR_PARAM(rw->b, sh->dtype, g) * xsum[(r0 + r) * G + g];
         }
       }
       for (int r = 0; r < rb; r++) C[(r0 + r) * ldc + n] = vf_hsum(tot[r]) + bsum[r];

@@ -21,6 +21,7 @@ static inline ukr_vf vf_set1(float f) { return _mm512_set1_ps(f); }
 static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) { return _mm512_fmadd_ps(a, b, c); }
 static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) { return _mm512_add_ps(a, b); }
 static inline float vf_hsum(ukr_vf v) { return _mm512_reduce_add_ps(v); }
+static inline float ukr_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
 static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
                                                           ukr_vf q[2]) {
   __m256i v[4];
@@ -68,9 +69,9 @@ static void avx512_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows,
                                          _mm256_loadu_si256((const __m256i *)(xq + (r0 + r) * K + k)));
         }
         for (int r = 0; r < rb; r++) {
-          const float sc = rw->s[g] * xs[(r0 + r) * G + g];
+          const float sc = UKR_PARAM(rw->s, sh->dtype, g) * xs[(r0 + r) * G + g];
           tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(sc), tot[r]);
-          bsum[r] += rw->b[g] * xsum[(r0 + r) * G + g];
+          bsum[r] += UKR_PARAM(rw->b, sh->dtype, g) * xsum[(r0 + r) * G + g];
         }
       }
       for (int r = 0; r < rb; r++) {

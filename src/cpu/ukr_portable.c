@@ -46,6 +46,7 @@ static inline float vf_hsum(ukr_vf a) {
   for (int i = 0; i < UKR_VW; i++) s += a.v[i];
   return s;
 }
+static inline float ukr_f16_to_f32(uint16_t h) { return gqmm_f16_to_f32(h); }
 static inline void unpack32(const uint8_t *src, int bits, ukr_vf q[32 / UKR_VW]) {
   for (int j = 0; j < 32; j++) q[j / UKR_VW].v[j % UKR_VW] = (float)gqmm__unpack(src, bits, j);
 }

@@ -8,6 +8,7 @@
  *   UKR_OVERREAD         bytes unpack32 may read past its chunk (0 = exact)
  *   vf_zero, vf_load, vf_store, vf_set1, vf_fma(a, b, c) = a*b + c, vf_add,
  *   vf_hsum              horizontal sum to float
+ *   ukr_f16_to_f32       scalar half -> float
  *   unpack32(src, bits, q[32 / UKR_VW])
  *                        the 32 q-values of one chunk (4*bits bytes at src) as
  *                        float vectors, in the ISA's lane order (perm)
@@ -26,6 +27,7 @@
 #include <string.h>
 
 #define UKR_INLINE static inline __attribute__((always_inline))
+#define UKR_PARAM(p, t, i) gqmm__cpu_param(p, t, i, ukr_f16_to_f32)
 #define UKR_NV (32 / UKR_VW) /* vectors per 32-value chunk */
 
 /* Unpack the chunk at byte `off` of a row. For 3/5/6 bits the vector unpack
@@ -70,8 +72,8 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
         for (int r = 0; r < R; r++)
           acc[r][v % NA] = vf_fma(vf_load(x + r * K + k + v * UKR_VW), q[v], acc[r][v % NA]);
     }
-    const ukr_vf s = vf_set1(rw->s[g]);
-    const float b = rw->b[g];
+    const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
+    const float b = UKR_PARAM(rw->b, sh->dtype, g);
     for (int r = 0; r < R; r++) {
       ukr_vf sum = acc[r][0];
       for (int a = 1; a < NA; a++) sum = vf_add(sum, acc[r][a]);
@@ -89,7 +91,8 @@ UKR_INLINE void ukr_dequant_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow 
   for (int64_t k = k0; k < k0 + kc; k += 32) {
     ukr_vf q[UKR_NV];
     ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == sh->K - 32, q);
-    const ukr_vf s = vf_set1(rw->s[k / gs]), b = vf_set1(rw->b[k / gs]);
+    const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, k / gs));
+    const ukr_vf b = vf_set1(UKR_PARAM(rw->b, sh->dtype, k / gs));
     for (int v = 0; v < UKR_NV; v++) vf_store(dst + (k - k0) + v * UKR_VW, vf_fma(q[v], s, b));
   }
 }

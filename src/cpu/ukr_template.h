@@ -32,9 +32,10 @@
 
 /* Unpack the chunk at byte `off` of a row. For 3/5/6 bits the vector unpack
  * loads whole 32-bit words and may read past the chunk; the last chunk of a
- * row may end the caller's buffer, so it is copied to a padded local first. */
+ * row may end the caller's buffer, so it is copied to a padded local first
+ * (bits is a constant: the check vanishes for 2/4/8 bits). */
 UKR_INLINE void ukr_chunk(const uint8_t *w, int64_t off, int bits, bool last, ukr_vf q[UKR_NV]) {
-  if (UKR_OVERREAD && last) {
+  if (UKR_OVERREAD && (bits == 3 || bits == 5 || bits == 6) && last) {
     uint8_t tmp[40] = {0};
     memcpy(tmp, w + off, (size_t)(4 * bits));
     unpack32(tmp, bits, q);
@@ -46,19 +47,20 @@ UKR_INLINE void ukr_chunk(const uint8_t *w, int64_t off, int bits, bool last, uk
 /*
  * One weight row against R rows of x, the whole K, with the per-group
  * identity: acc holds sum x*q (q an exact small integer in float), the group
- * end folds in s (one FMA per row) and b*sum(x) (scalar). Independent
- * accumulator chains per row hide the FMA latency: NA of them.
+ * end folds s in with one FMA per accumulator into tot, and b*sum(x) into a
+ * scalar. NA independent accumulator chains per row hide the FMA latency
+ * while acc + tot stay within the register file.
  */
 UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const float *x,
                             const float *xsum, const int R, const int bits, float *C, int64_t ldc) {
   enum { NA_MAX = UKR_NV };
-  const int NA = (R <= 2 || UKR_NV <= 2) ? UKR_NV : UKR_NV / 2;
+  const int NA = R == 1 ? UKR_NV : (R == 2 && UKR_NV >= 2) ? 2 : 1;
   const int gs = sh->group_size;
   const int64_t K = sh->K, G = K / gs, last_k = K - 32;
-  ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS];
+  ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
   float bsum[GQMM__CPU_QMV_MAX_ROWS];
   for (int r = 0; r < R; r++) {
-    tot[r] = vf_zero();
+    for (int a = 0; a < NA; a++) tot[r][a] = vf_zero();
     bsum[r] = 0.0f;
   }
   for (int64_t g = 0; g < G; g++) {
@@ -75,13 +77,15 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
     const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
     const float b = UKR_PARAM(rw->b, sh->dtype, g);
     for (int r = 0; r < R; r++) {
-      ukr_vf sum = acc[r][0];
-      for (int a = 1; a < NA; a++) sum = vf_add(sum, acc[r][a]);
-      tot[r] = vf_fma(sum, s, tot[r]);
+      for (int a = 0; a < NA; a++) tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
       bsum[r] += b * xsum[r * G + g];
     }
   }
-  for (int r = 0; r < R; r++) C[r * ldc] = vf_hsum(tot[r]) + bsum[r];
+  for (int r = 0; r < R; r++) {
+    ukr_vf sum = tot[r][0];
+    for (int a = 1; a < NA; a++) sum = vf_add(sum, tot[r][a]);
+    C[r * ldc] = vf_hsum(sum) + bsum[r];
+  }
 }
 
 /* Dequantize [k0, k0+kc) of one row to float: w = s*q + b (one rounding). */

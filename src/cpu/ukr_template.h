@@ -88,15 +88,21 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
   }
 }
 
-/* Dequantize [k0, k0+kc) of one row to float: w = s*q + b (one rounding). */
+/* Dequantize [k0, k0+kc) of one row to float: w = s*q + b (one rounding).
+ * The panel walks many rows kc values at a time, a stride the hardware
+ * prefetchers miss, so each group asks for the same row's next block. */
 UKR_INLINE void ukr_dequant_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, int64_t k0,
                                 int64_t kc, const int bits, float *dst) {
-  const int gs = sh->group_size;
+  const int gs = sh->group_size, shift = __builtin_ctz((unsigned)gs); /* gs: 32, 64, 128 */
+  ukr_vf s = vf_zero(), b = vf_zero();
   for (int64_t k = k0; k < k0 + kc; k += 32) {
+    if (k == k0 || (k & (gs - 1)) == 0) { /* a new group (kc may hold part of one) */
+      s = vf_set1(UKR_PARAM(rw->s, sh->dtype, k >> shift));
+      b = vf_set1(UKR_PARAM(rw->b, sh->dtype, k >> shift));
+      if (k + kc < sh->K) __builtin_prefetch(rw->w + gqmm__cpu_chunk_offset(bits, k + kc), 0, 3);
+    }
     ukr_vf q[UKR_NV];
     ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == sh->K - 32, q);
-    const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, k / gs));
-    const ukr_vf b = vf_set1(UKR_PARAM(rw->b, sh->dtype, k / gs));
     for (int v = 0; v < UKR_NV; v++) vf_store(dst + (k - k0) + v * UKR_VW, vf_fma(q[v], s, b));
   }
 }

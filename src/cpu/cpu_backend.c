@@ -62,10 +62,12 @@ const gqmm__cpu_config *gqmm__cpu_configs(const gqmm__cpu_isa *isa, int *count) 
   return configs_16reg;
 }
 
+/* The built-in choice: measured best on every M of `gqmm sweep` on the AVX2
+ * development machine (docs/perf-notes.md); the 32-register table's first
+ * row is its analogue with a wider register tile, not yet measured. */
 int gqmm__cpu_default_config(const gqmm__cpu_isa *isa, const gqmm__qmm_args *a) {
-  (void)isa;
   (void)a;
-  return 0;
+  return isa == &gqmm__cpu_isa_avx512 ? 0 : 4;
 }
 
 /* ---- state ------------------------------------------------------------- */

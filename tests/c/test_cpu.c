@@ -316,3 +316,55 @@ GQMM_TEST(cpu_bad_isa_requests_fail_clearly) {
   CHECK_MSG(st == GQMM_ERR_ARG && strstr(err, "config"), "status %d: %s", st, err);
   problem_free(&p);
 }
+
+/* Accuracy of the exact and the int8 (fast) mode against float64 truth, on
+ * the seed's format (4-bit, group 64) at K = 2816. Prints the figures that
+ * docs/perf-notes.md records; bounds are loose (a failure means a bug). */
+GQMM_TEST(cpu_int8_accuracy_vs_float64) {
+  test_rng r = test_rng_make(709);
+  const gqmm_dtype dts[2] = {GQMM_F32, GQMM_BF16};
+  for (int di = 0; di < 2; di++) {
+    problem p = {.E = 4, .M = 8, .N = 64, .K = 2816, .batch = 4, .transpose = 1, .q = {4, 64},
+                 .dt = dts[di]};
+    CHECK_OK(problem_make(&p, &r, 0, true));
+    const int64_t n_out = (int64_t)p.batch * p.M * p.N, G = p.K / 64;
+    double *truth = calloc((size_t)n_out, sizeof(double));
+    void *raw = malloc((size_t)n_out * 4);
+    CHECK(truth && raw);
+    for (int b = 0; b < p.batch; b++) /* float64 truth of x @ dequant(w)^T */
+      for (int m = 0; m < p.M; m++)
+        for (int n = 0; n < p.N; n++) {
+          const int64_t wr = (int64_t)p.idx[b] * p.N + n;
+          const uint8_t *row = (const uint8_t *)(p.wq + wr * (p.K / 8));
+          double acc = 0;
+          for (int k = 0; k < p.K; k++) {
+            const double s = gqmm__load_f(p.sc, p.dt, wr * G + k / 64);
+            const double bb = gqmm__load_f(p.bi, p.dt, wr * G + k / 64);
+            const double x = gqmm__load_f(p.x, p.dt, ((int64_t)b * p.M + m) * p.K + k);
+            acc += x * (s * gqmm__unpack(row, 4, k) + bb);
+          }
+          truth[((int64_t)b * p.M + m) * p.N + n] = acc;
+        }
+    const char *modes[3] = {"reference", "cpu exact", "cpu int8"};
+    for (int mode = 0; mode < 3; mode++) {
+      char err[256] = "";
+      runner how = {mode ? "avx2" : NULL, 2, -1, mode == 2};
+      if (mode && !isa_available("avx2")) how.isa = "portable";
+      CHECK_OK(problem_run(&p, how, raw, err, sizeof err));
+      double num = 0, den = 0, worst = 0;
+      for (int64_t i = 0; i < n_out; i++) {
+        const double d = gqmm__load_f(raw, p.dt, i) - truth[i];
+        num += d * d;
+        den += truth[i] * truth[i];
+        worst = fmax(worst, fabs(d));
+      }
+      const double rel = sqrt(num / den), rms = sqrt(den / (double)n_out);
+      fprintf(stderr, "  accuracy %-9s x %-8s: rel L2 err %.3e, max |err| / rms(out) %.3e\n",
+              modes[mode], gqmm_dtype_name(p.dt), rel, worst / rms);
+      const double bound = mode == 2 ? 2e-2 : p.dt == GQMM_F32 ? 1e-5 : 1e-2;
+      CHECK_MSG(rel < bound, "%s %s: %.3g", modes[mode], gqmm_dtype_name(p.dt), rel);
+    }
+    free(truth), free(raw);
+    problem_free(&p);
+  }
+}

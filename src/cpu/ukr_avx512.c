@@ -32,6 +32,11 @@ static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, i
 
 #include "ukr_template.h"
 UKR_DEFINE_KERNELS(avx512)
+/* VNNI: four u8 x s8 products summed into each int32 lane in one instruction. */
+static inline __m256i ukr_i8_dot(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_dpbusd_epi32(acc, w, x);
+}
+#define UKR_I8_ROWS 8 /* 32 registers */
 #include "ukr_x86_common.h"
 
 static bool avx512_supported(void) {
@@ -40,66 +45,6 @@ static bool avx512_supported(void) {
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
          __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") &&
          __builtin_cpu_supports("fma");
-}
-
-/* int8 mode, 4-bit weights: as the AVX2 kernel, with vpdpbusd. */
-static void avx512_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
-                          const int8_t *xq, const float *xs, const float *xsum, int R, float *C,
-                          int64_t ldc) {
-  const int gs = sh->group_size;
-  const int64_t K = sh->K, G = K / gs;
-  enum { RB = 8 };
-  for (int n = 0; n < nrows; n++) {
-    const gqmm__cpu_wrow *rw = &rows[n];
-    for (int r0 = 0; r0 < R; r0 += RB) {
-      const int rb = R - r0 < RB ? R - r0 : RB;
-      __m256 tot[RB];
-      float bsum[RB];
-      for (int r = 0; r < RB; r++) {
-        tot[r] = _mm256_setzero_ps();
-        bsum[r] = 0.0f;
-      }
-      for (int64_t g = 0; g < G; g++) {
-        __m256i acc[RB];
-        for (int r = 0; r < RB; r++) acc[r] = _mm256_setzero_si256();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-          const __m256i wv = ukr_unpack32_u8_4bit(rw->w + k / 2);
-          for (int r = 0; r < rb; r++)
-            acc[r] = _mm256_dpbusd_epi32(acc[r], wv,
-                                         _mm256_loadu_si256((const __m256i *)(xq + (r0 + r) * K + k)));
-        }
-        for (int r = 0; r < rb; r++) {
-          const float sc = UKR_PARAM(rw->s, sh->dtype, g) * xs[(r0 + r) * G + g];
-          tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), _mm256_set1_ps(sc), tot[r]);
-          bsum[r] += UKR_PARAM(rw->b, sh->dtype, g) * xsum[(r0 + r) * G + g];
-        }
-      }
-      for (int r = 0; r < rb; r++) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(tot[r]), _mm256_extractf128_ps(tot[r], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        C[(r0 + r) * ldc + n] = _mm_cvtss_f32(s) + bsum[r];
-      }
-    }
-  }
-}
-
-/* int8 peak: 256-bit vpdpbusd (32 multiply-adds) in 10 chains. */
-static double avx512_peak_i8(long iters) {
-  __m256i acc[10], a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2);
-  for (int i = 0; i < 10; i++) acc[i] = _mm256_set1_epi32(i);
-  for (long it = 0; it < iters; it++) {
-    for (int i = 0; i < 10; i++) acc[i] = _mm256_dpbusd_epi32(acc[i], a, b);
-    __asm__ volatile("" : "+x"(a), "+x"(b));
-  }
-  int sink = 0;
-  for (int i = 0; i < 10; i++) sink += _mm256_extract_epi32(acc[i], 0);
-  return (double)sink;
-}
-
-static double avx512_peak_macs(bool int8) {
-  return int8 ? gqmm__cpu_time_peak(avx512_peak_i8, 32.0 * 10)
-              : gqmm__cpu_time_peak(ukr_peak_fma, UKR_VW * 12.0);
 }
 
 const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
@@ -111,7 +56,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .dequant = avx512_dequant,
     .gemm = avx512_gemm,
     .vw = UKR_VW,
-    .qmv_i8 = avx512_qmv_i8,
+    .qmv_i8 = ukr_qmv_i8,
     .perm_i8 = ukr_x86_perm_i8,
-    .peak_macs = avx512_peak_macs,
+    .peak_macs = ukr_peak_macs,
 };

@@ -58,6 +58,14 @@ static inline __attribute__((always_inline)) void ukr_unpack32_i32(const uint8_t
   }
 }
 
+/* Sum of the 8 lanes. */
+static inline float ukr_hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
 /* The lane order above as a table: perm[j] = value index of lane j. */
 static inline void ukr_x86_perm(int bits, int perm[32]) {
   for (int j = 0; j < 32; j++) {

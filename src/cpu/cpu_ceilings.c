@@ -106,7 +106,17 @@ int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceil
   out->compute_GMACps = macs / 1e9;
   snprintf(out->compute_what, sizeof out->compute_what, "%s %s", st->isa->name,
            b->int8 ? "int8 maddubs" : "fp32 fma");
-  snprintf(out->device_name, sizeof out->device_name, "CPU %s (%d threads)", st->isa->name,
+  char model[64] = "CPU";
+  FILE *f = fopen("/proc/cpuinfo", "r"); /* "model name : AMD EPYC" on Linux */
+  for (char line[256]; f && fgets(line, sizeof line, f);) {
+    char *colon = strchr(line, ':');
+    if (strncmp(line, "model name", 10) || !colon) continue;
+    snprintf(model, sizeof model, "%s", colon + 2);
+    model[strcspn(model, "\n")] = 0;
+    break;
+  }
+  if (f) fclose(f);
+  snprintf(out->device_name, sizeof out->device_name, "%s, %s, %d threads", model, st->isa->name,
            st->threads);
   free(b), free(src), free(dst);
   return GQMM_OK;

@@ -83,8 +83,10 @@ static void *dev_put(sweep *s, const void *host, size_t n) {
 
 static void dev_free(sweep *s, void *p) {
   if (!p) return;
-  if (s->be->mem_free) s->be->mem_free(s->ctx, p);
-  else free(p);
+  if (s->be->mem_free)
+    s->be->mem_free(s->ctx, p);
+  else
+    free(p);
 }
 
 static void poison(sweep *s, void *out, size_t n) {
@@ -105,7 +107,8 @@ static void print_row(sweep *s, const point *p, double med, double mn, int runs)
   const double compute = s->ceil.compute_GMACps * p->weight_bytes / p->macs;
   const double roof = fmin(mem, compute);
   printf("%-7s %4d %5d %6d %4d %7.1f %11.1f %11.1f %6d %9.2f %9.2f %6.1f%%\n", p->op, p->E, p->K,
-         p->N, p->M, p->rows_per_expert, med * 1e6, mn * 1e6, runs, gbps, roof, 100.0 * gbps / roof);
+         p->N, p->M, p->rows_per_expert, med * 1e6, mn * 1e6, runs, gbps, roof,
+         100.0 * gbps / roof);
   fflush(stdout);
   if (!s->json) return;
   fprintf(s->json,
@@ -174,7 +177,8 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
       to = gqmm_tensor_make(out, GQMM_BF16, 2, qo);
     }
     gqmm_tensor *on_device[] = {&tx, &tw, &ts, &tb, &to};
-    for (int i = 0; i < 5; i++) on_device[i]->device = dev;
+    for (int i = 0; i < 5; i++)
+      on_device[i]->device = dev;
     poison(s, out, no);
     if (s->be->sync) s->be->sync(s->ctx);
     const double t0 = now_s();
@@ -199,7 +203,8 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
   }
   free(times);
   for (int c = 0; c < copies; c++)
-    for (int i = 0; i < 4; i++) dev_free(s, set[c].p[i]);
+    for (int i = 0; i < 4; i++)
+      dev_free(s, set[c].p[i]);
   dev_free(s, out);
   return st;
 }
@@ -207,12 +212,14 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
 /* Random packed weights and bf16 scales/biases of realistic magnitude. */
 static int make_weights(sweep *s, int E, int N, int K, gqmm_quant q, uint32_t **w, uint16_t **sc,
                         uint16_t **bi) {
-  const int64_t nw = (int64_t)E * N * gqmm_packed_words(q, K), ns = (int64_t)E * N * (K / q.group_size);
+  const int64_t nw = (int64_t)E * N * gqmm_packed_words(q, K),
+                ns = (int64_t)E * N * (K / q.group_size);
   *w = malloc((size_t)nw * 4);
   *sc = malloc((size_t)ns * 2);
   *bi = malloc((size_t)ns * 2);
   if (!*w || !*sc || !*bi) return GQMM_ERR_NOMEM;
-  for (int64_t i = 0; i < nw; i++) (*w)[i] = next_u32(s) ^ (next_u32(s) << 16);
+  for (int64_t i = 0; i < nw; i++)
+    (*w)[i] = next_u32(s) ^ (next_u32(s) << 16);
   for (int64_t i = 0; i < ns; i++) {
     (*sc)[i] = gqmm_f32_to_bf16(0.004f + 0.004f * (float)(next_u32(s) % 1000) / 1000.0f);
     (*bi)[i] = gqmm_f32_to_bf16(-0.03f - 0.03f * (float)(next_u32(s) % 1000) / 1000.0f);
@@ -261,7 +268,15 @@ static int sweep_qmm(sweep *s, gqmm_quant q, int K) {
   uint16_t *sc = NULL, *bi = NULL, *x = make_x(s, (int64_t)128 * K);
   int st = x ? make_weights(s, 1, N, K, q, &w, &sc, &bi) : GQMM_ERR_NOMEM;
   for (int i = 0; !st && i < N_MS; i++) {
-    point p = {"qmm", 1, K, N, ms[i], q.bits, q.group_size, ms[i], N * bytes_per_row,
+    point p = {"qmm",
+               1,
+               K,
+               N,
+               ms[i],
+               q.bits,
+               q.group_size,
+               ms[i],
+               N * bytes_per_row,
                (double)ms[i] * N * K};
     st = time_point(s, &p, x, ms[i], w, sc, bi, NULL);
   }
@@ -286,20 +301,31 @@ static int sweep_gather(sweep *s, gqmm_quant q, int E, int K, int N, int topk) {
       int picked[64], np = 0;
       while (np < topk) {
         int e = (int)(next_u32(s) % (uint32_t)E), dup = 0;
-        for (int j = 0; j < np; j++) dup |= picked[j] == e;
+        for (int j = 0; j < np; j++)
+          dup |= picked[j] == e;
         if (!dup) picked[np++] = e;
       }
-      for (int j = 0; j < topk; j++) count[picked[j]]++;
+      for (int j = 0; j < topk; j++)
+        count[picked[j]]++;
     }
     /* rows sorted by expert (mlx-lm's _gather_sort); x rows are the gathered ones */
     int used = 0;
     for (int e = 0, r = 0; !st && e < E; e++) {
       used += count[e] > 0;
-      for (int c = 0; c < count[e]; c++) idx[r++] = e;
+      for (int c = 0; c < count[e]; c++)
+        idx[r++] = e;
     }
     if (!st) {
-      point p = {"gather", E, K, N, 1, q.bits, q.group_size, (double)rows / E,
-                 used * bytes_per_expert, (double)rows * N * K};
+      point p = {"gather",
+                 E,
+                 K,
+                 N,
+                 1,
+                 q.bits,
+                 q.group_size,
+                 (double)rows / E,
+                 used * bytes_per_expert,
+                 (double)rows * N * K};
       st = time_point(s, &p, x, rows, w, sc, bi, idx);
     }
     free(idx), free(count), free(x);
@@ -323,20 +349,26 @@ int gqmm_cmd_sweep(int argc, char **argv) {
         fprintf(stderr, "gqmm sweep: unknown backend '%s'\n", argv[i]);
         return 2;
       }
-    } else if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
-    else if (!strcmp(argv[i], "--op") && i + 1 < argc) ops = argv[++i];
-    else if (!strcmp(argv[i], "--runs") && i + 1 < argc) s.min_runs = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--config") && i + 1 < argc) config = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--threads") && i + 1 < argc) threads = atoi(argv[++i]);
-    else if (!strcmp(argv[i], "--int8")) int8 = 1;
-    else if (!strcmp(argv[i], "--llc-mb") && i + 1 < argc) llc_mb = atof(argv[++i]);
+    } else if (!strcmp(argv[i], "--json") && i + 1 < argc)
+      json_path = argv[++i];
+    else if (!strcmp(argv[i], "--op") && i + 1 < argc)
+      ops = argv[++i];
+    else if (!strcmp(argv[i], "--runs") && i + 1 < argc)
+      s.min_runs = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--config") && i + 1 < argc)
+      config = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+      threads = atoi(argv[++i]);
+    else if (!strcmp(argv[i], "--int8"))
+      int8 = 1;
+    else if (!strcmp(argv[i], "--llc-mb") && i + 1 < argc)
+      llc_mb = atof(argv[++i]);
     else if (!strcmp(argv[i], "--m") && i + 1 < argc) {
       N_MS = 0; /* comma-separated subset of 1,2,4,...,128 */
       for (char *t = strtok(argv[++i], ","); t && N_MS < 8; t = strtok(NULL, ","))
         for (int k = 0; k < 8; k++)
           if (atoi(t) == ms_all[k]) ms[N_MS++] = ms_all[k];
-    }
-    else {
+    } else {
       printf("usage: gqmm sweep [--backend auto|cpu|cuda] [--op all|qmm|gather] [--json FILE]\n"
              "                  [--runs N (default 20)] [--config ID] [--threads N]\n"
              "                  [--m 1,2,...  subset of M / rows per expert]\n"
@@ -358,7 +390,9 @@ int gqmm_cmd_sweep(int argc, char **argv) {
   char cfg_name[64] = "auto";
   /* the backend `kind` selects for a bf16 4-bit problem on its device */
   for (const gqmm__backend *const *b = gqmm__backends(); *b && !s.be; b++) {
-    gqmm__qmm_args a = {.dtype = GQMM_BF16, .q = {4, 64}, .transpose = 1,
+    gqmm__qmm_args a = {.dtype = GQMM_BF16,
+                        .q = {4, 64},
+                        .transpose = 1,
                         .device = (*b)->mem_alloc ? GQMM_DEVICE_CUDA : GQMM_DEVICE_CPU};
     if ((kind == GQMM_BACKEND_AUTO || (*b)->kind == kind) && (*b)->kind != GQMM_BACKEND_REF &&
         (*b)->supports_qmm(s.ctx, &a))
@@ -384,18 +418,20 @@ int gqmm_cmd_sweep(int argc, char **argv) {
     fprintf(stderr, "gqmm sweep: cannot write %s\n", json_path);
     goto done;
   }
-  printf("gqmm sweep on %s%s\n", s.ceil.device_name, int8 ? "  ** FAST MODE: int8 activations **" : "");
+  printf("gqmm sweep on %s%s\n", s.ceil.device_name,
+         int8 ? "  ** FAST MODE: int8 activations **" : "");
   printf("ceilings (same run): copy %.2f GB/s, read %.2f GB/s, compute %.2f GMAC/s (%s); "
          "LLC %.0f MB\n",
          s.ceil.copy_GBps, s.ceil.read_GBps, s.ceil.compute_GMACps, s.ceil.compute_what,
          s.llc_bytes / 1e6);
-  printf("%-7s %4s %5s %6s %4s %7s %11s %11s %6s %9s %9s %7s\n", "op", "E", "K", "N", "M",
-         "rows/e", "median_us", "min_us", "runs", "wGB/s", "roof", "frac");
+  printf("%-7s %4s %5s %6s %4s %7s %11s %11s %6s %9s %9s %7s\n", "op", "E", "K", "N", "M", "rows/e",
+         "median_us", "min_us", "runs", "wGB/s", "roof", "frac");
   if (s.json) fprintf(s.json, "[");
   const gqmm_quant q = {4, 64};
   int st = GQMM_OK;
   if (!strcmp(ops, "all") || !strcmp(ops, "qmm")) st = sweep_qmm(&s, q, 2816);
-  if (!st && (!strcmp(ops, "all") || !strcmp(ops, "gather"))) st = sweep_gather(&s, q, 128, 2816, 1408, 8);
+  if (!st && (!strcmp(ops, "all") || !strcmp(ops, "gather")))
+    st = sweep_gather(&s, q, 128, 2816, 1408, 8);
   if (s.json) fprintf(s.json, "\n]\n");
   rc = st ? 1 : 0;
 done:

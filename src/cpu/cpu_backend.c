@@ -31,20 +31,13 @@ static const gqmm__cpu_isa *const isa_list[] = {
  * registers, so it also gets the wider tiles.
  */
 static const gqmm__cpu_config configs_16reg[] = {
-    {"m4n3_k256_t24_q4", 4, 3, 256, 24, 4},
-    {"m4n3_k256_t24_q3", 4, 3, 256, 24, 3},
-    {"m6n2_k256_t16_q4", 6, 2, 256, 16, 4},
-    {"m4n2_k256_t16_q3", 4, 2, 256, 16, 3},
-    {"m4n3_k512_t24_q4", 4, 3, 512, 24, 4},
-    {"m6n2_k512_t32_q4", 6, 2, 512, 32, 4},
-    {"m2n4_k256_t16_q1", 2, 4, 256, 16, 1},
-    {"m4n3_k256_t48_q4", 4, 3, 256, 48, 4},
-    {"m4n3_k128_t24_q3", 4, 3, 128, 24, 3},
-    {"m6n2_k128_t16_q4", 6, 2, 128, 16, 4},
-    {"m6n2_k128_t32_q4", 6, 2, 128, 32, 4},
-    {"m4n3_k256_t12_q4", 4, 3, 256, 12, 4},
-    {"m4n3_k128_t24_q4", 4, 3, 128, 24, 4},
-    {"m6n2_k256_t8_q4", 6, 2, 256, 8, 4},
+    {"m4n3_k256_t24_q4", 4, 3, 256, 24, 4}, {"m4n3_k256_t24_q3", 4, 3, 256, 24, 3},
+    {"m6n2_k256_t16_q4", 6, 2, 256, 16, 4}, {"m4n2_k256_t16_q3", 4, 2, 256, 16, 3},
+    {"m4n3_k512_t24_q4", 4, 3, 512, 24, 4}, {"m6n2_k512_t32_q4", 6, 2, 512, 32, 4},
+    {"m2n4_k256_t16_q1", 2, 4, 256, 16, 1}, {"m4n3_k256_t48_q4", 4, 3, 256, 48, 4},
+    {"m4n3_k128_t24_q3", 4, 3, 128, 24, 3}, {"m6n2_k128_t16_q4", 6, 2, 128, 16, 4},
+    {"m6n2_k128_t32_q4", 6, 2, 128, 32, 4}, {"m4n3_k256_t12_q4", 4, 3, 256, 12, 4},
+    {"m4n3_k128_t24_q4", 4, 3, 128, 24, 4}, {"m6n2_k256_t8_q4", 6, 2, 256, 8, 4},
 };
 static const gqmm__cpu_config configs_32reg[] = {
     {"m6n4_k256_t32_q4", 6, 4, 256, 32, 4},
@@ -88,8 +81,7 @@ static int pick_isa(gqmm_ctx *ctx, const gqmm__cpu_isa **out) {
       char feats[160];
       gqmm_cpu_features(feats, sizeof feats);
       return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
-                        "%s: ISA '%s' was requested but this CPU lacks it (%s)", from, want,
-                        feats);
+                        "%s: ISA '%s' was requested but this CPU lacks it (%s)", from, want, feats);
     }
     *out = isa_list[i];
     return GQMM_OK;
@@ -123,7 +115,8 @@ static void cpu_release(gqmm_ctx *ctx) {
   gqmm__cpu_state *st = ctx->cpu_state;
   if (!st) return;
   gqmm__cpu_pool_destroy(st->pool);
-  for (int t = 0; t < st->threads; t++) free(st->scratch[t].buf);
+  for (int t = 0; t < st->threads; t++)
+    free(st->scratch[t].buf);
   free(st->scratch);
   free(st);
   ctx->cpu_state = NULL;

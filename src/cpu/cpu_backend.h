@@ -12,9 +12,9 @@
 /* One row of the block-size table: changes speed, never results. */
 typedef struct {
   const char *name;
-  int mr, nr; /* register tile: activation rows x weight rows */
-  int kc;     /* reduction block (values), multiple of 128 */
-  int nt;     /* weight rows per work unit (threads split experts x units) */
+  int mr, nr;   /* register tile: activation rows x weight rows */
+  int kc;       /* reduction block (values), multiple of 128 */
+  int nt;       /* weight rows per work unit (threads split experts x units) */
   int qmv_rows; /* blocks of at most this many rows take the small-M path (<= 4) */
 } gqmm__cpu_config;
 

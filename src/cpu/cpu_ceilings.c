@@ -88,7 +88,8 @@ int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceil
                       (BUF_BYTES + BUF_BYTES / 2) >> 20);
   }
   /* touch every page with non-zero data so nothing reads the zero page */
-  for (size_t i = 0; i < BUF_BYTES; i++) src[i] = (char)(i * 131u >> 3);
+  for (size_t i = 0; i < BUF_BYTES; i++)
+    src[i] = (char)(i * 131u >> 3);
   memset(dst, 1, BUF_BYTES / 2);
   b->threads = st->threads;
   b->isa = st->isa;
@@ -102,7 +103,8 @@ int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceil
   b->op = 2;
   gqmm__cpu_pool_run(st->pool, bench_task, b);
   double macs = 0.0;
-  for (int t = 0; t < st->threads && t < 256; t++) macs += b->rate[t];
+  for (int t = 0; t < st->threads && t < 256; t++)
+    macs += b->rate[t];
   out->compute_GMACps = macs / 1e9;
   snprintf(out->compute_what, sizeof out->compute_what, "%s %s", st->isa->name,
            b->int8 ? "int8 maddubs" : "fp32 fma");

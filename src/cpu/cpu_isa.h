@@ -31,17 +31,17 @@
  * kernels convert one scale and bias per group, which costs nothing next to
  * the group's multiply-adds and saves a conversion pass per work unit). */
 typedef struct {
-  const uint8_t *w;  /* packed values of the row (bit stream) */
-  const void *s;     /* [groups] scales */
-  const void *b;     /* [groups] biases */
+  const uint8_t *w; /* packed values of the row (bit stream) */
+  const void *s;    /* [groups] scales */
+  const void *b;    /* [groups] biases */
 } gqmm__cpu_wrow;
 
 /* Shape facts every kernel needs. */
 typedef struct {
   int bits, group_size;
-  gqmm_dtype dtype;   /* of scales and biases */
-  int64_t K;          /* values per weight row (the reduction) */
-  int64_t row_bytes;  /* packed bytes per weight row */
+  gqmm_dtype dtype;  /* of scales and biases */
+  int64_t K;         /* values per weight row (the reduction) */
+  int64_t row_bytes; /* packed bytes per weight row */
 } gqmm__cpu_shape;
 
 typedef struct {
@@ -66,8 +66,8 @@ typedef struct {
   /* For m < mr, n < nr: the vw-lane vector at Cv + (m * ldc + n) * vw accumulates
    * x[m * ldx + k] * P[n * ldp + k] over k < kc, lane (k mod vw); the sum of
    * its lanes is the dot product. */
-  void (*gemm)(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P,
-               int64_t ldp, float *Cv, int64_t ldc);
+  void (*gemm)(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P, int64_t ldp,
+               float *Cv, int64_t ldc);
   int vw; /* float lanes of the gemm accumulators */
   /*
    * Opt-in int8 mode (NULL where the ISA has none): 4-bit weights only.
@@ -76,9 +76,8 @@ typedef struct {
    * perm_i8 gives the chunk order of xq.
    */
   void (*perm_i8)(int perm[32]);
-  void (*qmv_i8)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
-                 const int8_t *xq, const float *xs, const float *xsum, int R, float *C,
-                 int64_t ldc);
+  void (*qmv_i8)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const int8_t *xq,
+                 const float *xs, const float *xsum, int R, float *C, int64_t ldc);
   /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread. */
   double (*peak_macs)(bool int8);
 } gqmm__cpu_isa;
@@ -92,9 +91,8 @@ extern const gqmm__cpu_isa gqmm__cpu_isa_portable;
 double gqmm__cpu_time_peak(double (*loop)(long iters), double macs_per_iter);
 
 /* Element i of a scale/bias row as float; f16 through `f16` (F16C on x86). */
-static inline __attribute__((always_inline)) float gqmm__cpu_param(const void *p, gqmm_dtype t,
-                                                                  int64_t i,
-                                                                  float (*f16)(uint16_t)) {
+static inline __attribute__((always_inline)) float
+gqmm__cpu_param(const void *p, gqmm_dtype t, int64_t i, float (*f16)(uint16_t)) {
   if (t == GQMM_F32) return ((const float *)p)[i];
   const uint16_t h = ((const uint16_t *)p)[i];
   if (t == GQMM_BF16) {

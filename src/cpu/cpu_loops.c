@@ -37,12 +37,12 @@ typedef struct {
   const gqmm__cpu_config *cfg;
   gqmm__cpu_state *st;
   bool int8;
-  int64_t nt;         /* weight rows (transpose=1) or columns (transpose=0) per unit */
+  int64_t nt; /* weight rows (transpose=1) or columns (transpose=0) per unit */
   gqmm__cpu_shape sh;
-  int64_t G;          /* groups per weight row */
-  int64_t nw;         /* weight rows per expert (N, or K when transpose=0) */
-  int64_t *x_off;     /* [rows] element offset of each gathered x row */
-  int64_t *out_off;   /* [rows] element offset of its output row */
+  int64_t G;                             /* groups per weight row */
+  int64_t nw;                            /* weight rows per expert (N, or K when transpose=0) */
+  int64_t *x_off;                        /* [rows] element offset of each gathered x row */
+  int64_t *out_off;                      /* [rows] element offset of its output row */
   int64_t *blk_first, *blk_rows, *blk_e; /* [nblocks] */
   int64_t nblocks, tiles, rows_max;
   int perm[32];     /* chunk order of the x block */
@@ -73,11 +73,15 @@ static int build_blocks(gqmm_ctx *ctx, job *j) {
   j->blk_rows = j->blk_first + max_blocks;
   j->blk_e = j->blk_rows + max_blocks;
   if (a->w_sorted) {
-    for (int64_t b = 0; b < B; b++) order[b] = b;
+    for (int64_t b = 0; b < B; b++)
+      order[b] = b;
   } else { /* stable counting sort of the batch entries by expert */
-    for (int64_t b = 0; b < B; b++) count[a->w_index[b] + 1]++;
-    for (int64_t e = 0; e < a->w_batches; e++) count[e + 1] += count[e];
-    for (int64_t b = 0; b < B; b++) order[count[a->w_index[b]]++] = b;
+    for (int64_t b = 0; b < B; b++)
+      count[a->w_index[b] + 1]++;
+    for (int64_t e = 0; e < a->w_batches; e++)
+      count[e + 1] += count[e];
+    for (int64_t b = 0; b < B; b++)
+      order[count[a->w_index[b]]++] = b;
     free(count);
   }
   int64_t r = 0, nb = 0;
@@ -120,8 +124,10 @@ static size_t carve(size_t *off, size_t bytes) {
 static size_t layout(const job *j, char *base, scratch_view *v) {
   const int64_t R = j->rows_max, K = j->a->K, nt = j->nt;
   size_t off = 0;
-  const size_t o_xf = carve(&off, (size_t)(R * K) * 4), o_xsum = carve(&off, (size_t)(R * (K / 32 + 1)) * 4);
-  const size_t o_xs = carve(&off, (size_t)(R * (K / 32 + 1)) * 4), o_tmp = carve(&off, (size_t)K * 4);
+  const size_t o_xf = carve(&off, (size_t)(R * K) * 4),
+               o_xsum = carve(&off, (size_t)(R * (K / 32 + 1)) * 4);
+  const size_t o_xs = carve(&off, (size_t)(R * (K / 32 + 1)) * 4),
+               o_tmp = carve(&off, (size_t)K * 4);
   const size_t o_panel = carve(&off, (size_t)(nt * (j->a->transpose ? j->cfg->kc : 1)) * 4);
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
   const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
@@ -172,12 +178,14 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
     for (int64_t c = 0; c < K; c += 32)
-      for (int l = 0; l < 32; l++) v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
+      for (int l = 0; l < 32; l++)
+        v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
     if (!a->transpose) continue;
     for (int64_t g = 0; g < G; g++) {
       const float *t = v->tmp + g * gs;
       float s = 0.0f;
-      for (int i = 0; i < gs; i++) s += t[i];
+      for (int i = 0; i < gs; i++)
+        s += t[i];
       v->xsum[r * G + g] = s;
       if (!j->int8) continue;
       /* int8 mode: symmetric per-(row, group) scale, codes in [-127, 127] */
@@ -217,7 +225,8 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
   memset(v->Cv, 0, (size_t)(R * nt * vw) * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {
     const int64_t kc = K - k0 < j->cfg->kc ? K - k0 : j->cfg->kc;
-    for (int i = 0; i < nn; i++) j->isa->dequant(&j->sh, &v->wrows[i], k0, kc, v->panel + i * kc);
+    for (int i = 0; i < nn; i++)
+      j->isa->dequant(&j->sh, &v->wrows[i], k0, kc, v->panel + i * kc);
     for (int64_t m = 0; m < R; m += mr) {
       const int mb = R - m < mr ? (int)(R - m) : mr;
       for (int n = 0; n < nn; n += nr)
@@ -227,7 +236,8 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
   }
   for (int64_t i = 0; i < R * nt; i++) {
     float sum = 0.0f;
-    for (int l = 0; l < vw; l++) sum += v->Cv[i * vw + l];
+    for (int l = 0; l < vw; l++)
+      sum += v->Cv[i * vw + l];
     v->C[i] = sum;
   }
 }
@@ -249,7 +259,8 @@ static void unit_plain(const job *j, const scratch_view *v, int64_t blk, int64_t
     for (int64_t r = 0; r < R; r++) {
       const float xv = v->xf[r * K + k];
       float *c = v->C + r * nt;
-      for (int n = 0; n < nn; n++) c[n] += xv * v->panel[n];
+      for (int n = 0; n < nn; n++)
+        c[n] += xv * v->panel[n];
     }
   }
 }
@@ -261,7 +272,8 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
     const int64_t o = j->out_off[first + r] + n0;
     const float *c = v->C + r * nt;
     if (a->transpose) {
-      for (int n = 0; n < nn; n++) gqmm__store_f(a->out, a->dtype, o + n, c[n]);
+      for (int n = 0; n < nn; n++)
+        gqmm__store_f(a->out, a->dtype, o + n, c[n]);
     } else {
       for (int n = 0; n < nn; n++)
         gqmm__store_f(a->out, a->dtype, o + (n & ~31) + j->col_perm[n & 31], c[n]);
@@ -285,8 +297,10 @@ static void worker(void *arg, int t) {
       prepare_x(j, &v, blk);
       s->cached_block = blk;
     }
-    if (j->a->transpose) unit_transposed(j, &v, blk, n0, nn);
-    else unit_plain(j, &v, blk, n0, nn);
+    if (j->a->transpose)
+      unit_transposed(j, &v, blk, n0, nn);
+    else
+      unit_plain(j, &v, blk, n0, nn);
     store_rows(j, &v, blk, n0, nn);
   }
 }
@@ -314,7 +328,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   if (a->transpose) {
     st->isa->perm(a->q.bits, j.perm);
   } else { /* x stays in natural order; the weights' chunk order is undone at the store */
-    for (int l = 0; l < 32; l++) j.perm[l] = l;
+    for (int l = 0; l < 32; l++)
+      j.perm[l] = l;
     st->isa->perm(a->q.bits, j.col_perm);
   }
   int status = build_blocks(ctx, &j);

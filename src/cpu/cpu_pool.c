@@ -32,7 +32,8 @@ static void *worker(void *va) {
   unsigned long seen = 0;
   for (;;) {
     pthread_mutex_lock(&p->mu);
-    while (!p->stop && p->generation == seen) pthread_cond_wait(&p->wake, &p->mu);
+    while (!p->stop && p->generation == seen)
+      pthread_cond_wait(&p->wake, &p->mu);
     if (p->stop) {
       pthread_mutex_unlock(&p->mu);
       return NULL;
@@ -78,7 +79,8 @@ void gqmm__cpu_pool_destroy(gqmm__cpu_pool *p) {
   p->stop = 1;
   pthread_cond_broadcast(&p->wake);
   pthread_mutex_unlock(&p->mu);
-  for (int t = 1; t < p->threads; t++) pthread_join(p->tids[t], NULL);
+  for (int t = 1; t < p->threads; t++)
+    pthread_join(p->tids[t], NULL);
   pthread_mutex_destroy(&p->mu);
   pthread_cond_destroy(&p->wake);
   pthread_cond_destroy(&p->done);
@@ -86,7 +88,9 @@ void gqmm__cpu_pool_destroy(gqmm__cpu_pool *p) {
   free(p);
 }
 
-int gqmm__cpu_pool_threads(const gqmm__cpu_pool *p) { return p ? p->threads : 1; }
+int gqmm__cpu_pool_threads(const gqmm__cpu_pool *p) {
+  return p ? p->threads : 1;
+}
 
 void gqmm__cpu_pool_run(gqmm__cpu_pool *p, gqmm__cpu_task task, void *arg) {
   if (!p || p->threads == 1) {
@@ -102,6 +106,7 @@ void gqmm__cpu_pool_run(gqmm__cpu_pool *p, gqmm__cpu_task task, void *arg) {
   pthread_mutex_unlock(&p->mu);
   task(arg, 0);
   pthread_mutex_lock(&p->mu);
-  while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+  while (p->pending > 0)
+    pthread_cond_wait(&p->done, &p->mu);
   pthread_mutex_unlock(&p->mu);
 }

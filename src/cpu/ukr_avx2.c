@@ -12,19 +12,36 @@ typedef __m256 ukr_vf;
 #define UKR_VW 8
 #define UKR_OVERREAD UKR_X86_OVERREAD
 
-static inline ukr_vf vf_zero(void) { return _mm256_setzero_ps(); }
-static inline ukr_vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
-static inline void vf_store(float *p, ukr_vf v) { _mm256_storeu_ps(p, v); }
-static inline ukr_vf vf_set1(float f) { return _mm256_set1_ps(f); }
-static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) { return _mm256_fmadd_ps(a, b, c); }
-static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) { return _mm256_add_ps(a, b); }
-static inline float vf_hsum(ukr_vf v) { return ukr_hsum256(v); }
-static inline float ukr_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+static inline ukr_vf vf_zero(void) {
+  return _mm256_setzero_ps();
+}
+static inline ukr_vf vf_load(const float *p) {
+  return _mm256_loadu_ps(p);
+}
+static inline void vf_store(float *p, ukr_vf v) {
+  _mm256_storeu_ps(p, v);
+}
+static inline ukr_vf vf_set1(float f) {
+  return _mm256_set1_ps(f);
+}
+static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) {
+  return _mm256_add_ps(a, b);
+}
+static inline float vf_hsum(ukr_vf v) {
+  return ukr_hsum256(v);
+}
+static inline float ukr_f16_to_f32(uint16_t h) {
+  return _cvtsh_ss(h);
+}
 static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
-                                                          ukr_vf q[4]) {
+                                                           ukr_vf q[4]) {
   __m256i v[4];
   ukr_unpack32_i32(src, bits, v);
-  for (int i = 0; i < 4; i++) q[i] = _mm256_cvtepi32_ps(v[i]);
+  for (int i = 0; i < 4; i++)
+    q[i] = _mm256_cvtepi32_ps(v[i]);
 }
 
 #include "ukr_template.h"
@@ -36,7 +53,6 @@ static inline __m256i ukr_i8_dot(__m256i acc, __m256i w, __m256i x) {
 }
 #define UKR_I8_ROWS 4 /* 16 ymm: 4 int32 sums + 4 float totals + operands */
 #include "ukr_x86_common.h"
-
 
 static bool avx2_supported(void) {
   __builtin_cpu_init();

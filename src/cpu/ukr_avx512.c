@@ -14,20 +14,37 @@ typedef __m512 ukr_vf;
 #define UKR_VW 16
 #define UKR_OVERREAD UKR_X86_OVERREAD
 
-static inline ukr_vf vf_zero(void) { return _mm512_setzero_ps(); }
-static inline ukr_vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
-static inline void vf_store(float *p, ukr_vf v) { _mm512_storeu_ps(p, v); }
-static inline ukr_vf vf_set1(float f) { return _mm512_set1_ps(f); }
-static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) { return _mm512_fmadd_ps(a, b, c); }
-static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) { return _mm512_add_ps(a, b); }
-static inline float vf_hsum(ukr_vf v) { return _mm512_reduce_add_ps(v); }
-static inline float ukr_f16_to_f32(uint16_t h) { return _cvtsh_ss(h); }
+static inline ukr_vf vf_zero(void) {
+  return _mm512_setzero_ps();
+}
+static inline ukr_vf vf_load(const float *p) {
+  return _mm512_loadu_ps(p);
+}
+static inline void vf_store(float *p, ukr_vf v) {
+  _mm512_storeu_ps(p, v);
+}
+static inline ukr_vf vf_set1(float f) {
+  return _mm512_set1_ps(f);
+}
+static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) {
+  return _mm512_add_ps(a, b);
+}
+static inline float vf_hsum(ukr_vf v) {
+  return _mm512_reduce_add_ps(v);
+}
+static inline float ukr_f16_to_f32(uint16_t h) {
+  return _cvtsh_ss(h);
+}
 static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
-                                                          ukr_vf q[2]) {
+                                                           ukr_vf q[2]) {
   __m256i v[4];
   ukr_unpack32_i32(src, bits, v);
   for (int i = 0; i < 2; i++)
-    q[i] = _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(v[2 * i]), v[2 * i + 1], 1));
+    q[i] =
+        _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(v[2 * i]), v[2 * i + 1], 1));
 }
 
 #include "ukr_template.h"

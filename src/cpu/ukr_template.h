@@ -60,13 +60,15 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
   ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
   float bsum[GQMM__CPU_QMV_MAX_ROWS];
   for (int r = 0; r < R; r++) {
-    for (int a = 0; a < NA; a++) tot[r][a] = vf_zero();
+    for (int a = 0; a < NA; a++)
+      tot[r][a] = vf_zero();
     bsum[r] = 0.0f;
   }
   for (int64_t g = 0; g < G; g++) {
     ukr_vf acc[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
     for (int r = 0; r < R; r++)
-      for (int a = 0; a < NA; a++) acc[r][a] = vf_zero();
+      for (int a = 0; a < NA; a++)
+        acc[r][a] = vf_zero();
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
       ukr_vf q[UKR_NV];
       ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
@@ -77,13 +79,15 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
     const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
     const float b = UKR_PARAM(rw->b, sh->dtype, g);
     for (int r = 0; r < R; r++) {
-      for (int a = 0; a < NA; a++) tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
+      for (int a = 0; a < NA; a++)
+        tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
       bsum[r] += b * xsum[r * G + g];
     }
   }
   for (int r = 0; r < R; r++) {
     ukr_vf sum = tot[r][0];
-    for (int a = 1; a < NA; a++) sum = vf_add(sum, tot[r][a]);
+    for (int a = 1; a < NA; a++)
+      sum = vf_add(sum, tot[r][a]);
     C[r * ldc] = vf_hsum(sum) + bsum[r];
   }
 }
@@ -103,7 +107,8 @@ UKR_INLINE void ukr_dequant_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow 
     }
     ukr_vf q[UKR_NV];
     ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == sh->K - 32, q);
-    for (int v = 0; v < UKR_NV; v++) vf_store(dst + (k - k0) + v * UKR_VW, vf_fma(q[v], s, b));
+    for (int v = 0; v < UKR_NV; v++)
+      vf_store(dst + (k - k0) + v * UKR_VW, vf_fma(q[v], s, b));
   }
 }
 
@@ -115,17 +120,21 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
                               const float *P, int64_t ldp, float *Cv, int64_t ldc) {
   ukr_vf acc[GQMM__CPU_MAX_MR][GQMM__CPU_MAX_NR];
   for (int m = 0; m < mr; m++)
-    for (int n = 0; n < nr; n++) acc[m][n] = vf_load(Cv + (m * ldc + n) * UKR_VW);
+    for (int n = 0; n < nr; n++)
+      acc[m][n] = vf_load(Cv + (m * ldc + n) * UKR_VW);
   for (int64_t k = 0; k < kc; k += UKR_VW) {
     ukr_vf p[GQMM__CPU_MAX_NR];
-    for (int n = 0; n < nr; n++) p[n] = vf_load(P + n * ldp + k);
+    for (int n = 0; n < nr; n++)
+      p[n] = vf_load(P + n * ldp + k);
     for (int m = 0; m < mr; m++) {
       const ukr_vf xv = vf_load(x + m * ldx + k);
-      for (int n = 0; n < nr; n++) acc[m][n] = vf_fma(xv, p[n], acc[m][n]);
+      for (int n = 0; n < nr; n++)
+        acc[m][n] = vf_fma(xv, p[n], acc[m][n]);
     }
   }
   for (int m = 0; m < mr; m++)
-    for (int n = 0; n < nr; n++) vf_store(Cv + (m * ldc + n) * UKR_VW, acc[m][n]);
+    for (int n = 0; n < nr; n++)
+      vf_store(Cv + (m * ldc + n) * UKR_VW, acc[m][n]);
 }
 
 /* ---- dispatchers: one instantiation per constant combination ------------ */
@@ -133,35 +142,37 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
 #define UKR_FOR_BITS(X) X(2) X(3) X(4) X(5) X(6) X(8)
 #define UKR_FOR_R(X, b) X(b, 1) X(b, 2) X(b, 3) X(b, 4)
 #define UKR_FOR_NR(X, m) X(m, 1) X(m, 2) X(m, 3) X(m, 4)
-#define UKR_FOR_MR(X) UKR_FOR_NR(X, 1) UKR_FOR_NR(X, 2) UKR_FOR_NR(X, 3) \
-  UKR_FOR_NR(X, 4) UKR_FOR_NR(X, 5) UKR_FOR_NR(X, 6)
+#define UKR_FOR_MR(X)                                                                              \
+  UKR_FOR_NR(X, 1)                                                                                 \
+  UKR_FOR_NR(X, 2) UKR_FOR_NR(X, 3) UKR_FOR_NR(X, 4) UKR_FOR_NR(X, 5) UKR_FOR_NR(X, 6)
 
-#define UKR_QMV_CASE(b, r)                                                          \
-  case (b) * 8 + (r):                                                               \
-    for (int n = 0; n < nrows; n++) ukr_qmv_row(sh, &rows[n], x, xsum, r, b, C + n, ldc); \
+#define UKR_QMV_CASE(b, r)                                                                         \
+  case (b)*8 + (r):                                                                                \
+    for (int n = 0; n < nrows; n++)                                                                \
+      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, C + n, ldc);                                        \
     break;
 #define UKR_QMV_BITS(b) UKR_FOR_R(UKR_QMV_CASE, b)
-#define UKR_DEQ_CASE(b)                                                             \
-  case b:                                                                           \
-    ukr_dequant_row(sh, row, k0, kc, b, dst);                                       \
+#define UKR_DEQ_CASE(b)                                                                            \
+  case b:                                                                                          \
+    ukr_dequant_row(sh, row, k0, kc, b, dst);                                                      \
     break;
-#define UKR_GEMM_CASE(m, n)                                                         \
-  case (m) * 8 + (n):                                                               \
-    ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, Cv, ldc);                                \
+#define UKR_GEMM_CASE(m, n)                                                                        \
+  case (m)*8 + (n):                                                                                \
+    ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, Cv, ldc);                                              \
     break;
 
-#define UKR_DEFINE_KERNELS(isa)                                                     \
-  static void isa##_qmv(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, \
-                        const float *x, const float *xsum, int R, float *C, int64_t ldc) { \
-    switch (sh->bits * 8 + R) { UKR_FOR_BITS(UKR_QMV_BITS) default: break; }       \
-  }                                                                                 \
-  static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, \
-                            int64_t kc, float *dst) {                               \
-    switch (sh->bits) { UKR_FOR_BITS(UKR_DEQ_CASE) default: break; }               \
-  }                                                                                 \
-  static void isa##_gemm(int mr, int nr, int64_t kc, const float *x, int64_t ldx,   \
-                         const float *P, int64_t ldp, float *Cv, int64_t ldc) {     \
-    switch (mr * 8 + nr) { UKR_FOR_MR(UKR_GEMM_CASE) default: break; }             \
+#define UKR_DEFINE_KERNELS(isa)                                                                    \
+  static void isa##_qmv(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,          \
+                        const float *x, const float *xsum, int R, float *C, int64_t ldc) {         \
+    switch (sh->bits * 8 + R) { UKR_FOR_BITS(UKR_QMV_BITS) default : break; }                      \
+  }                                                                                                \
+  static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,      \
+                            int64_t kc, float *dst) {                                              \
+    switch (sh->bits) { UKR_FOR_BITS(UKR_DEQ_CASE) default : break; }                              \
+  }                                                                                                \
+  static void isa##_gemm(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P,  \
+                         int64_t ldp, float *Cv, int64_t ldc) {                                    \
+    switch (mr * 8 + nr) { UKR_FOR_MR(UKR_GEMM_CASE) default : break; }                            \
   }
 
 #endif /* GQMM_UKR_TEMPLATE_H */

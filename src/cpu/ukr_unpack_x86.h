@@ -29,7 +29,7 @@ static inline __attribute__((always_inline)) int32_t ukr_load32(const uint8_t *p
 }
 
 static inline __attribute__((always_inline)) void ukr_unpack32_i32(const uint8_t *src, int bits,
-                                                                  __m256i v[4]) {
+                                                                   __m256i v[4]) {
   if (bits == 4) { /* each byte widened to a lane, then its two nibbles */
     const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src));
     const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8)));
@@ -39,20 +39,23 @@ static inline __attribute__((always_inline)) void ukr_unpack32_i32(const uint8_t
     v[2] = _mm256_and_si256(b1, m);
     v[3] = _mm256_srli_epi32(b1, 4);
   } else if (bits == 8) {
-    for (int i = 0; i < 4; i++) v[i] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * i)));
+    for (int i = 0; i < 4; i++)
+      v[i] = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8 * i)));
   } else if (bits == 2) {
     const __m256i z = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src));
     const __m256i m = _mm256_set1_epi32(3);
-    for (int s = 0; s < 4; s++) v[s] = _mm256_and_si256(_mm256_srli_epi32(z, 2 * s), m);
+    for (int s = 0; s < 4; s++)
+      v[s] = _mm256_and_si256(_mm256_srli_epi32(z, 2 * s), m);
   } else {
     const int r = (4 * bits) % 8, hb = 4 * bits / 8;
-    const __m256i sh = _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, r, r + bits, r + 2 * bits,
-                                         r + 3 * bits);
+    const __m256i sh =
+        _mm256_setr_epi32(0, bits, 2 * bits, 3 * bits, r, r + bits, r + 2 * bits, r + 3 * bits);
     const __m256i m = _mm256_set1_epi32((1 << bits) - 1);
     for (int i = 0; i < 4; i++) {
       const uint8_t *p = src + bits * i;
-      const __m256i w = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32(ukr_load32(p))),
-                                                _mm_set1_epi32(ukr_load32(p + hb)), 1);
+      const __m256i w =
+          _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi32(ukr_load32(p))),
+                                  _mm_set1_epi32(ukr_load32(p + hb)), 1);
       v[i] = _mm256_and_si256(_mm256_srlv_epi32(w, sh), m);
     }
   }
@@ -70,9 +73,12 @@ static inline float ukr_hsum256(__m256 v) {
 static inline void ukr_x86_perm(int bits, int perm[32]) {
   for (int j = 0; j < 32; j++) {
     const int v = j / 8, l = j % 8;
-    if (bits == 4) perm[j] = (v >> 1) * 16 + 2 * l + (v & 1);
-    else if (bits == 2) perm[j] = 4 * l + v;
-    else perm[j] = j;
+    if (bits == 4)
+      perm[j] = (v >> 1) * 16 + 2 * l + (v & 1);
+    else if (bits == 2)
+      perm[j] = 4 * l + v;
+    else
+      perm[j] = j;
   }
 }
 
@@ -84,7 +90,8 @@ static inline __attribute__((always_inline)) __m256i ukr_unpack32_u8_4bit(const 
 }
 
 static inline void ukr_x86_perm_i8(int perm[32]) {
-  for (int j = 0; j < 32; j++) perm[j] = j < 16 ? 2 * j : 2 * (j - 16) + 1;
+  for (int j = 0; j < 32; j++)
+    perm[j] = j < 16 ? 2 * j : 2 * (j - 16) + 1;
 }
 
 #endif /* GQMM_UKR_UNPACK_X86_H */

@@ -18,24 +18,29 @@ static void ukr_to_float(const void *src, gqmm_dtype t, int64_t n, float *dst) {
   const uint16_t *h = (const uint16_t *)src;
   for (; i + 8 <= n; i += 8) {
     const __m128i v = _mm_loadu_si128((const __m128i *)(h + i));
-    const __m256 f = t == GQMM_F16 ? _mm256_cvtph_ps(v)
-                                   : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    const __m256 f = t == GQMM_F16
+                         ? _mm256_cvtph_ps(v)
+                         : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
     _mm256_storeu_ps(dst + i, f);
   }
-  for (; i < n; i++) dst[i] = t == GQMM_F16 ? gqmm_f16_to_f32(h[i]) : gqmm_bf16_to_f32(h[i]);
+  for (; i < n; i++)
+    dst[i] = t == GQMM_F16 ? gqmm_f16_to_f32(h[i]) : gqmm_bf16_to_f32(h[i]);
 }
 
 /* The exact path's instruction: vector FMA in 12 independent chains (more
  * than latency x throughput = 4 x 2), a loop the compiler cannot drop. */
 static double ukr_peak_fma(long iters) {
   ukr_vf acc[12], a = vf_set1(1.0000001f), b = vf_set1(1e-7f);
-  for (int i = 0; i < 12; i++) acc[i] = vf_set1((float)i);
+  for (int i = 0; i < 12; i++)
+    acc[i] = vf_set1((float)i);
   for (long it = 0; it < iters; it++) {
-    for (int i = 0; i < 12; i++) acc[i] = vf_fma(acc[i], a, b);
+    for (int i = 0; i < 12; i++)
+      acc[i] = vf_fma(acc[i], a, b);
     __asm__ volatile("" : "+x"(a), "+x"(b));
   }
   float sink = 0;
-  for (int i = 0; i < 12; i++) sink += vf_hsum(acc[i]);
+  for (int i = 0; i < 12; i++)
+    sink += vf_hsum(acc[i]);
   return (double)sink;
 }
 
@@ -59,11 +64,13 @@ static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, in
       }
       for (int64_t g = 0; g < G; g++) {
         __m256i acc[UKR_I8_ROWS];
-        for (int r = 0; r < UKR_I8_ROWS; r++) acc[r] = _mm256_setzero_si256();
+        for (int r = 0; r < UKR_I8_ROWS; r++)
+          acc[r] = _mm256_setzero_si256();
         for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
           const __m256i wv = ukr_unpack32_u8_4bit(rw->w + k / 2);
           for (int r = 0; r < rb; r++)
-            acc[r] = ukr_i8_dot(acc[r], wv, _mm256_loadu_si256((const __m256i *)(xq + (r0 + r) * K + k)));
+            acc[r] = ukr_i8_dot(acc[r], wv,
+                                _mm256_loadu_si256((const __m256i *)(xq + (r0 + r) * K + k)));
         }
         const float s = UKR_PARAM(rw->s, sh->dtype, g), b = UKR_PARAM(rw->b, sh->dtype, g);
         for (int r = 0; r < rb; r++) {
@@ -72,7 +79,8 @@ static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, in
           bsum[r] += b * xsum[(r0 + r) * G + g];
         }
       }
-      for (int r = 0; r < rb; r++) C[(r0 + r) * ldc + n] = ukr_hsum256(tot[r]) + bsum[r];
+      for (int r = 0; r < rb; r++)
+        C[(r0 + r) * ldc + n] = ukr_hsum256(tot[r]) + bsum[r];
     }
   }
 }
@@ -80,13 +88,16 @@ static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, in
 /* The int8 mode's step (32 multiply-adds) in 8 independent chains. */
 static double ukr_peak_i8(long iters) {
   __m256i acc[8], a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2);
-  for (int i = 0; i < 8; i++) acc[i] = _mm256_set1_epi32(i);
+  for (int i = 0; i < 8; i++)
+    acc[i] = _mm256_set1_epi32(i);
   for (long it = 0; it < iters; it++) {
-    for (int i = 0; i < 8; i++) acc[i] = ukr_i8_dot(acc[i], a, b);
+    for (int i = 0; i < 8; i++)
+      acc[i] = ukr_i8_dot(acc[i], a, b);
     __asm__ volatile("" : "+x"(a), "+x"(b));
   }
   int sink = 0;
-  for (int i = 0; i < 8; i++) sink += _mm256_extract_epi32(acc[i], 0);
+  for (int i = 0; i < 8; i++)
+    sink += _mm256_extract_epi32(acc[i], 0);
   return (double)sink;
 }
 

@@ -117,6 +117,10 @@ typedef struct {
   gqmm_backend_kind backend; /* default AUTO */
   int num_threads;           /* 0: GQMM_NUM_THREADS or all cores */
   const char *cpu_isa;       /* NULL: GQMM_CPU_ISA or best; else "avx512", "avx2", "portable" */
+  /* FAST MODE, off by default, not exact: 1 quantizes activations to int8
+   * (per row and group) for 4-bit weights on the CPU backend (VNNI/AVX2
+   * integer dot products). Its error vs float64 is in docs/perf-notes.md. */
+  int cpu_int8_activations;
 } gqmm_ctx_options;
 
 /* opts may be NULL for defaults. */

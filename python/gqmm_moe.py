@@ -46,7 +46,7 @@ class _MoeWeights(ctypes.Structure):
 
 class _CtxOptions(ctypes.Structure):
     _fields_ = [("backend", ctypes.c_int), ("num_threads", ctypes.c_int),
-                ("cpu_isa", ctypes.c_char_p)]
+                ("cpu_isa", ctypes.c_char_p), ("cpu_int8_activations", ctypes.c_int)]
 
 
 class GqmmError(RuntimeError):

@@ -13,6 +13,7 @@ typedef struct {
 int gqmm_cmd_info(int argc, char **argv);
 int gqmm_cmd_verify(int argc, char **argv);
 int gqmm_cmd_bench(int argc, char **argv);
+int gqmm_cmd_sweep(int argc, char **argv);
 int gqmm_cmd_moe(int argc, char **argv);
 int gqmm_cmd_tune(int argc, char **argv);
 

@@ -9,6 +9,7 @@ static const gqmm_cli_command commands[] = {
     {"verify", "run every backend against the reference; non-zero exit on any failure",
      gqmm_cmd_verify},
     {"bench", "time the MoE expert layers of a model step (see gqmm bench --help)", gqmm_cmd_bench},
+    {"sweep", "weight-reuse sweep (M = 1..128) beside same-run ceilings", gqmm_cmd_sweep},
     {"moe", "run one MoE expert layer on random data, checked against the reference", gqmm_cmd_moe},
     {"tune", "measure tile configs, cache the fastest (see gqmm tune --help)", gqmm_cmd_tune},
 };

@@ -81,6 +81,7 @@ class _CtxOptions(ctypes.Structure):
         ("backend", ctypes.c_int),
         ("num_threads", ctypes.c_int),
         ("cpu_isa", ctypes.c_char_p),
+        ("cpu_int8_activations", ctypes.c_int),
     ]
 
 

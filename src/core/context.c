@@ -19,6 +19,7 @@ int gqmm_ctx_create(gqmm_ctx **out, const gqmm_ctx_options *opts) {
     }
     ctx->backend_kind = opts->backend;
     ctx->num_threads = opts->num_threads;
+    ctx->cpu_int8 = opts->cpu_int8_activations != 0;
     if (opts->cpu_isa) {
       if (strlen(opts->cpu_isa) >= sizeof ctx->cpu_isa) {
         free(ctx);

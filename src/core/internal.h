@@ -27,6 +27,7 @@ struct gqmm_ctx {
   void *cpu_state;
   void *cuda_state;
   void *tune_state;
+  int cpu_int8; /* gqmm_ctx_options.cpu_int8_activations (CPU fast mode) */
 };
 
 /* Record a formatted message on ctx (may be NULL) and return status. */

@@ -1,0 +1,112 @@
+/*
+ * cpu_isa.h - the contract between the CPU backend's generic loops
+ * (cpu_loops.c) and its per-ISA micro-kernels (ukr_<isa>.c).
+ *
+ * BLIS-style: the loops own blocking, threading and the walk over experts;
+ * an ISA is one row of data (gqmm__cpu_isa) holding a few kernels with one
+ * signature each. Every ISA file instantiates the same template
+ * (ukr_template.h) from a handful of vector primitives, so adding an ISA never
+ * touches the loops and no kernel body is written twice.
+ *
+ * Activation layout. The loops convert an expert's rows of x to float32 once
+ * ("x block", R rows of K values). Inside every 32-value chunk the values are
+ * stored in the ISA's unpack order for the weight format (perm[j] = which k
+ * of the chunk lane j holds), so kernels multiply unpacked weights by x with
+ * plain vector loads. Groups are >= 32 values, so a chunk never straddles two.
+ */
+#ifndef GQMM_CPU_ISA_H
+#define GQMM_CPU_ISA_H
+
+#include "internal.h"
+
+#include <string.h>
+
+/* Weight rows handled by one qmv call and the most rows of x it accepts. */
+#define GQMM__CPU_QMV_MAX_ROWS 4
+/* Register-blocking limits of the gemm micro-kernel (MR x NR accumulators). */
+#define GQMM__CPU_MAX_MR 6
+#define GQMM__CPU_MAX_NR 4
+
+/* One packed weight row and its group parameters (in the problem's dtype:
+ * kernels convert one scale and bias per group, which costs nothing next to
+ * the group's multiply-adds and saves a conversion pass per work unit). */
+typedef struct {
+  const uint8_t *w; /* packed values of the row (bit stream) */
+  const void *s;    /* [groups] scales */
+  const void *b;    /* [groups] biases */
+} gqmm__cpu_wrow;
+
+/* Shape facts every kernel needs. */
+typedef struct {
+  int bits, group_size;
+  gqmm_dtype dtype;  /* of scales and biases */
+  int64_t K;         /* values per weight row (the reduction) */
+  int64_t row_bytes; /* packed bytes per weight row */
+} gqmm__cpu_shape;
+
+typedef struct {
+  const char *name; /* "avx512", "avx2", "portable" */
+  bool (*supported)(void);
+  /* Lane order of one 32-value chunk for `bits`: perm[j] = k offset of lane j. */
+  void (*perm)(int bits, int perm[32]);
+  /* dst[i] = (float)src[i], src of dtype t (F16C/bit tricks per ISA). */
+  void (*to_float)(const void *src, gqmm_dtype t, int64_t n, float *dst);
+  /*
+   * Small-M path (memory bound): for each of nrows weight rows n, and each of
+   * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r (x block row stride K):
+   *   C[r * ldc + n] = sum_g s_g * (sum_{k in g} x_rk q_nk) + b_g * xsum[r][g]
+   * the per-group identity, so the inner loop multiplies x by exact small
+   * integers and the scale and bias are applied once per group.
+   */
+  void (*qmv)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const float *x,
+              const float *xsum, int R, float *C, int64_t ldc);
+  /* Dequantize values [k0, k0 + kc) of one row as s*q + b into dst (chunk order). */
+  void (*dequant)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
+                  float *dst);
+  /* For m < mr, n < nr: the vw-lane vector at Cv + (m * ldc + n) * vw accumulates
+   * x[m * ldx + k] * P[n * ldp + k] over k < kc, lane (k mod vw); the sum of
+   * its lanes is the dot product. */
+  void (*gemm)(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P, int64_t ldp,
+               float *Cv, int64_t ldc);
+  int vw; /* float lanes of the gemm accumulators */
+  /*
+   * Opt-in int8 mode (NULL where the ISA has none): 4-bit weights only.
+   * xq: int8 activations in chunk order [R][K]; xs: per-row per-group scales
+   * [R][groups]; xsum: per-group sums of the float activations. Any R.
+   * perm_i8 gives the chunk order of xq.
+   */
+  void (*perm_i8)(int perm[32]);
+  void (*qmv_i8)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const int8_t *xq,
+                 const float *xs, const float *xsum, int R, float *C, int64_t ldc);
+  /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread. */
+  double (*peak_macs)(bool int8);
+} gqmm__cpu_isa;
+
+extern const gqmm__cpu_isa gqmm__cpu_isa_avx512;
+extern const gqmm__cpu_isa gqmm__cpu_isa_avx2;
+extern const gqmm__cpu_isa gqmm__cpu_isa_portable;
+
+/* MACs/s of one thread running loop(iters) (macs_per_iter each) for ~50 ms
+ * (cpu_ceilings.c); the ISA files' peak loops use it. */
+double gqmm__cpu_time_peak(double (*loop)(long iters), double macs_per_iter);
+
+/* Element i of a scale/bias row as float; f16 through `f16` (F16C on x86). */
+static inline __attribute__((always_inline)) float
+gqmm__cpu_param(const void *p, gqmm_dtype t, int64_t i, float (*f16)(uint16_t)) {
+  if (t == GQMM_F32) return ((const float *)p)[i];
+  const uint16_t h = ((const uint16_t *)p)[i];
+  if (t == GQMM_BF16) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+  }
+  return f16(h);
+}
+
+/* Byte offset of value k (a multiple of 32) inside a packed row. */
+static inline int64_t gqmm__cpu_chunk_offset(int bits, int64_t k) {
+  return (int64_t)((uint64_t)k >> 3) * bits;
+}
+
+#endif /* GQMM_CPU_ISA_H */

@@ -1,0 +1,345 @@
+/*
+ * cpu_loops.c - the CPU backend's generic loops: everything but the
+ * arithmetic. From the front end's (x_index, w_index) list it builds expert
+ * blocks (all rows that use one expert, gathered; unsorted indices are
+ * counting-sorted first, stably, so the blocks and thus the results equal
+ * the sorted path's), cuts each block into units of `nt` weight rows, and
+ * lets the pool's threads take units in expert-major order from an atomic
+ * counter, so a skewed routing (one expert with most rows) is spread over
+ * every core. Per unit a thread:
+ *   1. converts the block's x rows to float32 in the ISA's chunk order, once
+ *      per block on that thread (plus per-group sums, or int8 codes);
+ *   2. converts the unit's scales and biases to float32;
+ *   3. runs the small-M qmv kernel (rows <= 4: weights unpacked in registers
+ *      straight into every row), or, for more rows, dequantizes kc-blocks of
+ *      the unit's weights once into an L1 panel and runs the MR x NR gemm
+ *      micro-kernel over all rows: weights are read from memory once per call
+ *      whatever the number of rows;
+ *   4. rounds the float32 results into the rows' own output places (the
+ *      scatter back to the caller's order).
+ * No reduction is split across threads, so results do not depend on the
+ * thread count or on which thread ran a unit.
+ */
+#include "cpu_backend.h"
+
+#include <math.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Most rows in one x block; larger experts become several blocks (each
+ * reads the expert's weights again, but such a call is compute bound). */
+#define ROWS_MAX_BYTES ((int64_t)4 << 20)
+
+typedef struct {
+  const gqmm__qmm_args *a;
+  const gqmm__cpu_isa *isa;
+  const gqmm__cpu_config *cfg;
+  gqmm__cpu_state *st;
+  bool int8;
+  int64_t nt; /* weight rows (transpose=1) or columns (transpose=0) per unit */
+  gqmm__cpu_shape sh;
+  int64_t G;                             /* groups per weight row */
+  int64_t nw;                            /* weight rows per expert (N, or K when transpose=0) */
+  int64_t *x_off;                        /* [rows] element offset of each gathered x row */
+  int64_t *out_off;                      /* [rows] element offset of its output row */
+  int64_t *blk_first, *blk_rows, *blk_e; /* [nblocks] */
+  int64_t nblocks, tiles, rows_max;
+  int perm[32];     /* chunk order of the x block */
+  int perm_i8[32];  /* chunk order of the int8 codes */
+  int col_perm[32]; /* transpose=0: column order of a dequantized chunk */
+  atomic_llong next;
+} job;
+
+/* ---- building blocks -------------------------------------------------- */
+
+static int build_blocks(gqmm_ctx *ctx, job *j) {
+  const gqmm__qmm_args *a = j->a;
+  const int64_t B = a->batch, M = a->M, rows = B * M;
+  int64_t *order = malloc((size_t)B * sizeof(int64_t));
+  j->x_off = malloc((size_t)rows * sizeof(int64_t));
+  j->out_off = malloc((size_t)rows * sizeof(int64_t));
+  /* at most one block per batch entry plus one per rows_max split */
+  const int64_t max_blocks = B + rows / j->rows_max + 1;
+  j->blk_first = malloc((size_t)max_blocks * 3 * sizeof(int64_t));
+  int64_t *count = NULL;
+  if (!a->w_sorted) count = calloc((size_t)a->w_batches + 1, sizeof(int64_t));
+  if (!order || !j->x_off || !j->out_off || !j->blk_first || (!a->w_sorted && !count)) {
+    free(order);
+    free(count);
+    return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cpu backend: cannot allocate the row plan (%lld rows)",
+                      (long long)rows);
+  }
+  j->blk_rows = j->blk_first + max_blocks;
+  j->blk_e = j->blk_rows + max_blocks;
+  if (a->w_sorted) {
+    for (int64_t b = 0; b < B; b++)
+      order[b] = b;
+  } else { /* stable counting sort of the batch entries by expert */
+    for (int64_t b = 0; b < B; b++)
+      count[a->w_index[b] + 1]++;
+    for (int64_t e = 0; e < a->w_batches; e++)
+      count[e + 1] += count[e];
+    for (int64_t b = 0; b < B; b++)
+      order[count[a->w_index[b]]++] = b;
+    free(count);
+  }
+  int64_t r = 0, nb = 0;
+  for (int64_t i = 0; i < B; i++) {
+    const int64_t b = order[i], e = a->w_index[b];
+    for (int64_t m = 0; m < M; m++, r++) {
+      j->x_off[r] = (a->x_index[b] * M + m) * a->K;
+      j->out_off[r] = (b * M + m) * a->N;
+      if (nb > 0 && j->blk_e[nb - 1] == e && j->blk_rows[nb - 1] < j->rows_max) {
+        j->blk_rows[nb - 1]++;
+      } else {
+        j->blk_first[nb] = r;
+        j->blk_rows[nb] = 1;
+        j->blk_e[nb] = e;
+        nb++;
+      }
+    }
+  }
+  j->nblocks = nb;
+  free(order);
+  return GQMM_OK;
+}
+
+/* ---- per-thread scratch -------------------------------------------------- */
+
+typedef struct {
+  float *xf, *xsum, *xs, *tmp, *panel, *C;
+  float *Cv; /* gemm accumulators: R x nt vectors of vw lanes */
+  int8_t *xq;
+  gqmm__cpu_wrow *wrows;
+} scratch_view;
+
+static size_t carve(size_t *off, size_t bytes) {
+  size_t at = *off;
+  *off += (bytes + 63) & ~(size_t)63;
+  return at;
+}
+
+/* Lays the scratch out; returns the bytes needed, pointers into base if set. */
+static size_t layout(const job *j, char *base, scratch_view *v) {
+  const int64_t R = j->rows_max, K = j->a->K, nt = j->nt;
+  size_t off = 0;
+  const size_t o_xf = carve(&off, (size_t)(R * K) * 4),
+               o_xsum = carve(&off, (size_t)(R * (K / 32 + 1)) * 4);
+  const size_t o_xs = carve(&off, (size_t)(R * (K / 32 + 1)) * 4),
+               o_tmp = carve(&off, (size_t)K * 4);
+  const size_t o_panel = carve(&off, (size_t)(nt * (j->a->transpose ? j->cfg->kc : 1)) * 4);
+  const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
+  const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
+  const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
+  const size_t o_wr = carve(&off, (size_t)nt * sizeof(gqmm__cpu_wrow));
+  if (base) {
+    v->xf = (float *)(base + o_xf);
+    v->xsum = (float *)(base + o_xsum);
+    v->xs = (float *)(base + o_xs);
+    v->tmp = (float *)(base + o_tmp);
+    v->panel = (float *)(base + o_panel);
+    v->C = (float *)(base + o_C);
+    v->Cv = (float *)(base + o_Cv);
+    v->xq = (int8_t *)(base + o_xq);
+    v->wrows = (gqmm__cpu_wrow *)(base + o_wr);
+  }
+  return off;
+}
+
+static int reserve_scratch(gqmm_ctx *ctx, job *j) {
+  const size_t need = layout(j, NULL, NULL);
+  for (int t = 0; t < j->st->threads; t++) {
+    gqmm__cpu_scratch *s = &j->st->scratch[t];
+    s->cached_block = -1;
+    if (s->cap >= need) continue;
+    free(s->buf);
+    s->buf = aligned_alloc(64, (need + 63) & ~(size_t)63);
+    s->cap = s->buf ? need : 0;
+    if (!s->buf)
+      return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cpu backend: cannot allocate %zu bytes of scratch",
+                        need);
+  }
+  return GQMM_OK;
+}
+
+/* ---- the work of one unit ------------------------------------------------ */
+
+static const char *elem(const void *base, int64_t i, size_t esz) {
+  return (const char *)base + (size_t)i * esz;
+}
+
+/* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes. */
+static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
+  const gqmm__qmm_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t K = a->K, G = j->G, R = j->blk_rows[blk], first = j->blk_first[blk];
+  const int gs = j->sh.group_size;
+  for (int64_t r = 0; r < R; r++) {
+    j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
+    for (int64_t c = 0; c < K; c += 32)
+      for (int l = 0; l < 32; l++)
+        v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
+    if (!a->transpose) continue;
+    for (int64_t g = 0; g < G; g++) {
+      const float *t = v->tmp + g * gs;
+      float s = 0.0f;
+      for (int i = 0; i < gs; i++)
+        s += t[i];
+      v->xsum[r * G + g] = s;
+      if (!j->int8) continue;
+      /* int8 mode: symmetric per-(row, group) scale, codes in [-127, 127] */
+      float amax = 0.0f;
+      for (int i = 0; i < gs; i++) {
+        const float m = t[i] < 0.0f ? -t[i] : t[i];
+        amax = m > amax ? m : amax;
+      }
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      v->xs[r * G + g] = amax / 127.0f;
+      for (int64_t c = 0; c < gs; c += 32)
+        for (int l = 0; l < 32; l++)
+          v->xq[r * K + g * gs + c + l] = (int8_t)lrintf(t[c + j->perm_i8[l]] * inv);
+    }
+  }
+}
+
+/* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
+static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
+  const gqmm__qmm_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], K = a->K, G = j->G, nt = j->nt;
+  for (int i = 0; i < nn; i++) {
+    const int64_t wr = e * j->nw + n0 + i;
+    v->wrows[i] = (gqmm__cpu_wrow){(const uint8_t *)a->w + wr * j->sh.row_bytes,
+                                   elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
+  }
+  if (j->int8) {
+    j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
+    return;
+  }
+  if (R <= j->cfg->qmv_rows) {
+    j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, v->C, nt);
+    return;
+  }
+  const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
+  memset(v->Cv, 0, (size_t)(R * nt * vw) * sizeof(float));
+  for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {
+    const int64_t kc = K - k0 < j->cfg->kc ? K - k0 : j->cfg->kc;
+    for (int i = 0; i < nn; i++)
+      j->isa->dequant(&j->sh, &v->wrows[i], k0, kc, v->panel + i * kc);
+    for (int64_t m = 0; m < R; m += mr) {
+      const int mb = R - m < mr ? (int)(R - m) : mr;
+      for (int n = 0; n < nn; n += nr)
+        j->isa->gemm(mb, nn - n < nr ? nn - n : nr, kc, v->xf + m * K + k0, K, v->panel + n * kc,
+                     kc, v->Cv + (m * nt + n) * vw, nt);
+    }
+  }
+  for (int64_t i = 0; i < R * nt; i++) {
+    float sum = 0.0f;
+    for (int l = 0; l < vw; l++)
+      sum += v->Cv[i * vw + l];
+    v->C[i] = sum;
+  }
+}
+
+/* transpose=0 unit: output columns [n0, n0+nn) (nn a multiple of 32). W rows
+ * run along n, so each k-row segment is dequantized (chunk order) and added
+ * into every row's accumulators with a vectorizable axpy; the chunk order is
+ * undone when storing. */
+static void unit_plain(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
+  const gqmm__qmm_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], K = a->K, G = j->G, nt = j->nt;
+  memset(v->C, 0, (size_t)(R * nt) * sizeof(float));
+  for (int64_t k = 0; k < K; k++) {
+    const int64_t wr = e * K + k;
+    const gqmm__cpu_wrow row = {(const uint8_t *)a->w + wr * j->sh.row_bytes,
+                                elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
+    j->isa->dequant(&j->sh, &row, n0, nn, v->panel);
+    for (int64_t r = 0; r < R; r++) {
+      const float xv = v->xf[r * K + k];
+      float *c = v->C + r * nt;
+      for (int n = 0; n < nn; n++)
+        c[n] += xv * v->panel[n];
+    }
+  }
+}
+
+static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
+  const gqmm__qmm_args *a = j->a;
+  const int64_t R = j->blk_rows[blk], first = j->blk_first[blk], nt = j->nt;
+  for (int64_t r = 0; r < R; r++) {
+    const int64_t o = j->out_off[first + r] + n0;
+    const float *c = v->C + r * nt;
+    if (a->transpose) {
+      for (int n = 0; n < nn; n++)
+        gqmm__store_f(a->out, a->dtype, o + n, c[n]);
+    } else {
+      for (int n = 0; n < nn; n++)
+        gqmm__store_f(a->out, a->dtype, o + (n & ~31) + j->col_perm[n & 31], c[n]);
+    }
+  }
+}
+
+static void worker(void *arg, int t) {
+  job *j = arg;
+  gqmm__cpu_scratch *s = &j->st->scratch[t];
+  scratch_view v;
+  layout(j, s->buf, &v);
+  const int64_t total = j->nblocks * j->tiles;
+  const int64_t nt = j->nt, ncols = j->a->N;
+  for (;;) {
+    const int64_t u = atomic_fetch_add(&j->next, 1);
+    if (u >= total) break;
+    const int64_t blk = u / j->tiles, n0 = (u % j->tiles) * nt;
+    const int nn = (int)(ncols - n0 < nt ? ncols - n0 : nt);
+    if (s->cached_block != blk) {
+      prepare_x(j, &v, blk);
+      s->cached_block = blk;
+    }
+    if (j->a->transpose)
+      unit_transposed(j, &v, blk, n0, nn);
+    else
+      unit_plain(j, &v, blk, n0, nn);
+    store_rows(j, &v, blk, n0, nn);
+  }
+}
+
+int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
+                  const gqmm__cpu_config *cfg, bool int8) {
+  job j;
+  memset(&j, 0, sizeof j);
+  j.a = a;
+  j.isa = st->isa;
+  j.cfg = cfg;
+  j.st = st;
+  j.int8 = int8 && a->transpose && a->q.bits == 4 && st->isa->qmv_i8;
+  j.nt = a->transpose ? cfg->nt : 64; /* transpose=0 units are whole 32-column chunks */
+  const int64_t wlen = a->transpose ? a->K : a->N;
+  j.nw = a->transpose ? a->N : a->K;
+  j.G = wlen / a->q.group_size;
+  j.sh = (gqmm__cpu_shape){a->q.bits, a->q.group_size, a->dtype, wlen,
+                           gqmm_packed_words(a->q, wlen) * 4};
+  j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
+  if (j.rows_max < 8) j.rows_max = 8;
+  if (j.rows_max > 512) j.rows_max = 512;
+  j.tiles = (a->N + j.nt - 1) / j.nt;
+  if (j.int8) st->isa->perm_i8(j.perm_i8);
+  if (a->transpose) {
+    st->isa->perm(a->q.bits, j.perm);
+  } else { /* x stays in natural order; the weights' chunk order is undone at the store */
+    for (int l = 0; l < 32; l++)
+      j.perm[l] = l;
+    st->isa->perm(a->q.bits, j.col_perm);
+  }
+  int status = build_blocks(ctx, &j);
+  if (!status) status = reserve_scratch(ctx, &j);
+  if (!status) {
+    atomic_init(&j.next, 0);
+    gqmm__cpu_pool_run(st->pool, worker, &j);
+  }
+  free(j.x_off);
+  free(j.out_off);
+  free(j.blk_first);
+  return status;
+}

@@ -1,0 +1,75 @@
+/*
+ * ukr_avx2.c - AVX2 + FMA + F16C micro-kernels (compiled with those flags
+ * only; dispatched only when the CPU reports them). 8 float lanes, 16 ymm
+ * registers: the gemm tile is at most 6 x 2 or 4 x 3 accumulators (+ loads).
+ * The int8 mode multiplies unsigned 4-bit weights by signed int8
+ * activations with vpmaddubsw (pairs, exact in int16: 2*15*127 < 2^15) and
+ * widens with vpmaddwd, the AVX2 stand-in for VNNI's vpdpbusd.
+ */
+#include "ukr_unpack_x86.h"
+
+typedef __m256 ukr_vf;
+#define UKR_VW 8
+#define UKR_OVERREAD UKR_X86_OVERREAD
+
+static inline ukr_vf vf_zero(void) {
+  return _mm256_setzero_ps();
+}
+static inline ukr_vf vf_load(const float *p) {
+  return _mm256_loadu_ps(p);
+}
+static inline void vf_store(float *p, ukr_vf v) {
+  _mm256_storeu_ps(p, v);
+}
+static inline ukr_vf vf_set1(float f) {
+  return _mm256_set1_ps(f);
+}
+static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
+  return _mm256_fmadd_ps(a, b, c);
+}
+static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) {
+  return _mm256_add_ps(a, b);
+}
+static inline float vf_hsum(ukr_vf v) {
+  return ukr_hsum256(v);
+}
+static inline float ukr_f16_to_f32(uint16_t h) {
+  return _cvtsh_ss(h);
+}
+static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
+                                                           ukr_vf q[4]) {
+  __m256i v[4];
+  ukr_unpack32_i32(src, bits, v);
+  for (int i = 0; i < 4; i++)
+    q[i] = _mm256_cvtepi32_ps(v[i]);
+}
+
+#include "ukr_template.h"
+UKR_DEFINE_KERNELS(avx2)
+/* vpmaddubsw: u8 x s8 pairs into int16 (exact: 2 * 15 * 127 < 2^15), then
+ * vpmaddwd by ones widens pairs into int32: AVX2's stand-in for vpdpbusd. */
+static inline __m256i ukr_i8_dot(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+#define UKR_I8_ROWS 4 /* 16 ymm: 4 int32 sums + 4 float totals + operands */
+#include "ukr_x86_common.h"
+
+static bool avx2_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+
+const gqmm__cpu_isa gqmm__cpu_isa_avx2 = {
+    .name = "avx2",
+    .supported = avx2_supported,
+    .perm = ukr_x86_perm,
+    .to_float = ukr_to_float,
+    .qmv = avx2_qmv,
+    .dequant = avx2_dequant,
+    .gemm = avx2_gemm,
+    .vw = UKR_VW,
+    .qmv_i8 = ukr_qmv_i8,
+    .perm_i8 = ukr_x86_perm_i8,
+    .peak_macs = ukr_peak_macs,
+};

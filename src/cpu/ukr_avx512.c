@@ -1,0 +1,79 @@
+/*
+ * ukr_avx512.c - AVX-512 micro-kernels (F/BW/VL/DQ + VNNI), compiled with
+ * those flags only and dispatched only when the CPU reports all of them.
+ * 16 float lanes and 32 zmm registers: the same template as AVX2 with twice
+ * the lanes (a chunk is 2 vectors) and wider register tiles; weights unpack
+ * through the AVX2 code and pair up, which keeps the AVX2 lane order. The
+ * int8 mode uses VNNI's vpdpbusd (u8 x s8 -> s32 in one instruction).
+ * Not measured on the development machine (no AVX-512 there): run
+ * GQMM_CPU_ISA=avx512 build/gqmm_tests and `gqmm sweep --backend cpu` on one.
+ */
+#include "ukr_unpack_x86.h"
+
+typedef __m512 ukr_vf;
+#define UKR_VW 16
+#define UKR_OVERREAD UKR_X86_OVERREAD
+
+static inline ukr_vf vf_zero(void) {
+  return _mm512_setzero_ps();
+}
+static inline ukr_vf vf_load(const float *p) {
+  return _mm512_loadu_ps(p);
+}
+static inline void vf_store(float *p, ukr_vf v) {
+  _mm512_storeu_ps(p, v);
+}
+static inline ukr_vf vf_set1(float f) {
+  return _mm512_set1_ps(f);
+}
+static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
+  return _mm512_fmadd_ps(a, b, c);
+}
+static inline ukr_vf vf_add(ukr_vf a, ukr_vf b) {
+  return _mm512_add_ps(a, b);
+}
+static inline float vf_hsum(ukr_vf v) {
+  return _mm512_reduce_add_ps(v);
+}
+static inline float ukr_f16_to_f32(uint16_t h) {
+  return _cvtsh_ss(h);
+}
+static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
+                                                           ukr_vf q[2]) {
+  __m256i v[4];
+  ukr_unpack32_i32(src, bits, v);
+  for (int i = 0; i < 2; i++)
+    q[i] =
+        _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(v[2 * i]), v[2 * i + 1], 1));
+}
+
+#include "ukr_template.h"
+UKR_DEFINE_KERNELS(avx512)
+/* VNNI: four u8 x s8 products summed into each int32 lane in one instruction. */
+static inline __m256i ukr_i8_dot(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_dpbusd_epi32(acc, w, x);
+}
+#define UKR_I8_ROWS 8 /* 32 registers */
+#include "ukr_x86_common.h"
+
+static bool avx512_supported(void) {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c") &&
+         __builtin_cpu_supports("fma");
+}
+
+const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
+    .name = "avx512",
+    .supported = avx512_supported,
+    .perm = ukr_x86_perm,
+    .to_float = ukr_to_float,
+    .qmv = avx512_qmv,
+    .dequant = avx512_dequant,
+    .gemm = avx512_gemm,
+    .vw = UKR_VW,
+    .qmv_i8 = ukr_qmv_i8,
+    .perm_i8 = ukr_x86_perm_i8,
+    .peak_macs = ukr_peak_macs,
+};

@@ -1,0 +1,178 @@
+/*
+ * ukr_template.h - the CPU micro-kernels, written once over a few vector
+ * primitives and instantiated by each ISA file (ukr_avx2.c, ukr_avx512.c,
+ * ukr_portable.c), which defines before including this:
+ *
+ *   UKR_VW               float lanes per vector (8, 16)
+ *   ukr_vf               the vector type
+ *   UKR_OVERREAD         bytes unpack32 may read past its chunk (0 = exact)
+ *   vf_zero, vf_load, vf_store, vf_set1, vf_fma(a, b, c) = a*b + c, vf_add,
+ *   vf_hsum              horizontal sum to float
+ *   ukr_f16_to_f32       scalar half -> float
+ *   unpack32(src, bits, q[32 / UKR_VW])
+ *                        the 32 q-values of one chunk (4*bits bytes at src) as
+ *                        float vectors, in the ISA's lane order (perm)
+ *
+ * and then UKR_DEFINE_KERNELS() emits static functions <isa>_qmv,
+ * <isa>_dequant and <isa>_gemm with the signatures of gqmm__cpu_isa.
+ * Every loop bound that shapes the register allocation (bits, rows, MR, NR)
+ * is a compile-time constant in the always-inline bodies; the switch
+ * dispatchers below instantiate each combination once.
+ */
+#ifndef GQMM_UKR_TEMPLATE_H
+#define GQMM_UKR_TEMPLATE_H
+
+#include "cpu_isa.h"
+
+#include <string.h>
+
+#define UKR_INLINE static inline __attribute__((always_inline))
+#define UKR_PARAM(p, t, i) gqmm__cpu_param(p, t, i, ukr_f16_to_f32)
+#define UKR_NV (32 / UKR_VW) /* vectors per 32-value chunk */
+
+/* Unpack the chunk at byte `off` of a row. For 3/5/6 bits the vector unpack
+ * loads whole 32-bit words and may read past the chunk; the last chunk of a
+ * row may end the caller's buffer, so it is copied to a padded local first
+ * (bits is a constant: the check vanishes for 2/4/8 bits). */
+UKR_INLINE void ukr_chunk(const uint8_t *w, int64_t off, int bits, bool last, ukr_vf q[UKR_NV]) {
+  if (UKR_OVERREAD && (bits == 3 || bits == 5 || bits == 6) && last) {
+    uint8_t tmp[40] = {0};
+    memcpy(tmp, w + off, (size_t)(4 * bits));
+    unpack32(tmp, bits, q);
+  } else {
+    unpack32(w + off, bits, q);
+  }
+}
+
+/*
+ * One weight row against R rows of x, the whole K, with the per-group
+ * identity: acc holds sum x*q (q an exact small integer in float), the group
+ * end folds s in with one FMA per accumulator into tot, and b*sum(x) into a
+ * scalar. NA independent accumulator chains per row hide the FMA latency
+ * while acc + tot stay within the register file.
+ */
+UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const float *x,
+                            const float *xsum, const int R, const int bits, float *C, int64_t ldc) {
+  enum { NA_MAX = UKR_NV };
+  const int NA = R == 1 ? UKR_NV : (R == 2 && UKR_NV >= 2) ? 2 : 1;
+  const int gs = sh->group_size;
+  const int64_t K = sh->K, G = K / gs, last_k = K - 32;
+  ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
+  float bsum[GQMM__CPU_QMV_MAX_ROWS];
+  for (int r = 0; r < R; r++) {
+    for (int a = 0; a < NA; a++)
+      tot[r][a] = vf_zero();
+    bsum[r] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; g++) {
+    ukr_vf acc[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
+    for (int r = 0; r < R; r++)
+      for (int a = 0; a < NA; a++)
+        acc[r][a] = vf_zero();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      ukr_vf q[UKR_NV];
+      ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+      for (int v = 0; v < UKR_NV; v++)
+        for (int r = 0; r < R; r++)
+          acc[r][v % NA] = vf_fma(vf_load(x + r * K + k + v * UKR_VW), q[v], acc[r][v % NA]);
+    }
+    const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
+    const float b = UKR_PARAM(rw->b, sh->dtype, g);
+    for (int r = 0; r < R; r++) {
+      for (int a = 0; a < NA; a++)
+        tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
+      bsum[r] += b * xsum[r * G + g];
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    ukr_vf sum = tot[r][0];
+    for (int a = 1; a < NA; a++)
+      sum = vf_add(sum, tot[r][a]);
+    C[r * ldc] = vf_hsum(sum) + bsum[r];
+  }
+}
+
+/* Dequantize [k0, k0+kc) of one row to float: w = s*q + b (one rounding).
+ * The panel walks many rows kc values at a time, a stride the hardware
+ * prefetchers miss, so each group asks for the same row's next block. */
+UKR_INLINE void ukr_dequant_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, int64_t k0,
+                                int64_t kc, const int bits, float *dst) {
+  const int gs = sh->group_size, shift = __builtin_ctz((unsigned)gs); /* gs: 32, 64, 128 */
+  ukr_vf s = vf_zero(), b = vf_zero();
+  for (int64_t k = k0; k < k0 + kc; k += 32) {
+    if (k == k0 || (k & (gs - 1)) == 0) { /* a new group (kc may hold part of one) */
+      s = vf_set1(UKR_PARAM(rw->s, sh->dtype, k >> shift));
+      b = vf_set1(UKR_PARAM(rw->b, sh->dtype, k >> shift));
+      if (k + kc < sh->K) __builtin_prefetch(rw->w + gqmm__cpu_chunk_offset(bits, k + kc), 0, 3);
+    }
+    ukr_vf q[UKR_NV];
+    ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == sh->K - 32, q);
+    for (int v = 0; v < UKR_NV; v++)
+      vf_store(dst + (k - k0) + v * UKR_VW, vf_fma(q[v], s, b));
+  }
+}
+
+/* MR x NR register tile over kc (a multiple of 32); lanes run along k, so
+ * each accumulator is one (row, weight row) dot product. The accumulators
+ * live on as whole vectors in Cv between kc blocks (loaded and stored once
+ * per call), so the horizontal sum happens once per output, at the end. */
+UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const float *x, int64_t ldx,
+                              const float *P, int64_t ldp, float *Cv, int64_t ldc) {
+  ukr_vf acc[GQMM__CPU_MAX_MR][GQMM__CPU_MAX_NR];
+  for (int m = 0; m < mr; m++)
+    for (int n = 0; n < nr; n++)
+      acc[m][n] = vf_load(Cv + (m * ldc + n) * UKR_VW);
+  for (int64_t k = 0; k < kc; k += UKR_VW) {
+    ukr_vf p[GQMM__CPU_MAX_NR];
+    for (int n = 0; n < nr; n++)
+      p[n] = vf_load(P + n * ldp + k);
+    for (int m = 0; m < mr; m++) {
+      const ukr_vf xv = vf_load(x + m * ldx + k);
+      for (int n = 0; n < nr; n++)
+        acc[m][n] = vf_fma(xv, p[n], acc[m][n]);
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int n = 0; n < nr; n++)
+      vf_store(Cv + (m * ldc + n) * UKR_VW, acc[m][n]);
+}
+
+/* ---- dispatchers: one instantiation per constant combination ------------ */
+
+#define UKR_FOR_BITS(X) X(2) X(3) X(4) X(5) X(6) X(8)
+#define UKR_FOR_R(X, b) X(b, 1) X(b, 2) X(b, 3) X(b, 4)
+#define UKR_FOR_NR(X, m) X(m, 1) X(m, 2) X(m, 3) X(m, 4)
+#define UKR_FOR_MR(X)                                                                              \
+  UKR_FOR_NR(X, 1)                                                                                 \
+  UKR_FOR_NR(X, 2) UKR_FOR_NR(X, 3) UKR_FOR_NR(X, 4) UKR_FOR_NR(X, 5) UKR_FOR_NR(X, 6)
+
+#define UKR_QMV_CASE(b, r)                                                                         \
+  case (b)*8 + (r):                                                                                \
+    for (int n = 0; n < nrows; n++)                                                                \
+      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, C + n, ldc);                                        \
+    break;
+#define UKR_QMV_BITS(b) UKR_FOR_R(UKR_QMV_CASE, b)
+#define UKR_DEQ_CASE(b)                                                                            \
+  case b:                                                                                          \
+    ukr_dequant_row(sh, row, k0, kc, b, dst);                                                      \
+    break;
+#define UKR_GEMM_CASE(m, n)                                                                        \
+  case (m)*8 + (n):                                                                                \
+    ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, Cv, ldc);                                              \
+    break;
+
+#define UKR_DEFINE_KERNELS(isa)                                                                    \
+  static void isa##_qmv(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,          \
+                        const float *x, const float *xsum, int R, float *C, int64_t ldc) {         \
+    switch (sh->bits * 8 + R) { UKR_FOR_BITS(UKR_QMV_BITS) default : break; }                      \
+  }                                                                                                \
+  static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,      \
+                            int64_t kc, float *dst) {                                              \
+    switch (sh->bits) { UKR_FOR_BITS(UKR_DEQ_CASE) default : break; }                              \
+  }                                                                                                \
+  static void isa##_gemm(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P,  \
+                         int64_t ldp, float *Cv, int64_t ldc) {                                    \
+    switch (mr * 8 + nr) { UKR_FOR_MR(UKR_GEMM_CASE) default : break; }                            \
+  }
+
+#endif /* GQMM_UKR_TEMPLATE_H */

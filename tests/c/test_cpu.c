@@ -1,0 +1,443 @@
+/*
+ * test_cpu.c - the CPU backend against the scalar reference: every ISA this
+ * machine can run (forced through the context option cpu_isa, so the AVX2
+ * and portable kernels are checked even where AVX-512 would be picked),
+ * every bits x group size x dtype, both paths (small-M qmv and the panel
+ * gemm) and every block-size configuration, ragged shapes, experts with no
+ * rows, skewed routing, unsorted indices (must equal the sorted path bit
+ * for bit) and thread counts (results must not depend on them).
+ */
+#include "internal.h"
+#include "test.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const isas[] = {"portable", "avx2", "avx512"};
+static const int all_bits[] = {2, 3, 4, 5, 6, 8};
+static const int all_groups[] = {32, 64, 128};
+static const gqmm_dtype all_dtypes[] = {GQMM_F32, GQMM_F16, GQMM_BF16};
+
+/* A gather_qmm problem with its inputs (quantized with the reference). */
+typedef struct {
+  int E, M, N, K, batch, transpose;
+  gqmm_quant q;
+  gqmm_dtype dt;
+  void *x, *sc, *bi;
+  uint32_t *wq;
+  int32_t *idx;
+} problem;
+
+static void problem_free(problem *p) {
+  free(p->x), free(p->sc), free(p->bi), free(p->wq), free(p->idx);
+  memset(p, 0, sizeof *p);
+}
+
+/* Routing: idx[i] = expert of batch entry i; mode 0 random, 1 skewed (most
+ * rows to one expert, some experts empty). Sorted if `sorted`. */
+static int problem_make(problem *p, test_rng *r, int mode, bool sorted) {
+  const int64_t wrows = p->transpose ? p->N : p->K, wlen = p->transpose ? p->K : p->N;
+  const int64_t n_w = (int64_t)p->E * wrows * wlen,
+                n_sb = (int64_t)p->E * wrows * (wlen / p->q.group_size);
+  const size_t es = gqmm_dtype_size(p->dt);
+  float *wf = malloc((size_t)n_w * 4), *s32 = malloc((size_t)n_sb * 4),
+        *b32 = malloc((size_t)n_sb * 4);
+  p->x = malloc((size_t)p->batch * p->M * p->K * es);
+  p->sc = malloc((size_t)n_sb * es);
+  p->bi = malloc((size_t)n_sb * es);
+  p->wq = malloc((size_t)(p->E * wrows * gqmm_packed_words(p->q, wlen)) * 4);
+  p->idx = malloc((size_t)p->batch * 4);
+  gqmm_ctx *rctx = NULL;
+  int st = GQMM_ERR_NOMEM;
+  if (!wf || !s32 || !b32 || !p->x || !p->sc || !p->bi || !p->wq || !p->idx) goto out;
+  for (int64_t i = 0; i < n_w; i++)
+    wf[i] = test_rng_normal(r) + 0.3f;
+  test_fill(r, p->x, p->dt, (int64_t)p->batch * p->M * p->K, 1.0f);
+  for (int i = 0; i < p->batch; i++) {
+    int e = (int)(test_rng_u32(r) % (uint32_t)p->E);
+    if (mode == 1) e = (test_rng_u32(r) % 8) ? p->E / 2 : (e % 2 ? e : (e + 1) % p->E);
+    p->idx[i] = e;
+  }
+  if (sorted)
+    for (int i = 1; i < p->batch; i++)
+      for (int j = i; j > 0 && p->idx[j - 1] > p->idx[j]; j--) {
+        int32_t t = p->idx[j];
+        p->idx[j] = p->idx[j - 1];
+        p->idx[j - 1] = t;
+      }
+  int64_t wshape[3] = {p->E, wrows, wlen}, qshape[3] = {p->E, wrows, gqmm_packed_words(p->q, wlen)};
+  int64_t sshape[3] = {p->E, wrows, wlen / p->q.group_size};
+  gqmm_tensor tw = gqmm_tensor_make(wf, GQMM_F32, 3, wshape),
+              twq = gqmm_tensor_make(p->wq, GQMM_U32, 3, qshape);
+  gqmm_tensor ts = gqmm_tensor_make(s32, GQMM_F32, 3, sshape),
+              tb = gqmm_tensor_make(b32, GQMM_F32, 3, sshape);
+  gqmm_ctx_options o = {.backend = GQMM_BACKEND_REF};
+  if ((st = gqmm_ctx_create(&rctx, &o))) goto out;
+  if ((st = gqmm_quantize(rctx, &tw, p->q, &twq, &ts, &tb))) goto out;
+  gqmm__convert(p->sc, p->dt, s32, GQMM_F32, n_sb);
+  gqmm__convert(p->bi, p->dt, b32, GQMM_F32, n_sb);
+out:
+  gqmm_ctx_destroy(rctx);
+  free(wf), free(s32), free(b32);
+  return st;
+}
+
+typedef struct {
+  const char *isa;
+  int threads, config, int8;
+} runner;
+
+/* Runs the problem on `how` (or the reference if how.isa is NULL) into out. */
+static int problem_run(const problem *p, runner how, void *out, char *err, size_t errlen) {
+  const int64_t wrows = p->transpose ? p->N : p->K, wlen = p->transpose ? p->K : p->N;
+  int64_t xshape[3] = {p->batch, p->M, p->K},
+          qshape[3] = {p->E, wrows, gqmm_packed_words(p->q, wlen)};
+  int64_t sshape[3] = {p->E, wrows, wlen / p->q.group_size}, ishape[1] = {p->batch};
+  int64_t oshape[3] = {p->batch, p->M, p->N};
+  gqmm_tensor tx = gqmm_tensor_make(p->x, p->dt, 3, xshape),
+              twq = gqmm_tensor_make(p->wq, GQMM_U32, 3, qshape);
+  gqmm_tensor ts = gqmm_tensor_make(p->sc, p->dt, 3, sshape),
+              tb = gqmm_tensor_make(p->bi, p->dt, 3, sshape);
+  gqmm_tensor ti = gqmm_tensor_make(p->idx, GQMM_I32, 1, ishape),
+              to = gqmm_tensor_make(out, p->dt, 3, oshape);
+  gqmm_ctx_options o = {.backend = how.isa ? GQMM_BACKEND_CPU : GQMM_BACKEND_REF,
+                        .num_threads = how.threads,
+                        .cpu_isa = how.isa,
+                        .cpu_int8_activations = how.int8};
+  gqmm_ctx *ctx = NULL;
+  int st = gqmm_ctx_create(&ctx, &o);
+  if (st) return st;
+  ctx->forced_config = how.config;
+  test_poison(out, p->dt, (int64_t)p->batch * p->M * p->N);
+  st = gqmm_gather_qmm(ctx, &tx, &twq, &ts, &tb, NULL, &ti, p->transpose, p->q, 1, &to);
+  if (st)
+    snprintf(err, errlen, "%s", gqmm_last_error(ctx));
+  else if (how.isa && strncmp(gqmm_last_backend(ctx), "cpu-", 4))
+    snprintf(err, errlen, "ran on %s, not the cpu backend", gqmm_last_backend(ctx)), st = -99;
+  gqmm_ctx_destroy(ctx);
+  return st;
+}
+
+static bool isa_available(const char *isa) {
+  gqmm_ctx_options o = {.backend = GQMM_BACKEND_CPU, .cpu_isa = isa, .num_threads = 1};
+  gqmm_ctx *ctx = NULL;
+  if (gqmm_ctx_create(&ctx, &o)) return false;
+  ctx->forced_config = -1;
+  uint16_t x[32] = {0}, s[1] = {0x3f80}, b[1] = {0}, out[1];
+  uint32_t w[4] = {0};
+  int64_t xs[2] = {1, 32}, ws[2] = {1, 4}, ss[2] = {1, 1}, os[2] = {1, 1};
+  gqmm_tensor tx = gqmm_tensor_make(x, GQMM_BF16, 2, xs), tw = gqmm_tensor_make(w, GQMM_U32, 2, ws);
+  gqmm_tensor ts = gqmm_tensor_make(s, GQMM_BF16, 2, ss),
+              tb = gqmm_tensor_make(b, GQMM_BF16, 2, ss);
+  gqmm_tensor to = gqmm_tensor_make(out, GQMM_BF16, 2, os);
+  int st = gqmm_quantized_matmul(ctx, &tx, &tw, &ts, &tb, 1, (gqmm_quant){4, 32}, &to);
+  gqmm_ctx_destroy(ctx);
+  return st == GQMM_OK;
+}
+
+static double tol_for(gqmm_dtype dt) {
+  return dt == GQMM_F32 ? 2e-5 : dt == GQMM_F16 ? 3e-3 : 1e-2;
+}
+
+/* Checks one problem on one runner against the reference; returns the error. */
+#define CHECK_AGAINST_REF(p, how, tol)                                                             \
+  do {                                                                                             \
+    const int64_t n_out_ = (int64_t)(p).batch * (p).M * (p).N;                                     \
+    const size_t es_ = gqmm_dtype_size((p).dt);                                                    \
+    void *ref_ = malloc((size_t)n_out_ * es_), *got_ = malloc((size_t)n_out_ * es_);               \
+    char err_[512] = "";                                                                           \
+    int sr_ = ref_ && got_ ? problem_run(&(p), (runner){0}, ref_, err_, sizeof err_) : -12;        \
+    int sg_ = sr_ ? sr_ : problem_run(&(p), (how), got_, err_, sizeof err_);                       \
+    double e_ = sg_ ? INFINITY : test_rel_err(got_, (p).dt, ref_, (p).dt, n_out_);                 \
+    free(ref_), free(got_);                                                                        \
+    CHECK_MSG(e_ <= (tol),                                                                         \
+              "isa %s threads %d config %d int8 %d bits %d gs %d %s M %d N %d "                    \
+              "K %d E %d batch %d T %d: rel err %.3g (status %d %s)",                              \
+              (how).isa, (how).threads, (how).config, (how).int8, (p).q.bits, (p).q.group_size,    \
+              gqmm_dtype_name((p).dt), (p).M, (p).N, (p).K, (p).E, (p).batch, (p).transpose, e_,   \
+              sg_, err_);                                                                          \
+  } while (0)
+
+GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
+  test_rng r = test_rng_make(701);
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 6; bi++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int di = 0; di < 3; di++) {
+          /* M=1 over many entries (qmv, 1..few rows per expert), M=5 (panel) */
+          const int Ms[2] = {1, 5};
+          for (int mi = 0; mi < 2; mi++) {
+            problem p = {.E = 5,
+                         .M = Ms[mi],
+                         .N = 37,
+                         .K = 3 * all_groups[gi] + (gi == 0 ? 32 : 0),
+                         .batch = 11,
+                         .transpose = 1,
+                         .q = {all_bits[bi], all_groups[gi]},
+                         .dt = all_dtypes[di]};
+            CHECK_OK(problem_make(&p, &r, 0, mi == 0));
+            CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+            problem_free(&p);
+          }
+        }
+  }
+}
+
+GQMM_TEST(cpu_every_config_and_row_count) {
+  test_rng r = test_rng_make(702);
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int cfg = 0; cfg < 16; cfg++) {
+      for (int M = 1; M <= 13; M += 3) {
+        /* K = 320: a kc=256 block plus a ragged remainder; N = 53: ragged tiles */
+        problem p = {.E = 3,
+                     .M = M,
+                     .N = 53,
+                     .K = 320,
+                     .batch = 4,
+                     .transpose = 1,
+                     .q = {cfg % 2 ? 3 : 4, cfg % 3 ? 64 : 32},
+                     .dt = GQMM_F32};
+        CHECK_OK(problem_make(&p, &r, 0, true));
+        char err[256];
+        void *tmp = malloc((size_t)p.batch * p.M * p.N * 4);
+        int st = problem_run(&p, (runner){isas[ii], 1, cfg, 0}, tmp, err, sizeof err);
+        free(tmp);
+        if (st == GQMM_ERR_ARG && cfg > 0) { /* past the end of this ISA's table */
+          problem_free(&p);
+          break;
+        }
+        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0}), tol_for(p.dt));
+        problem_free(&p);
+      }
+    }
+  }
+}
+
+GQMM_TEST(cpu_transpose_false_matches_reference) {
+  test_rng r = test_rng_make(703);
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 6; bi++)
+      for (int di = 0; di < 3; di++) {
+        problem p = {.E = 4,
+                     .M = 3,
+                     .N = 384,
+                     .K = 45,
+                     .batch = 6,
+                     .transpose = 0,
+                     .q = {all_bits[bi], all_groups[(bi + di) % 3]},
+                     .dt = all_dtypes[di]};
+        CHECK_OK(problem_make(&p, &r, 0, false));
+        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+        problem_free(&p);
+      }
+  }
+}
+
+/* Bitwise equality of two runs of the same problem. */
+static bool same_bits(const problem *p, runner a, runner b, char *err, size_t errlen) {
+  const size_t n = (size_t)p->batch * p->M * p->N * gqmm_dtype_size(p->dt);
+  void *oa = malloc(n), *ob = malloc(n);
+  bool ok = oa && ob && !problem_run(p, a, oa, err, errlen) &&
+            !problem_run(p, b, ob, err, errlen) && !memcmp(oa, ob, n);
+  free(oa), free(ob);
+  return ok;
+}
+
+GQMM_TEST(cpu_results_do_not_depend_on_thread_count) {
+  test_rng r = test_rng_make(704);
+  for (int M = 1; M <= 9; M += 8) {
+    problem p = {.E = 16,
+                 .M = M,
+                 .N = 300,
+                 .K = 256,
+                 .batch = 64,
+                 .transpose = 1,
+                 .q = {4, 64},
+                 .dt = GQMM_BF16};
+    CHECK_OK(problem_make(&p, &r, 1, true));
+    char err[256] = "";
+    for (int t = 2; t <= 5; t++)
+      CHECK_MSG(
+          same_bits(&p, (runner){"avx2", 1, -1, 0}, (runner){"avx2", t, -1, 0}, err, sizeof err) ||
+              !isa_available("avx2"),
+          "threads 1 vs %d differ (M %d) %s", t, M, err);
+    CHECK(same_bits(&p, (runner){"portable", 1, -1, 0}, (runner){"portable", 3, -1, 0}, err,
+                    sizeof err));
+    problem_free(&p);
+  }
+}
+
+GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
+  test_rng r = test_rng_make(705);
+  problem p = {.E = 12,
+               .M = 1,
+               .N = 70,
+               .K = 192,
+               .batch = 90,
+               .transpose = 1,
+               .q = {4, 64},
+               .dt = GQMM_F16};
+  CHECK_OK(problem_make(&p, &r, 0, true));
+  const size_t row = (size_t)p.N * 2, n = row * (size_t)p.batch;
+  uint16_t *sorted_out = malloc(n), *unsorted_out = malloc(n);
+  int *perm = malloc((size_t)p.batch * sizeof(int));
+  int32_t *sorted_idx = malloc((size_t)p.batch * 4);
+  void *sorted_x = malloc((size_t)p.batch * p.K * 2);
+  CHECK(sorted_out && unsorted_out && perm && sorted_idx && sorted_x);
+  char err[256] = "";
+  CHECK_OK(problem_run(&p, (runner){"avx2", 2, -1, 0}, sorted_out, err, sizeof err));
+  /* shuffle entries (index and x row together): each output row must keep its bits */
+  for (int i = 0; i < p.batch; i++)
+    perm[i] = i;
+  for (int i = p.batch - 1; i > 0; i--) {
+    int j = (int)(test_rng_u32(&r) % (uint32_t)(i + 1)), t = perm[i];
+    perm[i] = perm[j], perm[j] = t;
+  }
+  memcpy(sorted_idx, p.idx, (size_t)p.batch * 4);
+  memcpy(sorted_x, p.x, (size_t)p.batch * p.K * 2);
+  for (int i = 0; i < p.batch; i++) {
+    p.idx[i] = sorted_idx[perm[i]];
+    memcpy((char *)p.x + (size_t)i * p.K * 2, (char *)sorted_x + (size_t)perm[i] * p.K * 2,
+           (size_t)p.K * 2);
+  }
+  CHECK_OK(problem_run(&p, (runner){"avx2", 2, -1, 0}, unsorted_out, err, sizeof err));
+  for (int i = 0; i < p.batch; i++)
+    CHECK_MSG(
+        !memcmp((char *)unsorted_out + i * row, (char *)sorted_out + (size_t)perm[i] * row, row),
+        "row %d (sorted row %d) differs", i, perm[i]);
+  CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 0}), tol_for(p.dt));
+  free(sorted_out), free(unsorted_out), free(perm), free(sorted_idx), free(sorted_x);
+  problem_free(&p);
+}
+
+GQMM_TEST(cpu_skewed_routing_and_empty_experts) {
+  test_rng r = test_rng_make(706);
+  for (int M = 1; M <= 2; M++) {
+    /* most entries on expert E/2 (a block larger than the row limit for
+     * K = 4096 is split), several experts without rows */
+    problem p = {.E = 9,
+                 .M = M,
+                 .N = 24,
+                 .K = 4096,
+                 .batch = 330,
+                 .transpose = 1,
+                 .q = {4, 128},
+                 .dt = GQMM_BF16};
+    CHECK_OK(problem_make(&p, &r, 1, M == 1));
+    CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 0}), tol_for(p.dt));
+    CHECK_AGAINST_REF(p, ((runner){"portable", 3, 1, 0}), tol_for(p.dt));
+    problem_free(&p);
+  }
+}
+
+GQMM_TEST(cpu_int8_mode_is_close_and_opt_in) {
+  test_rng r = test_rng_make(707);
+  for (int M = 1; M <= 9; M += 4) {
+    problem p = {.E = 6,
+                 .M = M,
+                 .N = 40,
+                 .K = 512,
+                 .batch = 10,
+                 .transpose = 1,
+                 .q = {4, 64},
+                 .dt = GQMM_BF16};
+    CHECK_OK(problem_make(&p, &r, 0, true));
+    /* int8 activations: ~0.4% per-element noise, far from exact; bounded */
+    if (isa_available("avx2")) CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 1}), 2e-2);
+    /* the portable ISA has no int8 kernel: the option falls back to exact */
+    CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 1}), tol_for(p.dt));
+    problem_free(&p);
+    /* other widths ignore the option (int8 covers 4-bit only) */
+    problem q = {.E = 3,
+                 .M = M,
+                 .N = 20,
+                 .K = 256,
+                 .batch = 4,
+                 .transpose = 1,
+                 .q = {3, 64},
+                 .dt = GQMM_F32};
+    CHECK_OK(problem_make(&q, &r, 0, true));
+    CHECK_AGAINST_REF(q, ((runner){"avx2", 2, -1, 1}), tol_for(q.dt));
+    problem_free(&q);
+  }
+}
+
+GQMM_TEST(cpu_bad_isa_requests_fail_clearly) {
+  problem p = {
+      .E = 2, .M = 1, .N = 8, .K = 64, .batch = 2, .transpose = 1, .q = {4, 64}, .dt = GQMM_F32};
+  test_rng r = test_rng_make(708);
+  CHECK_OK(problem_make(&p, &r, 0, true));
+  float out[16];
+  char err[512] = "";
+  int st = problem_run(&p, (runner){"sse9", 1, -1, 0}, out, err, sizeof err);
+  CHECK_MSG(st == GQMM_ERR_ARG && strstr(err, "sse9"), "status %d: %s", st, err);
+  if (!isa_available("avx512")) {
+    st = problem_run(&p, (runner){"avx512", 1, -1, 0}, out, err, sizeof err);
+    CHECK_MSG(st == GQMM_ERR_UNSUPPORTED && strstr(err, "avx512"), "status %d: %s", st, err);
+  }
+  st = problem_run(&p, (runner){"portable", 1, 999, 0}, out, err, sizeof err);
+  CHECK_MSG(st == GQMM_ERR_ARG && strstr(err, "config"), "status %d: %s", st, err);
+  problem_free(&p);
+}
+
+/* Accuracy of the exact and the int8 (fast) mode against float64 truth, on
+ * the seed's format (4-bit, group 64) at K = 2816. Prints the figures that
+ * docs/perf-notes.md records; bounds are loose (a failure means a bug). */
+GQMM_TEST(cpu_int8_accuracy_vs_float64) {
+  test_rng r = test_rng_make(709);
+  const gqmm_dtype dts[2] = {GQMM_F32, GQMM_BF16};
+  for (int di = 0; di < 2; di++) {
+    problem p = {.E = 4,
+                 .M = 8,
+                 .N = 64,
+                 .K = 2816,
+                 .batch = 4,
+                 .transpose = 1,
+                 .q = {4, 64},
+                 .dt = dts[di]};
+    CHECK_OK(problem_make(&p, &r, 0, true));
+    const int64_t n_out = (int64_t)p.batch * p.M * p.N, G = p.K / 64;
+    double *truth = calloc((size_t)n_out, sizeof(double));
+    void *raw = malloc((size_t)n_out * 4);
+    CHECK(truth && raw);
+    for (int b = 0; b < p.batch; b++) /* float64 truth of x @ dequant(w)^T */
+      for (int m = 0; m < p.M; m++)
+        for (int n = 0; n < p.N; n++) {
+          const int64_t wr = (int64_t)p.idx[b] * p.N + n;
+          const uint8_t *row = (const uint8_t *)(p.wq + wr * (p.K / 8));
+          double acc = 0;
+          for (int k = 0; k < p.K; k++) {
+            const double s = gqmm__load_f(p.sc, p.dt, wr * G + k / 64);
+            const double bb = gqmm__load_f(p.bi, p.dt, wr * G + k / 64);
+            const double x = gqmm__load_f(p.x, p.dt, ((int64_t)b * p.M + m) * p.K + k);
+            acc += x * (s * gqmm__unpack(row, 4, k) + bb);
+          }
+          truth[((int64_t)b * p.M + m) * p.N + n] = acc;
+        }
+    const char *modes[3] = {"reference", "cpu exact", "cpu int8"};
+    for (int mode = 0; mode < 3; mode++) {
+      char err[256] = "";
+      runner how = {mode ? "avx2" : NULL, 2, -1, mode == 2};
+      if (mode && !isa_available("avx2")) how.isa = "portable";
+      CHECK_OK(problem_run(&p, how, raw, err, sizeof err));
+      double num = 0, den = 0, worst = 0;
+      for (int64_t i = 0; i < n_out; i++) {
+        const double d = gqmm__load_f(raw, p.dt, i) - truth[i];
+        num += d * d;
+        den += truth[i] * truth[i];
+        worst = fmax(worst, fabs(d));
+      }
+      const double rel = sqrt(num / den), rms = sqrt(den / (double)n_out);
+      fprintf(stderr, "  accuracy %-9s x %-8s: rel L2 err %.3e, max |err| / rms(out) %.3e\n",
+              modes[mode], gqmm_dtype_name(p.dt), rel, worst / rms);
+      const double bound = mode == 2 ? 2e-2 : p.dt == GQMM_F32 ? 1e-5 : 1e-2;
+      CHECK_MSG(rel < bound, "%s %s: %.3g", modes[mode], gqmm_dtype_name(p.dt), rel);
+    }
+    free(truth), free(raw);
+    problem_free(&p);
+  }
+}

@@ -9,6 +9,7 @@ static const gqmm_cli_command commands[] = {
     {"verify", "run every backend against the reference; non-zero exit on any failure",
      gqmm_cmd_verify},
     {"bench", "time gather_qmm on the seed workload (see gqmm bench --help)", gqmm_cmd_bench},
+    {"cuda-bench", "CUDA ceilings, seed shapes and weight-reuse sweep (JSON)", gqmm_cmd_cuda_bench},
 };
 
 static void usage(FILE *f) {

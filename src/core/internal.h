@@ -208,6 +208,9 @@ typedef struct gqmm__backend {
   int (*mem_copy)(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes, gqmm__copy_dir dir);
   /* Called by gqmm_ctx_destroy to free the backend's private state. */
   void (*release)(gqmm_ctx *ctx);
+  /* Optional (device backends): device time of the last op, measured with
+   * device events: its main kernel alone, and all of its device work. */
+  int (*last_time)(gqmm_ctx *ctx, double *kernel_us, double *op_us);
 } gqmm__backend;
 
 /* Each backend defines one of these (src/ref, src/cpu, src/cuda). */

@@ -108,11 +108,10 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   return n;
 }
 
-/* Built-in choice: a 64-wide N tile when N is a multiple of 64 but not of
- * 128 (no half-empty tiles), else the 128-wide one. */
+/* Built-in choice: 8 warps of one m16 tile each (config 1) was the fastest
+ * on H100 for every seed shape (docs/perf-notes.md). */
 static int heuristic(const gqmm__cu_qmm *k) {
-  if (!gqmm__cu_mma_eligible(k)) return generic_id();
-  return (k->N % 128 != 0 && k->N % 64 == 0) ? 1 : 0;
+  return gqmm__cu_mma_eligible(k) ? 1 : generic_id();
 }
 
 static int grow(gqmm_ctx *ctx, void **p, size_t *cap, size_t need, bool pinned) {

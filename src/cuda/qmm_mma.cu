@@ -163,8 +163,23 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
     return (((mt * 2 + h) * F::units + u) * kThreads + tid) * F::unit;
   }
 
+  /* x chunks (16 bytes of one token row per stage) each thread copies. */
+  static constexpr int kXPer = kTokMax * 16 / kThreads;
+  static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
+
+  /* Per unit, once: element offsets of the thread's x rows (-1: no row). */
+  static __device__ __forceinline__ void x_rows(const kargs &a, const unit_t &lu,
+                                                int64_t (&xo)[kXPer]) {
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) {
+      const int r = (threadIdx.x + i * kThreads) >> 4;
+      xo[i] = r < lu.cnt ? (int64_t)__ldg(a.plan.rows_x + lu.r0 + r) * a.K : -1;
+    }
+  }
+
   static __device__ __forceinline__ void issue(const kargs &a, const unit_t &lu, int lk,
-                                               uint8_t *smem, int slot, uint32_t (&sr)[MT][2],
+                                               const int64_t (&xo)[kXPer], uint8_t *smem,
+                                               int slot, uint32_t (&sr)[MT][2],
                                                uint32_t (&br)[MT][2]) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     uint8_t *xs = smem + slot * (kXStage + kWStage);
@@ -193,25 +208,30 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
       }
     }
     /* x: the unit's token rows for this stage; missing rows/k are zeros. */
-    const int chunks = lu.nt * 8 * 16;
-    for (int i = tid; i < chunks; i += kThreads) {
-      const int r = i >> 4, c = i & 15, k = lk * kStageK + c * 8;
-      const bool ok = r < lu.cnt && k < a.K;
-      const T *src = (const T *)a.x;
-      if (ok) src += (int64_t)__ldg(a.plan.rows_x + lu.r0 + r) * a.K + k;
-      cp_async<16>(smem_u32(xs + r * kXRowBytes + xphys(c, r) * 16), src, ok ? 16 : 0);
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) {
+      const int idx = tid + i * kThreads, r = idx >> 4, c = idx & 15;
+      if (r < lu.nt * 8) {
+        const int k = lk * kStageK + c * 8;
+        const bool ok = xo[i] >= 0 && k < a.K;
+        const T *src = (const T *)a.x + (ok ? xo[i] + k : 0);
+        cp_async<16>(smem_u32(xs + r * kXRowBytes + xphys(c, r) * 16), src, ok ? 16 : 0);
+      }
     }
   }
 
-  template <int NT>
-  static __device__ __forceinline__ void compute(const kargs &a, int ck, const uint8_t *smem,
-                                                 int slot, const uint32_t (&sr)[MT][2],
+  /* One stage: dequantize this thread's weights once, reuse them for the
+   * unit's nt token tiles (a uniform branch: one copy of the code). */
+  static __device__ __forceinline__ void compute(int nt,
+                                                 const uint8_t *smem, int slot,
+                                                 const uint32_t (&sr)[MT][2],
                                                  const uint32_t (&br)[MT][2],
                                                  float (&acc)[MT][kNtMax][4]) {
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const uint8_t *xs = smem + slot * (kXStage + kWStage);
     const uint8_t *ws = xs + kXStage;
-    const bool kin = ck * kStageK + 32 * t < a.K;
+    const uint8_t *xrow = xs + g * kXRowBytes + 64 * t;
+    const int xsw = (((t >> 1) & 1) << 1) ^ (g & 1);
     uint32_t q[MT][2][BITS];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -244,31 +264,33 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
 #pragma unroll
           for (int r = 0; r < 4; r++) { /* a0: g,2s  a1: g+8,2s  a2: g,2s+1  a3: g+8,2s+1 */
             const int h = r & 1, pi = 2 * s + (r >> 1);
-            A[mt][sl][r] = kin ? dequant<T, BITS>(F::pair(q[mt][h], pi), sr[mt][h], br[mt][h]) : 0u;
+            /* k past K: issue() zeroed this stage's scale and bias, so w = 0 */
+            A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi), sr[mt][h], br[mt][h]);
           }
         }
 #pragma unroll
-      for (int j = 0; j < NT; j++) {
-        const int row = j * 8 + g;
-        uint32_t Z[4 * F::chunks];
+      for (int j = 0; j < kNtMax; j++) {
+        if (j < nt) {
+          uint32_t Z[4 * F::chunks];
 #pragma unroll
-        for (int i = 0; i < F::chunks; i++) {
-          const int c = 4 * t + F::chunk(p, i);
-          uint4 v = *reinterpret_cast<const uint4 *>(xs + row * kXRowBytes + xphys(c, row) * 16);
-          Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
-        }
+          for (int i = 0; i < F::chunks; i++) {
+            /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
+            const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
+            uint4 v = *reinterpret_cast<const uint4 *>(xp);
+            Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
+          }
 #pragma unroll
-        for (int sl = 0; sl < F::steps; sl++) {
-          const uint32_t b0 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
-          const uint32_t b1 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
+          for (int sl = 0; sl < F::steps; sl++) {
+            const uint32_t b0 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
+            const uint32_t b1 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
 #pragma unroll
-          for (int mt = 0; mt < MT; mt++) mma_16816<T>(acc[mt][j], A[mt][sl], b0, b1);
+            for (int mt = 0; mt < MT; mt++) mma_16816<T>(acc[mt][j], A[mt][sl], b0, b1);
+          }
         }
       }
     }
   }
 
-  template <int NT>
   static __device__ __forceinline__ void store(const kargs &a, const unit_t &cu,
                                                float (&acc)[MT][kNtMax][4]) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
@@ -276,14 +298,15 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-      for (int j = 0; j < NT; j++)
+      for (int j = 0; j < kNtMax; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) {
           const int n = cu.ntile * kBN + (warp * MT + mt) * 16 + g + (r >> 1) * 8;
           const int tok = j * 8 + 2 * t + (r & 1);
-          if (n < a.N && tok < cu.cnt)
+          if (j < cu.nt && n < a.N && tok < cu.cnt)
             out[(int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * a.N + n] =
                 dtype_traits<T>::from_f(acc[mt][j][r]);
+          acc[mt][j][r] = 0.f;
         }
   }
 
@@ -295,6 +318,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
     const int nk = (a.K + kStageK - 1) / kStageK;
     const int nflat = (u1 - u0) * nk;
     if (nflat <= 0) return;
+    /* Scales and biases of the stages in flight, oldest first: a FIFO in
+     * registers, shifted once per stage (fixed indices: no local memory). */
     uint32_t sr[STAGES][MT][2], br[STAGES][MT][2];
     float acc[MT][kNtMax][4];
 #pragma unroll
@@ -307,57 +332,45 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
      * STAGES-1 stages apart. */
     int lidx = u0, lk = 0, cidx = u0, ck = 0;
     unit_t lu = decode(a, u0, n_tiles), cu = lu;
+    int64_t xo[kXPer];
+    x_rows(a, lu, xo);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
       if (s < nflat) {
-        issue(a, lu, lk, smem, s, sr[s], br[s]);
+        issue(a, lu, lk, xo, smem, s, sr[s], br[s]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode(a, lidx, n_tiles);
+          if (++lidx < u1) lu = decode(a, lidx, n_tiles), x_rows(a, lu, xo);
         }
       }
       cp_async_commit();
     }
-    for (int f0 = 0; f0 < nflat; f0 += STAGES) {
-#pragma unroll
-      for (int ss = 0; ss < STAGES; ss++) {
-        const int f = f0 + ss;
-        if (f < nflat) {
-          cp_async_wait<STAGES - 2>();
-          __syncthreads();
-          const int nslot = (ss + STAGES - 1) % STAGES;
-          if (f + STAGES - 1 < nflat) {
-            issue(a, lu, lk, smem, nslot, sr[nslot], br[nslot]);
-            if (++lk == nk) {
-              lk = 0;
-              if (++lidx < u1) lu = decode(a, lidx, n_tiles);
-            }
-          }
-          cp_async_commit();
-          switch (cu.nt) {
-          case 1: compute<1>(a, ck, smem, ss, sr[ss], br[ss], acc); break;
-          case 2: compute<2>(a, ck, smem, ss, sr[ss], br[ss], acc); break;
-          case 3: compute<3>(a, ck, smem, ss, sr[ss], br[ss], acc); break;
-          default: compute<4>(a, ck, smem, ss, sr[ss], br[ss], acc); break;
-          }
-          if (++ck == nk) {
-            switch (cu.nt) {
-            case 1: store<1>(a, cu, acc); break;
-            case 2: store<2>(a, cu, acc); break;
-            case 3: store<3>(a, cu, acc); break;
-            default: store<4>(a, cu, acc); break;
-            }
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-              for (int j = 0; j < kNtMax; j++)
-#pragma unroll
-                for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
-            ck = 0;
-            if (++cidx < u1) cu = decode(a, cidx, n_tiles);
-          }
+    int slot = 0;
+    for (int f = 0; f < nflat; f++) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
+      if (f + STAGES - 1 < nflat) {
+        issue(a, lu, lk, xo, smem, nslot, sr[STAGES - 1], br[STAGES - 1]);
+        if (++lk == nk) {
+          lk = 0;
+          if (++lidx < u1) lu = decode(a, lidx, n_tiles), x_rows(a, lu, xo);
         }
       }
+      cp_async_commit();
+      compute(cu.nt, smem, slot, sr[0], br[0], acc);
+#pragma unroll
+      for (int s = 0; s < STAGES - 1; s++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) sr[s][mt][h] = sr[s + 1][mt][h], br[s][mt][h] = br[s + 1][mt][h];
+      if (++ck == nk) {
+        store(a, cu, acc);
+        ck = 0;
+        if (++cidx < u1) cu = decode(a, cidx, n_tiles);
+      }
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     cp_async_wait<0>();
   }
@@ -372,8 +385,8 @@ mma_kernel(kargs a, int n_tiles) {
 /* The compiled-in tile configurations: X(name, warps, mtiles, stages). */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
   X("w4_m2_s4", 4, 2, 4)                                                                          \
-  X("w4_m1_s6", 4, 1, 6)                                                                          \
-  X("w8_m1_s4", 8, 1, 4)
+  X("w8_m1_s4", 8, 1, 4)                                                                          \
+  X("w8_m1_s6", 8, 1, 6)
 
 const gqmm__cu_mma_config kConfigs[] = {
 #define GQMM__CFG_ROW(name, w, m, s) {name, w, m, s},

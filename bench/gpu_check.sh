@@ -21,8 +21,11 @@ note() { echo "== $* ==" | tee -a "$OUT/summary.txt"; }
 
 if [ -n "${PREBUILT:-}" ]; then BIN=$PREBUILT; else BIN=$BUILD; fi
 
+# At most 8 files come back from a lent machine: summary.txt (environment and
+# step results), tests.log, sanitize.log, bench.log (bench + peers output),
+# gqmm_cuda.json, peers_cuda.json, sweep_cuda.png.
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
-  nvcc --version | tail -1; } > "$OUT/env.txt" 2>&1
+  nvcc --version | tail -1; } > "$OUT/summary.txt" 2>&1
 
 if want build && [ -z "${PREBUILT:-}" ]; then
   note "build ($BUILD)"
@@ -38,9 +41,10 @@ if want sanitize; then
   for tool in memcheck racecheck; do
     note "compute-sanitizer $tool (quick subset)"
     GQMM_CUDA_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-      "$BIN/gqmm_tests" --file test_cuda > "$OUT/sanitize_$tool.log" 2>&1 &&
+      "$BIN/gqmm_tests" --file test_cuda > "$OUT/sanitize_now.log" 2>&1 &&
       note "$tool clean" || { note "$tool FAILED"; status=1; }
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid" "$OUT/sanitize_$tool.log" | head -5
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid" "$OUT/sanitize_now.log" | head -5
+    cat "$OUT/sanitize_now.log" >> "$OUT/sanitize.log" && rm -f "$OUT/sanitize_now.log"
   done
 fi
 if want bench; then
@@ -51,7 +55,7 @@ fi
 if want peers; then
   note "torch peers"
   PYTHONUNBUFFERED=1 python3 bench/peers_cuda.py --reps "$REPS" --json "$OUT/peers_cuda.json" 2>&1 |
-    tee "$OUT/peers.log" || status=1
+    tee -a "$OUT/bench.log" || status=1
 fi
 if want plot; then
   python3 bench/plot_sweep.py "$OUT/gqmm_cuda.json" "$OUT/peers_cuda.json" -o "$OUT/sweep_cuda.png" ||

@@ -29,8 +29,9 @@ def main():
     for r in recs:
         if r["op"] not in ("sweep", "dense"):
             continue
-        label = f"{r['backend']} {r['op']} ({r['bits']}-bit)" if r["bits"] != 16 else \
-            f"{r['backend']} {r['op']} (bf16)"
+        who = "gqmm cuda" if r["backend"] == "cuda" else r["backend"]
+        label = f"{who} {r['op']} ({r['bits']}-bit)" if r["bits"] != 16 else \
+            f"{who} {r['op']} (bf16 weights: 4x the bytes)"
         series.setdefault(label, []).append((r["rows_per_expert"], r["weight_GBps"]))
         ceiling = max(ceiling, r["ceiling_copy_GBps"], r["ceiling_read_GBps"])
         device = r["device"]

@@ -108,10 +108,12 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   return n;
 }
 
-/* Built-in choice: 8 warps of one m16 tile each (config 1) was the fastest
- * on H100 for every seed shape (docs/perf-notes.md). */
+/* Built-in choice from the H100 measurements (docs/perf-notes.md): 8 warps
+ * of one m16 tile each (config 1) was fastest for K=2816; with short rows
+ * (down, K=704) the 64-register variant with 4 CTAs per SM (config 2) won. */
 static int heuristic(const gqmm__cu_qmm *k) {
-  return gqmm__cu_mma_eligible(k) ? 1 : generic_id();
+  if (!gqmm__cu_mma_eligible(k)) return generic_id();
+  return k->K <= 1024 ? 2 : 1;
 }
 
 static int grow(gqmm_ctx *ctx, void **p, size_t *cap, size_t need, bool pinned) {

@@ -376,20 +376,22 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
   }
 };
 
-template <typename T, int BITS, int WARPS, int MT, int STAGES>
-__global__ void __launch_bounds__(WARPS * 32)
+/* MINB: CTAs per SM the register allocation must allow (1: no cap). */
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB>
+__global__ void __launch_bounds__(WARPS * 32, MINB)
 mma_kernel(kargs a, int n_tiles) {
   mma_kernel_impl<T, BITS, WARPS, MT, STAGES>::run(a, n_tiles);
 }
 
-/* The compiled-in tile configurations: X(name, warps, mtiles, stages). */
+/* The compiled-in tile configurations: X(name, warps, mtiles, stages, min CTAs per SM).
+ * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM. */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4)                                                                          \
-  X("w8_m1_s4", 8, 1, 4)                                                                          \
-  X("w8_m1_s6", 8, 1, 6)
+  X("w4_m2_s4", 4, 2, 4, 1)                                                                       \
+  X("w8_m1_s4", 8, 1, 4, 1)                                                                       \
+  X("w8_m1_s3_b4", 8, 1, 3, 4)
 
 const gqmm__cu_mma_config kConfigs[] = {
-#define GQMM__CFG_ROW(name, w, m, s) {name, w, m, s},
+#define GQMM__CFG_ROW(name, w, m, s, b) {name, w, m, s},
     GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
 #undef GQMM__CFG_ROW
 };
@@ -401,15 +403,15 @@ struct launch_info {
   int threads, smem;
 };
 
-template <typename T, int BITS, int W, int M, int S> launch_info info() {
+template <typename T, int BITS, int W, int M, int S, int B> launch_info info() {
   using K = mma_kernel_impl<T, BITS, W, M, S>;
-  return {mma_kernel<T, BITS, W, M, S>, K::kThreads, K::kSmem};
+  return {mma_kernel<T, BITS, W, M, S, B>, K::kThreads, K::kSmem};
 }
 
 template <typename T, int BITS> launch_info pick_cfg(int cfg) {
   int i = 0;
-#define GQMM__CFG_CASE(name, w, m, s)                                                             \
-  if (cfg == i++) return info<T, BITS, w, m, s>();
+#define GQMM__CFG_CASE(name, w, m, s, b)                                                          \
+  if (cfg == i++) return info<T, BITS, w, m, s, b>();
   GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
 #undef GQMM__CFG_CASE
   return {nullptr, 0, 0};

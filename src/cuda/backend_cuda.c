@@ -88,7 +88,7 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
       memset(&out[n], 0, sizeof out[n]);
       out[n].id = i;
       snprintf(out[n].name, sizeof out[n].name, "mma_%s", c->name);
-      out[n].tile_m = gqmm__cu_mma_tok_max();
+      out[n].tile_m = c->tok_max;
       out[n].tile_n = gqmm__cu_mma_tile_n(i);
       out[n].tile_k = 128;
       out[n].threads = c->warps * 32;
@@ -178,7 +178,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     gqmm__cu_plan p;
     p.count = s->d_plan, p.row_start = p.count + E, p.fill = p.row_start + E;
     p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
-    const int tile_n = gqmm__cu_mma_tile_n(cfg), tok = gqmm__cu_mma_tok_max();
+    const int tile_n = gqmm__cu_mma_tile_n(cfg), tok = gqmm__cu_mma_tok_max(cfg);
     const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
     int grid = 0;
     err = gqmm__cu_mma_grid(cfg, &k, s->sms, &grid);

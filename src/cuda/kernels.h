@@ -51,12 +51,13 @@ typedef struct {
   int warps;   /* warps per CTA, each owning mtiles x 16 output features */
   int mtiles;  /* m16 tiles per warp */
   int stages;  /* cp.async ring depth */
+  int tok_max; /* rows per work unit (8 x the widest n8 token tile) */
 } gqmm__cu_mma_config;
 
 int gqmm__cu_mma_config_count(void);
 const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i);
-/* Rows of one work unit (8 x the widest n8 token tile compiled in). */
-int gqmm__cu_mma_tok_max(void);
+/* Rows of one work unit of config cfg; plans for cfg must use it. */
+int gqmm__cu_mma_tok_max(int cfg);
 /* 1 if the tensor-core kernel runs these args (transpose, bits 2/3/4/8,
  * f16/bf16, aligned pointers). */
 int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);

@@ -18,9 +18,9 @@
  * (bf16 128.0, f16 1024.0), subtract it, one packed FMA with scale and bias.
  *
  * Work: units = (expert, N tile of BN = warps*mtiles*16 features, chunk of
- * <= 32 rows), from the routing plan (route.cu). A persistent grid gives each
- * CTA a contiguous stripe of units; every unit streams the same bytes, so
- * stripes are balanced by construction. The cp.async ring runs across unit
+ * <= 32 or 64 rows, per config), from the routing plan (route.cu). A
+ * persistent grid gives each CTA a contiguous stripe of units; every unit
+ * streams the same bytes, so stripes are balanced by construction. The cp.async ring runs across unit
  * boundaries (no pipeline drain between units). x rows of the unit's tokens
  * are staged per stage in shared memory (swizzled 16-byte chunks: conflict-
  * free fragment reads) and read by all warps.
@@ -41,8 +41,6 @@ using namespace gqmm_cu;
 namespace {
 
 constexpr int kStageK = 128;  /* k per pipeline stage: 4 lanes x 32 values */
-constexpr int kNtMax = 4;     /* widest token tile: 4 x n8 = 32 rows per unit */
-constexpr int kTokMax = 8 * kNtMax;
 constexpr int kXRowBytes = kStageK * 2; /* one token's x for a stage (16-bit types) */
 
 /* How a BITS-wide format is split and reassembled (see the header comment). */
@@ -124,6 +122,8 @@ struct unit_t {
   int e, ntile, r0, cnt, nt;
 };
 
+/* Work unit u of the plan; units hold up to kTokMax rows of one expert. */
+template <int kTokMax>
 __device__ __forceinline__ unit_t decode(const kargs &a, int u, int n_tiles) {
   const int32_t *us = a.plan.unit_start;
   int lo = 0, hi = a.experts - 1;
@@ -150,8 +150,12 @@ __device__ __forceinline__ int xphys(int c, int row) {
   return c ^ (((c >> 3) & 1) << 1) ^ (row & 1);
 }
 
-template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel_impl {
+/* NTMAX: widest token tile (NTMAX x n8 rows per unit); the units of a plan
+ * made for this config hold at most 8*NTMAX rows. */
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct mma_kernel_impl {
   using F = wfmt<BITS>;
+  static constexpr int kNtMax = NTMAX;
+  static constexpr int kTokMax = 8 * NTMAX;
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kBN = WARPS * MT * 16;
   static constexpr int kXStage = kTokMax * kXRowBytes;
@@ -331,7 +335,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
     /* Load side and compute side walk the same (unit, k-stage) sequence,
      * STAGES-1 stages apart. */
     int lidx = u0, lk = 0, cidx = u0, ck = 0;
-    unit_t lu = decode(a, u0, n_tiles), cu = lu;
+    unit_t lu = decode<kTokMax>(a, u0, n_tiles), cu = lu;
     int64_t xo[kXPer];
     x_rows(a, lu, xo);
 #pragma unroll
@@ -340,7 +344,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
         issue(a, lu, lk, xo, smem, s, sr[s], br[s]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode(a, lidx, n_tiles), x_rows(a, lu, xo);
+          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), x_rows(a, lu, xo);
         }
       }
       cp_async_commit();
@@ -354,7 +358,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
         issue(a, lu, lk, xo, smem, nslot, sr[STAGES - 1], br[STAGES - 1]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode(a, lidx, n_tiles), x_rows(a, lu, xo);
+          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), x_rows(a, lu, xo);
         }
       }
       cp_async_commit();
@@ -368,7 +372,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
       if (++ck == nk) {
         store(a, cu, acc);
         ck = 0;
-        if (++cidx < u1) cu = decode(a, cidx, n_tiles);
+        if (++cidx < u1) cu = decode<kTokMax>(a, cidx, n_tiles);
       }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
@@ -377,21 +381,24 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES> struct mma_kernel
 };
 
 /* MINB: CTAs per SM the register allocation must allow (1: no cap). */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB>
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
 mma_kernel(kargs a, int n_tiles) {
-  mma_kernel_impl<T, BITS, WARPS, MT, STAGES>::run(a, n_tiles);
+  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a, n_tiles);
 }
 
-/* The compiled-in tile configurations: X(name, warps, mtiles, stages, min CTAs per SM).
- * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM. */
+/* The compiled-in tile configurations:
+ *   X(name, warps, mtiles, stages, min CTAs per SM, n8 token tiles per unit).
+ * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM.
+ * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
+ * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4, 1)                                                                       \
-  X("w8_m1_s4", 8, 1, 4, 1)                                                                       \
-  X("w8_m1_s3_b4", 8, 1, 3, 4)
+  X("w4_m2_s4", 4, 2, 4, 1, 4)                                                                    \
+  X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)
 
 const gqmm__cu_mma_config kConfigs[] = {
-#define GQMM__CFG_ROW(name, w, m, s, b) {name, w, m, s},
+#define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt},
     GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
 #undef GQMM__CFG_ROW
 };
@@ -403,15 +410,15 @@ struct launch_info {
   int threads, smem;
 };
 
-template <typename T, int BITS, int W, int M, int S, int B> launch_info info() {
-  using K = mma_kernel_impl<T, BITS, W, M, S>;
-  return {mma_kernel<T, BITS, W, M, S, B>, K::kThreads, K::kSmem};
+template <typename T, int BITS, int W, int M, int S, int B, int NT> launch_info info() {
+  using K = mma_kernel_impl<T, BITS, W, M, S, NT>;
+  return {mma_kernel<T, BITS, W, M, S, B, NT>, K::kThreads, K::kSmem};
 }
 
 template <typename T, int BITS> launch_info pick_cfg(int cfg) {
   int i = 0;
-#define GQMM__CFG_CASE(name, w, m, s, b)                                                          \
-  if (cfg == i++) return info<T, BITS, w, m, s, b>();
+#define GQMM__CFG_CASE(name, w, m, s, b, nt)                                                      \
+  if (cfg == i++) return info<T, BITS, w, m, s, b, nt>();
   GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
 #undef GQMM__CFG_CASE
   return {nullptr, 0, 0};
@@ -445,7 +452,10 @@ extern "C" int gqmm__cu_mma_config_count(void) { return kNumConfigs; }
 extern "C" const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i) {
   return i >= 0 && i < kNumConfigs ? &kConfigs[i] : nullptr;
 }
-extern "C" int gqmm__cu_mma_tok_max(void) { return kTokMax; }
+extern "C" int gqmm__cu_mma_tok_max(int cfg) {
+  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
+  return c ? c->tok_max : 0;
+}
 extern "C" int gqmm__cu_mma_tile_n(int cfg) {
   const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
   return c ? c->warps * c->mtiles * 16 : 0;

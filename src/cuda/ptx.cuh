@@ -43,7 +43,6 @@ template <> struct dtype_traits<__nv_bfloat16> {
   using pair = __nv_bfloat162;
   /* 0x4300 is bf16 128.0: OR-ing q < 128 into the mantissa gives 128 + q. */
   static constexpr uint32_t magic = 0x43004300u;
-  static constexpr float magic_f = 128.0f;
   static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
 };
@@ -51,7 +50,6 @@ template <> struct dtype_traits<__half> {
   using pair = __half2;
   /* 0x6400 is f16 1024.0: q < 1024 fits the mantissa exactly. */
   static constexpr uint32_t magic = 0x64006400u;
-  static constexpr float magic_f = 1024.0f;
   static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
 };
@@ -60,25 +58,22 @@ template <> struct dtype_traits<float> {
   static __device__ __forceinline__ float from_f(float v) { return v; }
 };
 
-/* d += a (16x16, row) * b (16x8, col), f32 accumulators. */
+/* d += a (16x16, row) * b (16x8, col), f32 accumulators; one
+ * specialization per 16-bit input type. */
 template <typename T>
 __device__ __forceinline__ void mma_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float *d, const uint32_t *a, uint32_t b0,
-                                                         uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float *d, const uint32_t *a, uint32_t b0,
-                                                  uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
+#define GQMM__MMA_16816(T, ptx_type)                                                              \
+  template <>                                                                                     \
+  __device__ __forceinline__ void mma_16816<T>(float *d, const uint32_t *a, uint32_t b0,          \
+                                               uint32_t b1) {                                     \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ptx_type "." ptx_type ".f32 "            \
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                 \
+  }
+GQMM__MMA_16816(__nv_bfloat16, "bf16")
+GQMM__MMA_16816(__half, "f16")
+#undef GQMM__MMA_16816
 
 } // namespace gqmm_cu
 

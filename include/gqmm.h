@@ -271,6 +271,29 @@ const char *gqmm_version(void);
 /* Writes a one-line description of the CPU features gqmm detected. */
 void gqmm_cpu_features(char *buf, size_t len);
 
+/* ---- device memory (GPU backends) ---------------------------------------- */
+
+/*
+ * Memory of the GPU that GQMM_DEVICE_CUDA tensors live on. Each call fails
+ * with GQMM_ERR_UNSUPPORTED when no GPU backend is compiled in and
+ * GQMM_ERR_BACKEND when no GPU is usable. Copies are synchronous.
+ */
+typedef enum {
+  GQMM_COPY_HOST_TO_DEVICE = 0,
+  GQMM_COPY_DEVICE_TO_HOST = 1,
+  GQMM_COPY_DEVICE_TO_DEVICE = 2,
+} gqmm_copy_kind;
+
+int gqmm_device_alloc(gqmm_ctx *ctx, size_t bytes, void **out);
+void gqmm_device_free(gqmm_ctx *ctx, void *p);
+int gqmm_device_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes,
+                     gqmm_copy_kind kind);
+/* Wait until all queued device work of ctx has finished. */
+int gqmm_device_sync(gqmm_ctx *ctx);
+/* Device time of the last op on ctx, from device events: its matmul kernel
+ * alone, and all its device work (index upload, routing plan, kernel). */
+int gqmm_device_last_time(gqmm_ctx *ctx, double *kernel_us, double *op_us);
+
 #ifdef __cplusplus
 }
 #endif

@@ -16,6 +16,7 @@ int gqmm_cmd_bench(int argc, char **argv);
 int gqmm_cmd_sweep(int argc, char **argv);
 int gqmm_cmd_moe(int argc, char **argv);
 int gqmm_cmd_tune(int argc, char **argv);
+int gqmm_cmd_cuda_bench(int argc, char **argv);
 
 /* Parses "--backend cpu|cuda|ref|auto"; returns 0 and sets *kind, or -1. */
 int gqmm_cli_backend(const char *s, gqmm_backend_kind *kind);

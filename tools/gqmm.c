@@ -12,6 +12,7 @@ static const gqmm_cli_command commands[] = {
     {"sweep", "weight-reuse sweep (M = 1..128) beside same-run ceilings", gqmm_cmd_sweep},
     {"moe", "run one MoE expert layer on random data, checked against the reference", gqmm_cmd_moe},
     {"tune", "measure tile configs, cache the fastest (see gqmm tune --help)", gqmm_cmd_tune},
+    {"cuda-bench", "CUDA ceilings, seed shapes and weight-reuse sweep (JSON)", gqmm_cmd_cuda_bench},
 };
 
 static void usage(FILE *f) {

@@ -218,6 +218,9 @@ typedef struct gqmm__backend {
    * NULL: a CPU backend is keyed by its name, the CPU model and features;
    * a device backend by its name alone (all its GPUs share entries). */
   void (*device_key)(gqmm_ctx *ctx, char *buf, size_t len);
+  /* Optional (device backends): device time of the last op, measured with
+   * device events: its main kernel alone, and all of its device work. */
+  int (*last_time)(gqmm_ctx *ctx, double *kernel_us, double *op_us);
 } gqmm__backend;
 
 /* Each backend defines one of these (src/ref, src/cpu, src/cuda). */

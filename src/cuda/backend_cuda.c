@@ -1,0 +1,295 @@
+/*
+ * backend_cuda.c - the CUDA backend behind gqmm__backend: argument
+ * marshalling, the routing plan + kernel launch, tile configs, ceilings,
+ * device memory. Kernels live in the .cu files (kernels.h).
+ *
+ * The front end hands over host index arrays; they are copied once per call
+ * (int32, through a pinned buffer) and the plan of rows grouped by expert is
+ * built on the GPU (route.cu). All work goes to the legacy default stream.
+ * Supports only tensors in device memory (no host staging): with CPU tensors
+ * or without a usable GPU, supports_qmm says no and AUTO falls through.
+ */
+#include "internal.h"
+#include "kernels.h"
+
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+  int sms;
+  char name[96];
+  int32_t *h_idx; /* pinned: x_index then w_index */
+  size_t h_cap;   /* entries */
+  int32_t *d_idx;
+  size_t d_cap;
+  int32_t *d_plan; /* count, row_start, fill, unit_start (E+1), rows_x, rows_o */
+  size_t plan_cap;
+  cudaEvent_t ev_op0, ev_k0, ev_k1, ev_staged;
+  bool staged_pending, timed;
+} cuda_state;
+
+/* -1: not probed yet; 0: no GPU; 1: GPU. Cached per context. */
+static int probe(gqmm_ctx *ctx) {
+  if (ctx->cuda_state) return 1;
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n < 1) {
+    cudaGetLastError(); /* clear the sticky "no device" error */
+    return 0;
+  }
+  cuda_state *s = calloc(1, sizeof *s);
+  if (!s) return 0;
+  struct cudaDeviceProp p;
+  if (cudaGetDeviceProperties(&p, 0) != cudaSuccess ||
+      cudaEventCreate(&s->ev_op0) != cudaSuccess || cudaEventCreate(&s->ev_k0) != cudaSuccess ||
+      cudaEventCreate(&s->ev_k1) != cudaSuccess ||
+      cudaEventCreateWithFlags(&s->ev_staged, cudaEventDisableTiming) != cudaSuccess) {
+    cudaGetLastError();
+    free(s);
+    return 0;
+  }
+  s->sms = p.multiProcessorCount;
+  snprintf(s->name, sizeof s->name, "%.95s", p.name);
+  ctx->cuda_state = s;
+  return 1;
+}
+
+static int cuda_fail(gqmm_ctx *ctx, int err, const char *what) {
+  return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: %s: %s", what,
+                    cudaGetErrorString((cudaError_t)err));
+}
+
+static bool cuda_supports(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
+  if (a->device != GQMM_DEVICE_CUDA || !gqmm__is_float(a->dtype)) return false;
+  return probe(ctx) == 1;
+}
+
+static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
+  gqmm__cu_qmm k;
+  k.dtype = (int)a->dtype; /* GQMM__CU_* mirror gqmm_dtype */
+  k.bits = a->q.bits, k.group_size = a->q.group_size, k.transpose = a->transpose;
+  k.M = a->M, k.N = a->N, k.K = a->K, k.batch = a->batch;
+  k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
+  k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
+  return k;
+}
+
+/* Config ids: 0..n-1 the tensor-core tile configs, n the generic kernel. */
+static int generic_id(void) { return gqmm__cu_mma_config_count(); }
+
+static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_config *out, int max) {
+  (void)ctx;
+  gqmm__cu_qmm k = marshal(a, NULL);
+  int n = 0;
+  if (gqmm__cu_mma_eligible(&k)) {
+    for (int i = 0; i < gqmm__cu_mma_config_count() && n < max; i++, n++) {
+      const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(i);
+      memset(&out[n], 0, sizeof out[n]);
+      out[n].id = i;
+      snprintf(out[n].name, sizeof out[n].name, "mma_%s", c->name);
+      out[n].tile_m = c->tok_max;
+      out[n].tile_n = gqmm__cu_mma_tile_n(i);
+      out[n].tile_k = 128;
+      out[n].threads = c->warps * 32;
+      out[n].stages = c->stages;
+      out[n].split_k = 1;
+    }
+  }
+  if (n < max) {
+    memset(&out[n], 0, sizeof out[n]);
+    out[n].id = generic_id();
+    snprintf(out[n].name, sizeof out[n].name, "generic");
+    out[n].tile_m = out[n].tile_n = out[n].tile_k = 1;
+    out[n].threads = 256;
+    out[n].split_k = 1;
+    n++;
+  }
+  return n;
+}
+
+/* Built-in choice from the H100 measurements (docs/perf-notes.md): 8 warps
+ * of one m16 tile each (config 1) was fastest for K=2816; with short rows
+ * (down, K=704) the 64-register variant with 4 CTAs per SM (config 2) won. */
+static int heuristic(const gqmm__cu_qmm *k) {
+  if (!gqmm__cu_mma_eligible(k)) return generic_id();
+  return k->K <= 1024 ? 2 : 1;
+}
+
+static int grow(gqmm_ctx *ctx, void **p, size_t *cap, size_t need, bool pinned) {
+  if (*cap >= need) return GQMM_OK;
+  size_t n = need + need / 2 + 1024;
+  if (*p) pinned ? cudaFreeHost(*p) : cudaFree(*p);
+  *p = NULL;
+  *cap = 0;
+  cudaError_t e = pinned ? cudaMallocHost(p, n) : cudaMalloc(p, n);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cuda: cannot allocate %zu bytes of scratch", n);
+  }
+  *cap = n;
+  return GQMM_OK;
+}
+
+static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
+  cuda_state *s = ctx->cuda_state;
+  const int64_t B = a->batch, R = a->batch * a->M;
+  if (B > INT32_MAX / 2 || R > INT32_MAX || a->w_batches > INT32_MAX - 1 ||
+      a->x_batches * a->M > INT32_MAX)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "cuda: batch %lld x M %lld rows exceed the kernels' 32-bit row indices",
+                      (long long)B, (long long)a->M);
+  gqmm__cu_qmm probe_k = marshal(a, NULL);
+  if (cfg < 0) cfg = heuristic(&probe_k);
+  if (cfg > generic_id() || (cfg < generic_id() && !gqmm__cu_mma_eligible(&probe_k)))
+    return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for these arguments", cfg);
+  /* The pinned buffer may still feed the previous call's copy. */
+  if (s->staged_pending && cudaEventSynchronize(s->ev_staged) != cudaSuccess)
+    return cuda_fail(ctx, (int)cudaGetLastError(), "waiting for the index upload");
+  s->staged_pending = false;
+  size_t hb = s->h_cap * sizeof(int32_t), db = s->d_cap * sizeof(int32_t);
+  int st = grow(ctx, (void **)&s->h_idx, &hb, (size_t)(2 * B) * sizeof(int32_t), true);
+  s->h_cap = hb / sizeof(int32_t);
+  if (!st) st = grow(ctx, (void **)&s->d_idx, &db, (size_t)(2 * B) * sizeof(int32_t), false);
+  s->d_cap = db / sizeof(int32_t);
+  if (st) return st;
+  for (int64_t b = 0; b < B; b++) {
+    s->h_idx[b] = (int32_t)a->x_index[b];
+    s->h_idx[B + b] = (int32_t)a->w_index[b];
+  }
+  cudaEventRecord(s->ev_op0, 0);
+  cudaError_t e = cudaMemcpyAsync(s->d_idx, s->h_idx, (size_t)(2 * B) * sizeof(int32_t),
+                                  cudaMemcpyHostToDevice, 0);
+  if (e != cudaSuccess) return cuda_fail(ctx, (int)e, "index upload");
+  cudaEventRecord(s->ev_staged, 0);
+  s->staged_pending = true;
+  gqmm__cu_qmm k = marshal(a, s->d_idx);
+  int err;
+  if (cfg == generic_id()) {
+    cudaEventRecord(s->ev_k0, 0);
+    err = gqmm__cu_generic_run(&k);
+  } else {
+    const int64_t E = a->w_batches;
+    size_t pb = s->plan_cap * sizeof(int32_t);
+    if ((st = grow(ctx, (void **)&s->d_plan, &pb, (size_t)(4 * E + 1 + 2 * R) * sizeof(int32_t),
+                   false)))
+      return st;
+    s->plan_cap = pb / sizeof(int32_t);
+    gqmm__cu_plan p;
+    p.count = s->d_plan, p.row_start = p.count + E, p.fill = p.row_start + E;
+    p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
+    const int tile_n = gqmm__cu_mma_tile_n(cfg), tok = gqmm__cu_mma_tok_max(cfg);
+    const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
+    int grid = 0;
+    err = gqmm__cu_mma_grid(cfg, &k, s->sms, &grid);
+    if (err) return cuda_fail(ctx, err, "occupancy query");
+    /* No more CTAs than units can exist: each expert with rows adds at most
+     * one partial chunk. */
+    const int64_t used = B < E ? B : E;
+    const int64_t max_units = ((R + tok - 1) / tok + used) * n_tiles;
+    if (grid > max_units) grid = (int)max_units;
+    err = gqmm__cu_route(k.x_index, k.w_index, (int32_t)B, (int32_t)a->M, (int32_t)E, tok,
+                         n_tiles, p);
+    if (err) return cuda_fail(ctx, err, "routing plan launch");
+    cudaEventRecord(s->ev_k0, 0);
+    err = gqmm__cu_mma_run(cfg, &k, &p, (int)E, grid);
+  }
+  cudaEventRecord(s->ev_k1, 0);
+  s->timed = true;
+  if (err) return cuda_fail(ctx, err, "kernel launch");
+  return GQMM_OK;
+}
+
+static int cuda_qmm_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int config_id) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  return run_config(ctx, a, config_id);
+}
+
+static int cuda_qmm(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
+  return cuda_qmm_config(ctx, a, gqmm__choose_config(ctx, &gqmm__cuda_backend, a));
+}
+
+static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  cuda_state *s = ctx->cuda_state;
+  memset(out, 0, sizeof *out);
+  snprintf(out->device_name, sizeof out->device_name, "%.95s", s->name);
+  snprintf(out->compute_what, sizeof out->compute_what, "mma.sync m16n8k16 bf16");
+  int err = gqmm__cu_measure_ceilings(&out->copy_GBps, &out->read_GBps, &out->compute_GMACps);
+  return err ? cuda_fail(ctx, err, "ceiling measurement") : GQMM_OK;
+}
+
+static int cuda_sync(gqmm_ctx *ctx) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  cudaError_t e = cudaDeviceSynchronize();
+  return e ? cuda_fail(ctx, (int)e, "synchronize") : GQMM_OK;
+}
+
+static int cuda_last_time(gqmm_ctx *ctx, double *kernel_us, double *op_us) {
+  cuda_state *s = ctx->cuda_state;
+  if (!s || !s->timed) return gqmm__fail(ctx, GQMM_ERR_ARG, "cuda: no op has run on this context");
+  float k = 0, o = 0;
+  cudaError_t e = cudaEventSynchronize(s->ev_k1);
+  if (!e) e = cudaEventElapsedTime(&k, s->ev_k0, s->ev_k1);
+  if (!e) e = cudaEventElapsedTime(&o, s->ev_op0, s->ev_k1);
+  if (e) return cuda_fail(ctx, (int)e, "event timing");
+  *kernel_us = 1e3 * k;
+  *op_us = 1e3 * o;
+  return GQMM_OK;
+}
+
+static int cuda_mem_alloc(gqmm_ctx *ctx, size_t bytes, void **out) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  cudaError_t e = cudaMalloc(out, bytes ? bytes : 1);
+  if (e) {
+    cudaGetLastError();
+    return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cuda: cannot allocate %zu bytes", bytes);
+  }
+  return GQMM_OK;
+}
+
+static void cuda_mem_free(gqmm_ctx *ctx, void *p) {
+  (void)ctx;
+  if (p) cudaFree(p);
+}
+
+static int cuda_mem_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes,
+                         gqmm__copy_dir dir) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  const enum cudaMemcpyKind kinds[3] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
+                                        cudaMemcpyDeviceToDevice};
+  cudaError_t e = cudaMemcpy(dst, src, bytes, kinds[dir]);
+  return e ? cuda_fail(ctx, (int)e, "copy") : GQMM_OK;
+}
+
+static void cuda_release(gqmm_ctx *ctx) {
+  cuda_state *s = ctx->cuda_state;
+  if (!s) return;
+  cudaDeviceSynchronize();
+  cudaFreeHost(s->h_idx);
+  cudaFree(s->d_idx);
+  cudaFree(s->d_plan);
+  cudaEventDestroy(s->ev_op0);
+  cudaEventDestroy(s->ev_k0);
+  cudaEventDestroy(s->ev_k1);
+  cudaEventDestroy(s->ev_staged);
+  free(s);
+  ctx->cuda_state = NULL;
+}
+
+const gqmm__backend gqmm__cuda_backend = {
+    .name = "cuda",
+    .kind = GQMM_BACKEND_CUDA,
+    .supports_qmm = cuda_supports,
+    .qmm = cuda_qmm,
+    .moe_forward = NULL,
+    .configs = cuda_configs,
+    .qmm_config = cuda_qmm_config,
+    .ceilings = cuda_ceilings,
+    .sync = cuda_sync,
+    .mem_alloc = cuda_mem_alloc,
+    .mem_free = cuda_mem_free,
+    .mem_copy = cuda_mem_copy,
+    .release = cuda_release,
+    .last_time = cuda_last_time,
+};

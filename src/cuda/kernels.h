@@ -1,0 +1,80 @@
+/*
+ * kernels.h - the C view of the CUDA kernels: plain extern "C" launchers
+ * called by backend_cuda.c. Each launcher enqueues work on the legacy default
+ * stream and returns a cudaError_t as int (0 = success).
+ */
+#ifndef GQMM_CUDA_KERNELS_H
+#define GQMM_CUDA_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Element types the kernels take (values match gqmm_dtype). */
+enum { GQMM__CU_F32 = 0, GQMM__CU_F16 = 1, GQMM__CU_BF16 = 2 };
+
+/*
+ * Routing plan (route.cu): rows of a batched qmm grouped by expert.
+ * Input: batch entries b with x_index[b], w_index[b]; each entry has M rows.
+ * Output, on the device (all int32):
+ *   count[E]       rows per expert
+ *   row_start[E]   first row of expert e in rows_x/rows_o (prefix of count)
+ *   unit_start[E+1] first work unit of expert e; unit_start[E] = total units
+ *   rows_x[R], rows_o[R]  R = batch*M: the x row and the out row of each row
+ * A work unit is (expert, N tile, chunk of <= tok_max rows).
+ * `fill` is scratch of E ints.
+ */
+typedef struct {
+  int32_t *count, *row_start, *unit_start, *fill, *rows_x, *rows_o;
+} gqmm__cu_plan;
+
+int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch, int32_t M,
+                   int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan);
+
+/* Arguments shared by the qmm kernels (device pointers). */
+typedef struct {
+  int dtype; /* GQMM__CU_* of x, scales, biases and out */
+  int bits, group_size, transpose;
+  int64_t M, N, K, batch;
+  const void *x;
+  const uint32_t *w;
+  const void *scales, *biases;
+  void *out;
+  const int32_t *x_index, *w_index; /* [batch], on the device */
+} gqmm__cu_qmm;
+
+/* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
+typedef struct {
+  const char *name;
+  int warps;   /* warps per CTA, each owning mtiles x 16 output features */
+  int mtiles;  /* m16 tiles per warp */
+  int stages;  /* cp.async ring depth */
+  int tok_max; /* rows per work unit (8 x the widest n8 token tile) */
+} gqmm__cu_mma_config;
+
+int gqmm__cu_mma_config_count(void);
+const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i);
+/* Rows of one work unit of config cfg; plans for cfg must use it. */
+int gqmm__cu_mma_tok_max(int cfg);
+/* 1 if the tensor-core kernel runs these args (transpose, bits 2/3/4/8,
+ * f16/bf16, aligned pointers). */
+int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);
+/* Persistent-grid size for config `cfg` on this device (CTAs). */
+int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
+/* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile. */
+int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
+                     int grid);
+int gqmm__cu_mma_tile_n(int cfg);
+
+/* Generic kernel (qmm_generic.cu): every bits, group size, dtype, transpose. */
+int gqmm__cu_generic_run(const gqmm__cu_qmm *a);
+
+/* Ceilings (ceilings.cu): measured now on the current device. */
+int gqmm__cu_measure_ceilings(double *copy_GBps, double *read_GBps, double *mma_GMACps);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,80 @@
+/*
+ * ptx.cuh - small PTX wrappers and dtype traits shared by the .cu files.
+ */
+#ifndef GQMM_CUDA_PTX_CUH
+#define GQMM_CUDA_PTX_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace gqmm_cu {
+
+__device__ __forceinline__ uint32_t smem_u32(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* Asynchronous global->shared copy of BYTES (4, 8 or 16); with src_bytes = 0
+ * the destination is zero-filled and nothing is read. 16-byte copies bypass
+ * L1 (.cg): weights are streamed once. */
+template <int BYTES>
+__device__ __forceinline__ void cp_async(uint32_t dst, const void *src, int src_bytes) {
+  if constexpr (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes));
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src),
+                 "n"(BYTES), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+  return r;
+}
+
+/* Activation/output element types and their tensor-core flavour. */
+template <typename T> struct dtype_traits;
+template <> struct dtype_traits<__nv_bfloat16> {
+  using pair = __nv_bfloat162;
+  /* 0x4300 is bf16 128.0: OR-ing q < 128 into the mantissa gives 128 + q. */
+  static constexpr uint32_t magic = 0x43004300u;
+  static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct dtype_traits<__half> {
+  using pair = __half2;
+  /* 0x6400 is f16 1024.0: q < 1024 fits the mantissa exactly. */
+  static constexpr uint32_t magic = 0x64006400u;
+  static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+};
+template <> struct dtype_traits<float> {
+  static __device__ __forceinline__ float to_f(float v) { return v; }
+  static __device__ __forceinline__ float from_f(float v) { return v; }
+};
+
+/* d += a (16x16, row) * b (16x8, col), f32 accumulators; one
+ * specialization per 16-bit input type. */
+template <typename T>
+__device__ __forceinline__ void mma_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1);
+#define GQMM__MMA_16816(T, ptx_type)                                                              \
+  template <>                                                                                     \
+  __device__ __forceinline__ void mma_16816<T>(float *d, const uint32_t *a, uint32_t b0,          \
+                                               uint32_t b1) {                                     \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ptx_type "." ptx_type ".f32 "            \
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                 \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                 \
+  }
+GQMM__MMA_16816(__nv_bfloat16, "bf16")
+GQMM__MMA_16816(__half, "f16")
+#undef GQMM__MMA_16816
+
+} // namespace gqmm_cu
+
+#endif

@@ -1,0 +1,501 @@
+/*
+ * qmm_mma.cu - the tensor-core gather_qmm kernel for small M (MoE experts).
+ *
+ * Operands are swapped: the weights are the MMA's large operand (m16 rows =
+ * 16 output features) and the tokens the small one (n8 = 8 rows of x), so an
+ * expert with 16 rows pays for two n8 tiles, not a 64-row tile.
+ *
+ * Layout read: MLX's packed rows as they are (no repacking): w[e][n] is a
+ * little-endian bit stream of K values. Each thread owns 32 consecutive k of
+ * rows g and g+8 of an m16 tile (g = lane/4, t = lane%4 picks which 32 of the
+ * stage's 128 k), copied with cp.async into its own slot of a shared-memory
+ * ring (STAGES deep), so one 16-byte load per row per stage feeds 8 MMA k-steps.
+ * Since a dot product does not care about the order of k, the 16 k-slots of
+ * each MMA step hold whichever values one shift-and-mask pulls out of a word
+ * ((w >> 4j) & 0x000F000F gives values j and j+4 of a 4-bit word as one
+ * half2); the x fragments are built with the same permutation (prmt).
+ * Dequantization is in registers: OR q into the mantissa of a magic constant
+ * (bf16 128.0, f16 1024.0), subtract it, one packed FMA with scale and bias.
+ *
+ * Work: units = (expert, N tile of BN = warps*mtiles*16 features, chunk of
+ * <= 32 or 64 rows, per config), from the routing plan (route.cu). A
+ * persistent grid gives each CTA a contiguous stripe of units; every unit
+ * streams the same bytes, so stripes are balanced by construction. The cp.async ring runs across unit
+ * boundaries (no pipeline drain between units). x rows of the unit's tokens
+ * are staged per stage in shared memory (swizzled 16-byte chunks: conflict-
+ * free fragment reads) and read by all warps.
+ *
+ * Preconditions (gqmm__cu_mma_eligible): transpose, bits 2/3/4/8, f16/bf16,
+ * K % 32 == 0 (MLX), x/w 16-byte aligned. Ragged K (not a multiple of 128)
+ * and N (not a multiple of BN) are masked; rows beyond a unit's count are
+ * zero-filled and never stored.
+ */
+#include "kernels.h"
+#include "ptx.cuh"
+
+#include <cuda_runtime.h>
+#include <type_traits>
+
+using namespace gqmm_cu;
+
+namespace {
+
+constexpr int kStageK = 128;  /* k per pipeline stage: 4 lanes x 32 values */
+constexpr int kXRowBytes = kStageK * 2; /* one token's x for a stage (16-bit types) */
+
+/* How a BITS-wide format is split and reassembled (see the header comment). */
+template <int BITS> struct wfmt {
+  static constexpr int bytes = 4 * BITS; /* 32 values of one row */
+  /* cp.async size: rows of 3-bit values are only 4-byte aligned. */
+  static constexpr int unit = BITS == 3 ? 4 : (bytes < 16 ? bytes : 16);
+  static constexpr int units = bytes / unit;
+  /* 2/3-bit pair values 8 or 16 apart, so one phase spans two x chunks. */
+  static constexpr int phases = (BITS == 2 || BITS == 3) ? 2 : 4;
+  static constexpr int steps = 8 / phases;  /* MMA k-steps per phase */
+  static constexpr int chunks = 4 / phases; /* 16-byte x chunks per phase */
+  static __device__ __forceinline__ int chunk(int p, int i) {
+    return BITS == 2 ? 2 * p + i : BITS == 3 ? p + 2 * i : p;
+  }
+  /* x registers (pairs of values) holding the two halves of b0/b1 of step sl */
+  static __host__ __device__ constexpr int ia(int sl) { return BITS == 8 ? 2 * sl : sl; }
+  static __host__ __device__ constexpr int ib(int sl) { return BITS == 8 ? 2 * sl + 1 : BITS == 4 ? sl + 2 : sl + 4; }
+
+  /* 3-bit: regroup 96 bits so lane 0 of each word holds values 0..15's
+   * stream and lane 1 values 16..31's (16 bits per lane per word). */
+  static __device__ __forceinline__ void prep(uint32_t *q) {
+    if constexpr (BITS == 3) {
+      uint32_t t0 = prmt(q[0], q[1], 0x7610), t1 = prmt(q[0], q[2], 0x5432),
+               t2 = prmt(q[1], q[2], 0x7610);
+      q[0] = t0, q[1] = t1, q[2] = t2;
+    }
+  }
+  /* Pair pi (0..15) as two q values in the low bits of each 16-bit lane. */
+  static __device__ __forceinline__ uint32_t pair(const uint32_t *q, int pi) {
+    if constexpr (BITS == 3) {
+      const int bit = 3 * pi, c = bit >> 4, off = bit & 15;
+      if (off <= 13) return (q[c] >> off) & 0x00070007u;
+      const uint32_t lo_mask = ((1u << (16 - off)) - 1u) * 0x00010001u;
+      return ((q[c] >> off) & lo_mask) | ((q[c + 1] << (16 - off)) & (0x00070007u & ~lo_mask));
+    } else {
+      constexpr int per_word = 16 / BITS; /* pairs per word */
+      constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+      return (q[pi / per_word] >> (BITS * (pi % per_word))) & mask;
+    }
+  }
+};
+
+/* q pair -> dequantized pair s*q + b of type T. */
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t dequant(uint32_t p, uint32_t s2, uint32_t b2) {
+  using P = typename dtype_traits<T>::pair;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && BITS == 8) {
+    /* 128 + q is not exact in bf16 for q >= 128: go through f16 and f32. */
+    uint32_t h = p | 0x64006400u;
+    __half2 v = __hsub2(*reinterpret_cast<__half2 *>(&h), __float2half2_rn(1024.0f));
+    float2 f = __half22float2(v);
+    P sp = *reinterpret_cast<P *>(&s2), bp = *reinterpret_cast<P *>(&b2);
+    float s = __low2float(sp), b = __low2float(bp);
+    P r = __floats2bfloat162_rn(fmaf(f.x, s, b), fmaf(f.y, s, b));
+    return *reinterpret_cast<uint32_t *>(&r);
+  } else {
+    uint32_t h = p | dtype_traits<T>::magic;
+    P magic;
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) magic = __float2bfloat162_rn(128.0f);
+    else magic = __float2half2_rn(1024.0f);
+    P v = __hsub2(*reinterpret_cast<P *>(&h), magic);
+    P r = __hfma2(v, *reinterpret_cast<P *>(&s2), *reinterpret_cast<P *>(&b2));
+    return *reinterpret_cast<uint32_t *>(&r);
+  }
+}
+
+struct kargs {
+  const void *x;
+  const uint32_t *w;
+  const void *scales, *biases;
+  void *out;
+  int N, K, experts, groups, gs_shift; /* group size = 1 << gs_shift */
+  int64_t row_bytes;                   /* packed bytes per weight row */
+  gqmm__cu_plan plan;
+};
+
+struct unit_t {
+  int e, ntile, r0, cnt, nt;
+};
+
+/* Work unit u of the plan; units hold up to kTokMax rows of one expert. */
+template <int kTokMax>
+__device__ __forceinline__ unit_t decode(const kargs &a, int u, int n_tiles) {
+  const int32_t *us = a.plan.unit_start;
+  int lo = 0, hi = a.experts - 1;
+  while (lo < hi) { /* last expert whose first unit is <= u (it has units) */
+    int mid = (lo + hi + 1) >> 1;
+    if (__ldg(us + mid) <= u) lo = mid;
+    else hi = mid - 1;
+  }
+  unit_t r;
+  const int count = __ldg(a.plan.count + lo);
+  const int nseg = (count + kTokMax - 1) / kTokMax;
+  const int local = u - __ldg(us + lo);
+  r.e = lo;
+  r.ntile = local / nseg;
+  const int chunk = local - r.ntile * nseg;
+  r.r0 = __ldg(a.plan.row_start + lo) + chunk * kTokMax;
+  r.cnt = min(kTokMax, count - chunk * kTokMax);
+  r.nt = (r.cnt + 7) >> 3;
+  return r;
+}
+
+/* Physical 16-byte chunk of logical chunk c in a token's 256-byte x row. */
+__device__ __forceinline__ int xphys(int c, int row) {
+  return c ^ (((c >> 3) & 1) << 1) ^ (row & 1);
+}
+
+/* NTMAX: widest token tile (NTMAX x n8 rows per unit); the units of a plan
+ * made for this config hold at most 8*NTMAX rows. */
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct mma_kernel_impl {
+  using F = wfmt<BITS>;
+  static constexpr int kNtMax = NTMAX;
+  static constexpr int kTokMax = 8 * NTMAX;
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kBN = WARPS * MT * 16;
+  static constexpr int kXStage = kTokMax * kXRowBytes;
+  static constexpr int kWStage = MT * 2 * F::bytes * kThreads;
+  static constexpr int kSmem = STAGES * (kXStage + kWStage);
+
+  /* Byte offset of unit u of (mt, half) in this thread's weight slot. */
+  static __device__ __forceinline__ int woff(int mt, int h, int u, int tid) {
+    return (((mt * 2 + h) * F::units + u) * kThreads + tid) * F::unit;
+  }
+
+  /* x chunks (16 bytes of one token row per stage) each thread copies. */
+  static constexpr int kXPer = kTokMax * 16 / kThreads;
+  static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
+
+  /* Per unit, once: element offsets of the thread's x rows (-1: no row). */
+  static __device__ __forceinline__ void x_rows(const kargs &a, const unit_t &lu,
+                                                int64_t (&xo)[kXPer]) {
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) {
+      const int r = (threadIdx.x + i * kThreads) >> 4;
+      xo[i] = r < lu.cnt ? (int64_t)__ldg(a.plan.rows_x + lu.r0 + r) * a.K : -1;
+    }
+  }
+
+  static __device__ __forceinline__ void issue(const kargs &a, const unit_t &lu, int lk,
+                                               const int64_t (&xo)[kXPer], uint8_t *smem,
+                                               int slot, uint32_t (&sr)[MT][2],
+                                               uint32_t (&br)[MT][2]) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    uint8_t *xs = smem + slot * (kXStage + kWStage);
+    uint8_t *ws = xs + kXStage;
+    const int k0 = lk * kStageK + 32 * t;
+    const bool kin = k0 < a.K;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int n = min(lu.ntile * kBN + (warp * MT + mt) * 16 + h * 8 + g, a.N - 1);
+        const int64_t row = (int64_t)lu.e * a.N + n;
+        if (kin) {
+          const uint8_t *src = (const uint8_t *)a.w + row * a.row_bytes + (int64_t)k0 * BITS / 8;
+#pragma unroll
+          for (int u = 0; u < F::units; u++)
+            cp_async<F::unit>(smem_u32(ws + woff(mt, h, u, tid)), src + u * F::unit, F::unit);
+          const int64_t gi = row * a.groups + (k0 >> a.gs_shift);
+          const uint32_t s = __ldg((const unsigned short *)a.scales + gi);
+          const uint32_t b = __ldg((const unsigned short *)a.biases + gi);
+          sr[mt][h] = s | (s << 16);
+          br[mt][h] = b | (b << 16);
+        } else {
+          sr[mt][h] = 0, br[mt][h] = 0;
+        }
+      }
+    }
+    /* x: the unit's token rows for this stage; missing rows/k are zeros. */
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) {
+      const int idx = tid + i * kThreads, r = idx >> 4, c = idx & 15;
+      if (r < lu.nt * 8) {
+        const int k = lk * kStageK + c * 8;
+        const bool ok = xo[i] >= 0 && k < a.K;
+        const T *src = (const T *)a.x + (ok ? xo[i] + k : 0);
+        cp_async<16>(smem_u32(xs + r * kXRowBytes + xphys(c, r) * 16), src, ok ? 16 : 0);
+      }
+    }
+  }
+
+  /* One stage: dequantize this thread's weights once, reuse them for the
+   * unit's nt token tiles (a uniform branch: one copy of the code). */
+  static __device__ __forceinline__ void compute(int nt,
+                                                 const uint8_t *smem, int slot,
+                                                 const uint32_t (&sr)[MT][2],
+                                                 const uint32_t (&br)[MT][2],
+                                                 float (&acc)[MT][kNtMax][4]) {
+    const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const uint8_t *xs = smem + slot * (kXStage + kWStage);
+    const uint8_t *ws = xs + kXStage;
+    const uint8_t *xrow = xs + g * kXRowBytes + 64 * t;
+    const int xsw = (((t >> 1) & 1) << 1) ^ (g & 1);
+    uint32_t q[MT][2][BITS];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int u = 0; u < F::units; u++) {
+          const uint8_t *p = ws + woff(mt, h, u, tid);
+          if constexpr (F::unit == 16) {
+            uint4 v = *reinterpret_cast<const uint4 *>(p);
+            q[mt][h][4 * u] = v.x, q[mt][h][4 * u + 1] = v.y, q[mt][h][4 * u + 2] = v.z,
+                     q[mt][h][4 * u + 3] = v.w;
+          } else if constexpr (F::unit == 8) {
+            uint2 v = *reinterpret_cast<const uint2 *>(p);
+            q[mt][h][2 * u] = v.x, q[mt][h][2 * u + 1] = v.y;
+          } else {
+            q[mt][h][u] = *reinterpret_cast<const uint32_t *>(p);
+          }
+        }
+        F::prep(q[mt][h]);
+      }
+#pragma unroll
+    for (int p = 0; p < F::phases; p++) {
+      uint32_t A[MT][F::steps][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int sl = 0; sl < F::steps; sl++) {
+          const int s = p * F::steps + sl;
+#pragma unroll
+          for (int r = 0; r < 4; r++) { /* a0: g,2s  a1: g+8,2s  a2: g,2s+1  a3: g+8,2s+1 */
+            const int h = r & 1, pi = 2 * s + (r >> 1);
+            /* k past K: issue() zeroed this stage's scale and bias, so w = 0 */
+            A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi), sr[mt][h], br[mt][h]);
+          }
+        }
+#pragma unroll
+      for (int j = 0; j < kNtMax; j++) {
+        if (j < nt) {
+          uint32_t Z[4 * F::chunks];
+#pragma unroll
+          for (int i = 0; i < F::chunks; i++) {
+            /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
+            const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
+            uint4 v = *reinterpret_cast<const uint4 *>(xp);
+            Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
+          }
+#pragma unroll
+          for (int sl = 0; sl < F::steps; sl++) {
+            const uint32_t b0 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
+            const uint32_t b1 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) mma_16816<T>(acc[mt][j], A[mt][sl], b0, b1);
+          }
+        }
+      }
+    }
+  }
+
+  static __device__ __forceinline__ void store(const kargs &a, const unit_t &cu,
+                                               float (&acc)[MT][kNtMax][4]) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    T *out = (T *)a.out;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int j = 0; j < kNtMax; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+          const int n = cu.ntile * kBN + (warp * MT + mt) * 16 + g + (r >> 1) * 8;
+          const int tok = j * 8 + 2 * t + (r & 1);
+          if (j < cu.nt && n < a.N && tok < cu.cnt)
+            out[(int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * a.N + n] =
+                dtype_traits<T>::from_f(acc[mt][j][r]);
+          acc[mt][j][r] = 0.f;
+        }
+  }
+
+  static __device__ __forceinline__ void run(const kargs &a, int n_tiles) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int total = __ldg(a.plan.unit_start + a.experts);
+    const int u0 = (int)((int64_t)blockIdx.x * total / gridDim.x);
+    const int u1 = (int)((int64_t)(blockIdx.x + 1) * total / gridDim.x);
+    const int nk = (a.K + kStageK - 1) / kStageK;
+    const int nflat = (u1 - u0) * nk;
+    if (nflat <= 0) return;
+    /* Scales and biases of the stages in flight, oldest first: a FIFO in
+     * registers, shifted once per stage (fixed indices: no local memory). */
+    uint32_t sr[STAGES][MT][2], br[STAGES][MT][2];
+    float acc[MT][kNtMax][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int j = 0; j < kNtMax; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
+    /* Load side and compute side walk the same (unit, k-stage) sequence,
+     * STAGES-1 stages apart. */
+    int lidx = u0, lk = 0, cidx = u0, ck = 0;
+    unit_t lu = decode<kTokMax>(a, u0, n_tiles), cu = lu;
+    int64_t xo[kXPer];
+    x_rows(a, lu, xo);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+      if (s < nflat) {
+        issue(a, lu, lk, xo, smem, s, sr[s], br[s]);
+        if (++lk == nk) {
+          lk = 0;
+          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), x_rows(a, lu, xo);
+        }
+      }
+      cp_async_commit();
+    }
+    int slot = 0;
+    for (int f = 0; f < nflat; f++) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();
+      const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
+      if (f + STAGES - 1 < nflat) {
+        issue(a, lu, lk, xo, smem, nslot, sr[STAGES - 1], br[STAGES - 1]);
+        if (++lk == nk) {
+          lk = 0;
+          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), x_rows(a, lu, xo);
+        }
+      }
+      cp_async_commit();
+      compute(cu.nt, smem, slot, sr[0], br[0], acc);
+#pragma unroll
+      for (int s = 0; s < STAGES - 1; s++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) sr[s][mt][h] = sr[s + 1][mt][h], br[s][mt][h] = br[s + 1][mt][h];
+      if (++ck == nk) {
+        store(a, cu, acc);
+        ck = 0;
+        if (++cidx < u1) cu = decode<kTokMax>(a, cidx, n_tiles);
+      }
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    cp_async_wait<0>();
+  }
+};
+
+/* MINB: CTAs per SM the register allocation must allow (1: no cap). */
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX>
+__global__ void __launch_bounds__(WARPS * 32, MINB)
+mma_kernel(kargs a, int n_tiles) {
+  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a, n_tiles);
+}
+
+/* The compiled-in tile configurations:
+ *   X(name, warps, mtiles, stages, min CTAs per SM, n8 token tiles per unit).
+ * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM.
+ * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
+ * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
+#define GQMM_MMA_CONFIGS(X)                                                                       \
+  X("w4_m2_s4", 4, 2, 4, 1, 4)                                                                    \
+  X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)
+
+const gqmm__cu_mma_config kConfigs[] = {
+#define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt},
+    GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
+#undef GQMM__CFG_ROW
+};
+constexpr int kNumConfigs = sizeof kConfigs / sizeof kConfigs[0];
+
+typedef void (*kernel_fn)(kargs, int);
+struct launch_info {
+  kernel_fn fn;
+  int threads, smem;
+};
+
+template <typename T, int BITS, int W, int M, int S, int B, int NT> launch_info info() {
+  using K = mma_kernel_impl<T, BITS, W, M, S, NT>;
+  return {mma_kernel<T, BITS, W, M, S, B, NT>, K::kThreads, K::kSmem};
+}
+
+template <typename T, int BITS> launch_info pick_cfg(int cfg) {
+  int i = 0;
+#define GQMM__CFG_CASE(name, w, m, s, b, nt)                                                      \
+  if (cfg == i++) return info<T, BITS, w, m, s, b, nt>();
+  GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
+#undef GQMM__CFG_CASE
+  return {nullptr, 0, 0};
+}
+
+template <typename T> launch_info pick_bits(int bits, int cfg) {
+  switch (bits) {
+  case 2: return pick_cfg<T, 2>(cfg);
+  case 3: return pick_cfg<T, 3>(cfg);
+  case 4: return pick_cfg<T, 4>(cfg);
+  case 8: return pick_cfg<T, 8>(cfg);
+  default: return {nullptr, 0, 0};
+  }
+}
+
+launch_info pick(const gqmm__cu_qmm *a, int cfg) {
+  if (a->dtype == GQMM__CU_BF16) return pick_bits<__nv_bfloat16>(a->bits, cfg);
+  if (a->dtype == GQMM__CU_F16) return pick_bits<__half>(a->bits, cfg);
+  return {nullptr, 0, 0};
+}
+
+int log2_exact(int v) {
+  int s = 0;
+  while ((1 << s) < v) s++;
+  return (1 << s) == v ? s : -1;
+}
+
+} // namespace
+
+extern "C" int gqmm__cu_mma_config_count(void) { return kNumConfigs; }
+extern "C" const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i) {
+  return i >= 0 && i < kNumConfigs ? &kConfigs[i] : nullptr;
+}
+extern "C" int gqmm__cu_mma_tok_max(int cfg) {
+  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
+  return c ? c->tok_max : 0;
+}
+extern "C" int gqmm__cu_mma_tile_n(int cfg) {
+  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
+  return c ? c->warps * c->mtiles * 16 : 0;
+}
+
+extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
+  if (!a->transpose) return 0;
+  if (a->dtype != GQMM__CU_BF16 && a->dtype != GQMM__CU_F16) return 0;
+  if (a->bits != 2 && a->bits != 3 && a->bits != 4 && a->bits != 8) return 0;
+  if (log2_exact(a->group_size) < 5 || a->K % 32 != 0) return 0;
+  if (((uintptr_t)a->x | (uintptr_t)a->w) % 16 != 0) return 0;
+  if (a->N > INT32_MAX || a->K > INT32_MAX) return 0;
+  return 1;
+}
+
+extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
+  launch_info li = pick(a, cfg);
+  if (!li.fn) return (int)cudaErrorInvalidValue;
+  cudaError_t e = cudaFuncSetAttribute(li.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, li.smem);
+  if (e != cudaSuccess) return (int)e;
+  int per_sm = 0;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, li.fn, li.threads, li.smem);
+  if (e != cudaSuccess) return (int)e;
+  *out_grid = (per_sm > 0 ? per_sm : 1) * sms;
+  return 0;
+}
+
+extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
+                                int experts, int grid) {
+  launch_info li = pick(a, cfg);
+  if (!li.fn) return (int)cudaErrorInvalidValue;
+  kargs k;
+  k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
+  k.N = (int)a->N, k.K = (int)a->K, k.experts = experts;
+  k.groups = (int)(a->K / a->group_size);
+  k.gs_shift = log2_exact(a->group_size);
+  k.row_bytes = a->K * a->bits / 8;
+  k.plan = *plan;
+  const int tile_n = gqmm__cu_mma_tile_n(cfg);
+  const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
+  li.fn<<<grid, li.threads, li.smem>>>(k, n_tiles);
+  return (int)cudaGetLastError();
+}

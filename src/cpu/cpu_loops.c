@@ -217,7 +217,10 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
     return;
   }
-  if (R <= j->cfg->qmv_rows) {
+  /* The qmv kernel's per-group identity s*sum(x*q) + b*sum(x) cancels two
+   * large terms, costing ~3x float32's rounding error; f32 callers asked for
+   * float32 accuracy, so they take the dequantize-then-FMA path at every M. */
+  if (R <= j->cfg->qmv_rows && a->dtype != GQMM_F32) {
     j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, v->C, nt);
     return;
   }

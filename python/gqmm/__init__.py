@@ -6,6 +6,8 @@ A thin ctypes binding over libgqmm.so with an API shaped like mlx.core:
     w_hat = gqmm.dequantize(wq, scales, biases, group_size=64, bits=4)
     y = gqmm.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4)
     y = gqmm.gather_qmm(x, wq, scales, biases, rhs_indices=idx, group_size=64, bits=4)
+    out = gqmm.moe_forward(x, expert_ids, expert_weights, weights, bits=4, group_size=64)
+    ids, w = gqmm.router_topk(logits, k, mode="softmax_topk")
 
 Arrays are numpy arrays (float32, float16, or ml_dtypes.bfloat16 for bfloat16;
 packed weights uint32; indices int32 or uint32, other integer dtypes are
@@ -30,6 +32,8 @@ __all__ = [
     "dequantize",
     "quantized_matmul",
     "gather_qmm",
+    "moe_forward",
+    "router_topk",
     "last_backend",
     "backends",
     "version",
@@ -76,6 +80,20 @@ class _Quant(ctypes.Structure):
     _fields_ = [("bits", ctypes.c_int), ("group_size", ctypes.c_int)]
 
 
+_MOE_WEIGHT_NAMES = [
+    "gate_up", "gate_up_scales", "gate_up_biases",
+    "gate", "gate_scales", "gate_biases",
+    "up", "up_scales", "up_biases",
+    "down", "down_scales", "down_biases",
+]
+
+
+class _MoeWeights(ctypes.Structure):
+    """gqmm_moe_weights: the quantization, then 12 tensor pointers (NULL when unused)."""
+
+    _fields_ = [("q", _Quant)] + [(n, ctypes.POINTER(_Tensor)) for n in _MOE_WEIGHT_NAMES]
+
+
 class _CtxOptions(ctypes.Structure):
     _fields_ = [
         ("backend", ctypes.c_int),
@@ -112,6 +130,8 @@ def _load():
         "gqmm_quantized_matmul_output": (c_int, [c_void_p, T, T, T, T, c_int, _Quant, T]),
         "gqmm_gather_qmm": (c_int, [c_void_p, T, T, T, T, T, T, c_int, _Quant, c_int, T]),
         "gqmm_gather_qmm_output": (c_int, [c_void_p, T, T, T, T, T, T, c_int, _Quant, T]),
+        "gqmm_moe_forward": (c_int, [c_void_p, ctypes.POINTER(_MoeWeights), T, T, T, c_int, T]),
+        "gqmm_router_topk": (c_int, [c_void_p, T, c_int, c_int, T, T]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -124,14 +144,15 @@ _lib = _load()
 
 
 class _Context:
-    """One library context per backend kind, kept for the life of the module."""
+    """One library context per (backend kind, thread count), kept for the life of the module."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, num_threads):
         self.handle = ctypes.c_void_p()
-        opts = _CtxOptions(_BACKENDS[kind], 0, None)
+        opts = _CtxOptions(_BACKENDS[kind], num_threads, None, 0)
         st = _lib.gqmm_ctx_create(ctypes.byref(self.handle), ctypes.byref(opts))
         if st:
-            raise _error(st, f"cannot create a context for backend {kind!r}")
+            raise _error(st, f"cannot create a context for backend {kind!r}, "
+                             f"num_threads={num_threads}")
 
     def __del__(self):
         if _lib is not None and self.handle:
@@ -146,13 +167,16 @@ _contexts = {}
 _last = [None]
 
 
-def _ctx(backend):
+def _ctx(backend, num_threads=0):
     if backend not in _BACKENDS:
         raise _error(-15, f"backend: {backend!r} is not one of {sorted(_BACKENDS)}")
-    if backend not in _contexts:
-        _contexts[backend] = _Context(backend)
-    _last[0] = _contexts[backend]
-    return _contexts[backend]
+    if not isinstance(num_threads, int) or num_threads < 0:
+        raise _error(-15, f"num_threads: {num_threads!r} is not an integer >= 0")
+    key = (backend, num_threads)
+    if key not in _contexts:
+        _contexts[key] = _Context(backend, num_threads)
+    _last[0] = _contexts[key]
+    return _contexts[key]
 
 
 def _error(status, message):
@@ -323,3 +347,6 @@ def gather_qmm(
         )
     )
     return out
+
+
+from .moe import moe_forward, router_topk  # noqa: E402  (uses the helpers above)

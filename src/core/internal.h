@@ -93,6 +93,12 @@ int gqmm__check_same_device(gqmm_ctx *ctx, const gqmm_tensor *t, const char *nam
 /* Error if the byte ranges of out and in intersect. */
 int gqmm__check_no_overlap(gqmm_ctx *ctx, const gqmm_tensor *out, const char *out_name,
                            const gqmm_tensor *in, const char *in_name);
+/* Error unless t (already checked) has exactly this dtype and shape; the
+ * statuses say which kind of argument it is (DTYPE/SHAPE for an input,
+ * OUTPUT for an output). */
+int gqmm__check_dtype_shape(gqmm_ctx *ctx, const gqmm_tensor *t, const char *name,
+                            gqmm_dtype dtype, int ndim, const int64_t *shape, int dtype_status,
+                            int shape_status);
 /* Error unless out has exactly this dtype and shape. */
 int gqmm__check_output(gqmm_ctx *ctx, const gqmm_tensor *out, gqmm_dtype dtype, int ndim,
                        const int64_t *shape, const char *name);

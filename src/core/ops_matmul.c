@@ -356,15 +356,42 @@ static int execute(gqmm_ctx *ctx, qmm_plan *p, const gqmm_tensor *x, const gqmm_
   return st;
 }
 
+/* Both public ops and their _output queries share one plan: gather_qmm without
+ * indices is quantized_matmul. build: also build the (x batch, w batch) list. */
+static int plan_op(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                   const gqmm_tensor *scales, const gqmm_tensor *biases, const gqmm_tensor *lhs,
+                   const gqmm_tensor *rhs, int transpose, gqmm_quant q, bool build,
+                   qmm_plan *p) {
+  gqmm__clear_error(ctx);
+  if (!lhs && !rhs) return plan_quantized_matmul(ctx, x, w, scales, biases, transpose, q, build, p);
+  return plan_gather_qmm(ctx, x, w, scales, biases, lhs, rhs, transpose, q, build, p);
+}
+
+static int run_op(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                  const gqmm_tensor *scales, const gqmm_tensor *biases, const gqmm_tensor *lhs,
+                  const gqmm_tensor *rhs, int transpose, gqmm_quant q, gqmm_tensor *out) {
+  if (!ctx) return GQMM_ERR_NULL;
+  qmm_plan p;
+  int st = plan_op(ctx, x, w, scales, biases, lhs, rhs, transpose, q, true, &p);
+  if (st) return st;
+  return execute(ctx, &p, x, w, scales, biases, lhs, rhs, out);
+}
+
+static int output_op(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                     const gqmm_tensor *scales, const gqmm_tensor *biases, const gqmm_tensor *lhs,
+                     const gqmm_tensor *rhs, int transpose, gqmm_quant q, gqmm_tensor *out) {
+  if (!ctx) return GQMM_ERR_NULL;
+  if (!out) return gqmm__fail(ctx, GQMM_ERR_NULL, "out: tensor pointer is NULL");
+  qmm_plan p;
+  int st = plan_op(ctx, x, w, scales, biases, lhs, rhs, transpose, q, false, &p);
+  if (!st) *out = p.out;
+  return st;
+}
+
 int gqmm_quantized_matmul(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                           const gqmm_tensor *scales, const gqmm_tensor *biases, int transpose,
                           gqmm_quant q, gqmm_tensor *out) {
-  if (!ctx) return GQMM_ERR_NULL;
-  gqmm__clear_error(ctx);
-  qmm_plan p;
-  int st = plan_quantized_matmul(ctx, x, w, scales, biases, transpose, q, true, &p);
-  if (st) return st;
-  return execute(ctx, &p, x, w, scales, biases, NULL, NULL, out);
+  return run_op(ctx, x, w, scales, biases, NULL, NULL, transpose, q, out);
 }
 
 int gqmm_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
@@ -372,41 +399,18 @@ int gqmm_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                     const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices, int transpose,
                     gqmm_quant q, int sorted_indices, gqmm_tensor *out) {
   (void)sorted_indices; /* a hint only: the plan checks order itself */
-  if (!ctx) return GQMM_ERR_NULL;
-  if (!lhs_indices && !rhs_indices)
-    return gqmm_quantized_matmul(ctx, x, w, scales, biases, transpose, q, out);
-  gqmm__clear_error(ctx);
-  qmm_plan p;
-  int st =
-      plan_gather_qmm(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, true, &p);
-  if (st) return st;
-  return execute(ctx, &p, x, w, scales, biases, lhs_indices, rhs_indices, out);
+  return run_op(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, out);
 }
 
 int gqmm_quantized_matmul_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                                  const gqmm_tensor *scales, const gqmm_tensor *biases,
                                  int transpose, gqmm_quant q, gqmm_tensor *out) {
-  if (!ctx) return GQMM_ERR_NULL;
-  if (!out) return gqmm__fail(ctx, GQMM_ERR_NULL, "out: tensor pointer is NULL");
-  gqmm__clear_error(ctx);
-  qmm_plan p;
-  int st = plan_quantized_matmul(ctx, x, w, scales, biases, transpose, q, false, &p);
-  if (!st) *out = p.out;
-  return st;
+  return output_op(ctx, x, w, scales, biases, NULL, NULL, transpose, q, out);
 }
 
 int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                            const gqmm_tensor *scales, const gqmm_tensor *biases,
                            const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
                            int transpose, gqmm_quant q, gqmm_tensor *out) {
-  if (!ctx) return GQMM_ERR_NULL;
-  if (!out) return gqmm__fail(ctx, GQMM_ERR_NULL, "out: tensor pointer is NULL");
-  if (!lhs_indices && !rhs_indices)
-    return gqmm_quantized_matmul_output(ctx, x, w, scales, biases, transpose, q, out);
-  gqmm__clear_error(ctx);
-  qmm_plan p;
-  int st =
-      plan_gather_qmm(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, false, &p);
-  if (!st) *out = p.out;
-  return st;
+  return output_op(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, out);
 }

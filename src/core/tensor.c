@@ -97,21 +97,28 @@ int gqmm__check_no_overlap(gqmm_ctx *ctx, const gqmm_tensor *out, const char *ou
   return GQMM_OK;
 }
 
+int gqmm__check_dtype_shape(gqmm_ctx *ctx, const gqmm_tensor *t, const char *name,
+                            gqmm_dtype dtype, int ndim, const int64_t *shape, int dtype_status,
+                            int shape_status) {
+  if (t->dtype != dtype)
+    return gqmm__fail(ctx, dtype_status, "%s: dtype is %s, expected %s", name,
+                      gqmm_dtype_name(t->dtype), gqmm_dtype_name(dtype));
+  bool same = t->ndim == ndim;
+  for (int i = 0; same && i < ndim; i++)
+    same = t->shape[i] == shape[i];
+  if (!same) {
+    char want[160], got[160];
+    gqmm__shape_str(want, sizeof want, ndim, shape);
+    gqmm__shape_str(got, sizeof got, t->ndim, t->shape);
+    return gqmm__fail(ctx, shape_status, "%s: shape is %s, expected %s", name, got, want);
+  }
+  return GQMM_OK;
+}
+
 int gqmm__check_output(gqmm_ctx *ctx, const gqmm_tensor *out, gqmm_dtype dtype, int ndim,
                        const int64_t *shape, const char *name) {
   int st = gqmm__check_tensor(ctx, out, name);
   if (st) return st;
-  if (out->dtype != dtype)
-    return gqmm__fail(ctx, GQMM_ERR_OUTPUT, "%s: dtype is %s, expected %s", name,
-                      gqmm_dtype_name(out->dtype), gqmm_dtype_name(dtype));
-  bool same = out->ndim == ndim;
-  for (int i = 0; same && i < ndim; i++)
-    same = out->shape[i] == shape[i];
-  if (!same) {
-    char want[160], got[160];
-    gqmm__shape_str(want, sizeof want, ndim, shape);
-    gqmm__shape_str(got, sizeof got, out->ndim, out->shape);
-    return gqmm__fail(ctx, GQMM_ERR_OUTPUT, "%s: shape is %s, expected %s", name, got, want);
-  }
-  return GQMM_OK;
+  return gqmm__check_dtype_shape(ctx, out, name, dtype, ndim, shape, GQMM_ERR_OUTPUT,
+                                 GQMM_ERR_OUTPUT);
 }

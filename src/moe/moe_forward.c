@@ -14,19 +14,9 @@ static int check_input(gqmm_ctx *ctx, const gqmm_tensor *t, const char *name, gq
                        gqmm_device dev, int ndim, const int64_t *shape) {
   int st = gqmm__check_tensor(ctx, t, name);
   if (!st) st = gqmm__check_same_device(ctx, t, name, dev);
-  if (st) return st;
-  if (t->dtype != dtype)
-    return gqmm__fail(ctx, GQMM_ERR_DTYPE, "%s: dtype is %s, expected %s", name,
-                      gqmm_dtype_name(t->dtype), gqmm_dtype_name(dtype));
-  bool same = t->ndim == ndim;
-  for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
-  if (!same) {
-    char want[160], got[160];
-    gqmm__shape_str(want, sizeof want, ndim, shape);
-    gqmm__shape_str(got, sizeof got, t->ndim, t->shape);
-    return gqmm__fail(ctx, GQMM_ERR_SHAPE, "%s: shape is %s, expected %s", name, got, want);
-  }
-  return GQMM_OK;
+  if (!st) st = gqmm__check_dtype_shape(ctx, t, name, dtype, ndim, shape, GQMM_ERR_DTYPE,
+                                        GQMM_ERR_SHAPE);
+  return st;
 }
 
 /* One packed set (w, scales, biases) of shape [E, rows, K*bits/32]; a -1 in

@@ -7,6 +7,7 @@
 #include "test.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -161,21 +162,23 @@ GQMM_TEST(unsupported_bits_group_size_dtype) {
   EXPECT_FAIL(p, run(p), GQMM_ERR_BITS, "bits");
   p->q = (gqmm_quant){BITS, 16};
   EXPECT_FAIL(p, run(p), GQMM_ERR_GROUP_SIZE, "group_size");
-  p->q = (gqmm_quant){BITS, GS};
-  p->tx.dtype = GQMM_U32;
-  EXPECT_FAIL(p, run(p), GQMM_ERR_DTYPE, "x");
-  problem_init(p);
-  p->tw.dtype = GQMM_I32;
-  EXPECT_FAIL(p, run(p), GQMM_ERR_DTYPE, "w");
-  problem_init(p);
-  p->ts.dtype = GQMM_I32;
-  EXPECT_FAIL(p, run(p), GQMM_ERR_DTYPE, "scales");
-  problem_init(p);
-  p->tr.dtype = GQMM_F32;
-  EXPECT_FAIL(p, run(p), GQMM_ERR_DTYPE, "rhs_indices");
-  problem_init(p);
-  p->tx.dtype = (gqmm_dtype)42;
-  EXPECT_FAIL(p, run(p), GQMM_ERR_DTYPE, "x");
+  /* one wrong dtype at a time: (which tensor of the problem, its dtype, the name) */
+  static const struct {
+    size_t tensor;
+    gqmm_dtype dtype;
+    const char *name;
+  } bad[] = {
+      {offsetof(problem, tx), GQMM_U32, "x"},
+      {offsetof(problem, tw), GQMM_I32, "w"},
+      {offsetof(problem, ts), GQMM_I32, "scales"},
+      {offsetof(problem, tr), GQMM_F32, "rhs_indices"},
+      {offsetof(problem, tx), (gqmm_dtype)42, "x"},
+  };
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    problem_init(p);
+    ((gqmm_tensor *)((char *)p + bad[i].tensor))->dtype = bad[i].dtype;
+    EXPECT_FAIL(p, run(p), GQMM_ERR_DTYPE, bad[i].name);
+  }
   gqmm_ctx_destroy(p->ctx);
 }
 

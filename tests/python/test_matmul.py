@@ -153,19 +153,20 @@ def test_mixed_dtypes_promote_like_mlx(xdt, sdt, backend):
 # ---- the comparison catches drift ------------------------------------------
 
 
-def corruption_case(r, dtype, bits=4, group_size=64):
+def corruption_case(salt, dtype, bits=4, group_size=64):
+    """(rng(*salt), (x, wq, scales, biases, rhs)): a clean 4-expert gather to corrupt."""
+    r = rng(*salt)
     wq, s, b = make_weights(r, (4, 24, 128), dtype, group_size, bits)
     x = r.standard_normal((6, 3, 128)).astype(dtype)
     rhs = np.array([0, 1, 2, 3, 1, 2], np.int32)
-    return x, wq, s, b, rhs
+    return r, (x, wq, s, b, rhs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dt", list(zip(DTYPES, DTYPE_IDS)), ids=DTYPE_IDS)
 def test_corrupted_scale_is_caught(dt, backend):
     dtype, dname = dt
-    r = rng("bad-scale", dname, backend)
-    x, wq, s, b, rhs = corruption_case(r, dtype)
+    r, (x, wq, s, b, rhs) = corruption_case(("bad-scale", dname, backend), dtype)
     assert not check_gather(x, wq, s, b, None, rhs, True, 64, 4, dtype, backend)
     bad = s.copy()
     e, n, g = 2, int(r.integers(24)), int(r.integers(2))
@@ -179,8 +180,7 @@ def test_corrupted_scale_is_caught(dt, backend):
 @pytest.mark.parametrize("dt", list(zip(DTYPES, DTYPE_IDS)), ids=DTYPE_IDS)
 def test_swapped_expert_index_is_caught(dt, backend):
     dtype, dname = dt
-    r = rng("bad-index", dname, backend)
-    x, wq, s, b, rhs = corruption_case(r, dtype)
+    _, (x, wq, s, b, rhs) = corruption_case(("bad-index", dname, backend), dtype)
     bad = rhs.copy()
     bad[0], bad[2] = rhs[2], rhs[0]
     problems = check_gather(x, wq, s, b, None, rhs, True, 64, 4, dtype, backend,
@@ -191,8 +191,7 @@ def test_swapped_expert_index_is_caught(dt, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bits", BITS)
 def test_flipped_packed_bit_is_caught(bits, backend):
-    r = rng("bad-bit", bits, backend)
-    x, wq, s, b, rhs = corruption_case(r, np.float32, bits, 32)
+    r, (x, wq, s, b, rhs) = corruption_case(("bad-bit", bits, backend), np.float32, bits, 32)
     bad = wq.copy()
     e, n, word = 1, int(r.integers(24)), int(r.integers(wq.shape[-1]))
     bad[e, n, word] ^= np.uint32(1) << np.uint32(r.integers(32))

@@ -61,6 +61,8 @@ typedef enum {
 
 /* Static description of a status code ("index out of range"). */
 const char *gqmm_strerror(int status);
+/* Static name of a status code ("GQMM_ERR_INDEX"); "GQMM_UNKNOWN" if none. */
+const char *gqmm_status_name(int status);
 
 /* ---- tensors ------------------------------------------------------------- */
 
@@ -188,6 +190,76 @@ int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
                            const gqmm_tensor *scales, const gqmm_tensor *biases,
                            const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
                            int transpose, gqmm_quant q, gqmm_tensor *out);
+
+/* ---- MoE expert layer (src/moe) ------------------------------------------ */
+
+/* The gated activation between gate_up and down. */
+typedef enum {
+  GQMM_ACT_SWIGLU = 0, /* silu(gate) * up: Llama, Qwen, Mixtral */
+  GQMM_ACT_GEGLU = 1,  /* gelu_tanh(gate) * up: Gemma (gelu with the tanh approximation) */
+} gqmm_activation;
+
+/*
+ * One MoE layer's quantized expert weights in the MLX layout (transpose=1,
+ * mode "affine"): E experts, hidden size H, expert intermediate size I.
+ * Either the fused gate_up set ([E, 2I, H*bits/32], gate rows first, then up)
+ * or the separate gate and up sets ([E, I, H*bits/32] each); leave the other
+ * pointers NULL. down is [E, H, I*bits/32]. Scales and biases have the packed
+ * tensor's shape with the last axis K/group_size, and the dtype of x.
+ */
+typedef struct {
+  gqmm_quant q;
+  const gqmm_tensor *gate_up, *gate_up_scales, *gate_up_biases;
+  const gqmm_tensor *gate, *gate_scales, *gate_biases;
+  const gqmm_tensor *up, *up_scales, *up_biases;
+  const gqmm_tensor *down, *down_scales, *down_biases;
+} gqmm_moe_weights;
+
+/*
+ * The expert layer of a MoE block, as mlx-lm's SwitchGLU plus the router's
+ * weighted sum:
+ *   out[t] = sum over j < k (ascending) of expert_weights[t, j] *
+ *            down[e] @ act(gate[e] @ x[t], up[e] @ x[t]),   e = expert_ids[t, j]
+ * x [tokens, H]; expert_ids [tokens, k] int32/uint32, each in [0, E);
+ * expert_weights [tokens, k] and out [tokens, H] of x's dtype (f32/f16/bf16).
+ * Products accumulate in float32; the k-slot sum is in float32 in ascending
+ * slot order, so the result is bitwise reproducible for any thread count.
+ */
+int gqmm_moe_forward(gqmm_ctx *ctx, const gqmm_moe_weights *w, const gqmm_tensor *x,
+                     const gqmm_tensor *expert_ids, const gqmm_tensor *expert_weights,
+                     gqmm_activation act, gqmm_tensor *out);
+
+/* How router logits become (ids, weights), following mlx-lm's models. */
+typedef enum {
+  GQMM_ROUTER_SOFTMAX_TOPK = 0,      /* softmax over E, keep the top k probabilities */
+  GQMM_ROUTER_SOFTMAX_TOPK_NORM = 1, /* same, renormalized to sum 1 (Qwen3 norm_topk_prob) */
+  GQMM_ROUTER_TOPK_SOFTMAX = 2,      /* top k logits, softmax over those k (Mixtral, gpt-oss) */
+} gqmm_router_mode;
+
+/*
+ * Router top-k: logits [tokens, E] float (CPU) -> expert_ids [tokens, k]
+ * int32 and expert_weights [tokens, k] of the logits' dtype. Softmax runs in
+ * float32 (mlx "precise"); the probabilities are rounded to the logits' dtype
+ * before selection, as in mlx. Slots come in descending order of weight, ties
+ * to the lower expert id.
+ */
+int gqmm_router_topk(gqmm_ctx *ctx, const gqmm_tensor *logits, int k, gqmm_router_mode mode,
+                     gqmm_tensor *expert_ids, gqmm_tensor *expert_weights);
+
+/* Shapes of a public MoE model's expert layers (the bench's model table). */
+typedef struct {
+  const char *name;
+  int layers, experts, top_k;
+  int64_t hidden, inter; /* model width; one expert's intermediate size */
+  gqmm_activation act;
+  gqmm_router_mode router;
+  gqmm_quant q;          /* the quantization its MLX checkpoints use */
+  const char *source;    /* where the numbers come from */
+} gqmm_moe_model;
+
+/* Model i of the built-in table (NULL past the end); by name (NULL if unknown). */
+const gqmm_moe_model *gqmm_moe_model_at(int i);
+const gqmm_moe_model *gqmm_moe_model_find(const char *name);
 
 /* ---- library info -------------------------------------------------------- */
 

@@ -13,6 +13,8 @@ typedef struct {
 int gqmm_cmd_info(int argc, char **argv);
 int gqmm_cmd_verify(int argc, char **argv);
 int gqmm_cmd_bench(int argc, char **argv);
+int gqmm_cmd_moe(int argc, char **argv);
+int gqmm_cmd_tune(int argc, char **argv);
 int gqmm_cmd_cuda_bench(int argc, char **argv);
 
 /* Parses "--backend cpu|cuda|ref|auto"; returns 0 and sets *kind, or -1. */

@@ -8,7 +8,9 @@ static const gqmm_cli_command commands[] = {
     {"info", "library version, CPU features and GPUs", gqmm_cmd_info},
     {"verify", "run every backend against the reference; non-zero exit on any failure",
      gqmm_cmd_verify},
-    {"bench", "time gather_qmm on the seed workload (see gqmm bench --help)", gqmm_cmd_bench},
+    {"bench", "time the MoE expert layers of a model step (see gqmm bench --help)", gqmm_cmd_bench},
+    {"moe", "run one MoE expert layer on random data, checked against the reference", gqmm_cmd_moe},
+    {"tune", "measure tile configs, cache the fastest (see gqmm tune --help)", gqmm_cmd_tune},
     {"cuda-bench", "CUDA ceilings, seed shapes and weight-reuse sweep (JSON)", gqmm_cmd_cuda_bench},
 };
 

@@ -18,7 +18,9 @@ static const gqmm__backend *const backend_list[] = {
     NULL,
 };
 
-const gqmm__backend *const *gqmm__backends(void) { return backend_list; }
+const gqmm__backend *const *gqmm__backends(void) {
+  return backend_list;
+}
 
 static const char *kind_name(gqmm_backend_kind k) {
   switch (k) {

@@ -33,9 +33,12 @@ int gqmm_ctx_create(gqmm_ctx **out, const gqmm_ctx_options *opts) {
 
 void gqmm_ctx_destroy(gqmm_ctx *ctx) {
   if (!ctx) return;
+  gqmm__tune_release(ctx);
   for (const gqmm__backend *const *b = gqmm__backends(); *b; b++)
     if ((*b)->release) (*b)->release(ctx);
   free(ctx);
 }
 
-const char *gqmm_version(void) { return GQMM_VERSION_STRING; }
+const char *gqmm_version(void) {
+  return GQMM_VERSION_STRING;
+}

@@ -1,7 +1,9 @@
 /*
  * dtype.c - float16/bfloat16 conversions and dtype helpers.
  * Conversions round to nearest even, like MLX's and the hardware's casts, so
- * a stored scale or output is bit-identical to what MLX would store.
+ * a stored scale or output is bit-identical to what MLX would store. NaN
+ * becomes MLX's canonical NaN (its software casts on x86: bf16 0x7fc0 without
+ * the sign, f16 sign|0x7d00), so even a NaN scale matches MLX bit for bit.
  */
 #include "internal.h"
 
@@ -19,11 +21,13 @@ static float bits_f32(uint32_t u) {
   return f;
 }
 
-float gqmm_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
+float gqmm_bf16_to_f32(uint16_t h) {
+  return bits_f32((uint32_t)h << 16);
+}
 
 uint16_t gqmm_f32_to_bf16(float f) {
   uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
   u += 0x7fffu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }
@@ -45,7 +49,7 @@ uint16_t gqmm_f32_to_f16(float f) {
   uint32_t u = f32_bits(f);
   uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
   uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu)); /* NaN */
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7d00u);
   if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
   if (a < 0x38800000u) {
     /* result is subnormal or zero: scale to units of 2^-24 and round even */
@@ -92,7 +96,9 @@ const char *gqmm_dtype_name(gqmm_dtype dtype) {
   return "unknown";
 }
 
-gqmm_dtype gqmm__promote(gqmm_dtype a, gqmm_dtype b) { return a == b ? a : GQMM_F32; }
+gqmm_dtype gqmm__promote(gqmm_dtype a, gqmm_dtype b) {
+  return a == b ? a : GQMM_F32;
+}
 
 float gqmm__load_f(const void *p, gqmm_dtype t, int64_t i) {
   switch (t) {
@@ -124,5 +130,6 @@ void gqmm__convert(void *dst, gqmm_dtype dt, const void *src, gqmm_dtype st, int
     memcpy(dst, src, (size_t)n * gqmm_dtype_size(dt));
     return;
   }
-  for (int64_t i = 0; i < n; i++) gqmm__store_f(dst, dt, i, gqmm__load_f(src, st, i));
+  for (int64_t i = 0; i < n; i++)
+    gqmm__store_f(dst, dt, i, gqmm__load_f(src, st, i));
 }

@@ -24,4 +24,6 @@ int gqmm_quant_check(gqmm_quant q) {
   return GQMM_OK;
 }
 
-int64_t gqmm_packed_words(gqmm_quant q, int64_t k) { return k * q.bits / 32; }
+int64_t gqmm_packed_words(gqmm_quant q, int64_t k) {
+  return k * q.bits / 32;
+}

@@ -157,6 +157,9 @@ typedef struct {
   const uint32_t *down_w;
   const void *down_s, *down_b;
   void *out; /* [tokens, hidden] */
+  /* Host copy of expert_ids (the same pointer for CPU tensors), already range
+   * checked: device backends may build their routing plan from it. */
+  const int32_t *expert_ids_host;
 } gqmm__moe_args;
 
 /*
@@ -208,6 +211,12 @@ typedef struct gqmm__backend {
   int (*mem_copy)(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes, gqmm__copy_dir dir);
   /* Called by gqmm_ctx_destroy to free the backend's private state. */
   void (*release)(gqmm_ctx *ctx);
+  /* Optional: a short stable name of the device and what its kernels were
+   * built for ("NVIDIA H100 80GB HBM3 sm_90 driver 12080", "AMD EPYC 7B13
+   * avx2"), the tuning cache's device key. Must be cheap (no measuring).
+   * NULL: a CPU backend is keyed by its name, the CPU model and features;
+   * a device backend by its name alone (all its GPUs share entries). */
+  void (*device_key)(gqmm_ctx *ctx, char *buf, size_t len);
   /* Optional (device backends): device time of the last op, measured with
    * device events: its main kernel alone, and all of its device work. */
   int (*last_time)(gqmm_ctx *ctx, double *kernel_us, double *op_us);
@@ -229,6 +238,9 @@ int gqmm__select_backend(gqmm_ctx *ctx, const gqmm__qmm_args *a, const gqmm__bac
  * (src/tune), else -1, meaning "use your built-in heuristic".
  */
 int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_args *a);
+/* Frees what src/tune keeps on the context (the loaded cache); called by
+ * gqmm_ctx_destroy. */
+void gqmm__tune_release(gqmm_ctx *ctx);
 
 /* ---- reference kernels (src/ref) ----------------------------------------- */
 

@@ -13,10 +13,10 @@
 #include <string.h>
 
 typedef struct {
-  gqmm_tensor out;    /* descriptor of the output (data NULL) */
-  gqmm__qmm_args a;   /* filled except data pointers */
-  int64_t *x_index;   /* owned */
-  int64_t *w_index;   /* owned */
+  gqmm_tensor out;  /* descriptor of the output (data NULL) */
+  gqmm__qmm_args a; /* filled except data pointers */
+  int64_t *x_index; /* owned */
+  int64_t *w_index; /* owned */
 } qmm_plan;
 
 static void plan_free(qmm_plan *p) {
@@ -27,7 +27,8 @@ static void plan_free(qmm_plan *p) {
 
 static int64_t prod(const int64_t *shape, int n) {
   int64_t r = 1;
-  for (int i = 0; i < n; i++) r *= shape[i];
+  for (int i = 0; i < n; i++)
+    r *= shape[i];
   return r;
 }
 
@@ -45,10 +46,18 @@ static int broadcast(gqmm_ctx *ctx, const int64_t *a, int na, const char *an, co
       char sa[160], sb[160];
       gqmm__shape_str(sa, sizeof sa, na, a);
       gqmm__shape_str(sb, sizeof sb, nb, b);
-      return gqmm__fail(ctx, GQMM_ERR_SHAPE, "%s %s and %s %s cannot be broadcast together", an,
-                        sa, bn, sb);
+      return gqmm__fail(ctx, GQMM_ERR_SHAPE, "%s %s and %s %s cannot be broadcast together", an, sa,
+                        bn, sb);
     }
     out[i] = da == 1 ? db : da;
+  }
+  /* each side has < 2^40 elements, their broadcast may not: keep prod() finite */
+  int64_t total = 1;
+  for (int i = 0; i < n; i++) {
+    if (out[i] > 0 && total > (INT64_C(1) << 40) / out[i])
+      return gqmm__fail(ctx, GQMM_ERR_SHAPE, "%s/%s: broadcast batch has more than 2^40 elements",
+                        an, bn);
+    total *= out[i];
   }
   *nout = n;
   return GQMM_OK;
@@ -75,8 +84,7 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
   if ((st = gqmm__check_tensor(ctx, x, "x"))) return st;
   if ((st = gqmm__check_tensor(ctx, w, "w"))) return st;
   if ((st = gqmm__check_tensor(ctx, scales, "scales"))) return st;
-  if (!biases)
-    return gqmm__fail(ctx, GQMM_ERR_NULL, "biases: required in affine mode (got NULL)");
+  if (!biases) return gqmm__fail(ctx, GQMM_ERR_NULL, "biases: required in affine mode (got NULL)");
   if ((st = gqmm__check_tensor(ctx, biases, "biases"))) return st;
   if ((st = gqmm__check_same_device(ctx, w, "w", x->device))) return st;
   if ((st = gqmm__check_same_device(ctx, scales, "scales", x->device))) return st;
@@ -98,7 +106,8 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
     return gqmm__fail(ctx, GQMM_ERR_NDIM, "w: must have at least 2 dimensions, got %d", w->ndim);
   const int64_t words = w->shape[w->ndim - 1];
   if ((words * 32) % q.bits != 0)
-    return gqmm__fail(ctx, GQMM_ERR_SHAPE, "w: %lld words per row is not a whole number of %d-bit values",
+    return gqmm__fail(ctx, GQMM_ERR_SHAPE,
+                      "w: %lld words per row is not a whole number of %d-bit values",
                       (long long)words, q.bits);
   const int64_t packed_len = words * 32 / q.bits; /* K if transpose, else N */
   const int64_t rows = w->shape[w->ndim - 2];     /* N if transpose, else K */
@@ -108,13 +117,15 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
                       (long long)packed_len, q.group_size);
   /* scales and biases: w.shape[:-1] + (packed_len / group_size,) */
   int64_t sb_shape[GQMM_MAX_DIMS];
-  for (int i = 0; i < w->ndim - 1; i++) sb_shape[i] = w->shape[i];
+  for (int i = 0; i < w->ndim - 1; i++)
+    sb_shape[i] = w->shape[i];
   sb_shape[w->ndim - 1] = packed_len / q.group_size;
   const gqmm_tensor *sb[2] = {scales, biases};
   const char *names[2] = {"scales", "biases"};
   for (int i = 0; i < 2; i++) {
     bool same = sb[i]->ndim == w->ndim;
-    for (int d = 0; same && d < w->ndim; d++) same = sb[i]->shape[d] == sb_shape[d];
+    for (int d = 0; same && d < w->ndim; d++)
+      same = sb[i]->shape[d] == sb_shape[d];
     if (!same) {
       char want[160], got[160];
       gqmm__shape_str(want, sizeof want, w->ndim, sb_shape);
@@ -128,8 +139,8 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
   const int64_t xk = x->shape[x->ndim - 1];
   if (xk != K)
     return gqmm__fail(ctx, GQMM_ERR_SHAPE,
-                      "x: last dimension is %lld but w (transpose=%d, %d-bit) has K = %lld", (long long)xk,
-                      transpose ? 1 : 0, q.bits, (long long)K);
+                      "x: last dimension is %lld but w (transpose=%d, %d-bit) has K = %lld",
+                      (long long)xk, transpose ? 1 : 0, q.bits, (long long)K);
   memset(p, 0, sizeof *p);
   p->a.dtype = gqmm__promote(x->dtype, gqmm__promote(scales->dtype, biases->dtype));
   p->a.q = q;
@@ -167,6 +178,25 @@ static void set_out_shape(qmm_plan *p, int nd, const int64_t *shape) {
   }
 }
 
+/* Output shape = batch shape (nb dims of `shape`) + (M, N); with `build`,
+ * allocate one (x, w) index pair per batch element. */
+static int plan_batch(gqmm_ctx *ctx, qmm_plan *p, int64_t *shape, int nb, bool build) {
+  const int64_t batch = prod(shape, nb);
+  shape[nb] = p->a.M;
+  shape[nb + 1] = p->a.N;
+  set_out_shape(p, nb + 2, shape);
+  p->a.batch = batch;
+  return build ? alloc_index(ctx, p, batch) : GQMM_OK;
+}
+
+/* Odometer increment of a multi-index over shape[0..nb). */
+static void next_index(int64_t *idx, const int64_t *shape, int nb) {
+  for (int d = nb - 1; d >= 0; d--) {
+    if (++idx[d] < shape[d]) return;
+    idx[d] = 0;
+  }
+}
+
 /* MLX quantized_matmul batching: w 2-D folds every leading dim of x into M;
  * x of <= 2 dims uses the first matrix of a batched w (as MLX's CPU kernel
  * does); otherwise the batch dims broadcast. */
@@ -177,7 +207,8 @@ static int plan_quantized_matmul(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm
   if (st) return st;
   int64_t shape[GQMM_MAX_DIMS];
   if (w->ndim == 2 || x->ndim <= 2) {
-    for (int i = 0; i < x->ndim - 1; i++) shape[i] = x->shape[i];
+    for (int i = 0; i < x->ndim - 1; i++)
+      shape[i] = x->shape[i];
     shape[x->ndim - 1] = p->a.N;
     set_out_shape(p, x->ndim, shape);
     p->a.M = gqmm_tensor_numel(x) / (p->a.K ? p->a.K : 1);
@@ -193,20 +224,11 @@ static int plan_quantized_matmul(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm
   if ((st = broadcast(ctx, x->shape, x->ndim - 2, "x batch", w->shape, w->ndim - 2, "w batch",
                       shape, &nb)))
     return st;
-  int64_t batch = prod(shape, nb);
-  shape[nb] = p->a.M;
-  shape[nb + 1] = p->a.N;
-  set_out_shape(p, nb + 2, shape);
-  if (!build) return GQMM_OK;
-  if ((st = alloc_index(ctx, p, batch))) return st;
+  if ((st = plan_batch(ctx, p, shape, nb, build)) || !build) return st;
   int64_t idx[GQMM_MAX_DIMS] = {0};
-  for (int64_t b = 0; b < batch; b++) {
+  for (int64_t b = 0; b < p->a.batch; b++, next_index(idx, shape, nb)) {
     p->x_index[b] = bcast_offset(idx, nb, x->shape, x->ndim - 2);
     p->w_index[b] = bcast_offset(idx, nb, w->shape, w->ndim - 2);
-    for (int d = nb - 1; d >= 0; d--) { /* odometer increment */
-      if (++idx[d] < shape[d]) break;
-      idx[d] = 0;
-    }
   }
   return GQMM_OK;
 }
@@ -255,37 +277,32 @@ static int plan_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
   int64_t shape[GQMM_MAX_DIMS];
   int nb;
   if ((st = broadcast(ctx, ls, nl, "lhs_indices", rs, nr, "rhs_indices", shape, &nb))) return st;
-  int64_t batch = prod(shape, nb);
-  shape[nb] = p->a.M;
-  shape[nb + 1] = p->a.N;
-  set_out_shape(p, nb + 2, shape);
-  if (!build) return GQMM_OK;
-  if ((st = alloc_index(ctx, p, batch))) return st;
+  if ((st = plan_batch(ctx, p, shape, nb, build)) || !build) return st;
   int64_t idx[GQMM_MAX_DIMS] = {0};
   bool sorted = true;
-  for (int64_t b = 0; b < batch; b++) {
+  for (int64_t b = 0; b < p->a.batch; b++, next_index(idx, shape, nb)) {
     int64_t lo = bcast_offset(idx, nb, ls, nl), ro = bcast_offset(idx, nb, rs, nr);
-    if (lhs) st = read_index(ctx, lhs, "lhs_indices", lo, p->a.x_batches, &p->x_index[b]);
-    else p->x_index[b] = lo;
-    if (!st && rhs) st = read_index(ctx, rhs, "rhs_indices", ro, p->a.w_batches, &p->w_index[b]);
-    else if (!st) p->w_index[b] = ro;
+    if (lhs)
+      st = read_index(ctx, lhs, "lhs_indices", lo, p->a.x_batches, &p->x_index[b]);
+    else
+      p->x_index[b] = lo;
+    if (!st && rhs)
+      st = read_index(ctx, rhs, "rhs_indices", ro, p->a.w_batches, &p->w_index[b]);
+    else if (!st)
+      p->w_index[b] = ro;
     if (st) {
       plan_free(p);
       return st;
     }
     if (b > 0 && p->w_index[b] < p->w_index[b - 1]) sorted = false;
-    for (int d = nb - 1; d >= 0; d--) {
-      if (++idx[d] < shape[d]) break;
-      idx[d] = 0;
-    }
   }
   p->a.w_sorted = sorted;
   return GQMM_OK;
 }
 
 /* Widen src to dtype t into a new buffer if needed; *tmp owns it. */
-static int widen(gqmm_ctx *ctx, const gqmm_tensor *src, gqmm_dtype t, const void **data,
-                 void **tmp, const char *name) {
+static int widen(gqmm_ctx *ctx, const gqmm_tensor *src, gqmm_dtype t, const void **data, void **tmp,
+                 const char *name) {
   *data = src->data;
   *tmp = NULL;
   if (src->dtype == t) return GQMM_OK;
@@ -308,7 +325,8 @@ static int execute(gqmm_ctx *ctx, qmm_plan *p, const gqmm_tensor *x, const gqmm_
   if (!st) st = gqmm__check_same_device(ctx, out, "out", p->a.device);
   const gqmm_tensor *ins[6] = {x, w, scales, biases, lhs, rhs};
   const char *names[6] = {"x", "w", "scales", "biases", "lhs_indices", "rhs_indices"};
-  for (int i = 0; i < 6 && !st; i++) st = gqmm__check_no_overlap(ctx, out, "out", ins[i], names[i]);
+  for (int i = 0; i < 6 && !st; i++)
+    st = gqmm__check_no_overlap(ctx, out, "out", ins[i], names[i]);
   if (st) {
     plan_free(p);
     return st;
@@ -359,8 +377,8 @@ int gqmm_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
     return gqmm_quantized_matmul(ctx, x, w, scales, biases, transpose, q, out);
   gqmm__clear_error(ctx);
   qmm_plan p;
-  int st = plan_gather_qmm(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q,
-                           true, &p);
+  int st =
+      plan_gather_qmm(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, true, &p);
   if (st) return st;
   return execute(ctx, &p, x, w, scales, biases, lhs_indices, rhs_indices, out);
 }
@@ -387,8 +405,8 @@ int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
     return gqmm_quantized_matmul_output(ctx, x, w, scales, biases, transpose, q, out);
   gqmm__clear_error(ctx);
   qmm_plan p;
-  int st = plan_gather_qmm(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q,
-                           false, &p);
+  int st =
+      plan_gather_qmm(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, false, &p);
   if (!st) *out = p.out;
   return st;
 }

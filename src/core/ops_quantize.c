@@ -15,7 +15,8 @@ int gqmm__check_quant(gqmm_ctx *ctx, gqmm_quant q) {
 
 /* shape[:-1] + (last,) of t into dst; returns ndim. */
 static int replace_last(const gqmm_tensor *t, int64_t last, int64_t *dst) {
-  for (int i = 0; i < t->ndim - 1; i++) dst[i] = t->shape[i];
+  for (int i = 0; i < t->ndim - 1; i++)
+    dst[i] = t->shape[i];
   dst[t->ndim - 1] = last;
   return t->ndim;
 }
@@ -75,8 +76,7 @@ int gqmm_dequantize(gqmm_ctx *ctx, const gqmm_tensor *wq, const gqmm_tensor *sca
     return gqmm__fail(ctx, GQMM_ERR_DTYPE, "scales/biases: dtypes %s/%s, expected float types",
                       gqmm_dtype_name(scales->dtype), gqmm_dtype_name(biases->dtype));
   if (wq->ndim < 2)
-    return gqmm__fail(ctx, GQMM_ERR_NDIM, "wq: must have at least 2 dimensions, got %d",
-                      wq->ndim);
+    return gqmm__fail(ctx, GQMM_ERR_NDIM, "wq: must have at least 2 dimensions, got %d", wq->ndim);
   const int64_t words = wq->shape[wq->ndim - 1];
   const int64_t k = words * 32 / q.bits;
   if ((words * 32) % q.bits != 0 || k % q.group_size != 0)
@@ -90,7 +90,8 @@ int gqmm_dequantize(gqmm_ctx *ctx, const gqmm_tensor *wq, const gqmm_tensor *sca
   const char *sb_names[2] = {"scales", "biases"};
   for (int i = 0; i < 2; i++) {
     bool same = sb[i]->ndim == nd;
-    for (int d = 0; same && d < nd; d++) same = sb[i]->shape[d] == shape[d];
+    for (int d = 0; same && d < nd; d++)
+      same = sb[i]->shape[d] == shape[d];
     if (!same) {
       char want[160], got[160];
       gqmm__shape_str(want, sizeof want, nd, shape);

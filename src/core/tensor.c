@@ -27,7 +27,8 @@ gqmm_tensor gqmm_tensor_make(void *data, gqmm_dtype dtype, int ndim, const int64
 int64_t gqmm_tensor_numel(const gqmm_tensor *t) {
   if (!t || t->ndim < 0 || t->ndim > GQMM_MAX_DIMS) return 0;
   int64_t n = 1;
-  for (int i = 0; i < t->ndim; i++) n *= t->shape[i];
+  for (int i = 0; i < t->ndim; i++)
+    n *= t->shape[i];
   return n;
 }
 
@@ -104,7 +105,8 @@ int gqmm__check_output(gqmm_ctx *ctx, const gqmm_tensor *out, gqmm_dtype dtype, 
     return gqmm__fail(ctx, GQMM_ERR_OUTPUT, "%s: dtype is %s, expected %s", name,
                       gqmm_dtype_name(out->dtype), gqmm_dtype_name(dtype));
   bool same = out->ndim == ndim;
-  for (int i = 0; same && i < ndim; i++) same = out->shape[i] == shape[i];
+  for (int i = 0; same && i < ndim; i++)
+    same = out->shape[i] == shape[i];
   if (!same) {
     char want[160], got[160];
     gqmm__shape_str(want, sizeof want, ndim, shape);

@@ -61,10 +61,12 @@ int gqmm__ref_qmm(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
     }
     const char *xb = (const char *)a->x + (size_t)(a->x_index[b] * M * K) * esz;
     for (int64_t m = 0; m < M; m++) {
-      for (int64_t k = 0; k < K; k++) xf[k] = gqmm__load_f(xb, a->dtype, m * K + k);
+      for (int64_t k = 0; k < K; k++)
+        xf[k] = gqmm__load_f(xb, a->dtype, m * K + k);
       for (int64_t n = 0; n < N; n++) {
         float acc = 0.0f;
-        for (int64_t k = 0; k < K; k++) acc += xf[k] * wf[n * K + k];
+        for (int64_t k = 0; k < K; k++)
+          acc += xf[k] * wf[n * K + k];
         gqmm__store_f(a->out, a->dtype, (b * M + m) * N + n, acc);
       }
     }

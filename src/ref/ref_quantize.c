@@ -18,8 +18,12 @@
 #include <string.h>
 
 /* std::max / std::min as MLX uses them, including their NaN behaviour. */
-static float max_like_std(float a, float b) { return (a < b) ? b : a; }
-static float min_like_std(float a, float b) { return (b < a) ? b : a; }
+static float max_like_std(float a, float b) {
+  return (a < b) ? b : a;
+}
+static float min_like_std(float a, float b) {
+  return (b < a) ? b : a;
+}
 
 /* OR value v (< 2^bits) into a zeroed packed row at element j. */
 static void pack_value(uint8_t *row, int bits, int64_t j, uint32_t v) {
@@ -61,7 +65,9 @@ void gqmm__ref_quantize(const void *w, gqmm_dtype dtype, int64_t rows, int64_t k
       for (int j = 0; j < q.group_size; j++) {
         float v = rintf((gqmm__load_f(w, dtype, base + j) - bias) / scale);
         v = min_like_std(max_like_std(v, 0.0f), n_bins);
-        pack_value(row, q.bits, g * q.group_size + j, (uint32_t)v);
+        /* NaN survives the clamp (std::max/min semantics); MLX's x86 cast of it
+         * yields 0, and a NaN to integer cast is undefined in C: spell it out. */
+        pack_value(row, q.bits, g * q.group_size + j, isnan(v) ? 0u : (uint32_t)v);
       }
       gqmm__store_f(scales, dtype, r * groups_per_row + g, scale);
       gqmm__store_f(biases, dtype, r * groups_per_row + g, bias);

@@ -23,9 +23,12 @@ int main(int argc, char **argv) {
   const char *file_filter = NULL, *case_filter = NULL;
   int list = 0;
   for (int i = 1; i < argc; i++) {
-    if (!strcmp(argv[i], "--file") && i + 1 < argc) file_filter = argv[++i];
-    else if (!strcmp(argv[i], "--case") && i + 1 < argc) case_filter = argv[++i];
-    else if (!strcmp(argv[i], "--list")) list = 1;
+    if (!strcmp(argv[i], "--file") && i + 1 < argc)
+      file_filter = argv[++i];
+    else if (!strcmp(argv[i], "--case") && i + 1 < argc)
+      case_filter = argv[++i];
+    else if (!strcmp(argv[i], "--list"))
+      list = 1;
     else {
       fprintf(stderr, "usage: gqmm_tests [--file test_x] [--case substring] [--list]\n");
       return 2;
@@ -44,8 +47,10 @@ int main(int argc, char **argv) {
     c->fn(&f);
     printf("%s %s\n", f ? "FAIL" : "ok  ", c->name);
     fflush(stdout);
-    if (f) failed++;
-    else passed++;
+    if (f)
+      failed++;
+    else
+      passed++;
   }
   if (!list) printf("%d passed, %d failed\n", passed, failed);
   if (!list && passed + failed == 0) {

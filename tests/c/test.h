@@ -15,36 +15,36 @@
 typedef void (*gqmm_test_fn)(int *failed);
 void gqmm_test_register(const char *file, const char *name, gqmm_test_fn fn);
 
-#define GQMM_TEST(name)                                                       \
-  static void test_##name(int *gqmm_test_failed);                             \
-  __attribute__((constructor)) static void register_##name(void) {            \
-    gqmm_test_register(__FILE__, #name, test_##name);                         \
-  }                                                                           \
+#define GQMM_TEST(name)                                            \
+  static void test_##name(int *gqmm_test_failed);                  \
+  __attribute__((constructor)) static void register_##name(void) { \
+    gqmm_test_register(__FILE__, #name, test_##name);              \
+  }                                                                \
   static void test_##name(int *gqmm_test_failed)
 
-#define CHECK(cond)                                                           \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
+#define CHECK(cond)                                                              \
+  do {                                                                           \
+    if (!(cond)) {                                                               \
       fprintf(stderr, "  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      *gqmm_test_failed = 1;                                                  \
-      return;                                                                 \
-    }                                                                         \
+      *gqmm_test_failed = 1;                                                     \
+      return;                                                                    \
+    }                                                                            \
   } while (0)
 
-#define CHECK_MSG(cond, ...)                                                  \
-  do {                                                                        \
-    if (!(cond)) {                                                            \
+#define CHECK_MSG(cond, ...)                                                     \
+  do {                                                                           \
+    if (!(cond)) {                                                               \
       fprintf(stderr, "  %s:%d: CHECK failed: %s: ", __FILE__, __LINE__, #cond); \
-      fprintf(stderr, __VA_ARGS__);                                           \
-      fprintf(stderr, "\n");                                                  \
-      *gqmm_test_failed = 1;                                                  \
-      return;                                                                 \
-    }                                                                         \
+      fprintf(stderr, __VA_ARGS__);                                              \
+      fprintf(stderr, "\n");                                                     \
+      *gqmm_test_failed = 1;                                                     \
+      return;                                                                    \
+    }                                                                            \
   } while (0)
 
-#define CHECK_OK(expr)                                                        \
-  do {                                                                        \
-    int st_ = (expr);                                                         \
+#define CHECK_OK(expr)                                                          \
+  do {                                                                          \
+    int st_ = (expr);                                                           \
     CHECK_MSG(st_ == GQMM_OK, "%s -> %d (%s)", #expr, st_, gqmm_strerror(st_)); \
   } while (0)
 

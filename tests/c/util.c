@@ -35,9 +35,12 @@ float test_rng_normal(test_rng *r) {
 void test_fill(test_rng *r, void *buf, gqmm_dtype dtype, int64_t n, float scale) {
   for (int64_t i = 0; i < n; i++) {
     float v = test_rng_normal(r) * scale;
-    if (dtype == GQMM_F32) ((float *)buf)[i] = v;
-    else if (dtype == GQMM_F16) ((uint16_t *)buf)[i] = gqmm_f32_to_f16(v);
-    else ((uint16_t *)buf)[i] = gqmm_f32_to_bf16(v);
+    if (dtype == GQMM_F32)
+      ((float *)buf)[i] = v;
+    else if (dtype == GQMM_F16)
+      ((uint16_t *)buf)[i] = gqmm_f32_to_f16(v);
+    else
+      ((uint16_t *)buf)[i] = gqmm_f32_to_bf16(v);
   }
 }
 
@@ -60,8 +63,10 @@ double test_rel_err(const void *a, gqmm_dtype ta, const void *b, gqmm_dtype tb, 
 
 void test_poison(void *buf, gqmm_dtype dtype, int64_t n) {
   if (dtype == GQMM_F32) {
-    for (int64_t i = 0; i < n; i++) ((float *)buf)[i] = NAN;
+    for (int64_t i = 0; i < n; i++)
+      ((float *)buf)[i] = NAN;
   } else {
-    for (int64_t i = 0; i < n; i++) ((uint16_t *)buf)[i] = dtype == GQMM_F16 ? 0x7e00 : 0x7fc0;
+    for (int64_t i = 0; i < n; i++)
+      ((uint16_t *)buf)[i] = dtype == GQMM_F16 ? 0x7e00 : 0x7fc0;
   }
 }

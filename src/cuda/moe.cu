@@ -15,6 +15,7 @@
 #include "ptx.cuh"
 
 #include <cuda_runtime.h>
+#include <initializer_list>
 
 using namespace gqmm_cu;
 
@@ -38,35 +39,92 @@ __device__ __forceinline__ float act_f(int act, float g, float u) {
   return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u); /* SwiGLU: silu(g) * u */
 }
 
-/* Row r (blockIdx.x), columns of blockIdx.y's stripe. */
-template <typename T>
+/* V consecutive elements moved as one aligned access (16 bytes when V > 1). */
+template <typename T, int V> struct __align__(sizeof(T) * V) pack {
+  T v[V];
+};
+
+/* Row r (blockIdx.x), V columns per thread in blockIdx.y's stripe. V > 1
+ * needs I, gs and uo multiples of V and 16-byte aligned buffers. */
+template <typename T, int V>
 __global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_t uo,
                            T *__restrict__ h, int64_t I) {
-  const int64_t r = blockIdx.x, i = (int64_t)blockIdx.y * kThreads + threadIdx.x;
+  const int64_t r = blockIdx.x, i = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
   if (i >= I) return;
-  const float g = dtype_traits<T>::to_f(gu[r * gs + i]), u = dtype_traits<T>::to_f(gu[r * gs + uo + i]);
-  h[r * I + i] = dtype_traits<T>::from_f(act_f(act, g, u));
+  using P = pack<T, V>;
+  const P g = *(const P *)(gu + r * gs + i), u = *(const P *)(gu + r * gs + uo + i);
+  P o;
+#pragma unroll
+  for (int v = 0; v < V; v++)
+    o.v[v] = dtype_traits<T>::from_f(
+        act_f(act, dtype_traits<T>::to_f(g.v[v]), dtype_traits<T>::to_f(u.v[v])));
+  *(P *)(h + r * I + i) = o;
 }
 
-template <typename T>
+/* Token t (blockIdx.x), V columns per thread; V > 1 needs H a multiple of V
+ * and y, out 16-byte aligned. */
+template <typename T, int V>
 __global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w, T *__restrict__ out,
                                int64_t k, int64_t H) {
-  const int64_t t = blockIdx.x, n = (int64_t)blockIdx.y * kThreads + threadIdx.x;
+  const int64_t t = blockIdx.x, n = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
   if (n >= H) return;
-  float acc = 0.0f;
+  using P = pack<T, V>;
+  float acc[V];
+#pragma unroll
+  for (int v = 0; v < V; v++) acc[v] = 0.0f;
   for (int64_t j = 0; j < k; j++) {
     const float wt = dtype_traits<T>::to_f(w[t * k + j]);
-    acc = __fadd_rn(acc, __fmul_rn(wt, dtype_traits<T>::to_f(y[(t * k + j) * H + n])));
+    const P yv = *(const P *)(y + (t * k + j) * H + n);
+#pragma unroll
+    for (int v = 0; v < V; v++)
+      acc[v] = __fadd_rn(acc[v], __fmul_rn(wt, dtype_traits<T>::to_f(yv.v[v])));
   }
-  out[t * H + n] = dtype_traits<T>::from_f(acc);
+  P o;
+#pragma unroll
+  for (int v = 0; v < V; v++) o.v[v] = dtype_traits<T>::from_f(acc[v]);
+  *(P *)(out + t * H + n) = o;
 }
 
-/* Grid of `rows` x column stripes; false if it exceeds CUDA's grid limits. */
-bool grid_2d(int64_t rows, int64_t cols, dim3 *g) {
-  const int64_t stripes = (cols + kThreads - 1) / kThreads;
+/* Grid of `rows` x stripes of kThreads*V columns; false if it exceeds
+ * CUDA's grid limits. */
+bool grid_2d(int64_t rows, int64_t cols, int V, dim3 *g) {
+  const int64_t stripes = (cols + (int64_t)kThreads * V - 1) / ((int64_t)kThreads * V);
   if (rows < 1 || rows > INT32_MAX || stripes < 1 || stripes > 65535) return false;
   *g = dim3((unsigned)rows, (unsigned)stripes);
   return true;
+}
+
+/* 16 bytes per thread when every row start is 16-byte aligned, else 1. */
+template <typename T> int vec_width(std::initializer_list<int64_t> counts,
+                                    std::initializer_list<const void *> ptrs) {
+  constexpr int V = 16 / sizeof(T);
+  for (int64_t c : counts)
+    if (c % V) return 1;
+  for (const void *p : ptrs)
+    if ((uintptr_t)p % 16) return 1;
+  return V;
+}
+
+template <typename T>
+int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t R, int64_t I) {
+  constexpr int VW = 16 / sizeof(T);
+  const int V = vec_width<T>({I, gs, uo}, {gu, h});
+  dim3 g;
+  if (!grid_2d(R, I, V, &g)) return (int)cudaErrorInvalidConfiguration;
+  if (V == VW) act_kernel<T, VW><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I);
+  else act_kernel<T, 1><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int combine_launch(const void *y, const void *w, void *out, int64_t T_, int64_t k, int64_t H) {
+  constexpr int VW = 16 / sizeof(T);
+  const int V = vec_width<T>({H}, {y, out});
+  dim3 g;
+  if (!grid_2d(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
+  if (V == VW) combine_kernel<T, VW><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
+  else combine_kernel<T, 1><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
+  return (int)cudaGetLastError();
 }
 
 } // namespace
@@ -77,32 +135,21 @@ extern "C" int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int3
   return (int)cudaGetLastError();
 }
 
-/* Instantiate a dtype-templated launch for the three element types. */
-#define GQMM__CU_DISPATCH(dtype, LAUNCH)                                                          \
+/* The dtype's instantiation of a templated launcher. */
+#define GQMM__CU_DISPATCH(dtype, FN, ...)                                                         \
   switch (dtype) {                                                                                \
-  case GQMM__CU_F32: LAUNCH(float); break;                                                        \
-  case GQMM__CU_F16: LAUNCH(__half); break;                                                       \
-  case GQMM__CU_BF16: LAUNCH(__nv_bfloat16); break;                                               \
+  case GQMM__CU_F32: return FN<float>(__VA_ARGS__);                                               \
+  case GQMM__CU_F16: return FN<__half>(__VA_ARGS__);                                              \
+  case GQMM__CU_BF16: return FN<__nv_bfloat16>(__VA_ARGS__);                                      \
   default: return (int)cudaErrorInvalidValue;                                                     \
   }
 
 extern "C" int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h,
                                 int64_t R, int64_t I) {
-  dim3 g;
-  if (!grid_2d(R, I, &g)) return (int)cudaErrorInvalidConfiguration;
-#define GQMM__ACT_LAUNCH(T) act_kernel<T><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I)
-  GQMM__CU_DISPATCH(dtype, GQMM__ACT_LAUNCH)
-#undef GQMM__ACT_LAUNCH
-  return (int)cudaGetLastError();
+  GQMM__CU_DISPATCH(dtype, act_launch, act, gu, gs, uo, h, R, I)
 }
 
 extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, void *out, int64_t T,
                                     int64_t k, int64_t H) {
-  dim3 g;
-  if (!grid_2d(T, H, &g)) return (int)cudaErrorInvalidConfiguration;
-#define GQMM__COMBINE_LAUNCH(TY)                                                                  \
-  combine_kernel<TY><<<g, kThreads>>>((const TY *)y, (const TY *)w, (TY *)out, k, H)
-  GQMM__CU_DISPATCH(dtype, GQMM__COMBINE_LAUNCH)
-#undef GQMM__COMBINE_LAUNCH
-  return (int)cudaGetLastError();
+  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, out, T, k, H)
 }

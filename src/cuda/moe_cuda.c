@@ -38,6 +38,7 @@ typedef struct {
   size_t cap;
   cudaEvent_t ev[NEV]; /* before plan, gate_up, act, down, combine, after */
   int timed;
+  int64_t idx_rows, idx_k; /* the pair indices in the scratch are for these (0: none) */
   int grid[2][9][GRID_CFGS]; /* persistent grid by (f16|bf16, bits, config); 0: not asked */
 } moe_state;
 
@@ -99,6 +100,7 @@ static int ensure_scratch(gqmm_ctx *ctx, moe_state *s, size_t need) {
   cudaFree(s->buf); /* waits for queued kernels that may still use it */
   s->buf = NULL;
   s->cap = 0;
+  s->idx_rows = s->idx_k = 0;
   const size_t n = need + need / 4;
   if (cudaMalloc((void **)&s->buf, n) != cudaSuccess) {
     cudaGetLastError();
@@ -230,7 +232,10 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
     if ((err = (call))) goto launch_failed;                                                       \
   } while (0)
   STEP(cudaEventRecord(ev[0], 0), "event");
-  STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k), "pair indices");
+  if (s->idx_rows != R || s->idx_k != k) { /* they depend on R and k only */
+    STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k), "pair indices");
+    s->idx_rows = R, s->idx_k = k;
+  }
   if (gate.cfg != generic || up.cfg != generic)
     STEP(gqmm__cu_route(tok_of, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)tok,
                         gate.cfg != generic ? gate.n_tiles : up.n_tiles, pg),

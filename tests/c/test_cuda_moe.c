@@ -7,7 +7,8 @@
  * With a GPU: both activations, fused and separate gate/up, bits
  * 2/3/4/8 (tensor cores) and 5/6 (generic kernel), group sizes 32/64/128,
  * bf16/f16/f32, experts with 0 rows, all pairs on one expert, every tile
- * config; outputs poisoned before each run; two runs bit-identical.
+ * config, aligned and misaligned out; outputs poisoned before each run;
+ * two runs bit-identical.
  * GQMM_CUDA_TEST_QUICK=1 runs a subset (for compute-sanitizer).
  */
 #include "internal.h"
@@ -37,6 +38,7 @@ typedef struct {
   int64_t T, k, E, H, I;
   gqmm_quant q;
   gqmm_dtype dt;
+  size_t out_shift; /* bytes: a misaligned out takes the combine's narrow path */
   void *h[NT], *d[NT];
   size_t bytes[NT];
   gqmm_tensor th[NT], td[NT]; /* host and device descriptors */
@@ -117,11 +119,14 @@ static int layer_make(gqmm_ctx *ref, test_rng *r, layer *L, int routing) {
 
 static int layer_upload(gqmm_ctx *gpu, layer *L) {
   for (int i = 0; i < NT; i++) {
-    int st = gqmm_device_alloc(gpu, L->bytes[i], &L->d[i]);
-    if (!st) st = gqmm_device_copy(gpu, L->d[i], L->h[i], L->bytes[i], GQMM_COPY_HOST_TO_DEVICE);
+    const size_t shift = i == OUT ? L->out_shift : 0;
+    int st = gqmm_device_alloc(gpu, L->bytes[i] + shift, &L->d[i]);
+    if (!st)
+      st = gqmm_device_copy(gpu, (char *)L->d[i] + shift, L->h[i], L->bytes[i],
+                            GQMM_COPY_HOST_TO_DEVICE);
     if (st) return st;
     L->td[i] = L->th[i];
-    L->td[i].data = L->d[i];
+    L->td[i].data = (char *)L->d[i] + shift;
     L->td[i].device = GQMM_DEVICE_CUDA;
   }
   return GQMM_OK;
@@ -194,10 +199,10 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
 static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, gqmm_activation act, const void *poison,
                    void *got) {
   gqmm_moe_weights w = weights(L->td, L->q, fused);
-  int st = gqmm_device_copy(gpu, L->d[OUT], poison, L->bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
+  int st = gqmm_device_copy(gpu, L->td[OUT].data, poison, L->bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
   if (!st) st = gqmm_moe_forward(gpu, &w, &L->td[X], &L->td[IDS], &L->td[EW], act, &L->td[OUT]);
   if (!st) st = gqmm_device_sync(gpu);
-  if (!st) st = gqmm_device_copy(gpu, got, L->d[OUT], L->bytes[OUT], GQMM_COPY_DEVICE_TO_HOST);
+  if (!st) st = gqmm_device_copy(gpu, got, L->td[OUT].data, L->bytes[OUT], GQMM_COPY_DEVICE_TO_HOST);
   return st;
 }
 
@@ -285,7 +290,8 @@ GQMM_TEST(cuda_moe_matches_reference) {
           /* ragged: 29 tokens x 3 slots, 9 experts (2 never routed), inter =
            * 3 groups (down's K not a multiple of 128, N = inter not of 128) */
           const int g = gsz[gi];
-          layer L = {.T = 29, .k = 3, .E = 9, .H = 4 * g, .I = 3 * g, .q = {bits[bi], g}, .dt = dts[di]};
+          layer L = {.T = 29, .k = 3, .E = 9, .H = 4 * g, .I = 3 * g, .q = {bits[bi], g}, .dt = dts[di],
+                     .out_shift = routing ? gqmm_dtype_size(dts[di]) : 0};
           fails += run_layer(gpu, ref, &L, routing, salt++);
           runs++;
         }

@@ -364,6 +364,11 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
     }
     dev_sync(env);
     times[r] = (now_s() - t0) * (double)m->layers / nl;
+    double v[5]; /* a fused layer's own device-timed steps (its last call of the step) */
+    if (o->breakdown && env->be->moe_phases && env->be->moe_phases(env->ctx, v) == GQMM_OK) {
+      for (int k = 0; k < 5; k++) phase_sum[k] += v[k];
+      calls++;
+    }
   }
   if (noted) fprintf(stderr, "\n");
   for (int i = 0; i < NSETS; i++)

@@ -227,6 +227,9 @@ typedef struct gqmm__backend {
   /* Optional (device backends): device time of the last op, measured with
    * device events: its main kernel alone, and all of its device work. */
   int (*last_time)(gqmm_ctx *ctx, double *kernel_us, double *op_us);
+  /* Optional (backends with moe_forward): device time in seconds of the last
+   * moe_forward's steps (plan, gate_up, act, down, combine); waits for them. */
+  int (*moe_phases)(gqmm_ctx *ctx, double phase_s[5]);
 } gqmm__backend;
 
 /* Each backend defines one of these (src/ref, src/cpu, src/cuda). */

@@ -28,7 +28,17 @@ typedef struct {
   size_t plan_cap;
   cudaEvent_t ev_op0, ev_k0, ev_k1, ev_staged;
   bool staged_pending, timed;
+  void *moe; /* moe_cuda.c's state */
 } cuda_state;
+
+/* The MoE layer (moe_cuda.c): the hooks and its slot in this state. */
+int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
+int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]);
+void gqmm__cuda_moe_release(void *moe);
+void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
+void **gqmm__cuda_moe_slot(gqmm_ctx *ctx) {
+  return ctx->cuda_state ? &((cuda_state *)ctx->cuda_state)->moe : NULL;
+}
 
 /* -1: not probed yet; 0: no GPU; 1: GPU. Cached per context. */
 static int probe(gqmm_ctx *ctx) {
@@ -266,6 +276,7 @@ static void cuda_release(gqmm_ctx *ctx) {
   cuda_state *s = ctx->cuda_state;
   if (!s) return;
   cudaDeviceSynchronize();
+  gqmm__cuda_moe_release(s->moe);
   cudaFreeHost(s->h_idx);
   cudaFree(s->d_idx);
   cudaFree(s->d_plan);
@@ -282,7 +293,7 @@ const gqmm__backend gqmm__cuda_backend = {
     .kind = GQMM_BACKEND_CUDA,
     .supports_qmm = cuda_supports,
     .qmm = cuda_qmm,
-    .moe_forward = NULL,
+    .moe_forward = gqmm__cuda_moe_forward,
     .configs = cuda_configs,
     .qmm_config = cuda_qmm_config,
     .ceilings = cuda_ceilings,
@@ -292,4 +303,5 @@ const gqmm__backend gqmm__cuda_backend = {
     .mem_copy = cuda_mem_copy,
     .release = cuda_release,
     .last_time = cuda_last_time,
+    .moe_phases = gqmm__cuda_moe_phases,
 };

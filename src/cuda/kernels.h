@@ -74,6 +74,21 @@ int gqmm__cu_generic_run(const gqmm__cu_qmm *a);
 /* Ceilings (ceilings.cu): measured now on the current device. */
 int gqmm__cu_measure_ceilings(double *copy_GBps, double *read_GBps, double *mma_GMACps);
 
+
+/* ---- The MoE expert layer's elementwise kernels (moe.cu) ----------------- */
+
+/* tok[p] = p / top_k and iota[p] = p for p < R: the x rows of the gate_up
+ * GEMM (the pair's token) and of the down GEMM (the pair's own h row). */
+int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k);
+/* h[r, i] = act(gu[r*gs + i], gu[r*gs + uo + i]) for r < R, i < I; act 0 is
+ * SwiGLU, 1 GeGLU (tanh); float32 math, rounded to dtype once. */
+int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h,
+                     int64_t R, int64_t I);
+/* out[t, n] = sum over j < k ascending of w[t, j] * y[t*k + j, n] in float32,
+ * rounded once; one thread per output element (deterministic). */
+int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, void *out, int64_t T, int64_t k,
+                         int64_t H);
+
 #ifdef __cplusplus
 }
 #endif

@@ -10,3 +10,7 @@ if(GQMM_HAVE_CUDA)
   # Resource report (registers, spills) in the build log; warnings as errors.
   string(APPEND CMAKE_CUDA_FLAGS " -Xptxas=-v -Werror=all-warnings")
 endif()
+# The MoE expert layer on the GPU (hook registered by backend_cuda.c).
+if(GQMM_HAVE_CUDA)
+  list(APPEND GQMM_SOURCES ${CMAKE_SOURCE_DIR}/src/cuda/moe_cuda.c)
+endif()

@@ -1,0 +1,155 @@
+/*
+ * moe.cu - the elementwise kernels of the MoE expert layer on the GPU
+ * (moe_cuda.c chains them with the routing plan and the gathered GEMMs):
+ * the gather indices of the two GEMMs, the gated activation and the weighted
+ * combine of the k slots of each token.
+ *
+ * Numerics follow the CPU composition (src/moe/moe_compose.c) operation by
+ * operation: float32 math with explicit round-to-nearest multiplies and adds
+ * (no FMA contraction, like the -std=c11 host code), each result rounded to
+ * the dtype once. The combine sums the slots in ascending order in one
+ * thread per output element: no atomics, so the bits do not depend on the
+ * schedule.
+ */
+#include "kernels.h"
+#include "ptx.cuh"
+
+#include <cuda_runtime.h>
+#include <initializer_list>
+
+using namespace gqmm_cu;
+
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void indices_kernel(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k) {
+  const int32_t p = blockIdx.x * kThreads + threadIdx.x;
+  if (p < R) tok[p] = p / top_k, iota[p] = p;
+}
+
+/* The same expressions as gqmm__moe_act (src/moe/moe_compose.c). */
+__device__ __forceinline__ float act_f(int act, float g, float u) {
+  if (act == 1) { /* GeGLU: gelu_tanh(g) * u, 1 + tanh(z) = 2 - 2 / (exp(2z) + 1) */
+    const float c = 0.7978845608028654f;
+    const float z = __fmul_rn(c, __fadd_rn(g, __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g)));
+    const float t = __fsub_rn(2.0f, __fdiv_rn(2.0f, __fadd_rn(expf(__fmul_rn(2.0f, z)), 1.0f)));
+    return __fmul_rn(__fmul_rn(__fmul_rn(0.5f, g), t), u);
+  }
+  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u); /* SwiGLU: silu(g) * u */
+}
+
+/* V consecutive elements moved as one aligned access (16 bytes when V > 1). */
+template <typename T, int V> struct __align__(sizeof(T) * V) pack {
+  T v[V];
+};
+
+/* Row r (blockIdx.x), V columns per thread in blockIdx.y's stripe. V > 1
+ * needs I, gs and uo multiples of V and 16-byte aligned buffers. */
+template <typename T, int V>
+__global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_t uo,
+                           T *__restrict__ h, int64_t I) {
+  const int64_t r = blockIdx.x, i = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
+  if (i >= I) return;
+  using P = pack<T, V>;
+  const P g = *(const P *)(gu + r * gs + i), u = *(const P *)(gu + r * gs + uo + i);
+  P o;
+#pragma unroll
+  for (int v = 0; v < V; v++)
+    o.v[v] = dtype_traits<T>::from_f(
+        act_f(act, dtype_traits<T>::to_f(g.v[v]), dtype_traits<T>::to_f(u.v[v])));
+  *(P *)(h + r * I + i) = o;
+}
+
+/* Token t (blockIdx.x), V columns per thread; V > 1 needs H a multiple of V
+ * and y, out 16-byte aligned. */
+template <typename T, int V>
+__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w, T *__restrict__ out,
+                               int64_t k, int64_t H) {
+  const int64_t t = blockIdx.x, n = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
+  if (n >= H) return;
+  using P = pack<T, V>;
+  float acc[V];
+#pragma unroll
+  for (int v = 0; v < V; v++) acc[v] = 0.0f;
+  for (int64_t j = 0; j < k; j++) {
+    const float wt = dtype_traits<T>::to_f(w[t * k + j]);
+    const P yv = *(const P *)(y + (t * k + j) * H + n);
+#pragma unroll
+    for (int v = 0; v < V; v++)
+      acc[v] = __fadd_rn(acc[v], __fmul_rn(wt, dtype_traits<T>::to_f(yv.v[v])));
+  }
+  P o;
+#pragma unroll
+  for (int v = 0; v < V; v++) o.v[v] = dtype_traits<T>::from_f(acc[v]);
+  *(P *)(out + t * H + n) = o;
+}
+
+/* Grid of `rows` x stripes of kThreads*V columns; false if it exceeds
+ * CUDA's grid limits. */
+bool grid_2d(int64_t rows, int64_t cols, int V, dim3 *g) {
+  const int64_t stripes = (cols + (int64_t)kThreads * V - 1) / ((int64_t)kThreads * V);
+  if (rows < 1 || rows > INT32_MAX || stripes < 1 || stripes > 65535) return false;
+  *g = dim3((unsigned)rows, (unsigned)stripes);
+  return true;
+}
+
+/* 16 bytes per thread when every row start is 16-byte aligned, else 1. */
+template <typename T> int vec_width(std::initializer_list<int64_t> counts,
+                                    std::initializer_list<const void *> ptrs) {
+  constexpr int V = 16 / sizeof(T);
+  for (int64_t c : counts)
+    if (c % V) return 1;
+  for (const void *p : ptrs)
+    if ((uintptr_t)p % 16) return 1;
+  return V;
+}
+
+template <typename T>
+int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t R, int64_t I) {
+  constexpr int VW = 16 / sizeof(T);
+  const int V = vec_width<T>({I, gs, uo}, {gu, h});
+  dim3 g;
+  if (!grid_2d(R, I, V, &g)) return (int)cudaErrorInvalidConfiguration;
+  if (V == VW) act_kernel<T, VW><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I);
+  else act_kernel<T, 1><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int combine_launch(const void *y, const void *w, void *out, int64_t T_, int64_t k, int64_t H) {
+  constexpr int VW = 16 / sizeof(T);
+  const int V = vec_width<T>({H}, {y, out});
+  dim3 g;
+  if (!grid_2d(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
+  if (V == VW) combine_kernel<T, VW><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
+  else combine_kernel<T, 1><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
+  return (int)cudaGetLastError();
+}
+
+} // namespace
+
+extern "C" int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k) {
+  if (R < 1) return 0;
+  indices_kernel<<<(R + kThreads - 1) / kThreads, kThreads>>>(tok, iota, R, top_k);
+  return (int)cudaGetLastError();
+}
+
+/* The dtype's instantiation of a templated launcher. */
+#define GQMM__CU_DISPATCH(dtype, FN, ...)                                                         \
+  switch (dtype) {                                                                                \
+  case GQMM__CU_F32: return FN<float>(__VA_ARGS__);                                               \
+  case GQMM__CU_F16: return FN<__half>(__VA_ARGS__);                                              \
+  case GQMM__CU_BF16: return FN<__nv_bfloat16>(__VA_ARGS__);                                      \
+  default: return (int)cudaErrorInvalidValue;                                                     \
+  }
+
+extern "C" int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h,
+                                int64_t R, int64_t I) {
+  GQMM__CU_DISPATCH(dtype, act_launch, act, gu, gs, uo, h, R, I)
+}
+
+extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, void *out, int64_t T,
+                                    int64_t k, int64_t H) {
+  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, out, T, k, H)
+}

@@ -1,0 +1,282 @@
+/*
+ * moe_cuda.c - the CUDA backend's moe_forward: the whole MoE expert layer on
+ * device tensors, enqueued on the backend's stream (the legacy default
+ * stream, like every launcher of kernels.h) with no host round trip and no
+ * host synchronization:
+ *   plan     the pairs p = t*top_k + j as batch entries (x row t, expert
+ *            ids[p], M = 1) -> routing plan on the GPU (route.cu), built from
+ *            the device ids, for each GEMM's N tiling
+ *   gate_up  one gathered GEMM of N = 2*inter (fused tensor) or two of N = inter
+ *   act      SwiGLU / GeGLU into h [R, inter] (moe.cu)
+ *   down     gathered GEMM of h row p with expert ids[p] into y [R, hidden]
+ *   combine  out[t] = sum_j w[t, j] * y[t*top_k + j], ascending j, float32
+ * The GEMMs write rows in pair order (the plan's out row of entry p is p), so
+ * the activation and the combine need no permutation. GEMMs run the tensor-
+ * core kernel when it takes the arguments, else the generic one (5/6-bit,
+ * f32). Scratch (indices, plans, gu, h, y) is cached in the context's CUDA
+ * state and grown with cudaMalloc when a call needs more; only a growth
+ * waits for queued work (cudaFree synchronizes). Events between the steps
+ * give the phase times of the last call (moe_phases hook).
+ */
+#include "internal.h"
+#include "kernels.h"
+
+#include <cuda_runtime_api.h>
+#include <stdlib.h>
+
+/* backend_cuda.c keeps this file's state in its own (NULL: no GPU state). */
+void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
+int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
+int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]);
+void gqmm__cuda_moe_release(void *moe);
+
+enum { NEV = 6, GRID_CFGS = 16 };
+
+typedef struct {
+  int sms;
+  char *buf; /* scratch, see layout() */
+  size_t cap;
+  cudaEvent_t ev[NEV]; /* before plan, gate_up, act, down, combine, after */
+  int timed;
+  int64_t idx_rows, idx_k; /* the pair indices in the scratch are for these (0: none) */
+  int grid[2][9][GRID_CFGS]; /* persistent grid by (f16|bf16, bits, config); 0: not asked */
+} moe_state;
+
+static int moe_fail(gqmm_ctx *ctx, int err, const char *what) {
+  cudaGetLastError(); /* clear a non-sticky error so the next call starts clean */
+  return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda moe_forward: %s: %s", what,
+                    cudaGetErrorString((cudaError_t)err));
+}
+
+static moe_state *get_state(gqmm_ctx *ctx) {
+  void **slot = gqmm__cuda_moe_slot(ctx);
+  if (!slot) return NULL;
+  if (*slot) return *slot;
+  moe_state *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  int n = 0, dev = 0;
+  while (n < NEV && cudaEventCreate(&s->ev[n]) == cudaSuccess) n++;
+  if (n < NEV || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    cudaGetLastError();
+    while (n--) cudaEventDestroy(s->ev[n]);
+    free(s);
+    return NULL;
+  }
+  *slot = s;
+  return s;
+}
+
+void gqmm__cuda_moe_release(void *moe) {
+  moe_state *s = moe;
+  if (!s) return;
+  for (int i = 0; i < NEV; i++) cudaEventDestroy(s->ev[i]);
+  cudaFree(s->buf);
+  free(s);
+}
+
+/* ---- scratch ------------------------------------------------------------ */
+
+enum { S_TOK, S_IOTA, S_PLAN_GU, S_PLAN_DOWN, S_GU, S_H, S_Y, S_PARTS };
+
+/* Byte offsets of the scratch parts (256-byte aligned: the tensor-core
+ * kernel wants 16-byte aligned x rows); returns the total. */
+static size_t layout(const gqmm__moe_args *a, size_t off[S_PARTS]) {
+  const size_t R = (size_t)(a->tokens * a->top_k), E = (size_t)a->experts;
+  const size_t esz = gqmm_dtype_size(a->dtype), plan = (4 * E + 1 + 2 * R) * sizeof(int32_t);
+  const size_t bytes[S_PARTS] = {R * sizeof(int32_t), R * sizeof(int32_t), plan, plan,
+                                 R * (size_t)(2 * a->inter) * esz, R * (size_t)a->inter * esz,
+                                 R * (size_t)a->hidden * esz};
+  size_t at = 0;
+  for (int i = 0; i < S_PARTS; i++) {
+    off[i] = at;
+    at += (bytes[i] + 255) & ~(size_t)255;
+  }
+  return at;
+}
+
+static int ensure_scratch(gqmm_ctx *ctx, moe_state *s, size_t need) {
+  if (s->cap >= need) return GQMM_OK;
+  cudaFree(s->buf); /* waits for queued kernels that may still use it */
+  s->buf = NULL;
+  s->cap = 0;
+  s->idx_rows = s->idx_k = 0;
+  const size_t n = need + need / 4;
+  if (cudaMalloc((void **)&s->buf, n) != cudaSuccess) {
+    cudaGetLastError();
+    return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cuda moe_forward: cannot allocate %zu bytes of scratch",
+                      n);
+  }
+  s->cap = n;
+  return GQMM_OK;
+}
+
+/* The plan arrays inside one scratch part (same order as backend_cuda.c). */
+static gqmm__cu_plan plan_at(char *base, int64_t E, int64_t R) {
+  gqmm__cu_plan p;
+  p.count = (int32_t *)base, p.row_start = p.count + E, p.fill = p.row_start + E;
+  p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
+  return p;
+}
+
+/* ---- the GEMMs -------------------------------------------------------------- */
+
+typedef struct {
+  gqmm__cu_qmm k;
+  int cfg;     /* tensor-core config, or gqmm__cu_mma_config_count() = generic */
+  int n_tiles; /* N tiles of cfg (tensor-core only) */
+} gemm;
+
+static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void *x,
+                      const int32_t *x_index, const uint32_t *w, const void *sc, const void *bi,
+                      void *out) {
+  gemm g;
+  g.k = (gqmm__cu_qmm){.dtype = (int)a->dtype, .bits = a->q.bits, .group_size = a->q.group_size,
+                       .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
+                       .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
+                       .x_index = x_index, .w_index = a->expert_ids};
+  g.cfg = gqmm__cu_mma_config_count();
+  g.n_tiles = 0;
+  return g;
+}
+
+/* ctx's forced config (tests, `gqmm tune`) if set, else the widest N tile
+ * that divides N (no half-empty tiles), first in table order on ties. */
+static int pick_config(gqmm_ctx *ctx, gemm *g) {
+  const int generic = gqmm__cu_mma_config_count(), ok = gqmm__cu_mma_eligible(&g->k);
+  int cfg = ctx->forced_config;
+  if (cfg < 0 && ok) {
+    cfg = 0;
+    for (int i = 1; i < generic; i++) {
+      const int t = gqmm__cu_mma_tile_n(i), best = gqmm__cu_mma_tile_n(cfg);
+      const bool fits = g->k.N % t == 0, best_fits = g->k.N % best == 0;
+      if ((fits && !best_fits) || (fits == best_fits && t > best)) cfg = i;
+    }
+  } else if (cfg < 0) {
+    cfg = generic;
+  }
+  if (cfg > generic || (cfg < generic && !ok))
+    return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for the layer's GEMMs", cfg);
+  g->cfg = cfg;
+  if (cfg < generic) {
+    const int t = gqmm__cu_mma_tile_n(cfg);
+    g->n_tiles = (int)((g->k.N + t - 1) / t);
+  }
+  return GQMM_OK;
+}
+
+static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__cu_plan *p,
+                       int64_t E, const char *what) {
+  int err;
+  if (g->cfg == gqmm__cu_mma_config_count()) {
+    err = gqmm__cu_generic_run(&g->k);
+  } else {
+    int *cached = g->cfg < GRID_CFGS && g->k.bits <= 8
+                      ? &s->grid[g->k.dtype == GQMM__CU_BF16][g->k.bits][g->cfg]
+                      : NULL;
+    int grid = cached ? *cached : 0;
+    if (grid <= 0 && (err = gqmm__cu_mma_grid(g->cfg, &g->k, s->sms, &grid)))
+      return moe_fail(ctx, err, "occupancy query");
+    if (cached) *cached = grid;
+    /* No more CTAs than units: each expert with rows adds at most one
+     * partial chunk of tok_max rows. */
+    const int64_t R = g->k.batch, tok = gqmm__cu_mma_tok_max(), used = R < E ? R : E;
+    const int64_t units = ((R + tok - 1) / tok + used) * g->n_tiles;
+    if (grid > units) grid = (int)units;
+    err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid);
+  }
+  return err ? moe_fail(ctx, err, what) : GQMM_OK;
+}
+
+/* ---- the layer ---------------------------------------------------------------- */
+
+int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
+  if (a->device != GQMM_DEVICE_CUDA)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "moe_forward: the cuda backend takes device tensors only");
+  moe_state *s = get_state(ctx);
+  if (!s) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda moe_forward: no usable GPU");
+  const int64_t T = a->tokens, k = a->top_k, H = a->hidden, I = a->inter, E = a->experts;
+  const int64_t R = T * k, tok = gqmm__cu_mma_tok_max();
+  /* The plan and the kernels index rows and units with int32. */
+  const int64_t worst_units = ((R + tok - 1) / tok + E) * ((2 * I > H ? 2 * I : H) / 16 + 1);
+  if (R > INT32_MAX / 2 || E > INT32_MAX / 8 || worst_units > INT32_MAX)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "cuda moe_forward: %lld tokens x top_k %lld exceed the kernels' 32-bit "
+                      "row indices", (long long)T, (long long)k);
+  size_t off[S_PARTS];
+  int st = ensure_scratch(ctx, s, layout(a, off));
+  if (st) return st;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  int32_t *tok_of = (int32_t *)(s->buf + off[S_TOK]), *iota = (int32_t *)(s->buf + off[S_IOTA]);
+  char *gu = s->buf + off[S_GU], *h = s->buf + off[S_H], *y = s->buf + off[S_Y];
+  const bool fused = a->gu_expert_rows == 2 * I;
+  /* gate_up: [R, 2I] rows (gate | up) from the fused tensor, else gate
+   * [R, I] then up [R, I]; the activation finds them by (gs, uo). */
+  gemm gate = gemm_make(a, fused ? 2 * I : I, H, a->x, tok_of, a->gate_w, a->gate_s, a->gate_b, gu);
+  gemm up = gemm_make(a, I, H, a->x, tok_of, a->up_w, a->up_s, a->up_b, gu + (size_t)(R * I) * esz);
+  gemm down = gemm_make(a, H, I, h, iota, a->down_w, a->down_s, a->down_b, y);
+  if ((st = pick_config(ctx, &gate)) || (!fused && (st = pick_config(ctx, &up))) ||
+      (st = pick_config(ctx, &down)))
+    return st;
+  const int generic = gqmm__cu_mma_config_count();
+  gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN_GU], E, R);
+  gqmm__cu_plan pd = plan_at(s->buf + off[S_PLAN_DOWN], E, R);
+  int err;
+  const char *what = "event";
+  cudaEvent_t *ev = s->ev;
+  s->timed = 0;
+#define STEP(call, name)                                                                          \
+  do {                                                                                            \
+    what = name;                                                                                  \
+    if ((err = (call))) goto launch_failed;                                                       \
+  } while (0)
+  STEP(cudaEventRecord(ev[0], 0), "event");
+  if (s->idx_rows != R || s->idx_k != k) { /* they depend on R and k only */
+    STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k), "pair indices");
+    s->idx_rows = R, s->idx_k = k;
+  }
+  if (gate.cfg != generic || up.cfg != generic)
+    STEP(gqmm__cu_route(tok_of, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)tok,
+                        gate.cfg != generic ? gate.n_tiles : up.n_tiles, pg),
+         "routing plan");
+  if (down.cfg != generic && gate.cfg != generic && down.n_tiles == gate.n_tiles) {
+    pd = pg; /* same units: only the x rows differ (h row p = the out row p) */
+    pd.rows_x = pg.rows_o;
+  } else if (down.cfg != generic) {
+    STEP(gqmm__cu_route(iota, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)tok,
+                        down.n_tiles, pd),
+         "routing plan");
+  }
+  STEP(cudaEventRecord(ev[1], 0), "event");
+  if ((st = launch_gemm(ctx, s, &gate, &pg, E, "gate_up GEMM"))) return st;
+  if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, "up GEMM"))) return st;
+  STEP(cudaEventRecord(ev[2], 0), "event");
+  STEP(gqmm__cu_moe_act((int)a->dtype, (int)a->act, gu, fused ? 2 * I : I, fused ? I : R * I, h,
+                        R, I),
+       "activation");
+  STEP(cudaEventRecord(ev[3], 0), "event");
+  if ((st = launch_gemm(ctx, s, &down, &pd, E, "down GEMM"))) return st;
+  STEP(cudaEventRecord(ev[4], 0), "event");
+  STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->out, T, k, H), "combine");
+  STEP(cudaEventRecord(ev[5], 0), "event");
+#undef STEP
+  s->timed = 1;
+  return GQMM_OK;
+launch_failed:
+  return moe_fail(ctx, err, what);
+}
+
+int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]) {
+  void **slot = gqmm__cuda_moe_slot(ctx);
+  moe_state *s = slot ? *slot : NULL;
+  if (!s || !s->timed)
+    return gqmm__fail(ctx, GQMM_ERR_ARG, "cuda: no moe_forward has completed on this context");
+  cudaError_t e = cudaEventSynchronize(s->ev[NEV - 1]);
+  for (int i = 0; !e && i < NEV - 1; i++) {
+    float ms = 0;
+    e = cudaEventElapsedTime(&ms, s->ev[i], s->ev[i + 1]);
+    phase_s[i] = 1e-3 * ms;
+  }
+  return e ? moe_fail(ctx, (int)e, "event timing") : GQMM_OK;
+}

@@ -288,6 +288,20 @@ static void cuda_release(gqmm_ctx *ctx) {
   ctx->cuda_state = NULL;
 }
 
+/* The tuning cache's device key: the card, its architecture and the driver,
+ * so a cache carried to another GPU or driver is not trusted. */
+static void cuda_device_key(gqmm_ctx *ctx, char *buf, size_t len) {
+  struct cudaDeviceProp p;
+  int driver = 0;
+  if (probe(ctx) != 1 || cudaGetDeviceProperties(&p, 0) != cudaSuccess ||
+      cudaDriverGetVersion(&driver) != cudaSuccess) {
+    cudaGetLastError();
+    snprintf(buf, len, "cuda (no device)");
+    return;
+  }
+  snprintf(buf, len, "%.96s sm_%d%d driver %d", p.name, p.major, p.minor, driver);
+}
+
 const gqmm__backend gqmm__cuda_backend = {
     .name = "cuda",
     .kind = GQMM_BACKEND_CUDA,
@@ -304,4 +318,5 @@ const gqmm__backend gqmm__cuda_backend = {
     .release = cuda_release,
     .last_time = cuda_last_time,
     .moe_phases = gqmm__cuda_moe_phases,
+    .device_key = cuda_device_key,
 };

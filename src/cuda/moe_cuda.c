@@ -125,6 +125,7 @@ typedef struct {
   gqmm__cu_qmm k;
   int cfg;     /* tensor-core config, or gqmm__cu_mma_config_count() = generic */
   int n_tiles; /* N tiles of cfg (tensor-core only) */
+  int tok;     /* rows per work unit of cfg (tensor-core only) */
 } gemm;
 
 static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void *x,
@@ -137,6 +138,7 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
                        .x_index = x_index, .w_index = a->expert_ids};
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;
+  g.tok = 0;
   return g;
 }
 
@@ -161,6 +163,7 @@ static int pick_config(gqmm_ctx *ctx, gemm *g) {
   if (cfg < generic) {
     const int t = gqmm__cu_mma_tile_n(cfg);
     g->n_tiles = (int)((g->k.N + t - 1) / t);
+    g->tok = gqmm__cu_mma_tok_max(cfg);
   }
   return GQMM_OK;
 }
@@ -180,7 +183,7 @@ static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__c
     if (cached) *cached = grid;
     /* No more CTAs than units: each expert with rows adds at most one
      * partial chunk of tok_max rows. */
-    const int64_t R = g->k.batch, tok = gqmm__cu_mma_tok_max(), used = R < E ? R : E;
+    const int64_t R = g->k.batch, tok = g->tok, used = R < E ? R : E;
     const int64_t units = ((R + tok - 1) / tok + used) * g->n_tiles;
     if (grid > units) grid = (int)units;
     err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid);
@@ -197,7 +200,11 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   moe_state *s = get_state(ctx);
   if (!s) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda moe_forward: no usable GPU");
   const int64_t T = a->tokens, k = a->top_k, H = a->hidden, I = a->inter, E = a->experts;
-  const int64_t R = T * k, tok = gqmm__cu_mma_tok_max();
+  /* The smallest work unit of any config bounds the unit count. */
+  int64_t tok = INT32_MAX;
+  for (int c = 0; c < gqmm__cu_mma_config_count(); c++)
+    if (gqmm__cu_mma_tok_max(c) < tok) tok = gqmm__cu_mma_tok_max(c);
+  const int64_t R = T * k;
   /* The plan and the kernels index rows and units with int32. */
   const int64_t worst_units = ((R + tok - 1) / tok + E) * ((2 * I > H ? 2 * I : H) / 16 + 1);
   if (R > INT32_MAX / 2 || E > INT32_MAX / 8 || worst_units > INT32_MAX)
@@ -237,14 +244,16 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
     s->idx_rows = R, s->idx_k = k;
   }
   if (gate.cfg != generic || up.cfg != generic)
-    STEP(gqmm__cu_route(tok_of, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)tok,
+    STEP(gqmm__cu_route(tok_of, a->expert_ids, (int32_t)R, 1, (int32_t)E,
+                        gate.cfg != generic ? gate.tok : up.tok,
                         gate.cfg != generic ? gate.n_tiles : up.n_tiles, pg),
          "routing plan");
-  if (down.cfg != generic && gate.cfg != generic && down.n_tiles == gate.n_tiles) {
+  if (down.cfg != generic && gate.cfg != generic && down.n_tiles == gate.n_tiles &&
+      down.tok == gate.tok) {
     pd = pg; /* same units: only the x rows differ (h row p = the out row p) */
     pd.rows_x = pg.rows_o;
   } else if (down.cfg != generic) {
-    STEP(gqmm__cu_route(iota, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)tok,
+    STEP(gqmm__cu_route(iota, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)down.tok,
                         down.n_tiles, pd),
          "routing plan");
   }

@@ -4,7 +4,10 @@
 # compute-sanitizer memcheck + racecheck on the CUDA tests, the benchmarks
 # (gqmm cuda-bench), the torch peers and the plot. Logs and JSON go to $OUT.
 #
-#   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot]...
+#   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu]...
+# moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
+# on the seed shapes; cpu: the CPU backend's tests and sweep on this host's
+# CPU with every ISA it has (the GPU hosts have AVX-512 BF16/VNNI).
 # Env: OUT (default ./out), BUILD (default build-gpu), PREBUILT (a folder with
 # gqmm and gqmm_tests built elsewhere: skips the build), REPS (default 20).
 set -uo pipefail
@@ -21,9 +24,9 @@ note() { echo "== $* ==" | tee -a "$OUT/summary.txt"; }
 
 if [ -n "${PREBUILT:-}" ]; then BIN=$PREBUILT; else BIN=$BUILD; fi
 
-# At most 8 files come back from a lent machine: summary.txt (environment and
-# step results), tests.log, sanitize.log, bench.log (bench + peers output),
-# gqmm_cuda.json, peers_cuda.json, sweep_cuda.png.
+# summary.txt holds the environment and each step's result; the logs and JSON
+# of the steps are archived into results.tar.gz at the end (a lent machine
+# returns at most 8 files).
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
   nvcc --version | tail -1; } > "$OUT/summary.txt" 2>&1
 
@@ -61,5 +64,33 @@ if want plot; then
   python3 bench/plot_sweep.py "$OUT/gqmm_cuda.json" "$OUT/peers_cuda.json" -o "$OUT/sweep_cuda.png" ||
     status=1
 fi
+if want moe; then
+  note "gqmm bench (seed model step on CUDA, levers, breakdown)"
+  "$BIN/gqmm" bench --backend cuda 2>&1 | tee "$OUT/moe.log" || status=1
+  "$BIN/gqmm" bench --backend cuda --levers --breakdown --json "$OUT/moe_levers.json" 2>&1 |
+    tee -a "$OUT/moe.log" || status=1
+fi
+if want tune; then
+  for n in 1408 704; do
+    note "gqmm tune --backend cuda --N $n"
+    GQMM_TUNE_CACHE="$OUT/tune_cache.json" "$BIN/gqmm" tune --backend cuda --N "$n" \
+      --json "$OUT/tune-cuda-n$n.json" 2>&1 | tail -12 | tee -a "$OUT/tune.log" || status=1
+  done
+fi
+if want cpu; then
+  lscpu | grep -o 'avx512[a-z_0-9]*' | sort -u | tr '\n' ' ' > "$OUT/cpu.log"; echo >> "$OUT/cpu.log"
+  for isa in avx512 avx2 portable; do
+    note "CPU tests with GQMM_CPU_ISA=$isa"
+    GQMM_CPU_ISA=$isa "$BIN/gqmm_tests" --file test_cpu >> "$OUT/cpu.log" 2>&1 &&
+      note "cpu $isa PASS" || { note "cpu $isa FAIL"; status=1; }
+    GQMM_CPU_ISA=$isa "$BIN/gqmm" verify --backend cpu 2>&1 | tail -1 | tee -a "$OUT/cpu.log"
+  done
+  GQMM_CPU_ISA=avx512 "$BIN/gqmm" sweep --backend cpu --json "$OUT/sweep-cpu-avx512.json" \
+    >> "$OUT/cpu.log" 2>&1 || status=1
+fi
 note "gpu_check exit $status"
+# At most 8 files come back: everything but the summary and the plot goes in one archive.
+(cd "$OUT" && tar czf results.tar.gz --exclude results.tar.gz --exclude summary.txt \
+  --exclude '*.png' * && find . -maxdepth 1 -type f ! -name results.tar.gz ! -name summary.txt \
+  ! -name '*.png' -delete)
 exit $status

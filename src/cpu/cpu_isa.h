@@ -54,12 +54,14 @@ typedef struct {
   /*
    * Small-M path (memory bound): for each of nrows weight rows n, and each of
    * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r (x block row stride K):
-   *   C[r * ldc + n] = sum_g s_g * (sum_{k in g} x_rk q_nk) + b_g * xsum[r][g]
-   * the per-group identity, so the inner loop multiplies x by exact small
+   *   C[r * ldc + n] (+)= sum_g s_g * (sum_{k in g} x_rk q_nk) + b_g * xsum[r][g]
+   * over the groups of [k0, k0 + kc) (both multiples of the group size;
+   * k0 = 0 stores, later blocks add), the
+   * per-group identity, so the inner loop multiplies x by exact small
    * integers and the scale and bias are applied once per group.
    */
   void (*qmv)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const float *x,
-              const float *xsum, int R, float *C, int64_t ldc);
+              const float *xsum, int R, int64_t k0, int64_t kc, float *C, int64_t ldc);
   /* Dequantize values [k0, k0 + kc) of one row as s*q + b into dst (chunk order). */
   void (*dequant)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
                   float *dst);

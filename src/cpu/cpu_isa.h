@@ -62,6 +62,14 @@ typedef struct {
    */
   void (*qmv)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const float *x,
               const float *xsum, int R, int64_t k0, int64_t kc, float *C, int64_t ldc);
+  /* The same with the x block as bf16 (the float32 block's top halves, exact
+   * for bf16 activations): AVX-512 BF16's vdpbf16ps, one instruction per 32
+   * products and row. NULL where the ISA has none; used only when
+   * qmv_bf16_supported() (the CPU may have AVX-512 without BF16). */
+  void (*qmv_bf16)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
+                   const uint16_t *xb, const float *xsum, int R, int64_t k0, int64_t kc, float *C,
+                   int64_t ldc);
+  bool (*qmv_bf16_supported)(void);
   /* Dequantize values [k0, k0 + kc) of one row as s*q + b into dst (chunk order). */
   void (*dequant)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
                   float *dst);

@@ -13,6 +13,12 @@
  *                        the 32 q-values of one chunk (4*bits bytes at src) as
  *                        float vectors, in the ISA's lane order (perm)
  *
+ * optionally (bf16 activations, AVX-512 BF16): UKR_HAVE_BF16DOT, the bf16
+ * vector type ukr_vbf, ukr_q_to_bf16(q) (a chunk's exact small integers as
+ * one bf16 vector, lane j = value j of the chunk's float vectors in order)
+ * and ukr_bf16_dot(acc, qb, xb) (acc += pairwise products with the 32 bf16
+ * at xb), which add <isa>_qmv_bf16;
+ *
  * and then UKR_DEFINE_KERNELS() emits static functions <isa>_qmv,
  * <isa>_dequant and <isa>_gemm with the signatures of gqmm__cpu_isa.
  * Every loop bound that shapes the register allocation (bits, rows, MR, NR)
@@ -53,9 +59,10 @@ UKR_INLINE void ukr_chunk(const uint8_t *w, int64_t off, int bits, bool last, uk
  * enough, and fewer chains mean fewer group-end FMAs (R = 1 with 2 chains
  * measured 2.5% faster than with 4; 4 chains per row at R = 2..4 slower).
  */
-UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const float *x,
-                            const float *xsum, const int R, const int bits, int64_t k0, int64_t kc,
-                            float *C, int64_t ldc) {
+UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const void *xv,
+                            const float *xsum, const int R, const int bits, const int xbf,
+                            int64_t k0, int64_t kc, float *C, int64_t ldc) {
+  const float *x = (const float *)xv;
   enum { NA_MAX = UKR_NV };
   const int NA = UKR_NV >= 2 && R <= 2 ? 2 : 1;
   /* gs is 32, 64 or 128: shifts, not a 64-bit division per row (~40 cycles) */
@@ -79,6 +86,14 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
       ukr_vf q[UKR_NV];
       ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+#ifdef UKR_HAVE_BF16DOT
+      if (xbf) { /* x as bf16 pairs: the chunk is one bf16 vector, one dot per row */
+        const ukr_vbf qb = ukr_q_to_bf16(q);
+        for (int r = 0; r < R; r++)
+          acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + r * K + k);
+        continue;
+      }
+#endif
       for (int v = 0; v < UKR_NV; v++)
         for (int r = 0; r < R; r++)
           acc[r][v % NA] = vf_fma(vf_load(x + r * K + k + v * UKR_VW), q[v], acc[r][v % NA]);
@@ -156,7 +171,7 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
 #define UKR_QMV_CASE(b, r)                                                                         \
   case (b)*8 + (r):                                                                                \
     for (int n = 0; n < nrows; n++)                                                                \
-      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, k0, kc, C + n, ldc);                                \
+      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, xbf, k0, kc, C + n, ldc);                           \
     break;
 #define UKR_QMV_BITS(b) UKR_FOR_R(UKR_QMV_CASE, b)
 #define UKR_DEQ_CASE(b)                                                                            \
@@ -168,12 +183,24 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
     ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, Cv, ldc);                                              \
     break;
 
-#define UKR_DEFINE_KERNELS(isa)                                                                    \
-  static void isa##_qmv(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,          \
-                        const float *x, const float *xsum, int R, int64_t k0, int64_t kc,          \
-                        float *C, int64_t ldc) {                                                   \
+/* The qmv entry point: xbf = 1 takes x as bf16 (only where the ISA defines
+ * UKR_HAVE_BF16DOT), 0 as float32. */
+#define UKR_QMV_FN(fn, xbf_, xtype)                                                                \
+  static void fn(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,                 \
+                 const xtype *x, const float *xsum, int R, int64_t k0, int64_t kc, float *C,       \
+                 int64_t ldc) {                                                                    \
+    const int xbf = xbf_;                                                                          \
     switch (sh->bits * 8 + R) { UKR_FOR_BITS(UKR_QMV_BITS) default : break; }                      \
-  }                                                                                                \
+  }
+#ifdef UKR_HAVE_BF16DOT
+#define UKR_QMV_BF16_FN(isa) UKR_QMV_FN(isa##_qmv_bf16, 1, uint16_t)
+#else
+#define UKR_QMV_BF16_FN(isa)
+#endif
+
+#define UKR_DEFINE_KERNELS(isa)                                                                    \
+  UKR_QMV_FN(isa##_qmv, 0, float)                                                                  \
+  UKR_QMV_BF16_FN(isa)                                                                             \
   static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,      \
                             int64_t kc, float *dst) {                                              \
     switch (sh->bits) { UKR_FOR_BITS(UKR_DEQ_CASE) default : break; }                              \

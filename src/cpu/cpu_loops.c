@@ -39,7 +39,7 @@ typedef struct {
   const gqmm__cpu_config *cfg;
   gqmm__cpu_state *st;
   bool int8;
-  bool xbf; /* bf16 activations on an ISA with a bf16 dot kernel: x block also as bf16 */
+  bool xbf;   /* bf16 activations on an ISA with a bf16 dot kernel: x block also as bf16 */
   int64_t nt; /* weight rows (transpose=1) or columns (transpose=0) per unit */
   gqmm__cpu_shape sh;
   int64_t G;                             /* groups per weight row */

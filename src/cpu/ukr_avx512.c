@@ -57,7 +57,7 @@ static inline __attribute__((always_inline)) ukr_vbf ukr_q_to_bf16(const ukr_vf 
   return _mm512_cvtne2ps_pbh(q[1], q[0]); /* low 16 lanes from q[0] */
 }
 static inline __attribute__((always_inline)) ukr_vf ukr_bf16_dot(ukr_vf acc, ukr_vbf qb,
-                                                                  const uint16_t *xb) {
+                                                                 const uint16_t *xb) {
   return _mm512_dpbf16_ps(acc, qb, (ukr_vbf)_mm512_loadu_si512((const void *)xb));
 }
 

@@ -54,12 +54,22 @@ typedef struct {
   /*
    * Small-M path (memory bound): for each of nrows weight rows n, and each of
    * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r (x block row stride K):
-   *   C[r * ldc + n] = sum_g s_g * (sum_{k in g} x_rk q_nk) + b_g * xsum[r][g]
-   * the per-group identity, so the inner loop multiplies x by exact small
+   *   C[r * ldc + n] (+)= sum_g s_g * (sum_{k in g} x_rk q_nk) + b_g * xsum[r][g]
+   * over the groups of [k0, k0 + kc) (both multiples of the group size;
+   * k0 = 0 stores, later blocks add), the
+   * per-group identity, so the inner loop multiplies x by exact small
    * integers and the scale and bias are applied once per group.
    */
   void (*qmv)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const float *x,
-              const float *xsum, int R, float *C, int64_t ldc);
+              const float *xsum, int R, int64_t k0, int64_t kc, float *C, int64_t ldc);
+  /* The same with the x block as bf16 (the float32 block's top halves, exact
+   * for bf16 activations): AVX-512 BF16's vdpbf16ps, one instruction per 32
+   * products and row. NULL where the ISA has none; used only when
+   * qmv_bf16_supported() (the CPU may have AVX-512 without BF16). */
+  void (*qmv_bf16)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
+                   const uint16_t *xb, const float *xsum, int R, int64_t k0, int64_t kc, float *C,
+                   int64_t ldc);
+  bool (*qmv_bf16_supported)(void);
   /* Dequantize values [k0, k0 + kc) of one row as s*q + b into dst (chunk order). */
   void (*dequant)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
                   float *dst);

@@ -30,6 +30,8 @@
 /* Most rows in one x block; larger experts become several blocks (each
  * reads the expert's weights again, but such a call is compute bound). */
 #define ROWS_MAX_BYTES ((int64_t)4 << 20)
+/* Floats of x the small-M path keeps in L1 per K block (16 KB, half of L1). */
+#define QMV_KBLOCK_FLOATS 4096
 
 typedef struct {
   const gqmm__qmm_args *a;
@@ -37,6 +39,7 @@ typedef struct {
   const gqmm__cpu_config *cfg;
   gqmm__cpu_state *st;
   bool int8;
+  bool xbf;   /* bf16 activations on an ISA with a bf16 dot kernel: x block also as bf16 */
   int64_t nt; /* weight rows (transpose=1) or columns (transpose=0) per unit */
   gqmm__cpu_shape sh;
   int64_t G;                             /* groups per weight row */
@@ -111,6 +114,7 @@ typedef struct {
   float *xf, *xsum, *xs, *tmp, *panel, *C;
   float *Cv; /* gemm accumulators: R x nt vectors of vw lanes */
   int8_t *xq;
+  uint16_t *xb; /* the x block as bf16 (xbf) */
   gqmm__cpu_wrow *wrows;
 } scratch_view;
 
@@ -132,6 +136,7 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
   const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
   const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
+  const size_t o_xb = carve(&off, j->xbf ? (size_t)(R * K) * 2 : 0);
   const size_t o_wr = carve(&off, (size_t)nt * sizeof(gqmm__cpu_wrow));
   if (base) {
     v->xf = (float *)(base + o_xf);
@@ -142,6 +147,7 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
     v->C = (float *)(base + o_C);
     v->Cv = (float *)(base + o_Cv);
     v->xq = (int8_t *)(base + o_xq);
+    v->xb = (uint16_t *)(base + o_xb);
     v->wrows = (gqmm__cpu_wrow *)(base + o_wr);
   }
   return off;
@@ -180,6 +186,12 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
     for (int64_t c = 0; c < K; c += 32)
       for (int l = 0; l < 32; l++)
         v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
+    if (j->xbf) /* bf16 inputs: the top half of each float is the value, exactly */
+      for (int64_t i = 0; i < K; i++) {
+        uint32_t u;
+        memcpy(&u, &v->xf[r * K + i], 4);
+        v->xb[r * K + i] = (uint16_t)(u >> 16);
+      }
     if (!a->transpose) continue;
     for (int64_t g = 0; g < G; g++) {
       const float *t = v->tmp + g * gs;
@@ -221,7 +233,16 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
    * large terms, costing ~3x float32's rounding error; f32 callers asked for
    * float32 accuracy, so they take the dequantize-then-FMA path at every M. */
   if (R <= j->cfg->qmv_rows && a->dtype != GQMM_F32) {
-    j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, v->C, nt);
+    /* K blocks keep the R rows' slice of x in L1 (R = 4: 4 x 2816 floats is
+     * 45 KB, more than Zen 3's 32 KB); at R <= 2 blocking measured slower. */
+    const int64_t kb = R <= 2 ? K : QMV_KBLOCK_FLOATS / R / a->q.group_size * a->q.group_size;
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      const int64_t kc = K - k0 < kb ? K - k0 : kb;
+      if (j->xbf)
+        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb, v->xsum, (int)R, k0, kc, v->C, nt);
+      else
+        j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, k0, kc, v->C, nt);
+    }
     return;
   }
   const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
@@ -317,6 +338,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.cfg = cfg;
   j.st = st;
   j.int8 = int8 && a->transpose && a->q.bits == 4 && st->isa->qmv_i8;
+  j.xbf = !j.int8 && a->transpose && a->dtype == GQMM_BF16 && st->isa->qmv_bf16 &&
+          st->isa->qmv_bf16_supported();
   j.nt = a->transpose ? cfg->nt : 64; /* transpose=0 units are whole 32-column chunks */
   const int64_t wlen = a->transpose ? a->K : a->N;
   j.nw = a->transpose ? a->N : a->K;

@@ -4,7 +4,9 @@
  * 16 float lanes and 32 zmm registers: the same template as AVX2 with twice
  * the lanes (a chunk is 2 vectors) and wider register tiles; weights unpack
  * through the AVX2 code and pair up, which keeps the AVX2 lane order. The
- * int8 mode uses VNNI's vpdpbusd (u8 x s8 -> s32 in one instruction).
+ * int8 mode uses VNNI's vpdpbusd (u8 x s8 -> s32 in one instruction); bf16
+ * activations take vdpbf16ps on CPUs with AVX-512 BF16 (checked at run time:
+ * this file is compiled with -mavx512bf16, only that kernel uses it).
  * Not measured on the development machine (no AVX-512 there): run
  * GQMM_CPU_ISA=avx512 build/gqmm_tests and `gqmm sweep --backend cpu` on one.
  */
@@ -47,6 +49,18 @@ static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, i
         _mm512_cvtepi32_ps(_mm512_inserti64x4(_mm512_castsi256_si512(v[2 * i]), v[2 * i + 1], 1));
 }
 
+/* AVX-512 BF16: the chunk's q (integers <= 255, exact in bf16) as 32 bf16
+ * lanes in the float vectors' order, and vdpbf16ps against 32 bf16 x. */
+#define UKR_HAVE_BF16DOT 1
+typedef __m512bh ukr_vbf;
+static inline __attribute__((always_inline)) ukr_vbf ukr_q_to_bf16(const ukr_vf q[2]) {
+  return _mm512_cvtne2ps_pbh(q[1], q[0]); /* low 16 lanes from q[0] */
+}
+static inline __attribute__((always_inline)) ukr_vf ukr_bf16_dot(ukr_vf acc, ukr_vbf qb,
+                                                                 const uint16_t *xb) {
+  return _mm512_dpbf16_ps(acc, qb, (ukr_vbf)_mm512_loadu_si512((const void *)xb));
+}
+
 #include "ukr_template.h"
 UKR_DEFINE_KERNELS(avx512)
 /* VNNI: four u8 x s8 products summed into each int32 lane in one instruction. */
@@ -64,12 +78,19 @@ static bool avx512_supported(void) {
          __builtin_cpu_supports("fma");
 }
 
+static bool avx512_bf16_supported(void) {
+  __builtin_cpu_init();
+  return avx512_supported() && __builtin_cpu_supports("avx512bf16");
+}
+
 const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .name = "avx512",
     .supported = avx512_supported,
     .perm = ukr_x86_perm,
     .to_float = ukr_to_float,
     .qmv = avx512_qmv,
+    .qmv_bf16 = avx512_qmv_bf16,
+    .qmv_bf16_supported = avx512_bf16_supported,
     .dequant = avx512_dequant,
     .gemm = avx512_gemm,
     .vw = UKR_VW,

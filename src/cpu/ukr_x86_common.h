@@ -45,42 +45,63 @@ static double ukr_peak_fma(long iters) {
 }
 
 /* int8 mode, 4-bit weights: each 32-value chunk is unpacked once to bytes
- * and applied to UKR_I8_ROWS activation rows at a time; the group's int32
- * sums are exact, then scaled by s * (activation scale), plus b * sum(x). */
+ * and applied to rb (a compile-time constant, <= UKR_I8_ROWS) activation rows
+ * at once, so the int32 sums stay in registers; the group's sums are exact,
+ * then scaled by s * (activation scale), plus b * sum(x). */
+static inline __attribute__((always_inline)) void
+ukr_qmv_i8_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const int8_t *xq,
+                const float *xs, const float *xsum, const int rb, float *C, int64_t ldc) {
+  const int gs = sh->group_size;
+  const int64_t K = sh->K, G = K / gs;
+  __m256 tot[UKR_I8_ROWS];
+  float bsum[UKR_I8_ROWS];
+  for (int r = 0; r < rb; r++) {
+    tot[r] = _mm256_setzero_ps();
+    bsum[r] = 0.0f;
+  }
+  for (int64_t g = 0; g < G; g++) {
+    __m256i acc[UKR_I8_ROWS];
+    for (int r = 0; r < rb; r++)
+      acc[r] = _mm256_setzero_si256();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      const __m256i wv = ukr_unpack32_u8_4bit(rw->w + k / 2);
+      for (int r = 0; r < rb; r++)
+        acc[r] = ukr_i8_dot(acc[r], wv, _mm256_loadu_si256((const __m256i *)(xq + r * K + k)));
+    }
+    const float s = UKR_PARAM(rw->s, sh->dtype, g), b = UKR_PARAM(rw->b, sh->dtype, g);
+    for (int r = 0; r < rb; r++) {
+      const __m256 sc = _mm256_set1_ps(s * xs[r * G + g]);
+      tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), sc, tot[r]);
+      bsum[r] += b * xsum[r * G + g];
+    }
+  }
+  for (int r = 0; r < rb; r++)
+    C[r * ldc] = ukr_hsum256(tot[r]) + bsum[r];
+}
+
 static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
                        const int8_t *xq, const float *xs, const float *xsum, int R, float *C,
                        int64_t ldc) {
-  const int gs = sh->group_size;
-  const int64_t K = sh->K, G = K / gs;
+  const int64_t K = sh->K, G = K / sh->group_size;
   for (int n = 0; n < nrows; n++) {
-    const gqmm__cpu_wrow *rw = &rows[n];
     for (int r0 = 0; r0 < R; r0 += UKR_I8_ROWS) {
       const int rb = R - r0 < UKR_I8_ROWS ? R - r0 : UKR_I8_ROWS;
-      __m256 tot[UKR_I8_ROWS];
-      float bsum[UKR_I8_ROWS];
-      for (int r = 0; r < UKR_I8_ROWS; r++) {
-        tot[r] = _mm256_setzero_ps();
-        bsum[r] = 0.0f;
+      const int8_t *q = xq + r0 * K;
+      const float *s = xs + r0 * G, *xm = xsum + r0 * G;
+      float *c = C + r0 * ldc + n;
+      switch (rb) { /* one instantiation per row count: sums in registers */
+#define UKR_I8_CASE(nr)                                                                            \
+  case nr:                                                                                         \
+    ukr_qmv_i8_rows(sh, &rows[n], q, s, xm, nr, c, ldc);                                           \
+    break;
+        UKR_I8_CASE(1) UKR_I8_CASE(2) UKR_I8_CASE(3) UKR_I8_CASE(4)
+#if UKR_I8_ROWS > 4
+        UKR_I8_CASE(5) UKR_I8_CASE(6) UKR_I8_CASE(7) UKR_I8_CASE(8)
+#endif
+#undef UKR_I8_CASE
+      default:
+        break;
       }
-      for (int64_t g = 0; g < G; g++) {
-        __m256i acc[UKR_I8_ROWS];
-        for (int r = 0; r < UKR_I8_ROWS; r++)
-          acc[r] = _mm256_setzero_si256();
-        for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-          const __m256i wv = ukr_unpack32_u8_4bit(rw->w + k / 2);
-          for (int r = 0; r < rb; r++)
-            acc[r] = ukr_i8_dot(acc[r], wv,
-                                _mm256_loadu_si256((const __m256i *)(xq + (r0 + r) * K + k)));
-        }
-        const float s = UKR_PARAM(rw->s, sh->dtype, g), b = UKR_PARAM(rw->b, sh->dtype, g);
-        for (int r = 0; r < rb; r++) {
-          const __m256 sc = _mm256_set1_ps(s * xs[(r0 + r) * G + g]);
-          tot[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r]), sc, tot[r]);
-          bsum[r] += b * xsum[(r0 + r) * G + g];
-        }
-      }
-      for (int r = 0; r < rb; r++)
-        C[(r0 + r) * ldc + n] = ukr_hsum256(tot[r]) + bsum[r];
     }
   }
 }

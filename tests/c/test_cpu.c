@@ -185,6 +185,31 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
   }
 }
 
+/* The small-M path blocks K at 3 and 4 rows per expert (4096 / R floats of
+ * x per block, rounded to groups): K = 2816 gives 2-3 blocks, the last one
+ * ragged, for every width and group size. */
+GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
+  test_rng r = test_rng_make(709);
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 6; bi++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int M = 3; M <= 4; M++) {
+          problem p = {.E = 2,
+                       .M = M,
+                       .N = 29,
+                       .K = 2816,
+                       .batch = 1, /* one entry: exactly M rows per block */
+                       .transpose = 1,
+                       .q = {all_bits[bi], all_groups[gi]},
+                       .dt = all_dtypes[(bi + gi + M) % 3]};
+          CHECK_OK(problem_make(&p, &r, 0, true));
+          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+          problem_free(&p);
+        }
+  }
+}
+
 GQMM_TEST(cpu_every_config_and_row_count) {
   test_rng r = test_rng_make(702);
   for (size_t ii = 0; ii < 3; ii++) {
@@ -336,7 +361,10 @@ GQMM_TEST(cpu_skewed_routing_and_empty_experts) {
 
 GQMM_TEST(cpu_int8_mode_is_close_and_opt_in) {
   test_rng r = test_rng_make(707);
-  for (int M = 1; M <= 9; M += 4) {
+  /* rows per block 1..9: every row count of the int8 kernel's blocks (1-4, then 4 + rest) */
+  static const int Ms[] = {1, 2, 3, 6, 7, 9};
+  for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++) {
+    const int M = Ms[mi];
     problem p = {.E = 6,
                  .M = M,
                  .N = 40,

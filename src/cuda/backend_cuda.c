@@ -219,6 +219,16 @@ static int cuda_qmm(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
   return cuda_qmm_config(ctx, a, gqmm__choose_config(ctx, &gqmm__cuda_backend, a));
 }
 
+/* The config a gathered GEMM with these args runs with: forced or tuned
+ * (gqmm__choose_config), else the heuristic. moe_cuda.c uses it for the
+ * layer's GEMMs, so `gqmm bench` runs the tuned choice too. */
+int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
+  const int cfg = gqmm__choose_config(ctx, &gqmm__cuda_backend, a);
+  if (cfg >= 0) return cfg;
+  const gqmm__cu_qmm k = marshal(a, NULL);
+  return heuristic(&k);
+}
+
 static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
   cuda_state *s = ctx->cuda_state;

@@ -142,21 +142,28 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
   return g;
 }
 
-/* ctx's forced config (tests, `gqmm tune`) if set, else the widest N tile
- * that divides N (no half-empty tiles), first in table order on ties. */
-static int pick_config(gqmm_ctx *ctx, gemm *g) {
+int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+
+/* The backend's choice for this GEMM seen as a gather_qmm (forced, tuned,
+ * else its heuristic), so the layer runs what `gqmm tune` measured. */
+static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
   const int generic = gqmm__cu_mma_config_count(), ok = gqmm__cu_mma_eligible(&g->k);
-  int cfg = ctx->forced_config;
-  if (cfg < 0 && ok) {
-    cfg = 0;
-    for (int i = 1; i < generic; i++) {
-      const int t = gqmm__cu_mma_tile_n(i), best = gqmm__cu_mma_tile_n(cfg);
-      const bool fits = g->k.N % t == 0, best_fits = g->k.N % best == 0;
-      if ((fits && !best_fits) || (fits == best_fits && t > best)) cfg = i;
-    }
-  } else if (cfg < 0) {
-    cfg = generic;
-  }
+  const gqmm__qmm_args q = {.dtype = (gqmm_dtype)g->k.dtype,
+                            .q = {g->k.bits, g->k.group_size},
+                            .transpose = 1,
+                            .device = GQMM_DEVICE_CUDA,
+                            .M = 1,
+                            .N = g->k.N,
+                            .K = g->k.K,
+                            .batch = g->k.batch,
+                            .x_batches = g->k.batch,
+                            .w_batches = experts,
+                            .x = g->k.x,
+                            .w = g->k.w,
+                            .scales = g->k.scales,
+                            .biases = g->k.biases,
+                            .out = g->k.out};
+  const int cfg = gqmm__cuda_pick_config(ctx, &q);
   if (cfg > generic || (cfg < generic && !ok))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for the layer's GEMMs", cfg);
   g->cfg = cfg;
@@ -223,8 +230,8 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   gemm gate = gemm_make(a, fused ? 2 * I : I, H, a->x, tok_of, a->gate_w, a->gate_s, a->gate_b, gu);
   gemm up = gemm_make(a, I, H, a->x, tok_of, a->up_w, a->up_s, a->up_b, gu + (size_t)(R * I) * esz);
   gemm down = gemm_make(a, H, I, h, iota, a->down_w, a->down_s, a->down_b, y);
-  if ((st = pick_config(ctx, &gate)) || (!fused && (st = pick_config(ctx, &up))) ||
-      (st = pick_config(ctx, &down)))
+  if ((st = pick_config(ctx, &gate, E)) || (!fused && (st = pick_config(ctx, &up, E))) ||
+      (st = pick_config(ctx, &down, E)))
     return st;
   const int generic = gqmm__cu_mma_config_count();
   gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN_GU], E, R);

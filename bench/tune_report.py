@@ -4,7 +4,7 @@
     python bench/tune_report.py [--out docs/tile-tuning.md] [--img docs/img] FILE.json ...
 
 Reads every measurement record (DESIGN.md section 5 fields plus config_fields), groups them
-by (backend, device, op, shape, quantization, dtype), and writes for the H100 (cuda backend)
+by (backend, device, op, shape, quantization, dtype), and writes for the H100 and H200 (cuda backend)
 and for the CPU a table and a heat map (configuration x rows per expert, colour = fraction
 of the same run's roofline) and a conclusion computed from the numbers: how much the best
 configuration beats the one closest to the seed's fixed 64x64x64 tile, which parameters move
@@ -23,6 +23,7 @@ FOCUS_ROWS = 16  # the seed's M
 FIELDS = ["tile_m", "tile_n", "tile_k", "threads", "stages", "split_k"]
 TARGETS = [  # (backend, device substring or None, heading, short name, command prefix)
     ("cuda", "H100", "NVIDIA H100", "H100", "gqmm tune --backend cuda"),
+    ("cuda", "H200", "NVIDIA H200", "H200", "gqmm tune --backend cuda"),
     ("cpu", None, "CPU", "CPU", "gqmm tune --backend cpu"),
 ]
 WHY = {
@@ -313,8 +314,10 @@ def section(key, cells, img_dir, md_dir):
     missing = [r for r in ROWS if r not in rows]
     if missing:
         lines += [f"Rows per expert not measured in these files: {', '.join(map(str, missing))}.", ""]
-    safe = "".join(ch if ch.isalnum() else "-" for ch in f"{backend}-{key[2]}-K{fmt_int(key[4])}"
-                   f"-N{fmt_int(key[5])}-{fmt_int(key[6])}bit-{key[8]}")
+    # The device's first two words keep heat maps of different cards apart.
+    dev_tag = " ".join(device.split(" (")[0].split()[:2])
+    safe = "".join(ch if ch.isalnum() else "-" for ch in f"{dev_tag}-{backend}-{key[2]}-K"
+                   f"{fmt_int(key[4])}-N{fmt_int(key[5])}-{fmt_int(key[6])}bit-{key[8]}")
     png = os.path.join(img_dir, f"tune-{safe}.png")
     short = textwrap.shorten(device.split(" (")[0], width=70, placeholder="...")
     heat_map(cells, configs, rows, f"{short}\n{shape_name(key)}", png)

@@ -166,17 +166,9 @@ __device__ __forceinline__ int xphys(int c, int row) {
 }
 
 /* NTMAX: widest token tile (NTMAX x n8 rows per unit); the units of a plan
- * made for this config hold at most 8*NTMAX rows. XP: stage x through
- * registers, permuted once per CTA (see kXP). */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX, int XP>
-struct mma_kernel_impl {
+ * made for this config hold at most 8*NTMAX rows. */
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct mma_kernel_impl {
   using F = wfmt<BITS>;
-  /* x pre-permuted in shared memory: each thread loads its x chunks with
-   * LDG, and one iteration later (before the barrier that publishes the
-   * stage) stores them already in B-fragment order, so compute reads b0/b1
-   * with one LDS.128 and no PRMT (every warp used to permute the same x).
-   * Formats whose fragments mix two x chunks (2/3-bit) keep cp.async. */
-  static constexpr bool kXP = XP && F::chunks == 1;
   static constexpr int kNtMax = NTMAX;
   static constexpr int kTokMax = 8 * NTMAX;
   static constexpr int kThreads = WARPS * 32;
@@ -238,7 +230,7 @@ struct mma_kernel_impl {
    * token row is a zero-byte (zero-filling) copy. */
   static __device__ __forceinline__ void issue(const kargs &a, const lstate &ls, int lk,
                                                uint32_t sm, const int (&xd)[kXPer], int slot,
-                                               uint32_t (&sb)[MT][2], uint4 (&xv)[kXPer]) {
+                                               uint32_t (&sb)[MT][2]) {
     const int tid = threadIdx.x, lane = tid & 31, t = lane & 3;
     const uint32_t xs = sm + slot * (kXStage + kWStage), ws = xs + kXStage;
     const int k0 = lk * kStageK + 32 * t;
@@ -270,32 +262,9 @@ struct mma_kernel_impl {
     const uint8_t *xst = (const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0);
     const uint32_t xstride = (uint32_t)a.K * 2u;
 #pragma unroll
-    for (int i = 0; i < kXPer; i++) {
-      const uint8_t *src = xst + (uint64_t)ls.xr[i] * xstride;
-      const bool ok = xin && ((ls.xm >> i) & 1u);
-      if constexpr (kXP) {
-        xv[i] = ok ? __ldg(reinterpret_cast<const uint4 *>(src)) : make_uint4(0u, 0u, 0u, 0u);
-      } else {
-        cp_async<16>(xs + xd[i], src, ok ? 16 : 0);
-      }
-    }
-  }
-
-  /* kXP: store the x chunks loaded by the previous issue() into ring slot
-   * `slot`, each as the B-fragment words of its two MMA k-steps. */
-  static __device__ __forceinline__ void x_store(uint8_t *smem, const int (&xd)[kXPer], int slot,
-                                                 const uint4 (&xv)[kXPer]) {
-    uint8_t *xs = smem + slot * (kXStage + kWStage);
-#pragma unroll
-    for (int i = 0; i < kXPer; i++) {
-      const uint32_t w[4] = {xv[i].x, xv[i].y, xv[i].z, xv[i].w};
-      uint4 o;
-      o.x = prmt(w[F::ia(0)], w[F::ib(0)], 0x5410);
-      o.y = prmt(w[F::ia(0)], w[F::ib(0)], 0x7632);
-      o.z = prmt(w[F::ia(1)], w[F::ib(1)], 0x5410);
-      o.w = prmt(w[F::ia(1)], w[F::ib(1)], 0x7632);
-      *reinterpret_cast<uint4 *>(xs + xd[i]) = o;
-    }
+    for (int i = 0; i < kXPer; i++)
+      cp_async<16>(xs + xd[i], xst + (uint64_t)ls.xr[i] * xstride,
+                   xin && ((ls.xm >> i) & 1u) ? 16 : 0);
   }
 
   /* One stage: dequantize this thread's weights once, reuse them for the
@@ -354,24 +323,18 @@ struct mma_kernel_impl {
       uint32_t B[NT][F::steps][2];
 #pragma unroll
       for (int j = 0; j < NT; j++) {
-        if constexpr (kXP) { /* stored in fragment order by x_store() */
-          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, 0) ^ xsw) << 4);
-          const uint4 v = *reinterpret_cast<const uint4 *>(xp);
-          B[j][0][0] = v.x, B[j][0][1] = v.y, B[j][1][0] = v.z, B[j][1][1] = v.w;
-        } else {
-          uint32_t Z[4 * F::chunks];
+        uint32_t Z[4 * F::chunks];
 #pragma unroll
-          for (int i = 0; i < F::chunks; i++) {
-            /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
-            const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
-            uint4 v = *reinterpret_cast<const uint4 *>(xp);
-            Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
-          }
+        for (int i = 0; i < F::chunks; i++) {
+          /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
+          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
+          uint4 v = *reinterpret_cast<const uint4 *>(xp);
+          Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
+        }
 #pragma unroll
-          for (int sl = 0; sl < F::steps; sl++) {
-            B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
-            B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
-          }
+        for (int sl = 0; sl < F::steps; sl++) {
+          B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
+          B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
         }
       }
       /* token tiles innermost: consecutive MMAs update different accumulators */
@@ -441,15 +404,10 @@ struct mma_kernel_impl {
     int xd[kXPer];
 #pragma unroll
     for (int i = 0; i < kXPer; i++) xd[i] = xdst(i);
-    uint4 xv[kXPer];   /* kXP: x loaded by the last issue(), not yet stored */
-    int xslot = -1;    /* kXP: its ring slot (-1: none pending) */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
       if (s < nflat) {
-        if constexpr (kXP)
-          if (xslot >= 0) x_store(smem, xd, xslot, xv);
-        issue(a, ls, lk, sm, xd, s, sb[s], xv);
-        xslot = s;
+        issue(a, ls, lk, sm, xd, s, sb[s]);
         if (++lk == nk) {
           lk = 0;
           if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), load_unit(a, lu, ls);
@@ -459,16 +417,11 @@ struct mma_kernel_impl {
     }
     int slot = 0;
     for (int f = 0; f < nflat; f++) {
-      /* stage f+STAGES-2's x, before the barrier that publishes stage f: its
-       * slot's last reader (stage f-2) finished before the previous barrier */
-      if constexpr (kXP)
-        if (xslot >= 0) x_store(smem, xd, xslot, xv), xslot = -1;
       cp_async_wait<STAGES - 2>();
       __syncthreads();
       const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
       if (f + STAGES - 1 < nflat) {
-        issue(a, ls, lk, sm, xd, nslot, sb[STAGES - 1], xv);
-        xslot = nslot;
+        issue(a, ls, lk, sm, xd, nslot, sb[STAGES - 1]);
         if (++lk == nk) {
           lk = 0;
           if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), load_unit(a, lu, ls);
@@ -494,26 +447,24 @@ struct mma_kernel_impl {
 };
 
 /* MINB: CTAs per SM the register allocation must allow (1: no cap). */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX, int XP>
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
 mma_kernel(kargs a, int n_tiles) {
-  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX, XP>::run(a, n_tiles);
+  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a, n_tiles);
 }
 
 /* The compiled-in tile configurations:
- *   X(name, warps, mtiles, stages, min CTAs per SM, n8 token tiles per unit,
- *     x staged pre-permuted through registers (kXP; 4/8-bit only)).
+ *   X(name, warps, mtiles, stages, min CTAs per SM, n8 token tiles per unit).
  * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM.
  * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
  * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4, 1, 4, 0)                                                                 \
-  X("w8_m1_s4", 8, 1, 4, 1, 4, 0)                                                                 \
-  X("w8_m1_s3_b4", 8, 1, 3, 4, 4, 0)                                                              \
-  X("w8_m1_s4_xp", 8, 1, 4, 1, 4, 1)
+  X("w4_m2_s4", 4, 2, 4, 1, 4)                                                                    \
+  X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)
 
 const gqmm__cu_mma_config kConfigs[] = {
-#define GQMM__CFG_ROW(name, w, m, s, b, nt, xp) {name, w, m, s, 8 * nt},
+#define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt},
     GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
 #undef GQMM__CFG_ROW
 };
@@ -525,15 +476,15 @@ struct launch_info {
   int threads, smem;
 };
 
-template <typename T, int BITS, int W, int M, int S, int B, int NT, int XP> launch_info info() {
-  using K = mma_kernel_impl<T, BITS, W, M, S, NT, XP>;
-  return {mma_kernel<T, BITS, W, M, S, B, NT, XP>, K::kThreads, K::kSmem};
+template <typename T, int BITS, int W, int M, int S, int B, int NT> launch_info info() {
+  using K = mma_kernel_impl<T, BITS, W, M, S, NT>;
+  return {mma_kernel<T, BITS, W, M, S, B, NT>, K::kThreads, K::kSmem};
 }
 
 template <typename T, int BITS> launch_info pick_cfg(int cfg) {
   int i = 0;
-#define GQMM__CFG_CASE(name, w, m, s, b, nt, xp)                                                  \
-  if (cfg == i++) return info<T, BITS, w, m, s, b, nt, xp>();
+#define GQMM__CFG_CASE(name, w, m, s, b, nt)                                                      \
+  if (cfg == i++) return info<T, BITS, w, m, s, b, nt>();
   GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
 #undef GQMM__CFG_CASE
   return {nullptr, 0, 0};

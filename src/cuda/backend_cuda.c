@@ -118,11 +118,15 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   return n;
 }
 
-/* Built-in choice from the H100 measurements (docs/perf-notes.md): 8 warps
- * of one m16 tile each (config 1) was fastest for K=2816; with short rows
- * (down, K=704) the 64-register variant with 4 CTAs per SM (config 2) won. */
+/* Built-in choice from measurements (docs/perf-notes.md). After the
+ * instruction-count pass ("CUDA kernel pass 3", H200) 4 warps of two m16
+ * tiles (config 0) won every 4-bit shape (gate_up, gate, down); other widths
+ * were not measured per config after that pass and keep the earlier H100
+ * rule: 8 warps of one m16 tile (config 1) for K=2816, the 64-register
+ * variant with 4 CTAs per SM (config 2) for short rows (K <= 1024). */
 static int heuristic(const gqmm__cu_qmm *k) {
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
+  if (k->bits == 4) return 0;
   return k->K <= 1024 ? 2 : 1;
 }
 

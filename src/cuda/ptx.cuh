@@ -37,6 +37,14 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
   return r;
 }
 
+/* (a & b) | c in one instruction: the compiler splits it into an AND and an
+ * OR (two issue slots per weight pair in the dequantization). */
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
 /* Activation/output element types and their tensor-core flavour. */
 template <typename T> struct dtype_traits;
 template <> struct dtype_traits<__nv_bfloat16> {
@@ -59,14 +67,15 @@ template <> struct dtype_traits<float> {
 };
 
 /* d += a (16x16, row) * b (16x8, col), f32 accumulators; one
- * specialization per 16-bit input type. */
+ * specialization per 16-bit input type. Not volatile: a pure function of
+ * its operands, so the compiler may schedule it. */
 template <typename T>
 __device__ __forceinline__ void mma_16816(float *d, const uint32_t *a, uint32_t b0, uint32_t b1);
 #define GQMM__MMA_16816(T, ptx_type)                                                              \
   template <>                                                                                     \
   __device__ __forceinline__ void mma_16816<T>(float *d, const uint32_t *a, uint32_t b0,          \
                                                uint32_t b1) {                                     \
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." ptx_type "." ptx_type ".f32 "            \
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." ptx_type "." ptx_type ".f32 "            \
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                         \
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                 \
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                 \

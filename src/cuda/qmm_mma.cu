@@ -15,7 +15,16 @@
  * ((w >> 4j) & 0x000F000F gives values j and j+4 of a 4-bit word as one
  * half2); the x fragments are built with the same permutation (prmt).
  * Dequantization is in registers: OR q into the mantissa of a magic constant
- * (bf16 128.0, f16 1024.0), subtract it, one packed FMA with scale and bias.
+ * (bf16 128.0, f16 1024.0) together with the mask (one lop3), subtract it,
+ * one packed FMA with scale and bias.
+ *
+ * The loop is issue-bound (ncu: ~467 warp instructions per KB of 4-bit
+ * weights), so it is written to keep instructions per stage low: per-unit
+ * base addresses with 32-bit row indices (one IMAD.WIDE per copy), branch-
+ * free zero-filling copies, scale and bias packed in one register of the
+ * in-flight FIFO, and one basic block per token-tile count (no per-tile
+ * branches; MMAs interleaved over tiles, no NOP padding). Counts per stage
+ * are in docs/perf-notes.md "CUDA kernel pass 3".
  *
  * Work: units = (expert, N tile of BN = warps*mtiles*16 features, chunk of
  * <= 32 or 64 rows, per config), from the routing plan (route.cu). A
@@ -69,28 +78,34 @@ template <int BITS> struct wfmt {
       q[0] = t0, q[1] = t1, q[2] = t2;
     }
   }
-  /* Pair pi (0..15) as two q values in the low bits of each 16-bit lane. */
-  static __device__ __forceinline__ uint32_t pair(const uint32_t *q, int pi) {
+  /* Pair pi (0..15) as two q values in the low bits of each 16-bit lane,
+   * OR-ed with the magic constant m (one lop3 for shift-free formats). */
+  static __device__ __forceinline__ uint32_t pair(const uint32_t *q, int pi, uint32_t m) {
     if constexpr (BITS == 3) {
       const int bit = 3 * pi, c = bit >> 4, off = bit & 15;
-      if (off <= 13) return (q[c] >> off) & 0x00070007u;
+      if (off <= 13) return and_or(q[c] >> off, 0x00070007u, m);
       const uint32_t lo_mask = ((1u << (16 - off)) - 1u) * 0x00010001u;
-      return ((q[c] >> off) & lo_mask) | ((q[c + 1] << (16 - off)) & (0x00070007u & ~lo_mask));
+      return ((q[c] >> off) & lo_mask) | ((q[c + 1] << (16 - off)) & (0x00070007u & ~lo_mask)) | m;
     } else {
       constexpr int per_word = 16 / BITS; /* pairs per word */
       constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-      return (q[pi / per_word] >> (BITS * (pi % per_word))) & mask;
+      return and_or(q[pi / per_word] >> (BITS * (pi % per_word)), mask, m);
     }
   }
 };
 
-/* q pair -> dequantized pair s*q + b of type T. */
+/* The magic constant OR-ed into a q pair: 128 + q is not exact in bf16 for
+ * q >= 128, so 8-bit bf16 goes through f16 (1024 + q). */
 template <typename T, int BITS>
-__device__ __forceinline__ uint32_t dequant(uint32_t p, uint32_t s2, uint32_t b2) {
+__host__ __device__ constexpr uint32_t magic_of() {
+  return std::is_same<T, __nv_bfloat16>::value && BITS == 8 ? 0x64006400u : dtype_traits<T>::magic;
+}
+
+/* h = q pair | magic_of<T, BITS>() -> dequantized pair s*q + b of type T. */
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t dequant(uint32_t h, uint32_t s2, uint32_t b2) {
   using P = typename dtype_traits<T>::pair;
   if constexpr (std::is_same<T, __nv_bfloat16>::value && BITS == 8) {
-    /* 128 + q is not exact in bf16 for q >= 128: go through f16 and f32. */
-    uint32_t h = p | 0x64006400u;
     __half2 v = __hsub2(*reinterpret_cast<__half2 *>(&h), __float2half2_rn(1024.0f));
     float2 f = __half22float2(v);
     P sp = *reinterpret_cast<P *>(&s2), bp = *reinterpret_cast<P *>(&b2);
@@ -98,7 +113,6 @@ __device__ __forceinline__ uint32_t dequant(uint32_t p, uint32_t s2, uint32_t b2
     P r = __floats2bfloat162_rn(fmaf(f.x, s, b), fmaf(f.y, s, b));
     return *reinterpret_cast<uint32_t *>(&r);
   } else {
-    uint32_t h = p | dtype_traits<T>::magic;
     P magic;
     if constexpr (std::is_same<T, __nv_bfloat16>::value) magic = __float2bfloat162_rn(128.0f);
     else magic = __float2half2_rn(1024.0f);
@@ -115,6 +129,7 @@ struct kargs {
   void *out;
   int N, K, experts, groups, gs_shift; /* group size = 1 << gs_shift */
   int64_t row_bytes;                   /* packed bytes per weight row */
+  int64_t b_minus_s;                   /* biases - scales in bytes: one pointer serves both */
   gqmm__cu_plan plan;
 };
 
@@ -170,73 +185,103 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
   /* x chunks (16 bytes of one token row per stage) each thread copies. */
   static constexpr int kXPer = kTokMax * 16 / kThreads;
   static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
+  static_assert(kThreads % 16 == 0, "a thread copies the same chunk column of every x row");
 
-  /* Per unit, once: element offsets of the thread's x rows (-1: no row). */
-  static __device__ __forceinline__ void x_rows(const kargs &a, const unit_t &lu,
-                                                int64_t (&xo)[kXPer]) {
+  /* The load side's per-unit state, kept small (the 64-register config):
+   * the expert's base addresses and 32-bit row/token indices, so a stage's
+   * addresses are one IMAD.WIDE each (per-stage 64-bit address math from
+   * scratch was a third of the loop's instructions). */
+  struct lstate {
+    const uint8_t *w;                /* expert's weights + this lane's 32 k */
+    const unsigned short *s;         /* expert's scales (biases: + b_minus_s bytes) */
+    uint32_t n[MT][2];               /* the thread's weight rows in the expert */
+    uint32_t xr[kXPer];              /* token rows of the thread's x chunks */
+    uint32_t xm;                     /* bit i: x chunk i has a token (else zero-filled) */
+  };
+
+  static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int64_t e_rows = (int64_t)lu.e * a.N;
+    ls.w = (const uint8_t *)a.w + e_rows * a.row_bytes + t * F::bytes;
+    ls.s = (const unsigned short *)a.scales + e_rows * a.groups;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) /* rows past N (ragged tile) re-read row N-1, never stored */
+        ls.n[mt][h] = min(lu.ntile * kBN + (warp * MT + mt) * 16 + h * 8 + g, a.N - 1);
+    ls.xm = 0;
 #pragma unroll
     for (int i = 0; i < kXPer; i++) {
-      const int r = (threadIdx.x + i * kThreads) >> 4;
-      xo[i] = r < lu.cnt ? (int64_t)__ldg(a.plan.rows_x + lu.r0 + r) * a.K : -1;
+      const int r = (tid + i * kThreads) >> 4;
+      const bool has = r < lu.cnt;
+      ls.xr[i] = has ? (uint32_t)__ldg(a.plan.rows_x + lu.r0 + r) : 0u;
+      ls.xm |= has ? 1u << i : 0u;
     }
   }
 
-  static __device__ __forceinline__ void issue(const kargs &a, const unit_t &lu, int lk,
-                                               const int64_t (&xo)[kXPer], uint8_t *smem,
-                                               int slot, uint32_t (&sr)[MT][2],
-                                               uint32_t (&br)[MT][2]) {
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    uint8_t *xs = smem + slot * (kXStage + kWStage);
-    uint8_t *ws = xs + kXStage;
+  /* Shared-memory offset of the thread's x chunk i in a stage (fixed per thread). */
+  static __device__ __forceinline__ int xdst(int i) {
+    const int tid = threadIdx.x, r = (tid + i * kThreads) >> 4;
+    return r * kXRowBytes + xphys(tid & 15, r) * 16;
+  }
+
+  /* Start stage lk's copies into ring slot `slot` (sm: the ring's shared
+   * address). Branch-free: a k past K (ragged last stage) or a missing
+   * token row is a zero-byte (zero-filling) copy. */
+  static __device__ __forceinline__ void issue(const kargs &a, const lstate &ls, int lk,
+                                               uint32_t sm, const int (&xd)[kXPer], int slot,
+                                               uint32_t (&sb)[MT][2]) {
+    const int tid = threadIdx.x, lane = tid & 31, t = lane & 3;
+    const uint32_t xs = sm + slot * (kXStage + kWStage), ws = xs + kXStage;
     const int k0 = lk * kStageK + 32 * t;
     const bool kin = k0 < a.K;
+    /* this stage's bases; (uint32 x uint32) + 64-bit pointer is one IMAD.WIDE.U32.
+     * Zero-byte copies still get an in-bounds address (stage 0's). */
+    const uint8_t *wst = ls.w + (kin ? lk * (kStageK * BITS / 8) : 0);
+    const int gi = k0 >> a.gs_shift; /* past K: not loaded (kin) */
+    const uint8_t *sst = (const uint8_t *)(ls.s + gi), *bst = sst + a.b_minus_s;
+    const uint32_t wstride = (uint32_t)a.row_bytes, sstride = (uint32_t)a.groups * 2u;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        const int n = min(lu.ntile * kBN + (warp * MT + mt) * 16 + h * 8 + g, a.N - 1);
-        const int64_t row = (int64_t)lu.e * a.N + n;
-        if (kin) {
-          const uint8_t *src = (const uint8_t *)a.w + row * a.row_bytes + (int64_t)k0 * BITS / 8;
+        const uint8_t *src = wst + (uint64_t)ls.n[mt][h] * wstride;
 #pragma unroll
-          for (int u = 0; u < F::units; u++)
-            cp_async<F::unit>(smem_u32(ws + woff(mt, h, u, tid)), src + u * F::unit, F::unit);
-          const int64_t gi = row * a.groups + (k0 >> a.gs_shift);
-          const uint32_t s = __ldg((const unsigned short *)a.scales + gi);
-          const uint32_t b = __ldg((const unsigned short *)a.biases + gi);
-          sr[mt][h] = s | (s << 16);
-          br[mt][h] = b | (b << 16);
-        } else {
-          sr[mt][h] = 0, br[mt][h] = 0;
-        }
+        for (int u = 0; u < F::units; u++)
+          cp_async<F::unit>(ws + woff(mt, h, u, tid), src + u * F::unit, kin ? F::unit : 0);
+        const uint64_t so = (uint64_t)ls.n[mt][h] * sstride;
+        /* k past K: scale and bias 0, so the zero-filled weights dequantize to 0 */
+        const uint32_t s = kin ? __ldg((const unsigned short *)(sst + so)) : 0u;
+        const uint32_t b = kin ? __ldg((const unsigned short *)(bst + so)) : 0u;
+        sb[mt][h] = prmt(s, b, 0x5410); /* s | b << 16: half the registers in the FIFO */
       }
     }
     /* x: the unit's token rows for this stage; missing rows/k are zeros. */
+    const int kx = lk * kStageK + (tid & 15) * 8; /* the same 16-byte column of every row */
+    const bool xin = kx < a.K;
+    const uint8_t *xst = (const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0);
+    const uint32_t xstride = (uint32_t)a.K * 2u;
 #pragma unroll
-    for (int i = 0; i < kXPer; i++) {
-      const int idx = tid + i * kThreads, r = idx >> 4, c = idx & 15;
-      if (r < lu.nt * 8) {
-        const int k = lk * kStageK + c * 8;
-        const bool ok = xo[i] >= 0 && k < a.K;
-        const T *src = (const T *)a.x + (ok ? xo[i] + k : 0);
-        cp_async<16>(smem_u32(xs + r * kXRowBytes + xphys(c, r) * 16), src, ok ? 16 : 0);
-      }
-    }
+    for (int i = 0; i < kXPer; i++)
+      cp_async<16>(xs + xd[i], xst + (uint64_t)ls.xr[i] * xstride,
+                   xin && ((ls.xm >> i) & 1u) ? 16 : 0);
   }
 
   /* One stage: dequantize this thread's weights once, reuse them for the
-   * unit's nt token tiles (a uniform branch: one copy of the code). */
-  static __device__ __forceinline__ void compute(int nt,
-                                                 const uint8_t *smem, int slot,
-                                                 const uint32_t (&sr)[MT][2],
-                                                 const uint32_t (&br)[MT][2],
-                                                 float (&acc)[MT][kNtMax][4]) {
+   * unit's NT token tiles. NT is a template parameter (compute() picks it
+   * once per stage) so a stage is one basic block: no branch per token
+   * tile, and the scheduler can hide each MMA's latency behind the next
+   * tile's MMA and the dequantization instead of padding with NOPs. */
+  template <int NT>
+  static __device__ __forceinline__ void compute_n(const uint8_t *smem, int slot,
+                                                   const uint32_t (&sb)[MT][2],
+                                                   float (&acc)[MT][kNtMax][4]) {
     const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const uint8_t *xs = smem + slot * (kXStage + kWStage);
     const uint8_t *ws = xs + kXStage;
     const uint8_t *xrow = xs + g * kXRowBytes + 64 * t;
     const int xsw = (((t >> 1) & 1) << 1) ^ (g & 1);
-    uint32_t q[MT][2][BITS];
+    uint32_t q[MT][2][BITS], sr[MT][2], br[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -256,6 +301,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
           }
         }
         F::prep(q[mt][h]);
+        sr[mt][h] = prmt(sb[mt][h], sb[mt][h], 0x1010); /* s | s << 16 */
+        br[mt][h] = prmt(sb[mt][h], sb[mt][h], 0x3232); /* b | b << 16 */
       }
 #pragma unroll
     for (int p = 0; p < F::phases; p++) {
@@ -269,30 +316,45 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
           for (int r = 0; r < 4; r++) { /* a0: g,2s  a1: g+8,2s  a2: g,2s+1  a3: g+8,2s+1 */
             const int h = r & 1, pi = 2 * s + (r >> 1);
             /* k past K: issue() zeroed this stage's scale and bias, so w = 0 */
-            A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi), sr[mt][h], br[mt][h]);
+            A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi, magic_of<T, BITS>()),
+                                            sr[mt][h], br[mt][h]);
           }
         }
+      uint32_t B[NT][F::steps][2];
 #pragma unroll
-      for (int j = 0; j < kNtMax; j++) {
-        if (j < nt) {
-          uint32_t Z[4 * F::chunks];
+      for (int j = 0; j < NT; j++) {
+        uint32_t Z[4 * F::chunks];
 #pragma unroll
-          for (int i = 0; i < F::chunks; i++) {
-            /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
-            const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
-            uint4 v = *reinterpret_cast<const uint4 *>(xp);
-            Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
-          }
+        for (int i = 0; i < F::chunks; i++) {
+          /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
+          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
+          uint4 v = *reinterpret_cast<const uint4 *>(xp);
+          Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
+        }
 #pragma unroll
-          for (int sl = 0; sl < F::steps; sl++) {
-            const uint32_t b0 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
-            const uint32_t b1 = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
-#pragma unroll
-            for (int mt = 0; mt < MT; mt++) mma_16816<T>(acc[mt][j], A[mt][sl], b0, b1);
-          }
+        for (int sl = 0; sl < F::steps; sl++) {
+          B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
+          B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
         }
       }
+      /* token tiles innermost: consecutive MMAs update different accumulators */
+#pragma unroll
+      for (int sl = 0; sl < F::steps; sl++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int j = 0; j < NT; j++) mma_16816<T>(acc[mt][j], A[mt][sl], B[j][sl][0], B[j][sl][1]);
     }
+  }
+
+  /* compute_n<nt> for the unit's nt (1..kNtMax) token tiles. */
+  template <int NT = 1>
+  static __device__ __forceinline__ void compute(int nt, const uint8_t *smem, int slot,
+                                                 const uint32_t (&sb)[MT][2],
+                                                 float (&acc)[MT][kNtMax][4]) {
+    if constexpr (NT == kNtMax) compute_n<NT>(smem, slot, sb, acc);
+    else if (nt == NT) compute_n<NT>(smem, slot, sb, acc);
+    else compute<NT + 1>(nt, smem, slot, sb, acc);
   }
 
   static __device__ __forceinline__ void store(const kargs &a, const unit_t &cu,
@@ -324,7 +386,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     if (nflat <= 0) return;
     /* Scales and biases of the stages in flight, oldest first: a FIFO in
      * registers, shifted once per stage (fixed indices: no local memory). */
-    uint32_t sr[STAGES][MT][2], br[STAGES][MT][2];
+    uint32_t sb[STAGES][MT][2];
     float acc[MT][kNtMax][4];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -336,15 +398,19 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
      * STAGES-1 stages apart. */
     int lidx = u0, lk = 0, cidx = u0, ck = 0;
     unit_t lu = decode<kTokMax>(a, u0, n_tiles), cu = lu;
-    int64_t xo[kXPer];
-    x_rows(a, lu, xo);
+    lstate ls;
+    load_unit(a, lu, ls);
+    const uint32_t sm = smem_u32(smem);
+    int xd[kXPer];
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) xd[i] = xdst(i);
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
       if (s < nflat) {
-        issue(a, lu, lk, xo, smem, s, sr[s], br[s]);
+        issue(a, ls, lk, sm, xd, s, sb[s]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), x_rows(a, lu, xo);
+          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), load_unit(a, lu, ls);
         }
       }
       cp_async_commit();
@@ -355,20 +421,20 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
       __syncthreads();
       const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
       if (f + STAGES - 1 < nflat) {
-        issue(a, lu, lk, xo, smem, nslot, sr[STAGES - 1], br[STAGES - 1]);
+        issue(a, ls, lk, sm, xd, nslot, sb[STAGES - 1]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), x_rows(a, lu, xo);
+          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), load_unit(a, lu, ls);
         }
       }
       cp_async_commit();
-      compute(cu.nt, smem, slot, sr[0], br[0], acc);
+      compute(cu.nt, smem, slot, sb[0], acc);
 #pragma unroll
       for (int s = 0; s < STAGES - 1; s++)
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int h = 0; h < 2; h++) sr[s][mt][h] = sr[s + 1][mt][h], br[s][mt][h] = br[s + 1][mt][h];
+          for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
       if (++ck == nk) {
         store(a, cu, acc);
         ck = 0;
@@ -493,6 +559,7 @@ extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_p
   k.groups = (int)(a->K / a->group_size);
   k.gs_shift = log2_exact(a->group_size);
   k.row_bytes = a->K * a->bits / 8;
+  k.b_minus_s = (int64_t)((uintptr_t)a->biases - (uintptr_t)a->scales);
   k.plan = *plan;
   const int tile_n = gqmm__cu_mma_tile_n(cfg);
   const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);

@@ -231,7 +231,6 @@ static void inputs_free(bench_env *env, bench_inputs *in) {
 
 /* ---- one measurement ------------------------------------------------------ */
 
-static double now_s(void) { return gqmm__moe_now(); }
 
 static int cmp_double(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -262,9 +261,9 @@ static int time_gemms(bench_env *env, const bench_opts *o, gqmm_quant q, const b
   const gqmm_moe_model *m = &o->m;
   const int64_t R = tokens * m->top_k, H = m->hidden, I = m->inter;
   gqmm__moe_plan plan;
-  double t0 = now_s();
+  double t0 = gqmm__now_s();
   if (gqmm__moe_plan_build(env->ctx, in->ids_host, tokens, m->top_k, m->experts, &plan)) return -1;
-  const double plan_s = now_s() - t0;
+  const double plan_s = gqmm__now_s() - t0;
   int64_t *tok = malloc((size_t)R * sizeof(int64_t)), *row = malloc((size_t)R * sizeof(int64_t));
   void *gu = dev_alloc(env, (size_t)(R * 2 * I) * 2), *y = dev_alloc(env, (size_t)(R * H) * 2);
   double *t[2] = {calloc((size_t)o->reps, sizeof(double)), calloc((size_t)o->reps, sizeof(double))};
@@ -283,10 +282,10 @@ static int time_gemms(bench_env *env, const bench_opts *o, gqmm_quant q, const b
   for (int r = 0; !st && r < o->reps; r++)
     for (int i = 0; !st && i < 2; i++) {
       dev_sync(env);
-      const double t1 = now_s();
+      const double t1 = gqmm__now_s();
       st = env->be->qmm(env->ctx, &g[i]);
       dev_sync(env);
-      t[i][r] = now_s() - t1;
+      t[i][r] = gqmm__now_s() - t1;
     }
   if (!st) {
     qsort(t[0], (size_t)o->reps, sizeof(double), cmp_double);
@@ -333,7 +332,7 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
                          &in[0].tout))
       goto fail;
   }
-  double last_note = now_s(), t_start = last_note, phase_sum[5] = {0};
+  double last_note = gqmm__now_s(), t_start = last_note, phase_sum[5] = {0};
   int calls = 0;
   int written[NSETS] = {0}; /* sets the last step wrote */
   for (int r = 0; r < o->reps; r++) {
@@ -342,7 +341,7 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
       if (poison(env, &in[i], host, n_out)) goto fail;
     }
     dev_sync(env);
-    const double t0 = now_s();
+    const double t0 = gqmm__now_s();
     for (int l = 0; l < nl; l++) {
       written[(r * nl + l) % NSETS] = 1;
       bench_inputs *x = &in[(r * nl + l) % NSETS];
@@ -355,15 +354,15 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
         for (int k = 0; k < 5; k++) phase_sum[k] += v[k];
         calls++;
       }
-      if (now_s() - last_note > 2.0) { /* progress line for long runs */
+      if (gqmm__now_s() - last_note > 2.0) { /* progress line for long runs */
         fprintf(stderr, "\r  bits %d, B %d: step %d/%d, layer %d/%d, %.0f s elapsed ", q.bits,
-                canvases, r + 1, o->reps, l + 1, nl, now_s() - t_start);
-        last_note = now_s();
+                canvases, r + 1, o->reps, l + 1, nl, gqmm__now_s() - t_start);
+        last_note = gqmm__now_s();
         noted = 1;
       }
     }
     dev_sync(env);
-    times[r] = (now_s() - t0) * (double)m->layers / nl;
+    times[r] = (gqmm__now_s() - t0) * (double)m->layers / nl;
     double v[5]; /* a fused layer's own device-timed steps (its last call of the step) */
     if (o->breakdown && env->be->moe_phases && env->be->moe_phases(env->ctx, v) == GQMM_OK) {
       for (int k = 0; k < 5; k++) phase_sum[k] += v[k];

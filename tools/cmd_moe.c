@@ -5,18 +5,13 @@
  * random router logits through gqmm_router_topk with the model's mode.
  */
 #include "cli.h"
+#include "internal.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
-static double now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static float rnd(uint64_t *s) { /* uniform in [-1, 1) */
   *s = *s * 6364136223846793005ull + 1442695040888963407ull;
@@ -96,15 +91,15 @@ int gqmm_cmd_moe(int argc, char **argv) {
   double t_be = 0, t_ref = 0;
   if (!st) {
     for (int64_t i = 0; i < tokens * H; i++) ((uint16_t *)to.data)[i] = 0x7fc0; /* NaN poison */
-    t_be = now();
+    t_be = gqmm__now_s();
     st = gqmm_moe_forward(ctx, &w, &tx, &ti, &tw, m->act, &to);
-    t_be = now() - t_be;
+    t_be = gqmm__now_s() - t_be;
     if (st) fprintf(stderr, "gqmm moe: %s\n", gqmm_last_error(ctx));
   }
   if (!st) {
-    t_ref = now();
+    t_ref = gqmm__now_s();
     st = gqmm_moe_forward(ref, &w, &tx, &ti, &tw, m->act, &tr);
-    t_ref = now() - t_ref;
+    t_ref = gqmm__now_s() - t_ref;
     if (st) fprintf(stderr, "gqmm moe: reference: %s\n", gqmm_last_error(ref));
   }
   int rc = st ? 1 : 0;

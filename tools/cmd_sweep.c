@@ -45,11 +45,6 @@ typedef struct {
   double weight_bytes, macs;
 } point;
 
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 static uint32_t next_u32(sweep *s) {
   s->rng ^= s->rng << 13;
@@ -181,11 +176,11 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
       on_device[i]->device = dev;
     poison(s, out, no);
     if (s->be->sync) s->be->sync(s->ctx);
-    const double t0 = now_s();
+    const double t0 = gqmm__now_s();
     st = idx ? gqmm_gather_qmm(s->ctx, &tx, &tw, &ts, &tb, NULL, &ti, 1, q, 1, &to)
              : gqmm_quantized_matmul(s->ctx, &tx, &tw, &ts, &tb, 1, q, &to);
     if (!st && s->be->sync) st = s->be->sync(s->ctx);
-    const double t = now_s() - t0;
+    const double t = gqmm__now_s() - t0;
     if (st) break;
     if (r == -1) { /* the second warm-up decides how many runs fit */
       if (t > 0.25) max_runs = (int)fmax(5.0, fmin((double)s->min_runs, 8.0 / t));

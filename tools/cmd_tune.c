@@ -11,7 +11,6 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #define MAX_ROWS 16
@@ -90,17 +89,12 @@ typedef struct {
   bool tty;
 } progress_state;
 
-static double wall_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* One status line on stderr: redrawn in place on a terminal, else at most
  * every 2 s (logs stay short). */
 static void on_progress(void *user, const gqmm__tune_progress *p) {
   progress_state *s = user;
-  double now = wall_s();
+  double now = gqmm__now_s();
   bool last = p->done == p->total;
   if (!s->tty && !last && now - s->last_print < 2.0 && p->done > 0) return;
   s->last_print = now;

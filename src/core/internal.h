@@ -68,6 +68,9 @@ static inline uint32_t gqmm__unpack(const uint8_t *row, int bits, int64_t j) {
   return (v >> shift) & ((1u << bits) - 1u);
 }
 
+/* Seconds on a monotonic clock (benchmarks, tuner, ceilings, phase timing). */
+double gqmm__now_s(void);
+
 /* ---- dtypes -------------------------------------------------------------- */
 
 static inline bool gqmm__is_float(gqmm_dtype t) {

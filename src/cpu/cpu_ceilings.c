@@ -10,23 +10,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define BUF_BYTES ((size_t)512 << 20) /* 16x a 32 MB LLC */
 
-static double now_s(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 double gqmm__cpu_time_peak(double (*loop)(long iters), double macs_per_iter) {
   long iters = 1 << 14;
   for (;;) {
-    const double t0 = now_s();
+    const double t0 = gqmm__now_s();
     volatile double sink = loop(iters);
     (void)sink;
-    const double dt = now_s() - t0;
+    const double dt = gqmm__now_s() - t0;
     if (dt > 0.05 || iters > (1L << 34)) return (double)iters * macs_per_iter / dt;
     iters *= dt > 0.005 ? (long)(0.06 / dt) + 1 : 8;
   }
@@ -71,9 +65,9 @@ static double best_rate(gqmm__cpu_state *st, bench_job *b, int op, double factor
   b->op = op;
   double best = 0.0;
   for (int rep = 0; rep < 5; rep++) {
-    const double t0 = now_s();
+    const double t0 = gqmm__now_s();
     gqmm__cpu_pool_run(st->pool, bench_task, b);
-    const double r = factor * (double)b->bytes / (now_s() - t0) / 1e9;
+    const double r = factor * (double)b->bytes / (gqmm__now_s() - t0) / 1e9;
     if (r > best) best = r;
   }
   return best;

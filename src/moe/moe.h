@@ -57,7 +57,4 @@ typedef void (*gqmm__moe_rows_fn)(void *arg, int64_t begin, int64_t end);
 void gqmm__moe_parallel_rows(gqmm_ctx *ctx, int64_t rows, int64_t min_rows, gqmm__moe_rows_fn fn,
                              void *arg);
 
-/* Monotonic host clock in seconds. */
-double gqmm__moe_now(void);
-
 #endif

@@ -14,13 +14,7 @@
 
 #include <math.h>
 #include <stdlib.h>
-#include <time.h>
 
-double gqmm__moe_now(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 float gqmm__moe_act(gqmm__activation act, float gate, float up) {
   if (act == GQMM__ACT_GEGLU) {
@@ -123,7 +117,7 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   const size_t esz = gqmm_dtype_size(a->dtype);
   const bool fused = a->gu_expert_rows == 2 * I;
   gqmm__moe_phases ph = {0};
-  double t0 = gqmm__moe_now();
+  double t0 = gqmm__now_s();
   gqmm__moe_plan plan;
   int st = gqmm__moe_plan_build(ctx, a->expert_ids_host, T, k, a->experts, &plan);
   if (st) return st;
@@ -142,7 +136,7 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
     token_of_row[r] = plan.row_pair[r] / k;
     row_id[r] = r;
   }
-  double t1 = gqmm__moe_now();
+  double t1 = gqmm__now_s();
   ph.plan_s = t1 - t0;
   /* gate_up: fused weights give [R, 2I] rows (gate then up) in one pass. */
   if (fused) {
@@ -156,20 +150,20 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
                         &plan, gu + (size_t)(R * I) * esz);
   }
   if (st) goto done;
-  double t2 = gqmm__moe_now();
+  double t2 = gqmm__now_s();
   ph.gate_up_s = t2 - t1;
   /* Gate of row r at gu[r*gs], up at gu[r*gs + uo]. */
   layer_job job = {.a = a, .plan = &plan, .gu = gu, .gs = fused ? 2 * I : I,
                    .uo = fused ? I : R * I, .h = h, .y = y};
   gqmm__moe_parallel_rows(ctx, R, 16, act_rows, &job);
-  double t3 = gqmm__moe_now();
+  double t3 = gqmm__now_s();
   ph.act_s = t3 - t2;
   st = gathered_qmm(ctx, be, a, h, R, row_id, I, a->down_w, a->down_s, a->down_b, H, &plan, y);
   if (st) goto done;
-  double t4 = gqmm__moe_now();
+  double t4 = gqmm__now_s();
   ph.down_s = t4 - t3;
   gqmm__moe_parallel_rows(ctx, T, 4, combine_rows, &job);
-  ph.combine_s = gqmm__moe_now() - t4;
+  ph.combine_s = gqmm__now_s() - t4;
   if (phases) *phases = ph;
 done:
   free(token_of_row);

@@ -47,9 +47,7 @@ typedef struct {
 
 static double now_s(const tuner *t) {
   if (t->o->clock) return t->o->clock(t->o->user);
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+  return gqmm__now_s();
 }
 
 static int call(tuner *t, int id) {

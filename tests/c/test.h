@@ -62,6 +62,11 @@ float test_rng_normal(test_rng *r);
 void test_fill(test_rng *r, void *buf, gqmm_dtype dtype, int64_t n, float scale);
 /* Relative error ||a - b|| / ||b|| over n elements of two float buffers. */
 double test_rel_err(const void *a, gqmm_dtype ta, const void *b, gqmm_dtype tb, int64_t n);
+/* A context on backend `kind` (NULL if it cannot be created). */
+gqmm_ctx *test_ctx(gqmm_backend_kind kind);
+/* The compiled-in backend of this kind, NULL if it is not built. */
+struct gqmm__backend;
+const struct gqmm__backend *test_backend(gqmm_backend_kind kind);
 /* Fill with a NaN pattern so unwritten outputs are caught. */
 void test_poison(void *buf, gqmm_dtype dtype, int64_t n);
 

@@ -14,18 +14,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static gqmm_ctx *make_ctx(gqmm_backend_kind kind) {
-  gqmm_ctx_options o = {.backend = kind};
-  gqmm_ctx *c = NULL;
-  return gqmm_ctx_create(&c, &o) == GQMM_OK ? c : NULL;
-}
-
-static const gqmm__backend *cuda_backend(void) {
-  for (const gqmm__backend *const *b = gqmm__backends(); *b; b++)
-    if ((*b)->kind == GQMM_BACKEND_CUDA) return *b;
-  return NULL;
-}
-
 static bool have_gpu(gqmm_ctx *ctx) {
   void *p = NULL;
   if (gqmm_device_alloc(ctx, 64, &p) != GQMM_OK) return false;
@@ -34,7 +22,7 @@ static bool have_gpu(gqmm_ctx *ctx) {
 }
 
 GQMM_TEST(cuda_declines_cleanly) {
-  gqmm_ctx *ctx = make_ctx(GQMM_BACKEND_AUTO);
+  gqmm_ctx *ctx = test_ctx(GQMM_BACKEND_AUTO);
   CHECK(ctx);
   void *p = (void *)1;
   CHECK(gqmm_device_alloc(ctx, 64, NULL) == GQMM_ERR_NULL);
@@ -58,7 +46,7 @@ GQMM_TEST(cuda_declines_cleanly) {
           GQMM_ERR_UNSUPPORTED);
   }
   /* CPU tensors are never taken by the CUDA backend (no host staging). */
-  const gqmm__backend *be = cuda_backend();
+  const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
   if (be) {
     gqmm__qmm_args a;
     memset(&a, 0, sizeof a);
@@ -184,7 +172,7 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
   probe_args.device = GQMM_DEVICE_CUDA, probe_args.M = M, probe_args.N = N, probe_args.K = K;
   probe_args.x = dx.d, probe_args.w = dw.d;
   gqmm__tile_config cfgs[16];
-  const int ncfg = cuda_backend()->configs(gpu, &probe_args, cfgs, 16);
+  const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe_args, cfgs, 16);
   const double tol = dt == GQMM_F32 ? 1e-5 : dt == GQMM_F16 ? 4e-3 : 1.2e-2;
   for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in heuristic */
     gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
@@ -211,7 +199,7 @@ done:
 }
 
 GQMM_TEST(cuda_matches_reference) {
-  gqmm_ctx *gpu = make_ctx(GQMM_BACKEND_CUDA), *ref = make_ctx(GQMM_BACKEND_REF);
+  gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
   if (!have_gpu(gpu)) {
     fprintf(stderr, "  no GPU: only the decline path is checked (cuda_declines_cleanly)\n");

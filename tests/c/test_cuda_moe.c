@@ -18,18 +18,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static gqmm_ctx *make_ctx(gqmm_backend_kind kind) {
-  gqmm_ctx_options o = {.backend = kind};
-  gqmm_ctx *c = NULL;
-  return gqmm_ctx_create(&c, &o) == GQMM_OK ? c : NULL;
-}
-
-static const gqmm__backend *cuda_be(void) {
-  for (const gqmm__backend *const *b = gqmm__backends(); *b; b++)
-    if ((*b)->kind == GQMM_BACKEND_CUDA) return *b;
-  return NULL;
-}
-
 /* ---- one layer: host buffers, their tensors and device mirrors ------------ */
 
 enum { GU, GUS, GUB, G, GS, GB, U, US, UB, D, DS, DB, X, IDS, EW, OUT, NT };
@@ -135,7 +123,7 @@ static int layer_upload(gqmm_ctx *gpu, layer *L) {
 /* ---- without a GPU (and the host-tensor decline with one) ----------------- */
 
 GQMM_TEST(cuda_moe_declines_cleanly) {
-  gqmm_ctx *ctx = make_ctx(GQMM_BACKEND_AUTO), *cu = make_ctx(GQMM_BACKEND_CUDA);
+  gqmm_ctx *ctx = test_ctx(GQMM_BACKEND_AUTO), *cu = test_ctx(GQMM_BACKEND_CUDA);
   CHECK(ctx && cu);
   layer L = {.T = 3, .k = 2, .E = 4, .H = 64, .I = 64, .q = {4, 64}, .dt = GQMM_BF16};
   test_rng r = test_rng_make(7101);
@@ -168,7 +156,7 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
     for (int64_t i = 0; i < L.T * L.H && !st; i++)
       if (o[i] != 0x7fc0) st = GQMM_ERR_BACKEND;
     /* The hooks themselves, called with no GPU state: errors, no crash. */
-    const gqmm__backend *be = cuda_be();
+    const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
     if (!st && be) {
       gqmm__moe_args a;
       memset(&a, 0, sizeof a);
@@ -181,9 +169,9 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
     }
   }
   if (!st && gpu) { /* with a GPU: phases before any layer ran are an error */
-    const gqmm__backend *be = cuda_be();
+    const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
     double ph[5];
-    gqmm_ctx *fresh = make_ctx(GQMM_BACKEND_CUDA);
+    gqmm_ctx *fresh = test_ctx(GQMM_BACKEND_CUDA);
     if (!be || !fresh || !be->moe_phases || be->moe_phases(fresh, ph) == GQMM_OK) st = GQMM_ERR_BACKEND;
     gqmm_ctx_destroy(fresh);
   }
@@ -225,7 +213,7 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
   gqmm__tile_config cfgs[16];
   gqmm__qmm_args probe = {.dtype = L->dt, .q = L->q, .transpose = 1, .device = GQMM_DEVICE_CUDA,
                           .M = 1, .N = L->I, .K = L->H, .x = L->d[X], .w = L->d[G]};
-  const int ncfg = cuda_be()->configs(gpu, &probe, cfgs, 16);
+  const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe, cfgs, 16);
   const double tol = L->dt == GQMM_F32 ? 1e-5 : L->dt == GQMM_F16 ? 4e-3 : 1.2e-2;
   for (int a = 0; a < 2; a++) {
     const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
@@ -268,7 +256,7 @@ done:
 }
 
 GQMM_TEST(cuda_moe_matches_reference) {
-  gqmm_ctx *gpu = make_ctx(GQMM_BACKEND_CUDA), *ref = make_ctx(GQMM_BACKEND_REF);
+  gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
   void *probe = NULL;
   if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {

@@ -1,4 +1,5 @@
 /* util.c - random inputs, poisoning and error measures for the C tests. */
+#include "internal.h"
 #include "test.h"
 
 #include <math.h>
@@ -69,4 +70,16 @@ void test_poison(void *buf, gqmm_dtype dtype, int64_t n) {
     for (int64_t i = 0; i < n; i++)
       ((uint16_t *)buf)[i] = dtype == GQMM_F16 ? 0x7e00 : 0x7fc0;
   }
+}
+
+gqmm_ctx *test_ctx(gqmm_backend_kind kind) {
+  gqmm_ctx_options o = {.backend = kind};
+  gqmm_ctx *c = NULL;
+  return gqmm_ctx_create(&c, &o) == GQMM_OK ? c : NULL;
+}
+
+const gqmm__backend *test_backend(gqmm_backend_kind kind) {
+  for (const gqmm__backend *const *b = gqmm__backends(); *b; b++)
+    if ((*b)->kind == kind) return *b;
+  return NULL;
 }

@@ -9,7 +9,7 @@
  * Supports only tensors in device memory (no host staging): with CPU tensors
  * or without a usable GPU, supports_qmm says no and AUTO falls through.
  */
-#include "internal.h"
+#include "backend_cuda.h"
 #include "kernels.h"
 
 #include <cuda_runtime_api.h>
@@ -31,11 +31,6 @@ typedef struct {
   void *moe; /* moe_cuda.c's state */
 } cuda_state;
 
-/* The MoE layer (moe_cuda.c): the hooks and its slot in this state. */
-int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
-int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]);
-void gqmm__cuda_moe_release(void *moe);
-void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
 void **gqmm__cuda_moe_slot(gqmm_ctx *ctx) {
   return ctx->cuda_state ? &((cuda_state *)ctx->cuda_state)->moe : NULL;
 }

@@ -18,17 +18,11 @@
  * waits for queued work (cudaFree synchronizes). Events between the steps
  * give the phase times of the last call (moe_phases hook).
  */
-#include "internal.h"
+#include "backend_cuda.h"
 #include "kernels.h"
 
 #include <cuda_runtime_api.h>
 #include <stdlib.h>
-
-/* backend_cuda.c keeps this file's state in its own (NULL: no GPU state). */
-void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
-int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
-int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]);
-void gqmm__cuda_moe_release(void *moe);
 
 enum { NEV = 6, GRID_CFGS = 16 };
 
@@ -141,8 +135,6 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
   g.tok = 0;
   return g;
 }
-
-int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
 
 /* The backend's choice for this GEMM seen as a gather_qmm (forced, tuned,
  * else its heuristic), so the layer runs what `gqmm tune` measured. */

@@ -1,0 +1,21 @@
+/*
+ * backend_cuda.h - what backend_cuda.c (the gqmm__backend of the GPU) and
+ * moe_cuda.c (its MoE layer) call of each other.
+ */
+#ifndef GQMM_BACKEND_CUDA_H
+#define GQMM_BACKEND_CUDA_H
+
+#include "internal.h"
+
+/* moe_cuda.c: the moe_forward / moe_phases hooks and the release of its state. */
+int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
+int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]);
+void gqmm__cuda_moe_release(void *moe);
+
+/* backend_cuda.c: the slot in its per-context state where moe_cuda.c keeps
+ * its own (NULL: no GPU state), and the config a gathered GEMM runs with
+ * (forced, tuned, else the heuristic). */
+void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
+int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+
+#endif

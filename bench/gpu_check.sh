@@ -4,8 +4,8 @@
 # compute-sanitizer memcheck + racecheck on the CUDA tests, the benchmarks
 # (gqmm cuda-bench), the torch peers and the plot. Logs and JSON go to $OUT.
 #
-#   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu]...
-# moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
+#   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu|profile]...
+# profile (not in "all"): ncu sections of the kernels matching PROFILE_KERNELS. moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
 # on the seed shapes; cpu: the CPU backend's tests and sweep on this host's
 # CPU with every ISA it has (the GPU hosts have AVX-512 BF16/VNNI).
 # Env: OUT (default ./out), BUILD (default build-gpu), PREBUILT (a folder with
@@ -63,6 +63,19 @@ fi
 if want plot; then
   python3 bench/plot_sweep.py "$OUT/gqmm_cuda.json" "$OUT/peers_cuda.json" -o "$OUT/sweep_cuda.png" ||
     status=1
+fi
+if printf "%s\n" "${steps[@]}" | grep -qx profile; then # diagnostic: not part of "all"
+  # ncu sections for the first gate_up launch of each kernel named in
+  # PROFILE_KERNELS (regexes on mangled names), from `gqmm cuda-bench --quick`.
+  for k in ${PROFILE_KERNELS:-fold_kernelI13__nv_bfloat16Li64 mma_kernelI13__nv_bfloat16Li4ELi4ELi2ELi4}; do
+    note "ncu $k"
+    ncu --kernel-name-base mangled -k "regex:$k" --launch-count 1 --cache-control all --clock-control base --section SpeedOfLight \
+      --section Occupancy --section SchedulerStats --section WarpStateStats \
+      --section MemoryWorkloadAnalysis --section LaunchStats --section InstructionStats \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      "$BIN/gqmm" cuda-bench --quick --reps 1 > "$OUT/ncu_$(echo "$k" | tr -c 'A-Za-z0-9_' _).txt" 2>&1 ||
+      status=1
+  done
 fi
 if want moe; then
   note "gqmm bench (seed model step on CUDA, levers, breakdown)"

@@ -39,8 +39,7 @@
  * and N (not a multiple of BN) are masked; rows beyond a unit's count are
  * zero-filled and never stored.
  */
-#include "kernels.h"
-#include "ptx.cuh"
+#include "mma_common.cuh"
 
 #include <cuda_runtime.h>
 #include <type_traits>
@@ -120,44 +119,6 @@ __device__ __forceinline__ uint32_t dequant(uint32_t h, uint32_t s2, uint32_t b2
     P r = __hfma2(v, *reinterpret_cast<P *>(&s2), *reinterpret_cast<P *>(&b2));
     return *reinterpret_cast<uint32_t *>(&r);
   }
-}
-
-struct kargs {
-  const void *x;
-  const uint32_t *w;
-  const void *scales, *biases;
-  void *out;
-  int N, K, experts, groups, gs_shift; /* group size = 1 << gs_shift */
-  int64_t row_bytes;                   /* packed bytes per weight row */
-  int64_t b_minus_s;                   /* biases - scales in bytes: one pointer serves both */
-  gqmm__cu_plan plan;
-};
-
-struct unit_t {
-  int e, ntile, r0, cnt, nt;
-};
-
-/* Work unit u of the plan; units hold up to kTokMax rows of one expert. */
-template <int kTokMax>
-__device__ __forceinline__ unit_t decode(const kargs &a, int u, int n_tiles) {
-  const int32_t *us = a.plan.unit_start;
-  int lo = 0, hi = a.experts - 1;
-  while (lo < hi) { /* last expert whose first unit is <= u (it has units) */
-    int mid = (lo + hi + 1) >> 1;
-    if (__ldg(us + mid) <= u) lo = mid;
-    else hi = mid - 1;
-  }
-  unit_t r;
-  const int count = __ldg(a.plan.count + lo);
-  const int nseg = (count + kTokMax - 1) / kTokMax;
-  const int local = u - __ldg(us + lo);
-  r.e = lo;
-  r.ntile = local / nseg;
-  const int chunk = local - r.ntile * nseg;
-  r.r0 = __ldg(a.plan.row_start + lo) + chunk * kTokMax;
-  r.cnt = min(kTokMax, count - chunk * kTokMax);
-  r.nt = (r.cnt + 7) >> 3;
-  return r;
 }
 
 /* Physical 16-byte chunk of logical chunk c in a token's 256-byte x row. */
@@ -357,30 +318,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     else compute<NT + 1>(nt, smem, slot, sb, acc);
   }
 
-  static __device__ __forceinline__ void store(const kargs &a, const unit_t &cu,
-                                               float (&acc)[MT][kNtMax][4]) {
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    T *out = (T *)a.out;
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-      for (int j = 0; j < kNtMax; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-          const int n = cu.ntile * kBN + (warp * MT + mt) * 16 + g + (r >> 1) * 8;
-          const int tok = j * 8 + 2 * t + (r & 1);
-          if (j < cu.nt && n < a.N && tok < cu.cnt)
-            out[(int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * a.N + n] =
-                dtype_traits<T>::from_f(acc[mt][j][r]);
-          acc[mt][j][r] = 0.f;
-        }
-  }
-
-  static __device__ __forceinline__ void run(const kargs &a, int n_tiles) {
+  static __device__ __forceinline__ void run(const kargs &a) {
     extern __shared__ __align__(16) uint8_t smem[];
-    const int total = __ldg(a.plan.unit_start + a.experts);
-    const int u0 = (int)((int64_t)blockIdx.x * total / gridDim.x);
-    const int u1 = (int)((int64_t)(blockIdx.x + 1) * total / gridDim.x);
+    int u0, u1;
+    stripe(a, u0, u1);
     const int nk = (a.K + kStageK - 1) / kStageK;
     const int nflat = (u1 - u0) * nk;
     if (nflat <= 0) return;
@@ -397,7 +338,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     /* Load side and compute side walk the same (unit, k-stage) sequence,
      * STAGES-1 stages apart. */
     int lidx = u0, lk = 0, cidx = u0, ck = 0;
-    unit_t lu = decode<kTokMax>(a, u0, n_tiles), cu = lu;
+    unit_t lu = decode<kTokMax>(a, u0), cu = lu;
     lstate ls;
     load_unit(a, lu, ls);
     const uint32_t sm = smem_u32(smem);
@@ -410,7 +351,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         issue(a, ls, lk, sm, xd, s, sb[s]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), load_unit(a, lu, ls);
+          if (++lidx < u1) lu = next_unit<kTokMax>(a, lu), load_unit(a, lu, ls);
         }
       }
       cp_async_commit();
@@ -424,7 +365,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         issue(a, ls, lk, sm, xd, nslot, sb[STAGES - 1]);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = decode<kTokMax>(a, lidx, n_tiles), load_unit(a, lu, ls);
+          if (++lidx < u1) lu = next_unit<kTokMax>(a, lu), load_unit(a, lu, ls);
         }
       }
       cp_async_commit();
@@ -436,9 +377,9 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 #pragma unroll
           for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
       if (++ck == nk) {
-        store(a, cu, acc);
+        store_unit<T, MT, kNtMax, kBN>(a, cu, acc);
         ck = 0;
-        if (++cidx < u1) cu = decode<kTokMax>(a, cidx, n_tiles);
+        if (++cidx < u1) cu = next_unit<kTokMax>(a, cu);
       }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
@@ -449,8 +390,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 /* MINB: CTAs per SM the register allocation must allow (1: no cap). */
 template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
-mma_kernel(kargs a, int n_tiles) {
-  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a, n_tiles);
+mma_kernel(kargs a) {
+  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a);
 }
 
 /* The compiled-in tile configurations:
@@ -461,7 +402,8 @@ mma_kernel(kargs a, int n_tiles) {
 #define GQMM_MMA_CONFIGS(X)                                                                       \
   X("w4_m2_s4", 4, 2, 4, 1, 4)                                                                    \
   X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
-  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)                                                                 \
+  X("w4_m2_s3_b4", 4, 2, 3, 4, 4)
 
 const gqmm__cu_mma_config kConfigs[] = {
 #define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt},
@@ -469,12 +411,6 @@ const gqmm__cu_mma_config kConfigs[] = {
 #undef GQMM__CFG_ROW
 };
 constexpr int kNumConfigs = sizeof kConfigs / sizeof kConfigs[0];
-
-typedef void (*kernel_fn)(kargs, int);
-struct launch_info {
-  kernel_fn fn;
-  int threads, smem;
-};
 
 template <typename T, int BITS, int W, int M, int S, int B, int NT> launch_info info() {
   using K = mma_kernel_impl<T, BITS, W, M, S, NT>;
@@ -506,25 +442,11 @@ launch_info pick(const gqmm__cu_qmm *a, int cfg) {
   return {nullptr, 0, 0};
 }
 
-int log2_exact(int v) {
-  int s = 0;
-  while ((1 << s) < v) s++;
-  return (1 << s) == v ? s : -1;
-}
-
 } // namespace
 
-extern "C" int gqmm__cu_mma_config_count(void) { return kNumConfigs; }
-extern "C" const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i) {
+extern "C" int gqmm__cu_plain_config_count(void) { return kNumConfigs; }
+extern "C" const gqmm__cu_mma_config *gqmm__cu_plain_config_get(int i) {
   return i >= 0 && i < kNumConfigs ? &kConfigs[i] : nullptr;
-}
-extern "C" int gqmm__cu_mma_tok_max(int cfg) {
-  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
-  return c ? c->tok_max : 0;
-}
-extern "C" int gqmm__cu_mma_tile_n(int cfg) {
-  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
-  return c ? c->warps * c->mtiles * 16 : 0;
 }
 
 extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
@@ -537,32 +459,15 @@ extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
   return 1;
 }
 
-extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
-  launch_info li = pick(a, cfg);
-  if (!li.fn) return (int)cudaErrorInvalidValue;
-  cudaError_t e = cudaFuncSetAttribute(li.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, li.smem);
-  if (e != cudaSuccess) return (int)e;
-  int per_sm = 0;
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, li.fn, li.threads, li.smem);
-  if (e != cudaSuccess) return (int)e;
-  *out_grid = (per_sm > 0 ? per_sm : 1) * sms;
-  return 0;
+extern "C" int gqmm__cu_plain_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
+  return grid_of(pick(a, cfg), sms, out_grid);
 }
 
-extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
-                                int experts, int grid) {
+extern "C" int gqmm__cu_plain_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
+                                  int experts, int grid) {
   launch_info li = pick(a, cfg);
   if (!li.fn) return (int)cudaErrorInvalidValue;
-  kargs k;
-  k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
-  k.N = (int)a->N, k.K = (int)a->K, k.experts = experts;
-  k.groups = (int)(a->K / a->group_size);
-  k.gs_shift = log2_exact(a->group_size);
-  k.row_bytes = a->K * a->bits / 8;
-  k.b_minus_s = (int64_t)((uintptr_t)a->biases - (uintptr_t)a->scales);
-  k.plan = *plan;
-  const int tile_n = gqmm__cu_mma_tile_n(cfg);
-  const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
-  li.fn<<<grid, li.threads, li.smem>>>(k, n_tiles);
+  const gqmm__cu_mma_config &c = kConfigs[cfg];
+  li.fn<<<grid, li.threads, li.smem>>>(make_kargs(a, plan, experts, c.warps * c.mtiles * 16));
   return (int)cudaGetLastError();
 }

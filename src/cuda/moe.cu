@@ -62,16 +62,20 @@ __global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_
 }
 
 /* Token t (blockIdx.x), V columns per thread; V > 1 needs H a multiple of V
- * and y, out 16-byte aligned. */
+ * and y, out 16-byte aligned. A token with a bad id is all NaN: its sum
+ * starts at NaN (the ids are the same few words for the whole CTA). */
 template <typename T, int V>
-__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w, T *__restrict__ out,
+__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
+                               const int32_t *__restrict__ ids, uint32_t E, T *__restrict__ out,
                                int64_t k, int64_t H) {
   const int64_t t = blockIdx.x, n = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
   if (n >= H) return;
   using P = pack<T, V>;
+  bool bad = false;
+  for (int64_t j = 0; j < k; j++) bad |= (uint32_t)__ldg(ids + t * k + j) >= E;
   float acc[V];
 #pragma unroll
-  for (int v = 0; v < V; v++) acc[v] = 0.0f;
+  for (int v = 0; v < V; v++) acc[v] = bad ? __int_as_float(0x7fc00000) : 0.0f;
   for (int64_t j = 0; j < k; j++) {
     const float wt = dtype_traits<T>::to_f(w[t * k + j]);
     const P yv = *(const P *)(y + (t * k + j) * H + n);
@@ -117,13 +121,16 @@ int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t
 }
 
 template <typename T>
-int combine_launch(const void *y, const void *w, void *out, int64_t T_, int64_t k, int64_t H) {
+int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, void *out,
+                   int64_t T_, int64_t k, int64_t H) {
   constexpr int VW = 16 / sizeof(T);
   const int V = vec_width<T>({H}, {y, out});
   dim3 g;
   if (!grid_2d(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
-  if (V == VW) combine_kernel<T, VW><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
-  else combine_kernel<T, 1><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
+  const uint32_t e = (uint32_t)E;
+  if (V == VW)
+    combine_kernel<T, VW><<<g, kThreads>>>((const T *)y, (const T *)w, ids, e, (T *)out, k, H);
+  else combine_kernel<T, 1><<<g, kThreads>>>((const T *)y, (const T *)w, ids, e, (T *)out, k, H);
   return (int)cudaGetLastError();
 }
 
@@ -149,7 +156,7 @@ extern "C" int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, 
   GQMM__CU_DISPATCH(dtype, act_launch, act, gu, gs, uo, h, R, I)
 }
 
-extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, void *out, int64_t T,
-                                    int64_t k, int64_t H) {
-  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, out, T, k, H)
+extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids,
+                                    int32_t E, void *out, int64_t T, int64_t k, int64_t H) {
+  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, ids, E, out, T, k, H)
 }

@@ -122,7 +122,9 @@ __global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
   }
   __syncthreads();
   for (int b = tid; b < a.batch; b += kThreads) {
-    const int32_t e = a.w_safe ? a.w_safe[b] : __ldg(a.w_index + b);
+    /* the id again through the read-only cache (w_safe was only stored) */
+    int32_t e = __ldg(a.w_index + b);
+    if ((uint32_t)e >= (uint32_t)E) e = 0;
     const int32_t at = start[e] + atomicAdd(&fill[e], a.M);
     const int32_t xr = a.x_index ? __ldg(a.x_index + b) : b / a.x_div;
     for (int32_t m = 0; m < a.M; m++) {

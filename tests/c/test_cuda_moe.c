@@ -183,6 +183,17 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
 
 /* ---- with a GPU ---------------------------------------------------------- */
 
+/* true if gpu can allocate device memory; else says why the test stops. */
+static bool gpu_or_say(gqmm_ctx *gpu, const char *what) {
+  void *probe = NULL;
+  if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {
+    fprintf(stderr, "  no GPU: %s\n", what);
+    return false;
+  }
+  gqmm_device_free(gpu, probe);
+  return true;
+}
+
 /* Run on the GPU with out poisoned first; copy the result to host `got`. */
 static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, gqmm_activation act, const void *poison,
                    void *got) {
@@ -258,13 +269,10 @@ done:
 GQMM_TEST(cuda_moe_matches_reference) {
   gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
-  void *probe = NULL;
-  if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {
-    fprintf(stderr, "  no GPU: only the decline path is checked (cuda_moe_declines_cleanly)\n");
+  if (!gpu_or_say(gpu, "only the decline path is checked (cuda_moe_declines_cleanly)")) {
     gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
     return;
   }
-  gqmm_device_free(gpu, probe);
   const char *quick_env = getenv("GQMM_CUDA_TEST_QUICK");
   const bool quick = quick_env && quick_env[0] == '1';
   const int bits[] = {4, 5, 3, 2, 8, 6}, gsz[] = {64, 32, 128};
@@ -411,13 +419,10 @@ done:
 GQMM_TEST(cuda_moe_bad_device_ids_are_deferred_errors) {
   gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
-  void *probe = NULL;
-  if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {
-    fprintf(stderr, "  no GPU: device ids cannot be checked here (cuda_moe_declines_cleanly)\n");
+  if (!gpu_or_say(gpu, "device ids cannot be checked here (cuda_moe_declines_cleanly)")) {
     gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
     return;
   }
-  gqmm_device_free(gpu, probe);
   /* tensor cores (4-bit) and the generic kernel (5-bit); id == E, -1, and
    * a uint32 above INT32_MAX; first, middle and last pair */
   int fails = 0;

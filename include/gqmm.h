@@ -228,6 +228,16 @@ typedef struct {
  * expert_weights [tokens, k] and out [tokens, H] of x's dtype (f32/f16/bf16).
  * Products accumulate in float32; the k-slot sum is in float32 in ascending
  * slot order, so the result is bitwise reproducible for any thread count.
+ *
+ * expert_ids out of range: host (CPU) ids are checked before anything runs
+ * (GQMM_ERR_INDEX naming the element). Device ids are checked on the device,
+ * so the call never waits for the GPU: the call returns GQMM_OK, the tokens
+ * with a bad id get NaN output rows (no out-of-bounds access), and the error
+ * is deferred. It is reported, once, as GQMM_ERR_ARG ("expert_ids: an
+ * earlier call ... had an id outside [0, E): element [t, j] is v") by the
+ * next gqmm_device_sync on ctx, or by a later gqmm_moe_forward on ctx that
+ * starts after the device has run the bad call's first kernel (that call
+ * then does nothing). The call after the report runs normally.
  */
 int gqmm_moe_forward(gqmm_ctx *ctx, const gqmm_moe_weights *w, const gqmm_tensor *x,
                      const gqmm_tensor *expert_ids, const gqmm_tensor *expert_weights,
@@ -288,7 +298,9 @@ int gqmm_device_alloc(gqmm_ctx *ctx, size_t bytes, void **out);
 void gqmm_device_free(gqmm_ctx *ctx, void *p);
 int gqmm_device_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes,
                      gqmm_copy_kind kind);
-/* Wait until all queued device work of ctx has finished. */
+/* Wait until all queued device work of ctx has finished. Also reports a
+ * deferred error of earlier calls (a bad device expert id of
+ * gqmm_moe_forward) as GQMM_ERR_ARG. */
 int gqmm_device_sync(gqmm_ctx *ctx);
 /* Device time of the last op on ctx, from device events: its matmul kernel
  * alone, and all its device work (index upload, routing plan, kernel). */

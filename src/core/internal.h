@@ -159,7 +159,8 @@ typedef struct {
   gqmm_device device;
   int64_t tokens, hidden, inter, experts, top_k;
   const void *x;              /* [tokens, hidden] */
-  const int32_t *expert_ids;  /* [tokens, top_k], each in [0, experts) (checked) */
+  const int32_t *expert_ids;  /* [tokens, top_k]; CPU: checked in [0, experts); device: the
+                               * backend checks them itself (deferred error, gqmm.h) */
   const void *expert_weights; /* [tokens, top_k] */
   const uint32_t *gate_w, *up_w;
   const void *gate_s, *gate_b, *up_s, *up_b;
@@ -167,8 +168,8 @@ typedef struct {
   const uint32_t *down_w;
   const void *down_s, *down_b;
   void *out; /* [tokens, hidden] */
-  /* Host copy of expert_ids (the same pointer for CPU tensors), already range
-   * checked: device backends may build their routing plan from it. */
+  /* expert_ids when they are host memory (range checked), else NULL: the
+   * front end never copies device ids to the host (it would drain the queue). */
   const int32_t *expert_ids_host;
 } gqmm__moe_args;
 

@@ -249,7 +249,7 @@ static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
 static int cuda_sync(gqmm_ctx *ctx) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
   cudaError_t e = cudaDeviceSynchronize();
-  return e ? cuda_fail(ctx, (int)e, "synchronize") : GQMM_OK;
+  return e ? cuda_fail(ctx, (int)e, "synchronize") : gqmm__cuda_moe_take_error(ctx);
 }
 
 static int cuda_last_time(gqmm_ctx *ctx, double *kernel_us, double *op_us) {

@@ -11,6 +11,9 @@
 int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
 int gqmm__cuda_moe_phases(gqmm_ctx *ctx, double phase_s[5]);
 void gqmm__cuda_moe_release(void *moe);
+/* GQMM_ERR_ARG (and clears it) if a finished layer call had an expert id
+ * outside [0, E) (the deferred check, see moe_cuda.c); else GQMM_OK. */
+int gqmm__cuda_moe_take_error(gqmm_ctx *ctx);
 
 /* backend_cuda.c: the slot in its per-context state where moe_cuda.c keeps
  * its own (NULL: no GPU state), and the config a gathered GEMM runs with

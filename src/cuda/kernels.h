@@ -33,6 +33,30 @@ typedef struct {
 int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch, int32_t M,
                    int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan);
 
+/*
+ * The MoE layer's plan (M = 1, entry p = t*top_k + j is pair p, x row
+ * p / top_k, out row p) for both GEMMs at once: plan.unit_start gets the
+ * units of tiling 0 (gate_up), unit_start2 those of tiling 1 (down; n_tiles
+ * 0: none); count, row_start, rows_x and rows_o are shared (down reads h row
+ * p, i.e. rows_o as its rows_x). The ids are checked here: ids_safe[p] gets
+ * ids[p], or 0 for an id outside [0, E), and the first bad pair p is written
+ * to the host-mapped record err: err[1] = p, err[2] = the id's bits,
+ * err[3] = E, err[4] = top_k, then err[0] = call (nonzero) after a system
+ * fence. Nothing is written to err when every id is good.
+ */
+typedef struct {
+  const int32_t *ids; /* [pairs], int32 or uint32 bits */
+  int32_t pairs, top_k, experts;
+  int32_t tok_max[2], n_tiles[2];
+  int32_t *unit_start2; /* [E+1] */
+  gqmm__cu_plan plan;
+  int32_t *ids_safe; /* [pairs] */
+  int32_t *err;      /* device view of 5 host-mapped ints */
+  int32_t call;
+} gqmm__cu_moe_route_args;
+
+int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *a);
+
 /* Arguments shared by the qmm kernels (device pointers). */
 typedef struct {
   int dtype; /* GQMM__CU_* of x, scales, biases and out */
@@ -107,9 +131,11 @@ int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k);
 int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h,
                      int64_t R, int64_t I);
 /* out[t, n] = sum over j < k ascending of w[t, j] * y[t*k + j, n] in float32,
- * rounded once; one thread per output element (deterministic). */
-int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, void *out, int64_t T, int64_t k,
-                         int64_t H);
+ * rounded once; one thread per output element (deterministic). A token with
+ * an id outside [0, E) in ids[t*k .. t*k+k) gets NaN (its y rows were
+ * computed with expert 0 in place of the bad id, see gqmm__cu_moe_route). */
+int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids, int32_t E,
+                         void *out, int64_t T, int64_t k, int64_t H);
 
 #ifdef __cplusplus
 }

@@ -44,13 +44,25 @@ template <typename T, int V> struct __align__(sizeof(T) * V) pack {
   T v[V];
 };
 
-/* Row r (blockIdx.x), V columns per thread in blockIdx.y's stripe. V > 1
- * needs I, gs and uo multiples of V and 16-byte aligned buffers. */
+/* The (row, first column) of this thread in a rows x cols grid of V
+ * columns per thread, numbered row-major over a 1-D grid: every CTA is
+ * full whatever cols is (a CTA per row left most threads idle for the
+ * seed's 704 or 2816 columns). false past the end. */
+template <int V> __device__ __forceinline__ bool flat_at(int64_t rows, int64_t cols, int64_t *r,
+                                                        int64_t *c) {
+  const int64_t per_row = cols / V, g = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  *r = g / per_row;
+  *c = (g - *r * per_row) * V;
+  return *r < rows;
+}
+
+/* V columns per thread; V > 1 needs I, gs and uo multiples of V and
+ * 16-byte aligned buffers. */
 template <typename T, int V>
 __global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_t uo,
-                           T *__restrict__ h, int64_t I) {
-  const int64_t r = blockIdx.x, i = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
-  if (i >= I) return;
+                           T *__restrict__ h, int64_t R, int64_t I) {
+  int64_t r, i;
+  if (!flat_at<V>(R, I, &r, &i)) return;
   using P = pack<T, V>;
   const P g = *(const P *)(gu + r * gs + i), u = *(const P *)(gu + r * gs + uo + i);
   P o;
@@ -61,17 +73,21 @@ __global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_
   *(P *)(h + r * I + i) = o;
 }
 
-/* Token t (blockIdx.x), V columns per thread; V > 1 needs H a multiple of V
- * and y, out 16-byte aligned. */
+/* V columns per thread; V > 1 needs H a multiple of V and y, out 16-byte
+ * aligned. A token with a bad id is all NaN: its sum starts at NaN (the ids
+ * are the same few words for the CTA's few tokens). */
 template <typename T, int V>
-__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w, T *__restrict__ out,
-                               int64_t k, int64_t H) {
-  const int64_t t = blockIdx.x, n = ((int64_t)blockIdx.y * kThreads + threadIdx.x) * V;
-  if (n >= H) return;
+__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
+                               const int32_t *__restrict__ ids, uint32_t E, T *__restrict__ out,
+                               int64_t T_, int64_t k, int64_t H) {
+  int64_t t, n;
+  if (!flat_at<V>(T_, H, &t, &n)) return;
   using P = pack<T, V>;
+  bool bad = false;
+  for (int64_t j = 0; j < k; j++) bad |= (uint32_t)__ldg(ids + t * k + j) >= E;
   float acc[V];
 #pragma unroll
-  for (int v = 0; v < V; v++) acc[v] = 0.0f;
+  for (int v = 0; v < V; v++) acc[v] = bad ? __int_as_float(0x7fc00000) : 0.0f;
   for (int64_t j = 0; j < k; j++) {
     const float wt = dtype_traits<T>::to_f(w[t * k + j]);
     const P yv = *(const P *)(y + (t * k + j) * H + n);
@@ -85,12 +101,14 @@ __global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
   *(P *)(out + t * H + n) = o;
 }
 
-/* Grid of `rows` x stripes of kThreads*V columns; false if it exceeds
- * CUDA's grid limits. */
-bool grid_2d(int64_t rows, int64_t cols, int V, dim3 *g) {
-  const int64_t stripes = (cols + (int64_t)kThreads * V - 1) / ((int64_t)kThreads * V);
-  if (rows < 1 || rows > INT32_MAX || stripes < 1 || stripes > 65535) return false;
-  *g = dim3((unsigned)rows, (unsigned)stripes);
+/* CTAs of kThreads for rows x cols at V columns per thread (flat_at);
+ * false if that exceeds CUDA's grid limit. */
+bool grid_flat(int64_t rows, int64_t cols, int V, unsigned *blocks) {
+  if (rows < 1 || cols < V) return false;
+  /* rows x cols elements are in memory: the product fits int64 */
+  const int64_t threads = rows * (cols / V), n = (threads + kThreads - 1) / kThreads;
+  if (n > INT32_MAX) return false;
+  *blocks = (unsigned)n;
   return true;
 }
 
@@ -109,21 +127,24 @@ template <typename T>
 int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t R, int64_t I) {
   constexpr int VW = 16 / sizeof(T);
   const int V = vec_width<T>({I, gs, uo}, {gu, h});
-  dim3 g;
-  if (!grid_2d(R, I, V, &g)) return (int)cudaErrorInvalidConfiguration;
-  if (V == VW) act_kernel<T, VW><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I);
-  else act_kernel<T, 1><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, I);
+  unsigned g;
+  if (!grid_flat(R, I, V, &g)) return (int)cudaErrorInvalidConfiguration;
+  if (V == VW) act_kernel<T, VW><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, R, I);
+  else act_kernel<T, 1><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, R, I);
   return (int)cudaGetLastError();
 }
 
 template <typename T>
-int combine_launch(const void *y, const void *w, void *out, int64_t T_, int64_t k, int64_t H) {
+int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, void *out,
+                   int64_t T_, int64_t k, int64_t H) {
   constexpr int VW = 16 / sizeof(T);
   const int V = vec_width<T>({H}, {y, out});
-  dim3 g;
-  if (!grid_2d(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
-  if (V == VW) combine_kernel<T, VW><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
-  else combine_kernel<T, 1><<<g, kThreads>>>((const T *)y, (const T *)w, (T *)out, k, H);
+  unsigned g;
+  if (!grid_flat(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
+  const uint32_t e = (uint32_t)E;
+  const T *yt = (const T *)y, *wt = (const T *)w;
+  if (V == VW) combine_kernel<T, VW><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+  else combine_kernel<T, 1><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
   return (int)cudaGetLastError();
 }
 
@@ -149,7 +170,7 @@ extern "C" int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, 
   GQMM__CU_DISPATCH(dtype, act_launch, act, gu, gs, uo, h, R, I)
 }
 
-extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, void *out, int64_t T,
-                                    int64_t k, int64_t H) {
-  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, out, T, k, H)
+extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids,
+                                    int32_t E, void *out, int64_t T, int64_t k, int64_t H) {
+  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, ids, E, out, T, k, H)
 }

@@ -5,7 +5,8 @@
  * host synchronization:
  *   plan     the pairs p = t*top_k + j as batch entries (x row t, expert
  *            ids[p], M = 1) -> routing plan on the GPU (route.cu), built from
- *            the device ids, for each GEMM's N tiling
+ *            the device ids in one kernel for both GEMMs' N tilings; the
+ *            same kernel checks the ids (see "bad ids" below)
  *   gate_up  one gathered GEMM of N = 2*inter (fused tensor) or two of N = inter
  *   act      SwiGLU / GeGLU into h [R, inter] (moe.cu)
  *   down     gathered GEMM of h row p with expert ids[p] into y [R, hidden]
@@ -17,11 +18,22 @@
  * state and grown with cudaMalloc when a call needs more; only a growth
  * waits for queued work (cudaFree synchronizes). Events between the steps
  * give the phase times of the last call (moe_phases hook).
+ *
+ * Bad ids: the host never reads the device ids (a copy would drain the
+ * stream every layer). The plan kernel routes an id outside [0, E) to
+ * expert 0 (no out-of-bounds access; the combine makes the token's output
+ * NaN) and records the first bad pair in a host-mapped record of this
+ * state. The record is reported, and cleared, as GQMM_ERR_ARG by the next
+ * gqmm_device_sync (cuda_sync) and by the next moe_forward that finds it
+ * set (gqmm__cuda_moe_take_error).
  */
 #include "backend_cuda.h"
 #include "kernels.h"
 
 #include <cuda_runtime_api.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 enum { NEV = 6, GRID_CFGS = 16 };
@@ -34,6 +46,9 @@ typedef struct {
   int timed;
   int64_t idx_rows, idx_k; /* the pair indices in the scratch are for these (0: none) */
   int grid[2][9][GRID_CFGS]; /* persistent grid by (f16|bf16, bits, config); 0: not asked */
+  volatile int32_t *err_h;   /* host-mapped bad-id record (kernels.h, gqmm__cu_moe_route) */
+  int32_t *err_d;            /* its device view */
+  uint32_t calls;            /* layer calls enqueued, to name the bad one */
 } moe_state;
 
 static int moe_fail(gqmm_ctx *ctx, int err, const char *what) {
@@ -49,14 +64,21 @@ static moe_state *get_state(gqmm_ctx *ctx) {
   moe_state *s = calloc(1, sizeof *s);
   if (!s) return NULL;
   int n = 0, dev = 0;
+  void *err_h = NULL, *err_d = NULL;
   while (n < NEV && cudaEventCreate(&s->ev[n]) == cudaSuccess) n++;
   if (n < NEV || cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaHostAlloc(&err_h, 8 * sizeof(int32_t), cudaHostAllocMapped) != cudaSuccess ||
+      cudaHostGetDevicePointer(&err_d, err_h, 0) != cudaSuccess) {
     cudaGetLastError();
     while (n--) cudaEventDestroy(s->ev[n]);
+    cudaFreeHost(err_h);
     free(s);
     return NULL;
   }
+  s->err_h = err_h;
+  s->err_d = err_d;
+  for (int i = 0; i < 8; i++) s->err_h[i] = 0;
   *slot = s;
   return s;
 }
@@ -66,12 +88,32 @@ void gqmm__cuda_moe_release(void *moe) {
   if (!s) return;
   for (int i = 0; i < NEV; i++) cudaEventDestroy(s->ev[i]);
   cudaFree(s->buf);
+  cudaFreeHost((void *)s->err_h);
   free(s);
+}
+
+int gqmm__cuda_moe_take_error(gqmm_ctx *ctx) {
+  void **slot = gqmm__cuda_moe_slot(ctx);
+  moe_state *s = slot ? *slot : NULL;
+  if (!s || s->err_h[0] == 0) return GQMM_OK;
+  /* The kernel wrote the fields before the call number (system fence).
+   * Several bad calls in flight may mix their fields or lose one report;
+   * their tokens are NaN all the same. */
+  atomic_thread_fence(memory_order_acquire);
+  const uint32_t call = (uint32_t)s->err_h[0];
+  const int32_t p = s->err_h[1], id = s->err_h[2], E = s->err_h[3], k = s->err_h[4];
+  s->err_h[0] = 0;
+  char as_u32[32] = "";
+  if (id < 0) snprintf(as_u32, sizeof as_u32, " (%u as uint32)", (unsigned)id);
+  return gqmm__fail(ctx, GQMM_ERR_ARG,
+                    "expert_ids: an earlier call (layer call %u on this context) had an id outside "
+                    "[0, %d): element [%d, %d] is %d%s; that token's output rows are NaN",
+                    call, E, k > 0 ? p / k : p, k > 0 ? p % k : 0, id, as_u32);
 }
 
 /* ---- scratch ------------------------------------------------------------ */
 
-enum { S_TOK, S_IOTA, S_PLAN_GU, S_PLAN_DOWN, S_GU, S_H, S_Y, S_KERNEL, S_PARTS };
+enum { S_TOK, S_IOTA, S_PLAN, S_GU, S_H, S_Y, S_KERNEL, S_PARTS };
 
 /* The fold kernel's scratch (its prepared x) for a GEMM of x_rows rows of
  * K; the GEMMs run one after another on one stream, so they share it. */
@@ -85,10 +127,10 @@ static size_t kernel_scratch(const gqmm__moe_args *a, int64_t x_rows, int64_t K)
  * kernel wants 16-byte aligned x rows); returns the total. */
 static size_t layout(const gqmm__moe_args *a, size_t off[S_PARTS]) {
   const size_t R = (size_t)(a->tokens * a->top_k), E = (size_t)a->experts;
-  const size_t esz = gqmm_dtype_size(a->dtype), plan = (4 * E + 1 + 2 * R) * sizeof(int32_t);
+  const size_t esz = gqmm_dtype_size(a->dtype), plan = (5 * E + 2 + 3 * R) * sizeof(int32_t);
   const size_t ks_gu = kernel_scratch(a, a->tokens, a->hidden),
                ks_down = kernel_scratch(a, (int64_t)R, a->inter);
-  const size_t bytes[S_PARTS] = {R * sizeof(int32_t), R * sizeof(int32_t), plan, plan,
+  const size_t bytes[S_PARTS] = {R * sizeof(int32_t), R * sizeof(int32_t), plan,
                                  R * (size_t)(2 * a->inter) * esz, R * (size_t)a->inter * esz,
                                  R * (size_t)a->hidden * esz, ks_gu > ks_down ? ks_gu : ks_down};
   size_t at = 0;
@@ -115,11 +157,15 @@ static int ensure_scratch(gqmm_ctx *ctx, moe_state *s, size_t need) {
   return GQMM_OK;
 }
 
-/* The plan arrays inside one scratch part (same order as backend_cuda.c). */
-static gqmm__cu_plan plan_at(char *base, int64_t E, int64_t R) {
+/* The plan arrays inside the plan part: gate_up's plan, down's units
+ * (unit_start2) and the checked ids. */
+static gqmm__cu_plan plan_at(char *base, int64_t E, int64_t R, int32_t **unit_start2,
+                             int32_t **ids_safe) {
   gqmm__cu_plan p;
   p.count = (int32_t *)base, p.row_start = p.count + E, p.fill = p.row_start + E;
   p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
+  *unit_start2 = p.rows_o + R;
+  *ids_safe = *unit_start2 + E + 1;
   return p;
 }
 
@@ -132,14 +178,16 @@ typedef struct {
   int tok;     /* rows per work unit of cfg (tensor-core only) */
 } gemm;
 
+/* ids: the checked ids (the generic kernel reads them; the tensor-core one
+ * reads the plan). */
 static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void *x,
-                      int64_t x_rows, const int32_t *x_index, const uint32_t *w, const void *sc,
-                      const void *bi, void *out) {
+                      int64_t x_rows, const int32_t *x_index, const int32_t *ids,
+                      const uint32_t *w, const void *sc, const void *bi, void *out) {
   gemm g;
   g.k = (gqmm__cu_qmm){.dtype = (int)a->dtype, .bits = a->q.bits, .group_size = a->q.group_size,
                        .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
                        .x_rows = x_rows, .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
-                       .x_index = x_index, .w_index = a->expert_ids};
+                       .x_index = x_index, .w_index = ids};
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;
   g.tok = 0;
@@ -208,6 +256,9 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
                       "moe_forward: the cuda backend takes device tensors only");
   moe_state *s = get_state(ctx);
   if (!s) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda moe_forward: no usable GPU");
+  /* A bad id of an earlier call that the device has reached by now. */
+  int st = gqmm__cuda_moe_take_error(ctx);
+  if (st) return st;
   const int64_t T = a->tokens, k = a->top_k, H = a->hidden, I = a->inter, E = a->experts;
   /* The smallest work unit of any config bounds the unit count. */
   int64_t tok = INT32_MAX;
@@ -221,26 +272,38 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
                       "cuda moe_forward: %lld tokens x top_k %lld exceed the kernels' 32-bit "
                       "row indices", (long long)T, (long long)k);
   size_t off[S_PARTS];
-  int st = ensure_scratch(ctx, s, layout(a, off));
+  st = ensure_scratch(ctx, s, layout(a, off));
   if (st) return st;
   const size_t esz = gqmm_dtype_size(a->dtype);
   int32_t *tok_of = (int32_t *)(s->buf + off[S_TOK]), *iota = (int32_t *)(s->buf + off[S_IOTA]);
   char *gu = s->buf + off[S_GU], *h = s->buf + off[S_H], *y = s->buf + off[S_Y];
+  int32_t *down_units, *ids;
+  gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN], E, R, &down_units, &ids);
   const bool fused = a->gu_expert_rows == 2 * I;
   /* gate_up: [R, 2I] rows (gate | up) from the fused tensor, else gate
    * [R, I] then up [R, I]; the activation finds them by (gs, uo). */
   void *ks = s->buf + off[S_KERNEL];
-  gemm gate =
-      gemm_make(a, fused ? 2 * I : I, H, a->x, T, tok_of, a->gate_w, a->gate_s, a->gate_b, gu);
-  gemm up =
-      gemm_make(a, I, H, a->x, T, tok_of, a->up_w, a->up_s, a->up_b, gu + (size_t)(R * I) * esz);
-  gemm down = gemm_make(a, H, I, h, R, iota, a->down_w, a->down_s, a->down_b, y);
+  gemm gate = gemm_make(a, fused ? 2 * I : I, H, a->x, T, tok_of, ids, a->gate_w, a->gate_s,
+                        a->gate_b, gu);
+  gemm up = gemm_make(a, I, H, a->x, T, tok_of, ids, a->up_w, a->up_s, a->up_b,
+                      gu + (size_t)(R * I) * esz);
+  gemm down = gemm_make(a, H, I, h, R, iota, ids, a->down_w, a->down_s, a->down_b, y);
   if ((st = pick_config(ctx, &gate, E)) || (!fused && (st = pick_config(ctx, &up, E))) ||
       (st = pick_config(ctx, &down, E)))
     return st;
   const int generic = gqmm__cu_mma_config_count();
-  gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN_GU], E, R);
-  gqmm__cu_plan pd = plan_at(s->buf + off[S_PLAN_DOWN], E, R);
+  /* One plan kernel for both GEMMs (gate and up share N, so one tiling);
+   * down reads h row p, the out row of pair p. */
+  const gemm *g0 = gate.cfg != generic ? &gate : &up;
+  if (++s->calls == 0) s->calls = 1; /* 0 means "no error" in the record */
+  const gqmm__cu_moe_route_args ra = {
+      .ids = a->expert_ids, .pairs = (int32_t)R, .top_k = (int32_t)k, .experts = (int32_t)E,
+      .tok_max = {g0->tok, down.tok}, .n_tiles = {g0->n_tiles, down.n_tiles},
+      .unit_start2 = down_units, .plan = pg, .ids_safe = ids, .err = s->err_d,
+      .call = (int32_t)s->calls};
+  gqmm__cu_plan pd = pg;
+  pd.unit_start = down_units;
+  pd.rows_x = pg.rows_o;
   int err;
   const char *what = "event";
   cudaEvent_t *ev = s->ev;
@@ -255,20 +318,7 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
     STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k), "pair indices");
     s->idx_rows = R, s->idx_k = k;
   }
-  if (gate.cfg != generic || up.cfg != generic)
-    STEP(gqmm__cu_route(tok_of, a->expert_ids, (int32_t)R, 1, (int32_t)E,
-                        gate.cfg != generic ? gate.tok : up.tok,
-                        gate.cfg != generic ? gate.n_tiles : up.n_tiles, pg),
-         "routing plan");
-  if (down.cfg != generic && gate.cfg != generic && down.n_tiles == gate.n_tiles &&
-      down.tok == gate.tok) {
-    pd = pg; /* same units: only the x rows differ (h row p = the out row p) */
-    pd.rows_x = pg.rows_o;
-  } else if (down.cfg != generic) {
-    STEP(gqmm__cu_route(iota, a->expert_ids, (int32_t)R, 1, (int32_t)E, (int32_t)down.tok,
-                        down.n_tiles, pd),
-         "routing plan");
-  }
+  STEP(gqmm__cu_moe_route(&ra), "routing plan");
   STEP(cudaEventRecord(ev[1], 0), "event");
   if ((st = launch_gemm(ctx, s, &gate, &pg, E, ks, "gate_up GEMM"))) return st;
   if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, ks, "up GEMM"))) return st;
@@ -279,7 +329,9 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   STEP(cudaEventRecord(ev[3], 0), "event");
   if ((st = launch_gemm(ctx, s, &down, &pd, E, ks, "down GEMM"))) return st;
   STEP(cudaEventRecord(ev[4], 0), "event");
-  STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->out, T, k, H), "combine");
+  STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E,
+                            a->out, T, k, H),
+       "combine");
   STEP(cudaEventRecord(ev[5], 0), "event");
 #undef STEP
   s->timed = 1;

@@ -3,64 +3,141 @@
  * batched qmm -> rows grouped by expert and the list of work units of the
  * tensor-core kernel, in one small kernel (no host round trip).
  *
- * One CTA: a counting sort of the batch entries by expert. The order of rows
- * inside an expert depends on atomics, but every output row is computed
- * independently with the same reduction order, so results are deterministic.
- * Preconditions: indices already checked in range; batch*M < 2^31.
+ * One CTA of 1024 threads does a counting sort of the entries by expert in
+ * one pass over them: per-expert counters in shared memory (global memory
+ * when E is too large for it), a warp-shuffle block scan over the experts,
+ * then the scatter. The order of rows inside an expert depends on atomics,
+ * but every output row is computed independently with the same reduction
+ * order, so results are deterministic.
+ *
+ * The MoE layer (gqmm__cu_moe_route) also checks its expert ids here, the
+ * first kernel of the layer, so the host never reads them: an id outside
+ * [0, E) is routed to expert 0 (always in bounds; the layer's combine turns
+ * the token's output into NaN) and the first such pair is written to a
+ * host-mapped error record that the host reads at its next sync. The same
+ * kernel writes the unit lists of both GEMMs of the layer (gate_up and down
+ * tile N differently; rows and counts are shared).
  */
 #include "kernels.h"
 
+#include <climits>
 #include <cuda_runtime.h>
 
 namespace {
 
-constexpr int kThreads = 1024;
+constexpr int kThreads = 1024, kWarps = kThreads / 32;
+/* Experts whose two counters fit the default 48 KB of shared memory. */
+constexpr int kSharedExperts = 4096;
 
-__global__ void __launch_bounds__(kThreads)
-route_kernel(const int32_t *__restrict__ x_index, const int32_t *__restrict__ w_index,
-             int32_t batch, int32_t M, int32_t experts, int32_t tok_max, int32_t n_tiles,
-             gqmm__cu_plan p) {
-  __shared__ int32_t carry_rows, carry_units;
-  __shared__ int32_t scan_rows[kThreads], scan_units[kThreads];
-  const int tid = threadIdx.x;
-  for (int e = tid; e < experts; e += kThreads) p.count[e] = 0, p.fill[e] = 0;
+struct route_args {
+  const int32_t *x_index; /* NULL: the x row of entry b is b / x_div */
+  const int32_t *w_index;
+  int32_t batch, M, experts, x_div;
+  int32_t tok[2], n_tiles[2]; /* n_tiles[1] == 0: one tiling only */
+  int32_t *unit_start2;       /* [E+1] of the second tiling */
+  int32_t *w_safe;            /* NULL, or [batch]: w_index with bad ids -> 0 */
+  int32_t *err;               /* NULL, or the error record (kernels.h) */
+  int32_t call;
+  gqmm__cu_plan p;
+};
+
+/* Inclusive scan of v over the CTA's threads, three values at once; tot gets
+ * the CTA totals. Uses ws (kWarps x 3 ints); ends with a barrier. */
+__device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 1; off < 32; off <<= 1)
+    for (int i = 0; i < 3; i++) {
+      const int32_t o = __shfl_up_sync(0xffffffffu, v[i], off);
+      if (lane >= off) v[i] += o;
+    }
+  if (lane == 31)
+    for (int i = 0; i < 3; i++) ws[warp][i] = v[i];
   __syncthreads();
-  for (int b = tid; b < batch; b += kThreads) atomicAdd(&p.count[w_index[b]], M);
-  if (tid == 0) carry_rows = 0, carry_units = 0;
+  int32_t before[3] = {0, 0, 0};
+  for (int i = 0; i < 3; i++) tot[i] = 0;
+  for (int w = 0; w < kWarps; w++) /* broadcast reads of the warp totals */
+    for (int i = 0; i < 3; i++) {
+      const int32_t t = ws[w][i];
+      if (w < warp) before[i] += t;
+      tot[i] += t;
+    }
+  for (int i = 0; i < 3; i++) v[i] += before[i];
+  __syncthreads(); /* ws may be reused */
+}
+
+__global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
+  extern __shared__ int32_t smem[]; /* 2E ints when E <= kSharedExperts */
+  __shared__ int32_t ws[kWarps][3];
+  __shared__ int32_t first_bad;
+  const int tid = threadIdx.x, E = a.experts;
+  const gqmm__cu_plan &p = a.p;
+  /* start: per-expert counts, then (after the scan) first rows; fill: rows
+   * placed so far. Generic pointers: shared or global, same code. */
+  const bool shared = E <= kSharedExperts;
+  int32_t *start = shared ? smem : p.row_start, *fill = shared ? smem + E : p.fill;
+  for (int e = tid; e < E; e += kThreads) start[e] = 0, fill[e] = 0;
+  if (tid == 0) first_bad = INT_MAX;
   __syncthreads();
-  /* Block-wide exclusive scan over experts, kThreads at a time. */
-  for (int base = 0; base < experts; base += kThreads) {
+  for (int b = tid; b < a.batch; b += kThreads) {
+    int32_t e = __ldg(a.w_index + b);
+    if ((uint32_t)e >= (uint32_t)E) { /* int32 < 0 or >= E; uint32 > INT32_MAX reads < 0 */
+      atomicMin(&first_bad, b);
+      e = 0;
+    }
+    if (a.w_safe) a.w_safe[b] = e;
+    atomicAdd(&start[e], a.M);
+  }
+  __syncthreads();
+  if (tid == 0 && a.err && first_bad != INT_MAX) {
+    /* Fields first, the call number last: the host reads the call number
+     * and then trusts the rest. Plain stores: atomics on mapped host memory
+     * are not guaranteed across PCIe. */
+    volatile int32_t *r = a.err;
+    r[1] = first_bad, r[2] = a.w_index[first_bad], r[3] = E, r[4] = a.x_div;
+    __threadfence_system();
+    r[0] = a.call;
+  }
+  /* Exclusive prefix over experts of rows and of both tilings' units. */
+  int32_t carry[3] = {0, 0, 0};
+  for (int base = 0; base < E; base += kThreads) {
     const int e = base + tid;
-    const int32_t c = e < experts ? p.count[e] : 0;
-    const int32_t u = (c + tok_max - 1) / tok_max * n_tiles;
-    scan_rows[tid] = c;
-    scan_units[tid] = u;
-    __syncthreads();
-    for (int off = 1; off < kThreads; off <<= 1) { /* Hillis-Steele inclusive scan */
-      int32_t r = tid >= off ? scan_rows[tid - off] : 0;
-      int32_t v = tid >= off ? scan_units[tid - off] : 0;
-      __syncthreads();
-      scan_rows[tid] += r;
-      scan_units[tid] += v;
-      __syncthreads();
+    const int32_t c = e < E ? start[e] : 0;
+    int32_t v[3] = {c, 0, 0}, tot[3];
+    for (int i = 0; i < 2; i++) v[i + 1] = (c + a.tok[i] - 1) / a.tok[i] * a.n_tiles[i];
+    const int32_t own[3] = {v[0], v[1], v[2]};
+    block_scan3(v, tot, ws);
+    if (e < E) {
+      const int32_t first = carry[0] + v[0] - own[0];
+      p.count[e] = c;
+      p.row_start[e] = first;
+      start[e] = first; /* each thread rewrites only its own expert */
+      p.unit_start[e] = carry[1] + v[1] - own[1];
+      if (a.n_tiles[1]) a.unit_start2[e] = carry[2] + v[2] - own[2];
     }
-    if (e < experts) {
-      p.row_start[e] = carry_rows + scan_rows[tid] - c;
-      p.unit_start[e] = carry_units + scan_units[tid] - u;
-    }
-    __syncthreads();
-    if (tid == kThreads - 1) carry_rows += scan_rows[tid], carry_units += scan_units[tid];
-    __syncthreads();
+    for (int i = 0; i < 3; i++) carry[i] += tot[i];
   }
-  if (tid == 0) p.unit_start[experts] = carry_units;
-  for (int b = tid; b < batch; b += kThreads) {
-    const int32_t e = w_index[b];
-    const int32_t at = p.row_start[e] + atomicAdd(&p.fill[e], M);
-    for (int32_t m = 0; m < M; m++) {
-      p.rows_x[at + m] = x_index[b] * M + m;
-      p.rows_o[at + m] = b * M + m;
+  if (tid == 0) {
+    p.unit_start[E] = carry[1];
+    if (a.n_tiles[1]) a.unit_start2[E] = carry[2];
+  }
+  __syncthreads();
+  for (int b = tid; b < a.batch; b += kThreads) {
+    /* the id again through the read-only cache (w_safe was only stored) */
+    int32_t e = __ldg(a.w_index + b);
+    if ((uint32_t)e >= (uint32_t)E) e = 0;
+    const int32_t at = start[e] + atomicAdd(&fill[e], a.M);
+    const int32_t xr = a.x_index ? __ldg(a.x_index + b) : b / a.x_div;
+    for (int32_t m = 0; m < a.M; m++) {
+      p.rows_x[at + m] = xr * a.M + m;
+      p.rows_o[at + m] = b * a.M + m;
     }
   }
+}
+
+int launch(const route_args &a) {
+  const size_t smem = a.experts <= kSharedExperts ? 2 * (size_t)a.experts * sizeof(int32_t) : 0;
+  route_kernel<<<1, kThreads, smem>>>(a);
+  return (int)cudaGetLastError();
 }
 
 } // namespace
@@ -68,6 +145,18 @@ route_kernel(const int32_t *__restrict__ x_index, const int32_t *__restrict__ w_
 extern "C" int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch,
                               int32_t M, int32_t experts, int32_t tok_max, int32_t n_tiles,
                               gqmm__cu_plan plan) {
-  route_kernel<<<1, kThreads>>>(x_index, w_index, batch, M, experts, tok_max, n_tiles, plan);
-  return (int)cudaGetLastError();
+  route_args a = {};
+  a.x_index = x_index, a.w_index = w_index, a.batch = batch, a.M = M, a.experts = experts;
+  a.x_div = 1, a.tok[0] = tok_max, a.n_tiles[0] = n_tiles, a.tok[1] = 1, a.p = plan;
+  return launch(a);
+}
+
+extern "C" int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *m) {
+  route_args a = {};
+  a.w_index = m->ids, a.batch = m->pairs, a.M = 1, a.experts = m->experts, a.x_div = m->top_k;
+  for (int i = 0; i < 2; i++)
+    a.tok[i] = m->tok_max[i] > 0 ? m->tok_max[i] : 1, a.n_tiles[i] = m->n_tiles[i];
+  a.unit_start2 = m->unit_start2, a.w_safe = m->ids_safe, a.err = m->err, a.call = m->call;
+  a.p = m->plan;
+  return launch(a);
 }

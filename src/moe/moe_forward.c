@@ -6,7 +6,6 @@
 #include "moe.h"
 
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 /* t must have this dtype and shape exactly (an input: SHAPE/DTYPE errors). */
@@ -172,25 +171,16 @@ static int pick_backend(gqmm_ctx *ctx, const gqmm__moe_args *a, const gqmm__back
   return gqmm__select_backend(ctx, &q, be);
 }
 
-/* Host copy of the ids (checked in range); *owned is set if it was allocated. */
-static int host_ids(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm_tensor *ids,
-                    gqmm__moe_args *a, int32_t **owned) {
-  const int64_t n = a->tokens * a->top_k;
-  *owned = NULL;
-  if (ids->device == GQMM_DEVICE_CPU) {
-    a->expert_ids_host = ids->data;
-  } else {
-    if (!be->mem_copy)
-      return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
-                        "expert_ids: backend %s cannot read device memory", be->name);
-    *owned = malloc((size_t)(n > 0 ? n : 1) * sizeof(int32_t));
-    if (!*owned) return gqmm__fail(ctx, GQMM_ERR_NOMEM, "expert_ids: cannot allocate host copy");
-    int st = be->mem_copy(ctx, *owned, ids->data, (size_t)n * sizeof(int32_t), GQMM__COPY_D2H);
-    if (st) return st;
-    a->expert_ids_host = *owned;
-  }
+/* Host ids are range-checked here, before anything runs. Device ids are
+ * never copied to the host: that copy would wait for all queued work every
+ * layer. A backend's fused moe_forward checks them on the device and reports
+ * a bad one at the next sync or layer call (the deferred error, gqmm.h);
+ * without one the layer is composed on the host and takes host tensors only. */
+static int check_host_ids(gqmm_ctx *ctx, const gqmm_tensor *ids, gqmm__moe_args *a) {
+  if (ids->device != GQMM_DEVICE_CPU) return GQMM_OK;
+  a->expert_ids_host = ids->data;
   /* uint32 ids above INT32_MAX read as negative here, and fail the same check. */
-  for (int64_t p = 0; p < n; p++) {
+  for (int64_t p = 0; p < a->tokens * a->top_k; p++) {
     const int32_t e = a->expert_ids_host[p];
     if (e < 0 || e >= a->experts)
       return gqmm__fail(ctx, GQMM_ERR_INDEX,
@@ -212,14 +202,9 @@ int gqmm__moe_forward_timed(gqmm_ctx *ctx, const gqmm_moe_weights *w, const gqmm
   if (st) return st;
   const gqmm__backend *be = NULL;
   if ((st = pick_backend(ctx, &a, &be))) return st;
-  int32_t *owned = NULL;
-  st = host_ids(ctx, be, expert_ids, &a, &owned);
-  if (!st && a.tokens > 0) {
-    ctx->last_backend = be->name;
-    st = be->moe_forward ? be->moe_forward(ctx, &a) : gqmm__moe_compose(ctx, be, &a, phases);
-  }
-  free(owned);
-  return st;
+  if ((st = check_host_ids(ctx, expert_ids, &a)) || a.tokens == 0) return st;
+  ctx->last_backend = be->name;
+  return be->moe_forward ? be->moe_forward(ctx, &a) : gqmm__moe_compose(ctx, be, &a, phases);
 }
 
 int gqmm_moe_forward(gqmm_ctx *ctx, const gqmm_moe_weights *w, const gqmm_tensor *x,

@@ -232,6 +232,11 @@ GQMM_TEST(cuda_matches_reference) {
           fails += run_case(gpu, ref, &c, (gqmm_quant){bits[bi], gsz[gi]}, dts[di], salt++);
           runs++;
         }
+  /* more experts than the routing kernel counts in shared memory (route.cu:
+   * its global-memory counters), M > 1, unsorted */
+  const gpu_case many = {"many_experts_M3", 4500, 16, 160, 3, 300, 50, 1, 1};
+  fails += run_case(gpu, ref, &many, (gqmm_quant){4, 32}, GQMM_BF16, salt++);
+  runs++;
   fprintf(stderr, "  %d GPU cases (each on every config), %d failures\n", runs, fails);
   gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
   CHECK(fails == 0);

@@ -183,6 +183,17 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
 
 /* ---- with a GPU ---------------------------------------------------------- */
 
+/* true if gpu can allocate device memory; else says why the test stops. */
+static bool gpu_or_say(gqmm_ctx *gpu, const char *what) {
+  void *probe = NULL;
+  if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {
+    fprintf(stderr, "  no GPU: %s\n", what);
+    return false;
+  }
+  gqmm_device_free(gpu, probe);
+  return true;
+}
+
 /* Run on the GPU with out poisoned first; copy the result to host `got`. */
 static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, gqmm_activation act, const void *poison,
                    void *got) {
@@ -258,13 +269,10 @@ done:
 GQMM_TEST(cuda_moe_matches_reference) {
   gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
-  void *probe = NULL;
-  if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {
-    fprintf(stderr, "  no GPU: only the decline path is checked (cuda_moe_declines_cleanly)\n");
+  if (!gpu_or_say(gpu, "only the decline path is checked (cuda_moe_declines_cleanly)")) {
     gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
     return;
   }
-  gqmm_device_free(gpu, probe);
   const char *quick_env = getenv("GQMM_CUDA_TEST_QUICK");
   const bool quick = quick_env && quick_env[0] == '1';
   const int bits[] = {4, 5, 3, 2, 8, 6}, gsz[] = {64, 32, 128};
@@ -287,8 +295,142 @@ GQMM_TEST(cuda_moe_matches_reference) {
   layer big = {.T = 64, .k = 8, .E = 16, .H = 512, .I = 256, .q = {4, 64}, .dt = GQMM_BF16};
   fails += run_layer(gpu, ref, &big, 0, salt++);
   runs++;
+  /* more experts than the plan kernel counts in shared memory (route.cu's
+   * global-memory counters); almost every expert gets 0 or 1 rows */
+  layer many = {.T = 16, .k = 4, .E = 4500, .H = 64, .I = 32, .q = {4, 32}, .dt = GQMM_BF16};
+  fails += run_layer(gpu, ref, &many, 0, salt++);
+  runs++;
   fprintf(stderr, "  %d GPU layers (each: 2 activations x fused/separate x every config), %d failures\n",
           runs, fails);
+  gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
+  CHECK(fails == 0);
+}
+
+/* ---- bad expert ids on the device: the deferred error ------------------- */
+
+/* Out of the layer on the device, to host `got`; status of the copy. */
+static int fetch_out(gqmm_ctx *gpu, layer *L, void *got) {
+  return gqmm_device_copy(gpu, got, L->td[OUT].data, L->bytes[OUT], GQMM_COPY_DEVICE_TO_HOST);
+}
+
+/* Rows of token bad_t all NaN (bad_t < 0: none) and every other row within
+ * tol of want; prints what is wrong. */
+static bool out_ok(const layer *L, const void *got, const void *want, int64_t bad_t, double tol) {
+  const int64_t H = L->H, n = L->T * H;
+  const size_t es = gqmm_dtype_size(L->dt);
+  bool ok = true;
+  for (int64_t i = bad_t < 0 ? n : bad_t * H; i < (bad_t + 1) * H && i < n; i++)
+    ok = ok && isnan(gqmm__load_f(got, L->dt, i));
+  if (!ok) fprintf(stderr, "  token %lld with a bad id: output not all NaN\n", (long long)bad_t);
+  char *mixed = malloc(L->bytes[OUT]); /* got with the bad token's rows from want */
+  if (!mixed) return false;
+  memcpy(mixed, got, L->bytes[OUT]);
+  if (bad_t >= 0) memcpy(mixed + bad_t * H * es, (const char *)want + bad_t * H * es, H * es);
+  const double err = test_rel_err(mixed, L->dt, want, L->dt, n);
+  free(mixed);
+  if (!(err <= tol)) fprintf(stderr, "  good tokens: rel_err %.3g (tol %.1g)\n", err, tol), ok = false;
+  return ok;
+}
+
+/* The status is `want` and, if an error, its message contains `text`. */
+static bool status_is(gqmm_ctx *gpu, int st, int want, const char *text, const char *step) {
+  if (st == want && (!want || strstr(gqmm_last_error(gpu), text))) return true;
+  fprintf(stderr, "  %s: status %d (%s), expected %d naming '%s'\n", step, st,
+          gqmm_last_error(gpu), want, text);
+  return false;
+}
+
+/* One layer with pair bad_p given the id `bad` (int32 or uint32 bits):
+ * the call itself succeeds, the token's rows are NaN, the other tokens
+ * are right; the next sync reports GQMM_ERR_ARG once; the bad call again,
+ * then (after a synchronous copy) a good call is refused with the same
+ * report; the call after that runs and matches the reference. */
+static int bad_id_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype ids_dt, int32_t bad,
+                       int64_t bad_p, uint64_t salt) {
+  layer L = {.T = 7, .k = 3, .E = 5, .H = 128, .I = 64, .q = {bits, 64}, .dt = GQMM_BF16};
+  test_rng r = test_rng_make(salt);
+  int st = layer_make(ref, &r, &L, 0);
+  void *want = malloc(L.bytes[OUT]), *got = malloc(L.bytes[OUT]), *poison = malloc(L.bytes[OUT]);
+  int32_t *bad_ids = malloc(L.bytes[IDS]);
+  if (!st && (!want || !got || !poison || !bad_ids)) st = GQMM_ERR_NOMEM;
+  L.th[IDS].dtype = ids_dt;
+  if (!st) st = layer_upload(gpu, &L);
+  gqmm_moe_weights wr = weights(L.th, L.q, 0), wd = weights(L.td, L.q, 1);
+  if (!st) {
+    test_poison(want, L.dt, L.T * L.H);
+    L.th[OUT].data = want;
+    st = gqmm_moe_forward(ref, &wr, &L.th[X], &L.th[IDS], &L.th[EW], GQMM_ACT_SWIGLU, &L.th[OUT]);
+  }
+  if (st) {
+    fprintf(stderr, "  setup: status %d (%s / %s)\n", st, gqmm_last_error(ref), gqmm_last_error(gpu));
+    goto done;
+  }
+  test_poison(poison, L.dt, L.T * L.H);
+  memcpy(bad_ids, L.h[IDS], L.bytes[IDS]);
+  bad_ids[bad_p] = bad;
+  char where[48];
+  snprintf(where, sizeof where, "element [%lld, %lld]", (long long)(bad_p / L.k),
+           (long long)(bad_p % L.k));
+  const double tol = 1.2e-2;
+  bool ok = true;
+  for (int round = 0; round < 2 && ok; round++) {
+    st = gqmm_device_copy(gpu, L.td[IDS].data, bad_ids, L.bytes[IDS], GQMM_COPY_HOST_TO_DEVICE);
+    if (!st) st = gqmm_device_copy(gpu, L.td[OUT].data, poison, L.bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
+    if (st) break;
+    ok = status_is(gpu, gqmm_moe_forward(gpu, &wd, &L.td[X], &L.td[IDS], &L.td[EW],
+                                         GQMM_ACT_SWIGLU, &L.td[OUT]),
+                   GQMM_OK, "", "the bad call");
+    if (round == 0) { /* reported by the sync, once */
+      ok = ok && status_is(gpu, gqmm_device_sync(gpu), GQMM_ERR_ARG, "expert_ids", "sync");
+      ok = ok && status_is(gpu, GQMM_ERR_ARG, GQMM_ERR_ARG, where, "sync's message");
+      ok = ok && status_is(gpu, gqmm_device_sync(gpu), GQMM_OK, "", "second sync");
+      ok = ok && fetch_out(gpu, &L, got) == GQMM_OK && out_ok(&L, got, want, bad_p / L.k, tol);
+    } else { /* reported by the next layer call once the device got there */
+      st = fetch_out(gpu, &L, got); /* a synchronous copy: the bad call has run */
+      if (!st) st = gqmm_device_copy(gpu, L.td[IDS].data, L.h[IDS], L.bytes[IDS],
+                                     GQMM_COPY_HOST_TO_DEVICE);
+      if (st) break;
+      ok = ok && out_ok(&L, got, want, bad_p / L.k, tol);
+      ok = ok && status_is(gpu, gqmm_moe_forward(gpu, &wd, &L.td[X], &L.td[IDS], &L.td[EW],
+                                                 GQMM_ACT_SWIGLU, &L.td[OUT]),
+                           GQMM_ERR_ARG, where, "the call after the bad one");
+      ok = ok && status_is(gpu, gqmm_device_sync(gpu), GQMM_OK, "", "sync after the report");
+      /* and the one after that runs normally */
+      st = gqmm_device_copy(gpu, L.td[OUT].data, poison, L.bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
+      if (st) break;
+      ok = ok && status_is(gpu, gqmm_moe_forward(gpu, &wd, &L.td[X], &L.td[IDS], &L.td[EW],
+                                                 GQMM_ACT_SWIGLU, &L.td[OUT]),
+                           GQMM_OK, "", "the good call");
+      ok = ok && status_is(gpu, gqmm_device_sync(gpu), GQMM_OK, "", "sync after the good call");
+      ok = ok && fetch_out(gpu, &L, got) == GQMM_OK && out_ok(&L, got, want, -1, tol);
+    }
+  }
+  if (!st && !ok) st = GQMM_ERR_BACKEND;
+  if (st)
+    fprintf(stderr, "  FAIL bad id %d at pair %lld, bits %d, %s ids: status %d (%s)\n", bad,
+            (long long)bad_p, bits, gqmm_dtype_name(ids_dt), st, gqmm_last_error(gpu));
+done:
+  gqmm_device_sync(gpu); /* leave no report behind for the next case */
+  layer_free(gpu, &L);
+  free(want), free(got), free(poison), free(bad_ids);
+  return st != GQMM_OK;
+}
+
+GQMM_TEST(cuda_moe_bad_device_ids_are_deferred_errors) {
+  gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
+  CHECK(gpu && ref);
+  if (!gpu_or_say(gpu, "device ids cannot be checked here (cuda_moe_declines_cleanly)")) {
+    gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
+    return;
+  }
+  /* tensor cores (4-bit) and the generic kernel (5-bit); id == E, -1, and
+   * a uint32 above INT32_MAX; first, middle and last pair */
+  int fails = 0;
+  fails += bad_id_case(gpu, ref, 4, GQMM_I32, 5, 0, 7601);
+  fails += bad_id_case(gpu, ref, 4, GQMM_I32, -1, 10, 7602);
+  fails += bad_id_case(gpu, ref, 4, GQMM_U32, (int32_t)0x80000001u, 20, 7603);
+  fails += bad_id_case(gpu, ref, 5, GQMM_I32, 1000, 13, 7604);
+  fails += bad_id_case(gpu, ref, 5, GQMM_U32, -7, 20, 7605);
   gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
   CHECK(fails == 0);
 }

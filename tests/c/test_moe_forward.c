@@ -323,6 +323,19 @@ GQMM_TEST(moe_forward_rejects_bad_arguments) {
   const gqmm_activation sw = GQMM_ACT_SWIGLU;
   L.ids[5] = 4; /* == E, at [2, 1] */
   ok = ok && fails_with(ctx, run(ctx, &L, &L.fused, sw), GQMM_ERR_INDEX, "expert_ids: element [2, 1]");
+  /* host ids stay checked before anything runs: a uint32 id above INT32_MAX
+   * is named as the unsigned value, and out is not written */
+  gqmm_tensor ids_u32 = *ids;
+  ids_u32.dtype = GQMM_U32;
+  L.ids[5] = (int32_t)0x80000000u;
+  const size_t out_bytes = (size_t)(L.T * L.H) * gqmm_dtype_size(L.dt);
+  void *poisoned = malloc(out_bytes);
+  ok = ok && poisoned;
+  if (ok) test_poison(poisoned, L.dt, L.T * L.H), memcpy(L.out, poisoned, out_bytes);
+  ok = ok && fails_with(ctx, gqmm_moe_forward(ctx, &L.fused, x, &ids_u32, ew, sw, out),
+                        GQMM_ERR_INDEX, "element [2, 1] is 2147483648");
+  ok = ok && memcmp(L.out, poisoned, out_bytes) == 0;
+  free(poisoned);
   L.ids[5] = 0;
   gqmm_moe_weights w = L.fused;
   w.gate = L.separate.gate;

@@ -26,9 +26,31 @@ __device__ __forceinline__ void cp_async(uint32_t dst, const void *src, int src_
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src),
                  "n"(BYTES), "r"(src_bytes));
 }
+/* The same 16-byte copy with an L2 prefetch hint: the L2 fetches the
+ * aligned 256 bytes around src from DRAM. A weight row is read 64 bytes per
+ * pipeline stage; without the hint DRAM sees scattered 64-byte requests,
+ * with it one 256-byte burst per four stages (the rest hit L2). */
+__device__ __forceinline__ void cp_async_l2pf(uint32_t dst, const void *src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+/* A read-only 16-bit load with a 128-byte L2 prefetch (the scales of a
+ * weight row are read 2-4 bytes per stage). */
+__device__ __forceinline__ uint32_t ldg_u16_l2pf(const void *p) {
+  unsigned short v;
+  asm("ld.global.nc.L2::128B.u16 %0, [%1];\n" : "=h"(v) : "l"(p));
+  return v;
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+/* p, as a value the compiler must keep: address arithmetic on it stays one
+ * IMAD.WIDE per use instead of being re-associated into 64-bit adds. */
+template <typename P> __device__ __forceinline__ P *opaque(P *p) {
+  asm("mov.b64 %0, %0;" : "+l"(p));
+  return p;
 }
 
 __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {

@@ -156,8 +156,8 @@ template <typename T, int GS, int WARPS, int MT, int STAGES, int NTMAX> struct f
     const uint32_t wdst = ws + r0 * kWRowBytes + wphys(j, r0) * 16;
 #pragma unroll
     for (int i = 0; i < kWPer; i++)
-      cp_async<16>(wdst + i * (kThreads / 4) * kWRowBytes, wst + (uint64_t)ls.n[i] * wstride,
-                   kin ? 16 : 0);
+      cp_async_l2pf(wdst + i * (kThreads / 4) * kWRowBytes, wst + (uint64_t)ls.n[i] * wstride,
+                    kin ? 16 : 0);
     /* x: chunk (tid & 15) of the unit's token rows (tid >> 4) + i * kThreads/16 */
     const int c = tid & 15, xrow0 = tid >> 4;
     const uint8_t *xst = (const uint8_t *)a.xp + (size_t)lk * kXRowBytes + c * 16;
@@ -183,7 +183,7 @@ template <typename T, int GS, int WARPS, int MT, int STAGES, int NTMAX> struct f
       for (int g = 0; g < kGps; g++) {
         const int gi = lk * kGps + g;
         const bool ok = gi < a.groups && ((ls.smask >> v) & 1u);
-        const uint32_t s = ok ? __ldg(sp + gi) : 0u, b = ok ? __ldg(bp + gi) : 0u;
+        const uint32_t s = ok ? ldg_u16_l2pf(sp + gi) : 0u, b = ok ? ldg_u16_l2pf(bp + gi) : 0u;
         sr.s[v][g >> 1] |= s << (16 * (g & 1));
         sr.b[v][g >> 1] |= b << (16 * (g & 1));
       }

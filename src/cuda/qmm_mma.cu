@@ -157,7 +157,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     const unsigned short *s;         /* expert's scales (biases: + b_minus_s bytes) */
     uint32_t n[MT][2];               /* the thread's weight rows in the expert */
     uint32_t xr[kXPer];              /* token rows of the thread's x chunks */
-    uint32_t xm;                     /* bit i: x chunk i has a token (else zero-filled) */
+    int xsz[kXPer];                  /* 16, or 0: chunk i has no token (zero-filled) */
   };
 
   static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
@@ -170,13 +170,12 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 #pragma unroll
       for (int h = 0; h < 2; h++) /* rows past N (ragged tile) re-read row N-1, never stored */
         ls.n[mt][h] = min(lu.ntile * kBN + (warp * MT + mt) * 16 + h * 8 + g, a.N - 1);
-    ls.xm = 0;
 #pragma unroll
     for (int i = 0; i < kXPer; i++) {
       const int r = (tid + i * kThreads) >> 4;
       const bool has = r < lu.cnt;
       ls.xr[i] = has ? (uint32_t)__ldg(a.plan.rows_x + lu.r0 + r) : 0u;
-      ls.xm |= has ? 1u << i : 0u;
+      ls.xsz[i] = has ? 16 : 0;
     }
   }
 
@@ -187,20 +186,23 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
   }
 
   /* Start stage lk's copies into ring slot `slot` (sm: the ring's shared
-   * address). Branch-free: a k past K (ragged last stage) or a missing
-   * token row is a zero-byte (zero-filling) copy. */
+   * address) and the loads of its scales and biases into rs/rb.
+   * Branch-free: a k past K (ragged last stage) or a missing token row is a
+   * zero-byte (zero-filling) copy from an in-bounds address; past K the
+   * weights' scale and bias are the last group's (finite), times x = 0.
+   * Each address is one IMAD.WIDE.U32 (32-bit row index x stride + the
+   * stage's 64-bit base, kept opaque so the compiler does not re-derive it). */
   static __device__ __forceinline__ void issue(const kargs &a, const lstate &ls, int lk,
                                                uint32_t sm, const int (&xd)[kXPer], int slot,
-                                               uint32_t (&sb)[MT][2]) {
+                                               uint32_t (&rs)[MT][2], uint32_t (&rb)[MT][2]) {
     const int tid = threadIdx.x, lane = tid & 31, t = lane & 3;
     const uint32_t xs = sm + slot * (kXStage + kWStage), ws = xs + kXStage;
     const int k0 = lk * kStageK + 32 * t;
     const bool kin = k0 < a.K;
-    /* this stage's bases; (uint32 x uint32) + 64-bit pointer is one IMAD.WIDE.U32.
-     * Zero-byte copies still get an in-bounds address (stage 0's). */
-    const uint8_t *wst = ls.w + (kin ? lk * (kStageK * BITS / 8) : 0);
-    const int gi = k0 >> a.gs_shift; /* past K: not loaded (kin) */
-    const uint8_t *sst = (const uint8_t *)(ls.s + gi), *bst = sst + a.b_minus_s;
+    const uint8_t *wst = opaque(ls.w + (kin ? lk * (kStageK * BITS / 8) : 0));
+    const int gi = min(k0 >> a.gs_shift, a.groups - 1);
+    const uint8_t *sst = opaque((const uint8_t *)(ls.s + gi));
+    const uint8_t *bst = opaque(sst + a.b_minus_s);
     const uint32_t wstride = (uint32_t)a.row_bytes, sstride = (uint32_t)a.groups * 2u;
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
@@ -209,23 +211,22 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         const uint8_t *src = wst + (uint64_t)ls.n[mt][h] * wstride;
 #pragma unroll
         for (int u = 0; u < F::units; u++)
-          cp_async<F::unit>(ws + woff(mt, h, u, tid), src + u * F::unit, kin ? F::unit : 0);
-        const uint64_t so = (uint64_t)ls.n[mt][h] * sstride;
-        /* k past K: scale and bias 0, so the zero-filled weights dequantize to 0 */
-        const uint32_t s = kin ? __ldg((const unsigned short *)(sst + so)) : 0u;
-        const uint32_t b = kin ? __ldg((const unsigned short *)(bst + so)) : 0u;
-        sb[mt][h] = prmt(s, b, 0x5410); /* s | b << 16: half the registers in the FIFO */
+          if constexpr (F::unit == 16)
+            cp_async_l2pf(ws + woff(mt, h, u, tid), src + u * F::unit, kin ? F::unit : 0);
+          else
+            cp_async<F::unit>(ws + woff(mt, h, u, tid), src + u * F::unit, kin ? F::unit : 0);
+        rs[mt][h] = ldg_u16_l2pf(sst + (uint64_t)ls.n[mt][h] * sstride);
+        rb[mt][h] = ldg_u16_l2pf(bst + (uint64_t)ls.n[mt][h] * sstride);
       }
     }
     /* x: the unit's token rows for this stage; missing rows/k are zeros. */
     const int kx = lk * kStageK + (tid & 15) * 8; /* the same 16-byte column of every row */
     const bool xin = kx < a.K;
-    const uint8_t *xst = (const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0);
+    const uint8_t *xst = opaque((const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0));
     const uint32_t xstride = (uint32_t)a.K * 2u;
 #pragma unroll
     for (int i = 0; i < kXPer; i++)
-      cp_async<16>(xs + xd[i], xst + (uint64_t)ls.xr[i] * xstride,
-                   xin && ((ls.xm >> i) & 1u) ? 16 : 0);
+      cp_async<16>(xs + xd[i], xst + (uint64_t)ls.xr[i] * xstride, xin ? ls.xsz[i] : 0);
   }
 
   /* One stage: dequantize this thread's weights once, reuse them for the
@@ -326,8 +327,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     const int nflat = (u1 - u0) * nk;
     if (nflat <= 0) return;
     /* Scales and biases of the stages in flight, oldest first: a FIFO in
-     * registers, shifted once per stage (fixed indices: no local memory). */
-    uint32_t sb[STAGES][MT][2];
+     * registers (fixed indices: no local memory), s | b << 16 per row.
+     * A stage's loads land in rs/rb and are packed into the FIFO one
+     * iteration later, so no instruction waits for them. */
+    uint32_t sb[STAGES - 1][MT][2], rs[MT][2] = {}, rb[MT][2] = {};
     float acc[MT][kNtMax][4];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -345,24 +348,40 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     int xd[kXPer];
 #pragma unroll
     for (int i = 0; i < kXPer; i++) xd[i] = xdst(i);
+    auto pack = [&](uint32_t(&dst)[MT][2]) {
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) dst[mt][h] = prmt(rs[mt][h], rb[mt][h], 0x5410);
+    };
+    /* Prologue: stages 0..STAGES-2; stage s goes to sb[s + 1] (the first
+     * shift moves it to s), the last one stays in rs/rb. */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
       if (s < nflat) {
-        issue(a, ls, lk, sm, xd, s, sb[s]);
+        issue(a, ls, lk, sm, xd, s, rs, rb);
         if (++lk == nk) {
           lk = 0;
           if (++lidx < u1) lu = next_unit<kTokMax>(a, lu), load_unit(a, lu, ls);
         }
       }
+      if (s < STAGES - 2) pack(sb[s + 1]);
       cp_async_commit();
     }
     int slot = 0;
     for (int f = 0; f < nflat; f++) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();
+#pragma unroll
+      for (int s = 0; s + 1 < STAGES - 1; s++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
+      pack(sb[STAGES - 2]);
       const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
       if (f + STAGES - 1 < nflat) {
-        issue(a, ls, lk, sm, xd, nslot, sb[STAGES - 1]);
+        issue(a, ls, lk, sm, xd, nslot, rs, rb);
         if (++lk == nk) {
           lk = 0;
           if (++lidx < u1) lu = next_unit<kTokMax>(a, lu), load_unit(a, lu, ls);
@@ -370,12 +389,6 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
       }
       cp_async_commit();
       compute(cu.nt, smem, slot, sb[0], acc);
-#pragma unroll
-      for (int s = 0; s < STAGES - 1; s++)
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-          for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
       if (++ck == nk) {
         store_unit<T, MT, kNtMax, kBN>(a, cu, acc);
         ck = 0;

@@ -252,7 +252,7 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
       pa.M = 1, pa.N = dw.N, pa.K = dw.K, pa.x = dw.w, pa.w = dw.w;
       ncfg = be->configs(b.ctx, &pa, cfgs, 16);
       fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, -1, "auto") != 0;
-      for (int c = 0; c < ncfg && bi == 0; c++)
+      for (int c = 0; c < ncfg; c++)
         if (strcmp(cfgs[c].name, "generic"))
           fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, cfgs[c].id, cfgs[c].name) != 0;
       if (si == 0 && bi == 0) { /* the sweep, on the gate_up weights */

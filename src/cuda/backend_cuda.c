@@ -26,8 +26,6 @@ typedef struct {
   size_t d_cap;
   int32_t *d_plan; /* count, row_start, fill, unit_start (E+1), rows_x, rows_o */
   size_t plan_cap;
-  void *d_scratch; /* the kernel's own (gqmm__cu_mma_scratch_bytes) */
-  size_t scratch_cap;
   cudaEvent_t ev_op0, ev_k0, ev_k1, ev_staged;
   bool staged_pending, timed;
   void *moe; /* moe_cuda.c's state */
@@ -77,7 +75,6 @@ static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
   k.dtype = (int)a->dtype; /* GQMM__CU_* mirror gqmm_dtype */
   k.bits = a->q.bits, k.group_size = a->q.group_size, k.transpose = a->transpose;
   k.M = a->M, k.N = a->N, k.K = a->K, k.batch = a->batch;
-  k.x_rows = a->x_batches * a->M;
   k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
   k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
   return k;
@@ -92,7 +89,6 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   int n = 0;
   if (gqmm__cu_mma_eligible(&k)) {
     for (int i = 0; i < gqmm__cu_mma_config_count() && n < max; i++) {
-      if (!gqmm__cu_mma_config_eligible(i, &k)) continue;
       const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(i);
       memset(&out[n], 0, sizeof out[n]);
       out[n].id = i;
@@ -118,17 +114,18 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   return n;
 }
 
-/* Built-in choice from measurements (docs/perf-notes.md): 4-bit takes the
- * fold kernel (the first config after the plain kernel's); before it, 4
- * warps of two m16 tiles (config 0) won every 4-bit shape after "CUDA kernel
- * pass 3" (H200). Other widths keep the H100 rule: 8 warps of one m16 tile
- * (config 1) for K=2816, the 64-register variant with 4 CTAs per SM
- * (config 2) for short rows (K <= 1024). */
+/* Built-in choice from measurements (docs/perf-notes.md, "Session 2", one
+ * H100 run, every config on the seed's three shapes): 4 warps of two m16
+ * tiles win every 2/3/4-bit shape. For 2/4-bit with N >= 1024 (gate_up,
+ * down) the 3-stage ring at 4 CTAs per SM (config 3) is ahead of the
+ * 4-stage ring at 3 CTAs (config 0); 3-bit and N = 704 (gate) take config 0.
+ * 8-bit was not measured per config after session 1 and keeps its H100 rule:
+ * 8 warps of one m16 tile (config 1), the 64-register variant (config 2) for
+ * short rows (K <= 1024). */
 static int heuristic(const gqmm__cu_qmm *k) {
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
-  const int fold = gqmm__cu_plain_config_count();
-  if (k->bits == 4) return gqmm__cu_mma_config_eligible(fold, k) ? fold : 0;
-  return k->K <= 1024 ? 2 : 1;
+  if (k->bits == 8) return k->K <= 1024 ? 2 : 1;
+  return k->bits != 3 && k->N >= 1024 ? 3 : 0;
 }
 
 static int grow(gqmm_ctx *ctx, void **p, size_t *cap, size_t need, bool pinned) {
@@ -156,7 +153,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                       (long long)B, (long long)a->M);
   gqmm__cu_qmm probe_k = marshal(a, NULL);
   if (cfg < 0) cfg = heuristic(&probe_k);
-  if (cfg > generic_id() || (cfg < generic_id() && !gqmm__cu_mma_config_eligible(cfg, &probe_k)))
+  if (cfg > generic_id() || (cfg < generic_id() && !gqmm__cu_mma_eligible(&probe_k)))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for these arguments", cfg);
   /* The pinned buffer may still feed the previous call's copy. */
   if (s->staged_pending && cudaEventSynchronize(s->ev_staged) != cudaSuccess)
@@ -190,8 +187,6 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                    false)))
       return st;
     s->plan_cap = pb / sizeof(int32_t);
-    const int64_t need = gqmm__cu_mma_scratch_bytes(cfg, &k);
-    if (need > 0 && (st = grow(ctx, &s->d_scratch, &s->scratch_cap, (size_t)need, false))) return st;
     gqmm__cu_plan p;
     p.count = s->d_plan, p.row_start = p.count + E, p.fill = p.row_start + E;
     p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
@@ -209,7 +204,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                          n_tiles, p);
     if (err) return cuda_fail(ctx, err, "routing plan launch");
     cudaEventRecord(s->ev_k0, 0);
-    err = gqmm__cu_mma_run(cfg, &k, &p, (int)E, grid, s->d_scratch);
+    err = gqmm__cu_mma_run(cfg, &k, &p, (int)E, grid);
   }
   cudaEventRecord(s->ev_k1, 0);
   s->timed = true;
@@ -297,7 +292,6 @@ static void cuda_release(gqmm_ctx *ctx) {
   cudaFreeHost(s->h_idx);
   cudaFree(s->d_idx);
   cudaFree(s->d_plan);
-  cudaFree(s->d_scratch);
   cudaEventDestroy(s->ev_op0);
   cudaEventDestroy(s->ev_k0);
   cudaEventDestroy(s->ev_k1);

@@ -62,7 +62,6 @@ typedef struct {
   int dtype; /* GQMM__CU_* of x, scales, biases and out */
   int bits, group_size, transpose;
   int64_t M, N, K, batch;
-  int64_t x_rows; /* rows of x (x batches x M): what plan.rows_x indexes */
   const void *x;
   const uint32_t *w;
   const void *scales, *biases;
@@ -70,7 +69,7 @@ typedef struct {
   const int32_t *x_index, *w_index; /* [batch], on the device */
 } gqmm__cu_qmm;
 
-/* Tile configurations of the tensor-core kernels, as data. */
+/* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
 typedef struct {
   const char *name;
   int warps;   /* warps per CTA, each owning mtiles x 16 output features */
@@ -79,40 +78,19 @@ typedef struct {
   int tok_max; /* rows per work unit (8 x the widest n8 token tile) */
 } gqmm__cu_mma_config;
 
-/* One list of every tensor-core config (mma_configs.c): the plain kernel's
- * (qmm_mma.cu: dequantize each weight) then the fold kernel's (qmm_fold.cu:
- * 4-bit, scale folded onto the accumulators). Config ids index this list. */
 int gqmm__cu_mma_config_count(void);
 const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i);
 /* Rows of one work unit of config cfg; plans for cfg must use it. */
 int gqmm__cu_mma_tok_max(int cfg);
 int gqmm__cu_mma_tile_n(int cfg);
-/* 1 if some tensor-core config runs these args (transpose, bits 2/3/4/8,
- * f16/bf16, aligned pointers); config_eligible: config cfg does. */
+/* 1 if the tensor-core kernel runs these args (transpose, bits 2/3/4/8,
+ * f16/bf16, aligned pointers). */
 int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);
-int gqmm__cu_mma_config_eligible(int cfg, const gqmm__cu_qmm *a);
-/* Device scratch config cfg needs for these args (0: none). */
-int64_t gqmm__cu_mma_scratch_bytes(int cfg, const gqmm__cu_qmm *a);
 /* Persistent-grid size for config `cfg` on this device (CTAs). */
 int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
-/* Run with a plan made by gqmm__cu_route for tok_max and this config's N
- * tile; scratch: gqmm__cu_mma_scratch_bytes() bytes of device memory. */
+/* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile. */
 int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
-                     int grid, void *scratch);
-
-/* The two kernels behind that list (indices local to each kernel). */
-int gqmm__cu_plain_config_count(void);
-const gqmm__cu_mma_config *gqmm__cu_plain_config_get(int i);
-int gqmm__cu_plain_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
-int gqmm__cu_plain_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
-                       int grid);
-int gqmm__cu_fold_config_count(void);
-const gqmm__cu_mma_config *gqmm__cu_fold_config_get(int i);
-int gqmm__cu_fold_eligible(const gqmm__cu_qmm *a);
-int64_t gqmm__cu_fold_scratch_bytes(const gqmm__cu_qmm *a);
-int gqmm__cu_fold_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
-int gqmm__cu_fold_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
-                      int grid, void *scratch);
+                     int grid);
 
 /* Generic kernel (qmm_generic.cu): every bits, group size, dtype, transpose. */
 int gqmm__cu_generic_run(const gqmm__cu_qmm *a);

@@ -1,7 +1,7 @@
 /*
- * mma_common.cuh - what the two tensor-core gather kernels (qmm_mma.cu,
- * qmm_fold.cu) share: their kernel arguments and the walk over the routing
- * plan's work units.
+ * mma_common.cuh - the tensor-core gather kernel's arguments, its walk over
+ * the routing plan's work units and its output store (qmm_mma.cu holds the
+ * pipeline and the arithmetic).
  */
 #ifndef GQMM_CUDA_MMA_COMMON_CUH
 #define GQMM_CUDA_MMA_COMMON_CUH
@@ -24,10 +24,6 @@ struct kargs {
   int64_t row_bytes;                   /* packed bytes per weight row */
   int64_t b_minus_s;                   /* biases - scales in bytes: one pointer serves both */
   gqmm__cu_plan plan;
-  /* qmm_fold.cu only: its prepared copy of x (see there) */
-  const void *xp;
-  const float *xsum;
-  int xp_pitch, xsum_pitch; /* elements per row */
 };
 
 /* A work unit: rows [r0, r0 + cnt) of the plan (one expert e), N tile ntile;

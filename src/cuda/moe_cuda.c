@@ -113,26 +113,16 @@ int gqmm__cuda_moe_take_error(gqmm_ctx *ctx) {
 
 /* ---- scratch ------------------------------------------------------------ */
 
-enum { S_TOK, S_IOTA, S_PLAN, S_GU, S_H, S_Y, S_KERNEL, S_PARTS };
-
-/* The fold kernel's scratch (its prepared x) for a GEMM of x_rows rows of
- * K; the GEMMs run one after another on one stream, so they share it. */
-static size_t kernel_scratch(const gqmm__moe_args *a, int64_t x_rows, int64_t K) {
-  const gqmm__cu_qmm k = {.bits = a->q.bits, .group_size = a->q.group_size, .K = K,
-                          .x_rows = x_rows};
-  return (size_t)gqmm__cu_fold_scratch_bytes(&k);
-}
+enum { S_TOK, S_IOTA, S_PLAN, S_GU, S_H, S_Y, S_PARTS };
 
 /* Byte offsets of the scratch parts (256-byte aligned: the tensor-core
  * kernel wants 16-byte aligned x rows); returns the total. */
 static size_t layout(const gqmm__moe_args *a, size_t off[S_PARTS]) {
   const size_t R = (size_t)(a->tokens * a->top_k), E = (size_t)a->experts;
   const size_t esz = gqmm_dtype_size(a->dtype), plan = (5 * E + 2 + 3 * R) * sizeof(int32_t);
-  const size_t ks_gu = kernel_scratch(a, a->tokens, a->hidden),
-               ks_down = kernel_scratch(a, (int64_t)R, a->inter);
   const size_t bytes[S_PARTS] = {R * sizeof(int32_t), R * sizeof(int32_t), plan,
                                  R * (size_t)(2 * a->inter) * esz, R * (size_t)a->inter * esz,
-                                 R * (size_t)a->hidden * esz, ks_gu > ks_down ? ks_gu : ks_down};
+                                 R * (size_t)a->hidden * esz};
   size_t at = 0;
   for (int i = 0; i < S_PARTS; i++) {
     off[i] = at;
@@ -181,12 +171,12 @@ typedef struct {
 /* ids: the checked ids (the generic kernel reads them; the tensor-core one
  * reads the plan). */
 static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void *x,
-                      int64_t x_rows, const int32_t *x_index, const int32_t *ids,
-                      const uint32_t *w, const void *sc, const void *bi, void *out) {
+                      const int32_t *x_index, const int32_t *ids, const uint32_t *w,
+                      const void *sc, const void *bi, void *out) {
   gemm g;
   g.k = (gqmm__cu_qmm){.dtype = (int)a->dtype, .bits = a->q.bits, .group_size = a->q.group_size,
                        .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
-                       .x_rows = x_rows, .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
+                       .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
                        .x_index = x_index, .w_index = ids};
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;
@@ -206,7 +196,7 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
                             .N = g->k.N,
                             .K = g->k.K,
                             .batch = g->k.batch,
-                            .x_batches = g->k.x_rows,
+                            .x_batches = g->k.batch,
                             .w_batches = experts,
                             .x = g->k.x,
                             .w = g->k.w,
@@ -214,7 +204,7 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
                             .biases = g->k.biases,
                             .out = g->k.out};
   const int cfg = gqmm__cuda_pick_config(ctx, &q);
-  if (cfg > generic || (cfg < generic && !gqmm__cu_mma_config_eligible(cfg, &g->k)))
+  if (cfg > generic || (cfg < generic && !gqmm__cu_mma_eligible(&g->k)))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for the layer's GEMMs", cfg);
   g->cfg = cfg;
   if (cfg < generic) {
@@ -226,7 +216,7 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
 }
 
 static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__cu_plan *p,
-                       int64_t E, void *scratch, const char *what) {
+                       int64_t E, const char *what) {
   int err;
   if (g->cfg == gqmm__cu_mma_config_count()) {
     err = gqmm__cu_generic_run(&g->k);
@@ -243,7 +233,7 @@ static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__c
     const int64_t R = g->k.batch, tok = g->tok, used = R < E ? R : E;
     const int64_t units = ((R + tok - 1) / tok + used) * g->n_tiles;
     if (grid > units) grid = (int)units;
-    err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid, scratch);
+    err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid);
   }
   return err ? moe_fail(ctx, err, what) : GQMM_OK;
 }
@@ -282,12 +272,11 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   const bool fused = a->gu_expert_rows == 2 * I;
   /* gate_up: [R, 2I] rows (gate | up) from the fused tensor, else gate
    * [R, I] then up [R, I]; the activation finds them by (gs, uo). */
-  void *ks = s->buf + off[S_KERNEL];
-  gemm gate = gemm_make(a, fused ? 2 * I : I, H, a->x, T, tok_of, ids, a->gate_w, a->gate_s,
+  gemm gate = gemm_make(a, fused ? 2 * I : I, H, a->x, tok_of, ids, a->gate_w, a->gate_s,
                         a->gate_b, gu);
-  gemm up = gemm_make(a, I, H, a->x, T, tok_of, ids, a->up_w, a->up_s, a->up_b,
+  gemm up = gemm_make(a, I, H, a->x, tok_of, ids, a->up_w, a->up_s, a->up_b,
                       gu + (size_t)(R * I) * esz);
-  gemm down = gemm_make(a, H, I, h, R, iota, ids, a->down_w, a->down_s, a->down_b, y);
+  gemm down = gemm_make(a, H, I, h, iota, ids, a->down_w, a->down_s, a->down_b, y);
   if ((st = pick_config(ctx, &gate, E)) || (!fused && (st = pick_config(ctx, &up, E))) ||
       (st = pick_config(ctx, &down, E)))
     return st;
@@ -320,14 +309,14 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   }
   STEP(gqmm__cu_moe_route(&ra), "routing plan");
   STEP(cudaEventRecord(ev[1], 0), "event");
-  if ((st = launch_gemm(ctx, s, &gate, &pg, E, ks, "gate_up GEMM"))) return st;
-  if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, ks, "up GEMM"))) return st;
+  if ((st = launch_gemm(ctx, s, &gate, &pg, E, "gate_up GEMM"))) return st;
+  if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, "up GEMM"))) return st;
   STEP(cudaEventRecord(ev[2], 0), "event");
   STEP(gqmm__cu_moe_act((int)a->dtype, (int)a->act, gu, fused ? 2 * I : I, fused ? I : R * I, h,
                         R, I),
        "activation");
   STEP(cudaEventRecord(ev[3], 0), "event");
-  if ((st = launch_gemm(ctx, s, &down, &pd, E, ks, "down GEMM"))) return st;
+  if ((st = launch_gemm(ctx, s, &down, &pd, E, "down GEMM"))) return st;
   STEP(cudaEventRecord(ev[4], 0), "event");
   STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E,
                             a->out, T, k, H),

@@ -106,22 +106,6 @@ GQMM__MMA_16816(__nv_bfloat16, "bf16")
 GQMM__MMA_16816(__half, "f16")
 #undef GQMM__MMA_16816
 
-/* d = a * b (no accumulator input: the first k-step of a fresh sum). */
-template <typename T>
-__device__ __forceinline__ void mma_16816_zero(float *d, const uint32_t *a, uint32_t b0, uint32_t b1);
-#define GQMM__MMA_16816_ZERO(T, ptx_type)                                                         \
-  template <>                                                                                     \
-  __device__ __forceinline__ void mma_16816_zero<T>(float *d, const uint32_t *a, uint32_t b0,     \
-                                                    uint32_t b1) {                                \
-    asm("mma.sync.aligned.m16n8k16.row.col.f32." ptx_type "." ptx_type ".f32 "                    \
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};\n"                              \
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                          \
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));                \
-  }
-GQMM__MMA_16816_ZERO(__nv_bfloat16, "bf16")
-GQMM__MMA_16816_ZERO(__half, "f16")
-#undef GQMM__MMA_16816_ZERO
-
 } // namespace gqmm_cu
 
 #endif

@@ -457,9 +457,17 @@ launch_info pick(const gqmm__cu_qmm *a, int cfg) {
 
 } // namespace
 
-extern "C" int gqmm__cu_plain_config_count(void) { return kNumConfigs; }
-extern "C" const gqmm__cu_mma_config *gqmm__cu_plain_config_get(int i) {
+extern "C" int gqmm__cu_mma_config_count(void) { return kNumConfigs; }
+extern "C" const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i) {
   return i >= 0 && i < kNumConfigs ? &kConfigs[i] : nullptr;
+}
+extern "C" int gqmm__cu_mma_tok_max(int cfg) {
+  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
+  return c ? c->tok_max : 0;
+}
+extern "C" int gqmm__cu_mma_tile_n(int cfg) {
+  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
+  return c ? c->warps * c->mtiles * 16 : 0;
 }
 
 extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
@@ -472,12 +480,12 @@ extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
   return 1;
 }
 
-extern "C" int gqmm__cu_plain_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
+extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
   return grid_of(pick(a, cfg), sms, out_grid);
 }
 
-extern "C" int gqmm__cu_plain_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
-                                  int experts, int grid) {
+extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
+                                int experts, int grid) {
   launch_info li = pick(a, cfg);
   if (!li.fn) return (int)cudaErrorInvalidValue;
   const gqmm__cu_mma_config &c = kConfigs[cfg];

@@ -4,8 +4,7 @@
 list(APPEND GQMM_SOURCES ${CMAKE_SOURCE_DIR}/src/cuda/device_api.c)
 if(GQMM_HAVE_CUDA)
   file(GLOB GQMM_CUDA_KERNELS CONFIGURE_DEPENDS ${CMAKE_SOURCE_DIR}/src/cuda/*.cu)
-  list(APPEND GQMM_SOURCES ${GQMM_CUDA_KERNELS} ${CMAKE_SOURCE_DIR}/src/cuda/backend_cuda.c
-       ${CMAKE_SOURCE_DIR}/src/cuda/mma_configs.c)
+  list(APPEND GQMM_SOURCES ${GQMM_CUDA_KERNELS} ${CMAKE_SOURCE_DIR}/src/cuda/backend_cuda.c)
   list(APPEND GQMM_DEFINES GQMM_HAVE_CUDA)
   list(APPEND GQMM_LINK_LIBS CUDA::cudart_static)
   # Resource report (registers, spills) in the build log; warnings as errors.

@@ -27,10 +27,15 @@
  * are in docs/perf-notes.md "CUDA kernel pass 3".
  *
  * Work: units = (expert, N tile of BN = warps*mtiles*16 features, chunk of
- * <= 32 or 64 rows, per config), from the routing plan (route.cu). A
- * persistent grid gives each CTA a contiguous stripe of units; every unit
- * streams the same bytes, so stripes are balanced by construction. The cp.async ring runs across unit
- * boundaries (no pipeline drain between units). x rows of the unit's tokens
+ * <= 32 rows), from the routing plan (route.cu). A persistent grid gives each
+ * CTA a contiguous stripe of units (found once by binary search, then walked
+ * unit by unit, the next expert's count read one expert ahead); every unit
+ * streams the same bytes, so stripes are balanced by construction. The
+ * cp.async ring runs across unit boundaries (no pipeline drain between units).
+ * A stage reads only 64 bytes of each weight row, so the weight copies carry
+ * an L2 256-byte prefetch hint: DRAM sees one 256-byte burst per row every
+ * four stages instead of scattered 64-byte requests (H100: the load path alone
+ * went from 65% to 78% of the read ceiling, the kernel from 48% to 54%). x rows of the unit's tokens
  * are staged per stage in shared memory (swizzled 16-byte chunks: conflict-
  * free fragment reads) and read by all warps.
  *

@@ -182,23 +182,26 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     err = gqmm__cu_generic_run(&k);
   } else {
     const int64_t E = a->w_batches;
+    const int tile_n = gqmm__cu_mma_tile_n(cfg), tok = gqmm__cu_mma_tok_max(cfg);
+    const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
+    const int64_t used = B < E ? B : E;
+    const int64_t max_units = gqmm__cu_units_bound(R, used, tok, n_tiles);
+    /* count, row_start, fill, unit_start, rows_x, rows_o; the unit
+     * descriptors from a 16-byte aligned int offset */
+    const int64_t head = (4 * E + 1 + 2 * R + 3) / 4 * 4;
     size_t pb = s->plan_cap * sizeof(int32_t);
-    if ((st = grow(ctx, (void **)&s->d_plan, &pb, (size_t)(4 * E + 1 + 2 * R) * sizeof(int32_t),
+    if ((st = grow(ctx, (void **)&s->d_plan, &pb, (size_t)(head + 4 * max_units) * sizeof(int32_t),
                    false)))
       return st;
     s->plan_cap = pb / sizeof(int32_t);
     gqmm__cu_plan p;
     p.count = s->d_plan, p.row_start = p.count + E, p.fill = p.row_start + E;
     p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
-    const int tile_n = gqmm__cu_mma_tile_n(cfg), tok = gqmm__cu_mma_tok_max(cfg);
-    const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
+    p.units = s->d_plan + head;
     int grid = 0;
     err = gqmm__cu_mma_grid(cfg, &k, s->sms, &grid);
     if (err) return cuda_fail(ctx, err, "occupancy query");
-    /* No more CTAs than units can exist: each expert with rows adds at most
-     * one partial chunk. */
-    const int64_t used = B < E ? B : E;
-    const int64_t max_units = ((R + tok - 1) / tok + used) * n_tiles;
+    /* No more CTAs than units can exist. */
     if (grid > max_units) grid = (int)max_units;
     err = gqmm__cu_route(k.x_index, k.w_index, (int32_t)B, (int32_t)a->M, (int32_t)E, tok,
                          n_tiles, p);

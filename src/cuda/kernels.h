@@ -23,12 +23,20 @@ enum { GQMM__CU_F32 = 0, GQMM__CU_F16 = 1, GQMM__CU_BF16 = 2 };
  *   row_start[E]   first row of expert e in rows_x/rows_o (prefix of count)
  *   unit_start[E+1] first work unit of expert e; unit_start[E] = total units
  *   rows_x[R], rows_o[R]  R = batch*M: the x row and the out row of each row
- * A work unit is (expert, N tile, chunk of <= tok_max rows).
- * `fill` is scratch of E ints.
+ * A work unit is (expert, N tile, chunk of <= tok_max rows); units[4u..4u+3]
+ * describe unit u: expert, N tile, first row, rows (16-byte aligned; room for
+ * gqmm__cu_units_bound() units). `fill` is scratch of E ints.
  */
 typedef struct {
-  int32_t *count, *row_start, *unit_start, *fill, *rows_x, *rows_o;
+  int32_t *count, *row_start, *unit_start, *fill, *rows_x, *rows_o, *units;
 } gqmm__cu_plan;
+
+/* At most this many units for R rows of `used` distinct experts (each adds
+ * at most one partial chunk) in n_tiles N tiles. */
+static inline int64_t gqmm__cu_units_bound(int64_t R, int64_t used, int64_t tok_max,
+                                           int64_t n_tiles) {
+  return ((R + tok_max - 1) / tok_max + used) * n_tiles;
+}
 
 int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch, int32_t M,
                    int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan);
@@ -49,6 +57,7 @@ typedef struct {
   int32_t pairs, top_k, experts;
   int32_t tok_max[2], n_tiles[2];
   int32_t *unit_start2; /* [E+1] */
+  int32_t *units2;      /* unit descriptors of tiling 1 (as plan.units) */
   gqmm__cu_plan plan;
   int32_t *ids_safe; /* [pairs] */
   int32_t *err;      /* device view of 5 host-mapped ints */

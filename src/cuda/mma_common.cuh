@@ -20,86 +20,31 @@ struct kargs {
   const void *scales, *biases;
   void *out;
   int N, K, experts, groups, gs_shift; /* group size = 1 << gs_shift */
-  int n_tiles;                         /* N tiles of the config's BN rows */
   int64_t row_bytes;                   /* packed bytes per weight row */
   int64_t b_minus_s;                   /* biases - scales in bytes: one pointer serves both */
   gqmm__cu_plan plan;
 };
 
 /* A work unit: rows [r0, r0 + cnt) of the plan (one expert e), N tile ntile;
- * nt = n8 token tiles that cover cnt. Expert e's units are ntile-major:
- * local = ntile * nseg + chunk, chunk = which kTokMax rows of its count.
- * next_e/next_count/next_start: the following expert, loaded ahead so that
- * stepping to it costs no memory round trip. */
+ * nt = n8 token tiles that cover cnt. */
 struct unit_t {
   int e, ntile, r0, cnt, nt;
-  int chunk, nseg, count, start;
-  int next_e, next_count, next_start;
 };
 
-template <int kTokMax> __device__ __forceinline__ void set_rows(unit_t &r) {
-  r.r0 = r.start + r.chunk * kTokMax;
-  r.cnt = min(kTokMax, r.count - r.chunk * kTokMax);
-  r.nt = (r.cnt + 7) >> 3;
-}
-
-/* The first expert after e with rows (experts without rows have no units;
- * a.experts if none), and its count and first row. */
-__device__ __forceinline__ void look_ahead(const kargs &a, unit_t &r) {
-  int e = r.e + 1, c = 0;
-  while (e < a.experts && (c = __ldg(a.plan.count + e)) == 0) e++;
-  r.next_e = e;
-  r.next_count = c;
-  r.next_start = e < a.experts ? __ldg(a.plan.row_start + e) : 0;
-}
-
-/* Work unit u of the plan, found by binary search (once per CTA). */
-template <int kTokMax>
-__device__ __forceinline__ unit_t decode(const kargs &a, int u) {
-  const int32_t *us = a.plan.unit_start;
-  int lo = 0, hi = a.experts - 1;
-  while (lo < hi) { /* last expert whose first unit is <= u (it has units) */
-    int mid = (lo + hi + 1) >> 1;
-    if (__ldg(us + mid) <= u) lo = mid;
-    else hi = mid - 1;
-  }
-  unit_t r;
-  r.e = lo;
-  r.count = __ldg(a.plan.count + lo);
-  r.start = __ldg(a.plan.row_start + lo);
-  r.nseg = (r.count + kTokMax - 1) / kTokMax;
-  const int local = u - __ldg(us + lo);
-  r.ntile = local / r.nseg;
-  r.chunk = local - r.ntile * r.nseg;
-  set_rows<kTokMax>(r);
-  look_ahead(a, r);
-  return r;
-}
-
-/* The unit after r in plan order (the caller stops at its stripe's end):
- * the next chunk, else the next N tile, else the next expert with rows. */
-template <int kTokMax>
-__device__ __forceinline__ unit_t next_unit(const kargs &a, unit_t r) {
-  if (++r.chunk == r.nseg) {
-    r.chunk = 0;
-    if (++r.ntile == a.n_tiles) {
-      r.ntile = 0;
-      r.e = r.next_e, r.count = r.next_count, r.start = r.next_start;
-      r.nseg = (r.count + kTokMax - 1) / kTokMax;
-      look_ahead(a, r);
-    }
-  }
-  set_rows<kTokMax>(r);
-  return r;
-}
-
-/* This CTA's contiguous stripe [u0, u1) of the plan's units (every unit
- * streams the same bytes, so equal stripes are balanced). */
-__device__ __forceinline__ void stripe(const kargs &a, int &u0, int &u1) {
+/* Units are dealt round-robin: CTA b takes b, b + G, b + 2G, ... (G CTAs).
+ * The chunks of one (expert, N tile), adjacent in the plan, so run at the
+ * same time on neighbouring CTAs and read the same weight rows: the second
+ * finds them in L2 instead of DRAM. This CTA's unit count: */
+__device__ __forceinline__ int units_of_cta(const kargs &a) {
   const int total = __ldg(a.plan.unit_start + a.experts);
-  u0 = (int)((int64_t)blockIdx.x * total / gridDim.x);
-  u1 = (int)((int64_t)(blockIdx.x + 1) * total / gridDim.x);
+  return (int)blockIdx.x < total ? (total - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
 }
+
+/* The i-th unit of this CTA: one 16-byte load of its descriptor. */
+__device__ __forceinline__ int4 unit_desc(const kargs &a, int i) {
+  return __ldg(reinterpret_cast<const int4 *>(a.plan.units) + blockIdx.x + i * gridDim.x);
+}
+__device__ __forceinline__ unit_t unit_of(int4 d) { return {d.x, d.y, d.z, d.w, (d.w + 7) >> 3}; }
 
 /* Write a finished unit's accumulators (warp w owns m16 tiles w*MT ..
  * w*MT + MT-1 of the N tile) to its rows' outputs and zero them. */
@@ -149,7 +94,7 @@ inline int log2_exact(int v) {
 }
 
 /* The kernel arguments both kernels share. */
-inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts, int tile_n) {
+inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts) {
   kargs k = {};
   k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
   k.N = (int)a->N, k.K = (int)a->K, k.experts = experts;
@@ -158,7 +103,6 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
   k.row_bytes = a->K * a->bits / 8;
   k.b_minus_s = (int64_t)((uintptr_t)a->biases - (uintptr_t)a->scales);
   k.plan = *plan;
-  k.n_tiles = (int)((a->N + tile_n - 1) / tile_n);
   return k;
 }
 

@@ -113,16 +113,31 @@ int gqmm__cuda_moe_take_error(gqmm_ctx *ctx) {
 
 /* ---- scratch ------------------------------------------------------------ */
 
-enum { S_TOK, S_IOTA, S_PLAN, S_GU, S_H, S_Y, S_PARTS };
+enum { S_TOK, S_IOTA, S_PLAN, S_GU, S_H, S_Y, S_UNITS_GU, S_UNITS_DOWN, S_PARTS };
+
+/* Room for the unit descriptors of a GEMM with N rows, for any config. */
+static size_t units_bytes(int64_t R, int64_t E, int64_t N) {
+  int64_t tok = INT32_MAX, tile = INT32_MAX;
+  for (int c = 0; c < gqmm__cu_mma_config_count(); c++) {
+    if (gqmm__cu_mma_tok_max(c) < tok) tok = gqmm__cu_mma_tok_max(c);
+    if (gqmm__cu_mma_tile_n(c) < tile) tile = gqmm__cu_mma_tile_n(c);
+  }
+  return (size_t)gqmm__cu_units_bound(R, R < E ? R : E, tok, (N + tile - 1) / tile) * 16;
+}
 
 /* Byte offsets of the scratch parts (256-byte aligned: the tensor-core
  * kernel wants 16-byte aligned x rows); returns the total. */
 static size_t layout(const gqmm__moe_args *a, size_t off[S_PARTS]) {
   const size_t R = (size_t)(a->tokens * a->top_k), E = (size_t)a->experts;
   const size_t esz = gqmm_dtype_size(a->dtype), plan = (5 * E + 2 + 3 * R) * sizeof(int32_t);
-  const size_t bytes[S_PARTS] = {R * sizeof(int32_t), R * sizeof(int32_t), plan,
-                                 R * (size_t)(2 * a->inter) * esz, R * (size_t)a->inter * esz,
-                                 R * (size_t)a->hidden * esz};
+  const size_t bytes[S_PARTS] = {R * sizeof(int32_t),
+                                 R * sizeof(int32_t),
+                                 plan,
+                                 R * (size_t)(2 * a->inter) * esz,
+                                 R * (size_t)a->inter * esz,
+                                 R * (size_t)a->hidden * esz,
+                                 units_bytes((int64_t)R, (int64_t)E, 2 * a->inter),
+                                 units_bytes((int64_t)R, (int64_t)E, a->hidden)};
   size_t at = 0;
   for (int i = 0; i < S_PARTS; i++) {
     off[i] = at;
@@ -269,6 +284,8 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   char *gu = s->buf + off[S_GU], *h = s->buf + off[S_H], *y = s->buf + off[S_Y];
   int32_t *down_units, *ids;
   gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN], E, R, &down_units, &ids);
+  pg.units = (int32_t *)(s->buf + off[S_UNITS_GU]);
+  int32_t *down_descs = (int32_t *)(s->buf + off[S_UNITS_DOWN]);
   const bool fused = a->gu_expert_rows == 2 * I;
   /* gate_up: [R, 2I] rows (gate | up) from the fused tensor, else gate
    * [R, I] then up [R, I]; the activation finds them by (gs, uo). */
@@ -288,10 +305,12 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   const gqmm__cu_moe_route_args ra = {
       .ids = a->expert_ids, .pairs = (int32_t)R, .top_k = (int32_t)k, .experts = (int32_t)E,
       .tok_max = {g0->tok, down.tok}, .n_tiles = {g0->n_tiles, down.n_tiles},
-      .unit_start2 = down_units, .plan = pg, .ids_safe = ids, .err = s->err_d,
+      .unit_start2 = down_units, .units2 = down_descs, .plan = pg, .ids_safe = ids,
+      .err = s->err_d,
       .call = (int32_t)s->calls};
   gqmm__cu_plan pd = pg;
   pd.unit_start = down_units;
+  pd.units = down_descs;
   pd.rows_x = pg.rows_o;
   int err;
   const char *what = "event";

@@ -27,11 +27,12 @@
  * are in docs/perf-notes.md "CUDA kernel pass 3".
  *
  * Work: units = (expert, N tile of BN = warps*mtiles*16 features, chunk of
- * <= 32 rows), from the routing plan (route.cu). A persistent grid gives each
- * CTA a contiguous stripe of units (found once by binary search, then walked
- * unit by unit, the next expert's count read one expert ahead); every unit
- * streams the same bytes, so stripes are balanced by construction. The
- * cp.async ring runs across unit boundaries (no pipeline drain between units).
+ * <= 32 rows), from the routing plan (route.cu, one descriptor per unit). A
+ * persistent grid deals them round-robin (mma_common.cuh units_of_cta): every
+ * unit streams the same bytes, so CTAs are balanced, and the chunks of one
+ * expert's N tile run side by side on neighbouring CTAs, sharing their weight
+ * reads through L2. The cp.async ring runs across unit boundaries (no
+ * pipeline drain between units).
  * A stage reads only 64 bytes of each weight row, so the weight copies carry
  * an L2 256-byte prefetch hint: DRAM sees one 256-byte burst per row every
  * four stages instead of scattered 64-byte requests (H100: the load path alone
@@ -326,10 +327,9 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 
   static __device__ __forceinline__ void run(const kargs &a) {
     extern __shared__ __align__(16) uint8_t smem[];
-    int u0, u1;
-    stripe(a, u0, u1);
+    const int nunits = units_of_cta(a);
     const int nk = (a.K + kStageK - 1) / kStageK;
-    const int nflat = (u1 - u0) * nk;
+    const int nflat = nunits * nk;
     if (nflat <= 0) return;
     /* Scales and biases of the stages in flight, oldest first: a FIFO in
      * registers (fixed indices: no local memory), s | b << 16 per row.
@@ -345,8 +345,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
     /* Load side and compute side walk the same (unit, k-stage) sequence,
      * STAGES-1 stages apart. */
-    int lidx = u0, lk = 0, cidx = u0, ck = 0;
-    unit_t lu = decode<kTokMax>(a, u0), cu = lu;
+    /* next_l / next_c: the next unit's descriptor, loaded a unit ahead */
+    int lidx = 0, lk = 0, cidx = 0, ck = 0;
+    unit_t lu = unit_of(unit_desc(a, 0)), cu = lu;
+    int4 next_l = unit_desc(a, nunits > 1 ? 1 : 0), next_c = next_l;
     lstate ls;
     load_unit(a, lu, ls);
     const uint32_t sm = smem_u32(smem);
@@ -367,7 +369,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         issue(a, ls, lk, sm, xd, s, rs, rb);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = next_unit<kTokMax>(a, lu), load_unit(a, lu, ls);
+          if (++lidx < nunits) {
+            lu = unit_of(next_l), load_unit(a, lu, ls);
+            next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
+          }
         }
       }
       if (s < STAGES - 2) pack(sb[s + 1]);
@@ -389,7 +394,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         issue(a, ls, lk, sm, xd, nslot, rs, rb);
         if (++lk == nk) {
           lk = 0;
-          if (++lidx < u1) lu = next_unit<kTokMax>(a, lu), load_unit(a, lu, ls);
+          if (++lidx < nunits) {
+            lu = unit_of(next_l), load_unit(a, lu, ls);
+            next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
+          }
         }
       }
       cp_async_commit();
@@ -397,7 +405,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
       if (++ck == nk) {
         store_unit<T, MT, kNtMax, kBN>(a, cu, acc);
         ck = 0;
-        if (++cidx < u1) cu = next_unit<kTokMax>(a, cu);
+        if (++cidx < nunits) {
+          cu = unit_of(next_c);
+          next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
+        }
       }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
@@ -414,11 +425,12 @@ mma_kernel(kargs a) {
 
 /* The compiled-in tile configurations:
  *   X(name, warps, mtiles, stages, min CTAs per SM, n8 token tiles per unit).
- * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM.
+ * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM; w4_m2_s4
+ * is held to 3 CTAs (<= 168 registers), what it got unbounded until session 2.
  * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
  * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4, 1, 4)                                                                    \
+  X("w4_m2_s4", 4, 2, 4, 3, 4)                                                                    \
   X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
   X("w8_m1_s3_b4", 8, 1, 3, 4, 4)                                                                 \
   X("w4_m2_s3_b4", 4, 2, 3, 4, 4)
@@ -493,7 +505,6 @@ extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_p
                                 int experts, int grid) {
   launch_info li = pick(a, cfg);
   if (!li.fn) return (int)cudaErrorInvalidValue;
-  const gqmm__cu_mma_config &c = kConfigs[cfg];
-  li.fn<<<grid, li.threads, li.smem>>>(make_kargs(a, plan, experts, c.warps * c.mtiles * 16));
+  li.fn<<<grid, li.threads, li.smem>>>(make_kargs(a, plan, experts));
   return (int)cudaGetLastError();
 }

@@ -35,6 +35,7 @@ struct route_args {
   int32_t batch, M, experts, x_div;
   int32_t tok[2], n_tiles[2]; /* n_tiles[1] == 0: one tiling only */
   int32_t *unit_start2;       /* [E+1] of the second tiling */
+  int32_t *units2;            /* unit descriptors of the second tiling */
   int32_t *w_safe;            /* NULL, or [batch]: w_index with bad ids -> 0 */
   int32_t *err;               /* NULL, or the error record (kernels.h) */
   int32_t call;
@@ -121,6 +122,24 @@ __global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
     if (a.n_tiles[1]) a.unit_start2[E] = carry[2];
   }
   __syncthreads();
+  /* The unit descriptors (kernels.h), one thread per unit: an expert can
+   * have thousands of units (a dense call has one expert). */
+  for (int i = 0; i < (a.n_tiles[1] ? 2 : 1); i++) {
+    const int32_t *us = i ? a.unit_start2 : p.unit_start, total = carry[1 + i];
+    int4 *units = reinterpret_cast<int4 *>(i ? a.units2 : p.units);
+    const int32_t tok = a.tok[i];
+    for (int32_t u = tid; u < total; u += kThreads) {
+      int lo = 0, hi = E - 1; /* the last expert whose first unit is <= u (it has units) */
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (us[mid] <= u) lo = mid;
+        else hi = mid - 1;
+      }
+      const int32_t c = p.count[lo], nseg = (c + tok - 1) / tok, local = u - us[lo];
+      const int32_t t = local / nseg, s = local - t * nseg;
+      units[u] = make_int4(lo, t, start[lo] + s * tok, min(tok, c - s * tok));
+    }
+  }
   for (int b = tid; b < a.batch; b += kThreads) {
     /* the id again through the read-only cache (w_safe was only stored) */
     int32_t e = __ldg(a.w_index + b);
@@ -156,7 +175,8 @@ extern "C" int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *m) {
   a.w_index = m->ids, a.batch = m->pairs, a.M = 1, a.experts = m->experts, a.x_div = m->top_k;
   for (int i = 0; i < 2; i++)
     a.tok[i] = m->tok_max[i] > 0 ? m->tok_max[i] : 1, a.n_tiles[i] = m->n_tiles[i];
-  a.unit_start2 = m->unit_start2, a.w_safe = m->ids_safe, a.err = m->err, a.call = m->call;
+  a.unit_start2 = m->unit_start2, a.units2 = m->units2, a.w_safe = m->ids_safe, a.err = m->err;
+  a.call = m->call;
   a.p = m->plan;
   return launch(a);
 }

@@ -114,18 +114,18 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   return n;
 }
 
-/* Built-in choice from measurements (docs/perf-notes.md, "Session 2", one
- * H100 run, every config on the seed's three shapes): 4 warps of two m16
- * tiles win every 2/3/4-bit shape. For 2/4-bit with N >= 1024 (gate_up,
- * down) the 3-stage ring at 4 CTAs per SM (config 3) is ahead of the
- * 4-stage ring at 3 CTAs (config 0); 3-bit and N = 704 (gate) take config 0.
+/* Built-in choice from measurements (docs/perf-notes.md, "Session 2", the
+ * final H100 run, every config on the seed's three shapes): 4 warps of two
+ * m16 tiles win every 2/3/4-bit shape; for 4-bit with N >= 1024 (gate_up,
+ * down) the 3-stage ring at 4 CTAs per SM (config 3) is level with or ahead
+ * of the 4-stage ring at 3 CTAs (config 0), everywhere else config 0 leads.
  * 8-bit was not measured per config after session 1 and keeps its H100 rule:
  * 8 warps of one m16 tile (config 1), the 64-register variant (config 2) for
  * short rows (K <= 1024). */
 static int heuristic(const gqmm__cu_qmm *k) {
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
   if (k->bits == 8) return k->K <= 1024 ? 2 : 1;
-  return k->bits != 3 && k->N >= 1024 ? 3 : 0;
+  return k->bits == 4 && k->N >= 1024 ? 3 : 0;
 }
 
 static int grow(gqmm_ctx *ctx, void **p, size_t *cap, size_t need, bool pinned) {

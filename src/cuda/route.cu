@@ -122,22 +122,20 @@ __global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
     if (a.n_tiles[1]) a.unit_start2[E] = carry[2];
   }
   __syncthreads();
-  /* The unit descriptors (kernels.h), one thread per unit: an expert can
-   * have thousands of units (a dense call has one expert). */
-  for (int i = 0; i < (a.n_tiles[1] ? 2 : 1); i++) {
-    const int32_t *us = i ? a.unit_start2 : p.unit_start, total = carry[1 + i];
-    int4 *units = reinterpret_cast<int4 *>(i ? a.units2 : p.units);
-    const int32_t tok = a.tok[i];
-    for (int32_t u = tid; u < total; u += kThreads) {
-      int lo = 0, hi = E - 1; /* the last expert whose first unit is <= u (it has units) */
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (us[mid] <= u) lo = mid;
-        else hi = mid - 1;
+  /* The unit descriptors (kernels.h): a warp per expert, its lanes over the
+   * expert's units (a dense call has one expert with thousands of them). */
+  const int lane = tid & 31;
+  for (int e = tid >> 5; e < E; e += kWarps) {
+    const int32_t c = p.count[e], first = start[e];
+    if (c == 0) continue;
+    for (int i = 0; i < (a.n_tiles[1] ? 2 : 1); i++) {
+      int4 *units = reinterpret_cast<int4 *>(i ? a.units2 : p.units) +
+                    (i ? a.unit_start2[e] : p.unit_start[e]);
+      const int32_t tok = a.tok[i], nseg = (c + tok - 1) / tok;
+      for (int32_t local = lane; local < nseg * a.n_tiles[i]; local += 32) {
+        const int32_t t = local / nseg, s = local - t * nseg;
+        units[local] = make_int4(e, t, first + s * tok, min(tok, c - s * tok));
       }
-      const int32_t c = p.count[lo], nseg = (c + tok - 1) / tok, local = u - us[lo];
-      const int32_t t = local / nseg, s = local - t * nseg;
-      units[u] = make_int4(lo, t, start[lo] + s * tok, min(tok, c - s * tok));
     }
   }
   for (int b = tid; b < a.batch; b += kThreads) {

@@ -175,23 +175,30 @@ static const char *elem(const void *base, int64_t i, size_t esz) {
   return (const char *)base + (size_t)i * esz;
 }
 
-/* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes. */
+/* Whether a block of R rows takes the small-M qmv kernel. The qmv kernel's
+ * per-group identity s*sum(x*q) + b*sum(x) cancels two large terms, costing
+ * ~3x float32's rounding error; f32 callers asked for float32 accuracy, so
+ * they take the dequantize-then-FMA path at every M. */
+static bool takes_qmv(const job *j, int64_t R) {
+  return j->a->transpose && !j->int8 && R <= j->cfg->qmv_rows && j->a->dtype != GQMM_F32;
+}
+
+/* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes.
+ * The qmv kernel reads the rows chunk-interleaved (cpu_isa.h), the gemm and
+ * transpose=0 paths row after row. */
 static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   const gqmm__qmm_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);
   const int64_t K = a->K, G = j->G, R = j->blk_rows[blk], first = j->blk_first[blk];
   const int gs = j->sh.group_size;
+  const bool il = takes_qmv(j, R);
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
-    for (int64_t c = 0; c < K; c += 32)
+    for (int64_t c = 0; c < K; c += 32) {
+      float *dst = v->xf + (il ? c * R + r * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
-        v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
-    if (j->xbf) /* bf16 inputs: the top half of each float is the value, exactly */
-      for (int64_t i = 0; i < K; i++) {
-        uint32_t u;
-        memcpy(&u, &v->xf[r * K + i], 4);
-        v->xb[r * K + i] = (uint16_t)(u >> 16);
-      }
+        dst[l] = v->tmp[c + j->perm[l]];
+    }
     if (!a->transpose) continue;
     for (int64_t g = 0; g < G; g++) {
       const float *t = v->tmp + g * gs;
@@ -213,6 +220,12 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
           v->xq[r * K + g * gs + c + l] = (int8_t)lrintf(t[c + j->perm_i8[l]] * inv);
     }
   }
+  if (j->xbf) /* bf16 inputs: the top half of each float is the value, exactly */
+    for (int64_t i = 0; i < R * K; i++) {
+      uint32_t u;
+      memcpy(&u, &v->xf[i], 4);
+      v->xb[i] = (uint16_t)(u >> 16);
+    }
 }
 
 /* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
@@ -229,10 +242,7 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
     return;
   }
-  /* The qmv kernel's per-group identity s*sum(x*q) + b*sum(x) cancels two
-   * large terms, costing ~3x float32's rounding error; f32 callers asked for
-   * float32 accuracy, so they take the dequantize-then-FMA path at every M. */
-  if (R <= j->cfg->qmv_rows && a->dtype != GQMM_F32) {
+  if (takes_qmv(j, R)) {
     /* K blocks keep the R rows' slice of x in L1 (R = 4: 4 x 2816 floats is
      * 45 KB, more than Zen 3's 32 KB); at R <= 2 blocking measured slower. */
     const int64_t kb = R <= 2 ? K : QMV_KBLOCK_FLOATS / R / a->q.group_size * a->q.group_size;

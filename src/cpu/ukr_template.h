@@ -89,13 +89,13 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
       if (xbf) { /* x as bf16 pairs: the chunk is one bf16 vector, one dot per row */
         const ukr_vbf qb = ukr_q_to_bf16(q);
         for (int r = 0; r < R; r++)
-          acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + r * K + k);
+          acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + k * R + r * 32);
         continue;
       }
 #endif
       for (int v = 0; v < UKR_NV; v++)
         for (int r = 0; r < R; r++)
-          acc[r][v % NA] = vf_fma(vf_load(x + r * K + k + v * UKR_VW), q[v], acc[r][v % NA]);
+          acc[r][v % NA] = vf_fma(vf_load(x + k * R + r * 32 + v * UKR_VW), q[v], acc[r][v % NA]);
     }
     const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
     for (int r = 0; r < R; r++)

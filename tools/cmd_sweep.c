@@ -359,6 +359,8 @@ int gqmm_cmd_sweep(int argc, char **argv) {
       threads = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--int8"))
       int8 = 1;
+    else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
+      s.rng = 0x9E3779B97F4A7C15ull ^ strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--routing") && i + 1 < argc) {
       s.even = !strcmp(argv[++i], "even");
       if (!s.even && strcmp(argv[i], "random")) {
@@ -380,7 +382,8 @@ int gqmm_cmd_sweep(int argc, char **argv) {
              "                  [--llc-mb MB  cache size the shapes must exceed (default: sysfs)]\n"
              "                  [--int8  FAST MODE: int8-quantized activations, not exact]\n"
              "                  [--routing random|even  gather: random top-8 (default) or\n"
-             "                   exactly rows/e rows on every expert]\n");
+             "                   exactly rows/e rows on every expert]\n"
+             "                  [--seed N  inputs and routing (default: the time)]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }

@@ -175,27 +175,33 @@ static const char *elem(const void *base, int64_t i, size_t esz) {
   return (const char *)base + (size_t)i * esz;
 }
 
-/* Whether a block of R rows takes the small-M qmv kernel. The qmv kernel's
- * per-group identity s*sum(x*q) + b*sum(x) cancels two large terms, costing
- * ~3x float32's rounding error; f32 callers asked for float32 accuracy, so
- * they take the dequantize-then-FMA path at every M. */
-static bool takes_qmv(const job *j, int64_t R) {
-  return j->a->transpose && !j->int8 && R <= j->cfg->qmv_rows && j->a->dtype != GQMM_F32;
+/* How a block of R rows runs the small-M qmv kernel: the rows of its first
+ * sub-block (R up to qmv_rows: all of them; up to twice that: two halves,
+ * ceil(R/2) and the rest, one pass each, which measured faster than the
+ * panel gemm at 8 rows: docs/perf-notes.md), or 0 for the gemm path. The
+ * qmv kernel's per-group identity s*sum(x*q) + b*sum(x) cancels two large
+ * terms, costing ~3x float32's rounding error; f32 callers asked for float32
+ * accuracy, so they take the dequantize-then-FMA path at every M. */
+static int64_t qmv_first(const job *j, int64_t R) {
+  const int64_t q = j->cfg->qmv_rows;
+  if (!j->a->transpose || j->int8 || j->a->dtype == GQMM_F32 || R > 2 * q) return 0;
+  return R <= q ? R : (R + 1) / 2;
 }
 
 /* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes.
- * The qmv kernel reads the rows chunk-interleaved (cpu_isa.h), the gemm and
- * transpose=0 paths row after row. */
+ * The qmv kernel reads each sub-block's rows chunk-interleaved (cpu_isa.h),
+ * the gemm and transpose=0 paths row after row. */
 static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   const gqmm__qmm_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);
   const int64_t K = a->K, G = j->G, R = j->blk_rows[blk], first = j->blk_first[blk];
   const int gs = j->sh.group_size;
-  const bool il = takes_qmv(j, R);
+  const int64_t R1 = qmv_first(j, R);
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
+    const int64_t r0 = r < R1 ? 0 : R1, Rh = r < R1 ? R1 : R - R1; /* its sub-block */
     for (int64_t c = 0; c < K; c += 32) {
-      float *dst = v->xf + (il ? c * R + r * 32 : r * K + c);
+      float *dst = v->xf + (R1 ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
         dst[l] = v->tmp[c + j->perm[l]];
     }
@@ -242,19 +248,23 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
     return;
   }
-  if (takes_qmv(j, R)) {
-    /* K blocks keep the R rows' slice of x in L1 (R = 4: 4 x 2816 floats is
-     * 45 KB, more than Zen 3's 32 KB); at R <= 2 blocking measured slower. */
-    const int64_t kb = R <= 2 ? K : QMV_KBLOCK_FLOATS / R / a->q.group_size * a->q.group_size;
+  const int64_t R1 = qmv_first(j, R);
+  for (int64_t r0 = 0; R1 && r0 < R; r0 += R1) {
+    const int64_t Rh = R - r0 < R1 ? R - r0 : R1;
+    /* K blocks keep the Rh rows' slice of x in L1 (Rh = 4: 4 x 2816 floats
+     * is 45 KB, more than Zen 3's 32 KB); at Rh <= 2 blocking measured slower. */
+    const int64_t kb = Rh <= 2 ? K : QMV_KBLOCK_FLOATS / Rh / a->q.group_size * a->q.group_size;
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       const int64_t kc = K - k0 < kb ? K - k0 : kb;
       if (j->xbf)
-        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb, v->xsum, (int)R, k0, kc, v->C, nt);
+        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
+                         v->C + r0 * nt, nt);
       else
-        j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, k0, kc, v->C, nt);
+        j->isa->qmv(&j->sh, v->wrows, nn, v->xf + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
+                    v->C + r0 * nt, nt);
     }
-    return;
   }
+  if (R1) return;
   const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
   memset(v->Cv, 0, (size_t)(R * nt * vw) * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {

@@ -166,8 +166,9 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
     for (int bi = 0; bi < 6; bi++)
       for (int gi = 0; gi < 3; gi++)
         for (int di = 0; di < 3; di++) {
-          /* M=1 over many entries (qmv, 1..few rows per expert), M=5 (panel) */
-          const int Ms[2] = {1, 5};
+          /* M=1 over many entries (qmv, 1..few rows per expert), M=9 (blocks
+           * of 9+ rows: the panel gemm; 5-8 rows run as two qmv halves) */
+          const int Ms[2] = {1, 9};
           for (int mi = 0; mi < 2; mi++) {
             problem p = {.E = 5,
                          .M = Ms[mi],
@@ -210,13 +211,41 @@ GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
   }
 }
 
+/* Blocks of qmv_rows + 1 .. 2 * qmv_rows rows (5-8 by default) run the qmv
+ * kernel as two halves over a split x block: every width and group size,
+ * both half-precision dtypes (f32 takes the panel path), 5 (3 + 2) and 8
+ * (4 + 4) rows, K = 2816 so the halves are K-blocked too. */
+GQMM_TEST(cpu_qmv_split_blocks_match_reference) {
+  test_rng r = test_rng_make(713);
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 6; bi++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int M = 5; M <= 8; M += 3) {
+          problem p = {.E = 2,
+                       .M = M,
+                       .N = 21,
+                       .K = 2816,
+                       .batch = 2,
+                       .transpose = 1,
+                       .q = {all_bits[bi], all_groups[gi]},
+                       .dt = all_dtypes[1 + (bi + gi + M) % 2]};
+          CHECK_OK(problem_make(&p, &r, 0, true));
+          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+          problem_free(&p);
+        }
+  }
+}
+
 GQMM_TEST(cpu_every_config_and_row_count) {
   test_rng r = test_rng_make(702);
   for (size_t ii = 0; ii < 3; ii++) {
     if (!isa_available(isas[ii])) continue;
     for (int cfg = 0; cfg < 16; cfg++) {
       for (int M = 1; M <= 13; M += 3) {
-        /* K = 320: a kc=256 block plus a ragged remainder; N = 53: ragged tiles */
+        /* K = 320: a kc=256 block plus a ragged remainder; N = 53: ragged
+         * tiles; bf16 at odd M (the config's qmv rows, split blocks), f32
+         * (always the panel) at even M */
         problem p = {.E = 3,
                      .M = M,
                      .N = 53,
@@ -224,7 +253,7 @@ GQMM_TEST(cpu_every_config_and_row_count) {
                      .batch = 4,
                      .transpose = 1,
                      .q = {cfg % 2 ? 3 : 4, cfg % 3 ? 64 : 32},
-                     .dt = GQMM_F32};
+                     .dt = M % 2 ? GQMM_BF16 : GQMM_F32};
         CHECK_OK(problem_make(&p, &r, 0, true));
         char err[256];
         void *tmp = malloc((size_t)p.batch * p.M * p.N * 4);

@@ -178,14 +178,28 @@ static const char *elem(const void *base, int64_t i, size_t esz) {
 /* How a block of R rows runs the small-M qmv kernel: the rows of its first
  * sub-block (R up to qmv_rows: all of them; up to twice that: two halves,
  * ceil(R/2) and the rest, one pass each, which measured faster than the
- * panel gemm at 8 rows: docs/perf-notes.md), or 0 for the gemm path. The
- * qmv kernel's per-group identity s*sum(x*q) + b*sum(x) cancels two large
- * terms, costing ~3x float32's rounding error; f32 callers asked for float32
- * accuracy, so they take the dequantize-then-FMA path at every M. */
+ * panel gemm at 8 rows: docs/perf-notes.md), or 0 for the gemm path.
+ * A row's summation order in the kernel depends on its pass's row count
+ * only through the accumulator chains (2 at <= 2 rows, 1 beyond) and the K
+ * blocks (qmv_kblock): both halves must agree on them, or a row's bits would
+ * depend on its place in the block (sorted vs unsorted indices), so 5 rows
+ * (3 + 2) stay on the gemm path. The qmv kernel's per-group identity
+ * s*sum(x*q) + b*sum(x) cancels two large terms, costing ~3x float32's
+ * rounding error; f32 callers asked for float32 accuracy, so they take the
+ * dequantize-then-FMA path at every M. */
 static int64_t qmv_first(const job *j, int64_t R) {
-  const int64_t q = j->cfg->qmv_rows;
+  const int64_t q = j->cfg->qmv_rows, R1 = (R + 1) / 2;
   if (!j->a->transpose || j->int8 || j->a->dtype == GQMM_F32 || R > 2 * q) return 0;
-  return R <= q ? R : (R + 1) / 2;
+  if (R <= q) return R;
+  return (R1 <= 2) == (R - R1 <= 2) ? R1 : 0;
+}
+
+/* K block of a qmv pass whose largest sub-block has R1 rows: keeps the rows'
+ * slice of x in L1 (4 x 2816 floats is 45 KB, more than Zen 3's 32 KB); at
+ * R1 <= 2 blocking measured slower. Both halves of a split block use it. */
+static int64_t qmv_kblock(const job *j, int64_t R1) {
+  const int gs = j->a->q.group_size;
+  return R1 <= 2 ? j->a->K : QMV_KBLOCK_FLOATS / R1 / gs * gs;
 }
 
 /* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes.
@@ -250,10 +264,7 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
   }
   const int64_t R1 = qmv_first(j, R);
   for (int64_t r0 = 0; R1 && r0 < R; r0 += R1) {
-    const int64_t Rh = R - r0 < R1 ? R - r0 : R1;
-    /* K blocks keep the Rh rows' slice of x in L1 (Rh = 4: 4 x 2816 floats
-     * is 45 KB, more than Zen 3's 32 KB); at Rh <= 2 blocking measured slower. */
-    const int64_t kb = Rh <= 2 ? K : QMV_KBLOCK_FLOATS / Rh / a->q.group_size * a->q.group_size;
+    const int64_t Rh = R - r0 < R1 ? R - r0 : R1, kb = qmv_kblock(j, R1);
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       const int64_t kc = K - k0 < kb ? K - k0 : kb;
       if (j->xbf)

@@ -356,17 +356,9 @@ GQMM_TEST(cpu_qmv_bias_dot_vectors_and_tail) {
   }
 }
 
-GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
-  test_rng r = test_rng_make(705);
-  problem p = {.E = 12,
-               .M = 1,
-               .N = 70,
-               .K = 192,
-               .batch = 90,
-               .transpose = 1,
-               .q = {4, 64},
-               .dt = GQMM_F16};
-  CHECK_OK(problem_make(&p, &r, 0, true));
+/* Shuffles the (sorted) problem's entries, index and x row together: each
+ * output row must keep its bits (same blocks, rows in another order). */
+static void check_unsorted_equals_sorted(int *gqmm_test_failed, problem p, test_rng r) {
   const size_t row = (size_t)p.N * 2, n = row * (size_t)p.batch;
   uint16_t *sorted_out = malloc(n), *unsorted_out = malloc(n);
   int *perm = malloc((size_t)p.batch * sizeof(int));
@@ -396,7 +388,39 @@ GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
         "row %d (sorted row %d) differs", i, perm[i]);
   CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 0}), tol_for(p.dt));
   free(sorted_out), free(unsorted_out), free(perm), free(sorted_idx), free(sorted_x);
+}
+
+GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
+  test_rng r = test_rng_make(705);
+  problem p = {.E = 12,
+               .M = 1,
+               .N = 70,
+               .K = 192,
+               .batch = 90,
+               .transpose = 1,
+               .q = {4, 64},
+               .dt = GQMM_F16};
+  CHECK_OK(problem_make(&p, &r, 0, true));
+  check_unsorted_equals_sorted(gqmm_test_failed, p, r);
   problem_free(&p);
+  /* blocks of exactly 5, 6, 7 and 8 rows (gemm, then qmv halves 3+3, 4+3,
+   * 4+4) at K = 2816 (the halves K-blocked): a row's bits must not depend on
+   * which half its place in the block puts it in (f16 and N = 384: enough
+   * outputs that a float32 difference survives the rounding to f16) */
+  problem q = {.E = 4,
+               .M = 1,
+               .N = 384,
+               .K = 2816,
+               .batch = 26,
+               .transpose = 1,
+               .q = {4, 64},
+               .dt = GQMM_F16};
+  CHECK_OK(problem_make(&q, &r, 0, true));
+  for (int e = 0, i = 0; e < 4; e++)
+    for (int c = 0; c < 5 + e; c++)
+      q.idx[i++] = e;
+  check_unsorted_equals_sorted(gqmm_test_failed, q, r);
+  problem_free(&q);
 }
 
 GQMM_TEST(cpu_skewed_routing_and_empty_experts) {

@@ -11,7 +11,8 @@
  *      per block on that thread (plus per-group sums, or int8 codes);
  *   2. converts the unit's scales and biases to float32;
  *   3. runs the small-M qmv kernel (rows <= 4: weights unpacked in registers
- *      straight into every row), or, for more rows, dequantizes kc-blocks of
+ *      straight into every row; 6-8 rows: two such passes, see qmv_first),
+ *      or, for more rows, dequantizes kc-blocks of
  *      the unit's weights once into an L1 panel and runs the MR x NR gemm
  *      micro-kernel over all rows: weights are read from memory once per call
  *      whatever the number of rows;

@@ -9,13 +9,14 @@
  * every core. Per unit a thread:
  *   1. converts the block's x rows to float32 in the ISA's chunk order, once
  *      per block on that thread (plus per-group sums, or int8 codes);
- *   2. converts the unit's scales and biases to float32;
+ *   2. points at the unit's weight rows, scales and biases (the kernels
+ *      convert the parameters as they read them);
  *   3. runs the small-M qmv kernel (rows <= 4: weights unpacked in registers
  *      straight into every row; 6-8 rows: two such passes, see qmv_first),
- *      or, for more rows, dequantizes kc-blocks of
- *      the unit's weights once into an L1 panel and runs the MR x NR gemm
- *      micro-kernel over all rows: weights are read from memory once per call
- *      whatever the number of rows;
+ *      or, for more rows, dequantizes kc-blocks of the unit's weights once
+ *      into an L1 panel and runs the MR x NR gemm micro-kernel over all rows:
+ *      weights are read from memory once per call whatever the rows (twice
+ *      for the 6-8 row split, the second pass from L2);
  *   4. rounds the float32 results into the rows' own output places (the
  *      scatter back to the caller's order).
  * No reduction is split across threads, so results do not depend on the

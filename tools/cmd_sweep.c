@@ -36,6 +36,7 @@ typedef struct {
   int min_runs;
   double llc_bytes;
   uint64_t rng;
+  int even; /* gather: --routing even, every expert exactly rows/e rows */
 } sweep;
 
 typedef struct {
@@ -291,11 +292,13 @@ static int sweep_gather(sweep *s, gqmm_quant q, int E, int K, int N, int topk) {
     int *count = calloc((size_t)E, sizeof(int));
     uint16_t *x = make_x(s, rows * K);
     if (!idx || !count || !x) st = GQMM_ERR_NOMEM;
-    /* random top-k routing: each token picks topk distinct experts */
+    /* random top-k routing: each token picks topk distinct experts (even:
+     * token t takes experts t*topk .. t*topk+topk-1 mod E, so every expert
+     * gets exactly rows/e rows, the same arithmetic per byte as qmm) */
     for (int t = 0; !st && t < tokens; t++) {
       int picked[64], np = 0;
       while (np < topk) {
-        int e = (int)(next_u32(s) % (uint32_t)E), dup = 0;
+        int e = s->even ? (t * topk + np) % E : (int)(next_u32(s) % (uint32_t)E), dup = 0;
         for (int j = 0; j < np; j++)
           dup |= picked[j] == e;
         if (!dup) picked[np++] = e;
@@ -356,6 +359,15 @@ int gqmm_cmd_sweep(int argc, char **argv) {
       threads = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--int8"))
       int8 = 1;
+    else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
+      s.rng = 0x9E3779B97F4A7C15ull ^ strtoull(argv[++i], NULL, 10);
+    else if (!strcmp(argv[i], "--routing") && i + 1 < argc) {
+      s.even = !strcmp(argv[++i], "even");
+      if (!s.even && strcmp(argv[i], "random")) {
+        fprintf(stderr, "gqmm sweep: --routing must be random or even, not '%s'\n", argv[i]);
+        return 2;
+      }
+    }
     else if (!strcmp(argv[i], "--llc-mb") && i + 1 < argc)
       llc_mb = atof(argv[++i]);
     else if (!strcmp(argv[i], "--m") && i + 1 < argc) {
@@ -368,7 +380,10 @@ int gqmm_cmd_sweep(int argc, char **argv) {
              "                  [--runs N (default 20)] [--config ID] [--threads N]\n"
              "                  [--m 1,2,...  subset of M / rows per expert]\n"
              "                  [--llc-mb MB  cache size the shapes must exceed (default: sysfs)]\n"
-             "                  [--int8  FAST MODE: int8-quantized activations, not exact]\n");
+             "                  [--int8  FAST MODE: int8-quantized activations, not exact]\n"
+             "                  [--routing random|even  gather: random top-8 (default) or\n"
+             "                   exactly rows/e rows on every expert]\n"
+             "                  [--seed N  inputs and routing (default: the time)]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }

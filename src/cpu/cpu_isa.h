@@ -53,7 +53,9 @@ typedef struct {
   void (*to_float)(const void *src, gqmm_dtype t, int64_t n, float *dst);
   /*
    * Small-M path (memory bound): for each of nrows weight rows n, and each of
-   * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r (x block row stride K):
+   * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r, x chunk-interleaved:
+   * value l of chunk c of row r at x[(c * R + r) * 32 + l] (one pointer and
+   * constant offsets per chunk for all R rows, the R rows' chunk adjacent):
    *   C[r * ldc + n] (+)= sum_g s_g * (sum_{k in g} x_rk q_nk) + b_g * xsum[r][g]
    * over the groups of [k0, k0 + kc) (both multiples of the group size;
    * k0 = 0 stores, later blocks add), the

@@ -9,12 +9,14 @@
  * every core. Per unit a thread:
  *   1. converts the block's x rows to float32 in the ISA's chunk order, once
  *      per block on that thread (plus per-group sums, or int8 codes);
- *   2. converts the unit's scales and biases to float32;
+ *   2. points at the unit's weight rows, scales and biases (the kernels
+ *      convert the parameters as they read them);
  *   3. runs the small-M qmv kernel (rows <= 4: weights unpacked in registers
- *      straight into every row), or, for more rows, dequantizes kc-blocks of
- *      the unit's weights once into an L1 panel and runs the MR x NR gemm
- *      micro-kernel over all rows: weights are read from memory once per call
- *      whatever the number of rows;
+ *      straight into every row; 6-8 rows: two such passes, see qmv_first),
+ *      or, for more rows, dequantizes kc-blocks of the unit's weights once
+ *      into an L1 panel and runs the MR x NR gemm micro-kernel over all rows:
+ *      weights are read from memory once per call whatever the rows (twice
+ *      for the 6-8 row split, the second pass from L2);
  *   4. rounds the float32 results into the rows' own output places (the
  *      scatter back to the caller's order).
  * No reduction is split across threads, so results do not depend on the
@@ -175,23 +177,50 @@ static const char *elem(const void *base, int64_t i, size_t esz) {
   return (const char *)base + (size_t)i * esz;
 }
 
-/* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes. */
+/* How a block of R rows runs the small-M qmv kernel: the rows of its first
+ * sub-block (R up to qmv_rows: all of them; up to twice that: two halves,
+ * ceil(R/2) and the rest, one pass each, which measured faster than the
+ * panel gemm at 8 rows: docs/perf-notes.md), or 0 for the gemm path.
+ * A row's summation order in the kernel depends on its pass's row count
+ * only through the accumulator chains (2 at <= 2 rows, 1 beyond) and the K
+ * blocks (qmv_kblock): both halves must agree on them, or a row's bits would
+ * depend on its place in the block (sorted vs unsorted indices), so 5 rows
+ * (3 + 2) stay on the gemm path. The qmv kernel's per-group identity
+ * s*sum(x*q) + b*sum(x) cancels two large terms, costing ~3x float32's
+ * rounding error; f32 callers asked for float32 accuracy, so they take the
+ * dequantize-then-FMA path at every M. */
+static int64_t qmv_first(const job *j, int64_t R) {
+  const int64_t q = j->cfg->qmv_rows, R1 = (R + 1) / 2;
+  if (!j->a->transpose || j->int8 || j->a->dtype == GQMM_F32 || R > 2 * q) return 0;
+  if (R <= q) return R;
+  return (R1 <= 2) == (R - R1 <= 2) ? R1 : 0;
+}
+
+/* K block of a qmv pass whose largest sub-block has R1 rows: keeps the rows'
+ * slice of x in L1 (4 x 2816 floats is 45 KB, more than Zen 3's 32 KB); at
+ * R1 <= 2 blocking measured slower. Both halves of a split block use it. */
+static int64_t qmv_kblock(const job *j, int64_t R1) {
+  const int gs = j->a->q.group_size;
+  return R1 <= 2 ? j->a->K : QMV_KBLOCK_FLOATS / R1 / gs * gs;
+}
+
+/* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes.
+ * The qmv kernel reads each sub-block's rows chunk-interleaved (cpu_isa.h),
+ * the gemm and transpose=0 paths row after row. */
 static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   const gqmm__qmm_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);
   const int64_t K = a->K, G = j->G, R = j->blk_rows[blk], first = j->blk_first[blk];
   const int gs = j->sh.group_size;
+  const int64_t R1 = qmv_first(j, R);
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
-    for (int64_t c = 0; c < K; c += 32)
+    const int64_t r0 = r < R1 ? 0 : R1, Rh = r < R1 ? R1 : R - R1; /* its sub-block */
+    for (int64_t c = 0; c < K; c += 32) {
+      float *dst = v->xf + (R1 ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
-        v->xf[r * K + c + l] = v->tmp[c + j->perm[l]];
-    if (j->xbf) /* bf16 inputs: the top half of each float is the value, exactly */
-      for (int64_t i = 0; i < K; i++) {
-        uint32_t u;
-        memcpy(&u, &v->xf[r * K + i], 4);
-        v->xb[r * K + i] = (uint16_t)(u >> 16);
-      }
+        dst[l] = v->tmp[c + j->perm[l]];
+    }
     if (!a->transpose) continue;
     for (int64_t g = 0; g < G; g++) {
       const float *t = v->tmp + g * gs;
@@ -213,6 +242,12 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
           v->xq[r * K + g * gs + c + l] = (int8_t)lrintf(t[c + j->perm_i8[l]] * inv);
     }
   }
+  if (j->xbf) /* bf16 inputs: the top half of each float is the value, exactly */
+    for (int64_t i = 0; i < R * K; i++) {
+      uint32_t u;
+      memcpy(&u, &v->xf[i], 4);
+      v->xb[i] = (uint16_t)(u >> 16);
+    }
 }
 
 /* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
@@ -229,22 +264,20 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
     return;
   }
-  /* The qmv kernel's per-group identity s*sum(x*q) + b*sum(x) cancels two
-   * large terms, costing ~3x float32's rounding error; f32 callers asked for
-   * float32 accuracy, so they take the dequantize-then-FMA path at every M. */
-  if (R <= j->cfg->qmv_rows && a->dtype != GQMM_F32) {
-    /* K blocks keep the R rows' slice of x in L1 (R = 4: 4 x 2816 floats is
-     * 45 KB, more than Zen 3's 32 KB); at R <= 2 blocking measured slower. */
-    const int64_t kb = R <= 2 ? K : QMV_KBLOCK_FLOATS / R / a->q.group_size * a->q.group_size;
+  const int64_t R1 = qmv_first(j, R);
+  for (int64_t r0 = 0; R1 && r0 < R; r0 += R1) {
+    const int64_t Rh = R - r0 < R1 ? R - r0 : R1, kb = qmv_kblock(j, R1);
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
       const int64_t kc = K - k0 < kb ? K - k0 : kb;
       if (j->xbf)
-        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb, v->xsum, (int)R, k0, kc, v->C, nt);
+        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
+                         v->C + r0 * nt, nt);
       else
-        j->isa->qmv(&j->sh, v->wrows, nn, v->xf, v->xsum, (int)R, k0, kc, v->C, nt);
+        j->isa->qmv(&j->sh, v->wrows, nn, v->xf + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
+                    v->C + r0 * nt, nt);
     }
-    return;
   }
+  if (R1) return;
   const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
   memset(v->Cv, 0, (size_t)(R * nt * vw) * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {

@@ -6,6 +6,7 @@
  * activations with vpmaddubsw (pairs, exact in int16: 2*15*127 < 2^15) and
  * widens with vpmaddwd, the AVX2 stand-in for VNNI's vpdpbusd.
  */
+#include "cpu_isa.h"
 #include "ukr_unpack_x86.h"
 
 typedef __m256 ukr_vf;
@@ -23,6 +24,12 @@ static inline void vf_store(float *p, ukr_vf v) {
 }
 static inline ukr_vf vf_set1(float f) {
   return _mm256_set1_ps(f);
+}
+static inline ukr_vf vf_param(const void *p, gqmm_dtype t, int64_t i) {
+  if (t == GQMM_F32) return _mm256_loadu_ps((const float *)p + i);
+  const __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+  return t == GQMM_F16 ? _mm256_cvtph_ps(v)
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
 static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
   return _mm256_fmadd_ps(a, b, c);

@@ -10,6 +10,7 @@
  * Not measured on the development machine (no AVX-512 there): run
  * GQMM_CPU_ISA=avx512 build/gqmm_tests and `gqmm sweep --backend cpu` on one.
  */
+#include "cpu_isa.h"
 #include "ukr_unpack_x86.h"
 
 typedef __m512 ukr_vf;
@@ -27,6 +28,12 @@ static inline void vf_store(float *p, ukr_vf v) {
 }
 static inline ukr_vf vf_set1(float f) {
   return _mm512_set1_ps(f);
+}
+static inline ukr_vf vf_param(const void *p, gqmm_dtype t, int64_t i) {
+  if (t == GQMM_F32) return _mm512_loadu_ps((const float *)p + i);
+  const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i));
+  return t == GQMM_F16 ? _mm512_cvtph_ps(v)
+                       : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
 static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
   return _mm512_fmadd_ps(a, b, c);

@@ -56,6 +56,12 @@ static inline float vf_hsum(ukr_vf a) {
 static inline float ukr_f16_to_f32(uint16_t h) {
   return gqmm_f16_to_f32(h);
 }
+static inline ukr_vf vf_param(const void *p, gqmm_dtype t, int64_t i) {
+  ukr_vf r;
+  for (int l = 0; l < UKR_VW; l++)
+    r.v[l] = gqmm__cpu_param(p, t, i + l, ukr_f16_to_f32);
+  return r;
+}
 static inline void unpack32(const uint8_t *src, int bits, ukr_vf q[32 / UKR_VW]) {
   for (int j = 0; j < 32; j++)
     q[j / UKR_VW].v[j % UKR_VW] = (float)gqmm__unpack(src, bits, j);

@@ -9,6 +9,8 @@
  *   vf_zero, vf_load, vf_store, vf_set1, vf_fma(a, b, c) = a*b + c, vf_add,
  *   vf_hsum              horizontal sum to float
  *   ukr_f16_to_f32       scalar half -> float
+ *   vf_param(p, t, i)    UKR_VW consecutive scale/bias values p[i..] of dtype
+ *                        t (f32, f16, bf16) as floats
  *   unpack32(src, bits, q[32 / UKR_VW])
  *                        the 32 q-values of one chunk (4*bits bytes at src) as
  *                        float vectors, in the ISA's lane order (perm)
@@ -69,12 +71,9 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
   const int gs = sh->group_size, lg = __builtin_ctz((unsigned)gs);
   const int64_t K = sh->K, G = K >> lg, last_k = K - 32;
   ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
-  float bsum[GQMM__CPU_QMV_MAX_ROWS];
-  for (int r = 0; r < R; r++) {
+  for (int r = 0; r < R; r++)
     for (int a = 0; a < NA; a++)
       tot[r][a] = vf_zero();
-    bsum[r] = 0.0f;
-  }
   /* K-blocked (the loops block K at R >= 3): the row's next block comes a pass later */
   const bool ahead = R >= 3 && k0 + kc < K;
   for (int64_t g = k0 >> lg; g < (k0 + kc) >> lg; g++) {
@@ -90,21 +89,39 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
       if (xbf) { /* x as bf16 pairs: the chunk is one bf16 vector, one dot per row */
         const ukr_vbf qb = ukr_q_to_bf16(q);
         for (int r = 0; r < R; r++)
-          acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + r * K + k);
+          acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + k * R + r * 32);
         continue;
       }
 #endif
       for (int v = 0; v < UKR_NV; v++)
         for (int r = 0; r < R; r++)
-          acc[r][v % NA] = vf_fma(vf_load(x + r * K + k + v * UKR_VW), q[v], acc[r][v % NA]);
+          acc[r][v % NA] = vf_fma(vf_load(x + k * R + r * 32 + v * UKR_VW), q[v], acc[r][v % NA]);
     }
     const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
-    const float b = UKR_PARAM(rw->b, sh->dtype, g);
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < R; r++)
       for (int a = 0; a < NA; a++)
         tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
+  }
+  /* sum_g b_g * sum(x)_g, off the group loop: UKR_VW groups per vector FMA
+   * instead of a scalar conversion, multiply and add per (group, row) in it
+   * (the group loop is instruction bound; see docs/perf-notes.md) */
+  const int64_t g0 = k0 >> lg, g1 = (k0 + kc) >> lg;
+  ukr_vf bv[GQMM__CPU_QMV_MAX_ROWS];
+  float bsum[GQMM__CPU_QMV_MAX_ROWS];
+  for (int r = 0; r < R; r++)
+    bv[r] = vf_zero();
+  int64_t g = g0;
+  for (; g + UKR_VW <= g1; g += UKR_VW) {
+    const ukr_vf b = vf_param(rw->b, sh->dtype, g);
+    for (int r = 0; r < R; r++)
+      bv[r] = vf_fma(b, vf_load(xsum + r * G + g), bv[r]);
+  }
+  for (int r = 0; r < R; r++)
+    bsum[r] = vf_hsum(bv[r]);
+  for (; g < g1; g++) {
+    const float b = UKR_PARAM(rw->b, sh->dtype, g);
+    for (int r = 0; r < R; r++)
       bsum[r] += b * xsum[r * G + g];
-    }
   }
   for (int r = 0; r < R; r++) {
     ukr_vf sum = tot[r][0];

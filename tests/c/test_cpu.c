@@ -166,8 +166,9 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
     for (int bi = 0; bi < 6; bi++)
       for (int gi = 0; gi < 3; gi++)
         for (int di = 0; di < 3; di++) {
-          /* M=1 over many entries (qmv, 1..few rows per expert), M=5 (panel) */
-          const int Ms[2] = {1, 5};
+          /* M=1 over many entries (qmv, 1..few rows per expert), M=9 (blocks
+           * of 9+ rows: the panel gemm; 6-8 rows run as two qmv halves) */
+          const int Ms[2] = {1, 9};
           for (int mi = 0; mi < 2; mi++) {
             problem p = {.E = 5,
                          .M = Ms[mi],
@@ -187,22 +188,25 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
 
 /* The small-M path blocks K at 3 and 4 rows per expert (4096 / R floats of
  * x per block, rounded to groups): K = 2816 gives 2-3 blocks, the last one
- * ragged, for every width and group size. */
+ * ragged; blocks of 6-8 rows run the qmv kernel as two halves (3+3, 4+3,
+ * 4+4) over a split x block, K-blocked alike. Every width and group size,
+ * both half-precision dtypes (f32 takes the panel path). */
 GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
   test_rng r = test_rng_make(709);
+  const int Ms[5] = {3, 4, 6, 7, 8};
   for (size_t ii = 0; ii < 3; ii++) {
     if (!isa_available(isas[ii])) continue;
     for (int bi = 0; bi < 6; bi++)
       for (int gi = 0; gi < 3; gi++)
-        for (int M = 3; M <= 4; M++) {
+        for (int mi = 0; mi < 5; mi++) {
           problem p = {.E = 2,
-                       .M = M,
+                       .M = Ms[mi],
                        .N = 29,
                        .K = 2816,
                        .batch = 1, /* one entry: exactly M rows per block */
                        .transpose = 1,
                        .q = {all_bits[bi], all_groups[gi]},
-                       .dt = all_dtypes[(bi + gi + M) % 3]};
+                       .dt = all_dtypes[1 + (bi + gi + mi) % 2]};
           CHECK_OK(problem_make(&p, &r, 0, true));
           CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
           problem_free(&p);
@@ -216,7 +220,9 @@ GQMM_TEST(cpu_every_config_and_row_count) {
     if (!isa_available(isas[ii])) continue;
     for (int cfg = 0; cfg < 16; cfg++) {
       for (int M = 1; M <= 13; M += 3) {
-        /* K = 320: a kc=256 block plus a ragged remainder; N = 53: ragged tiles */
+        /* K = 320: a kc=256 block plus a ragged remainder; N = 53: ragged
+         * tiles; bf16 at odd M (the config's qmv rows, split blocks), f32
+         * (always the panel) at even M */
         problem p = {.E = 3,
                      .M = M,
                      .N = 53,
@@ -224,7 +230,7 @@ GQMM_TEST(cpu_every_config_and_row_count) {
                      .batch = 4,
                      .transpose = 1,
                      .q = {cfg % 2 ? 3 : 4, cfg % 3 ? 64 : 32},
-                     .dt = GQMM_F32};
+                     .dt = M % 2 ? GQMM_BF16 : GQMM_F32};
         CHECK_OK(problem_make(&p, &r, 0, true));
         char err[256];
         void *tmp = malloc((size_t)p.batch * p.M * p.N * 4);
@@ -296,17 +302,40 @@ GQMM_TEST(cpu_results_do_not_depend_on_thread_count) {
   }
 }
 
-GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
-  test_rng r = test_rng_make(705);
-  problem p = {.E = 12,
-               .M = 1,
-               .N = 70,
-               .K = 192,
-               .batch = 90,
-               .transpose = 1,
-               .q = {4, 64},
-               .dt = GQMM_F16};
-  CHECK_OK(problem_make(&p, &r, 0, true));
+/* The qmv kernel adds sum_g b_g * sum(x)_g after its group loop, a vector
+ * of groups at a time plus a scalar tail: G = 21 groups per row gives whole
+ * vectors and a ragged tail on every ISA (8 and 16 lanes), at 1-4 rows per
+ * expert (random routing), checked against the reference and bit for bit
+ * across thread counts. */
+GQMM_TEST(cpu_qmv_bias_dot_vectors_and_tail) {
+  test_rng r = test_rng_make(712);
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 6; bi++)
+      for (int gi = 0; gi < 3; gi++) {
+        problem p = {.E = 6,
+                     .M = 1,
+                     .N = 19,
+                     .K = 21 * all_groups[gi],
+                     .batch = 13,
+                     .transpose = 1,
+                     .q = {all_bits[bi], all_groups[gi]},
+                     .dt = all_dtypes[1 + (bi + gi) % 2]};
+        CHECK_OK(problem_make(&p, &r, 0, true));
+        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+        char err[256] = "";
+        CHECK_MSG(same_bits(&p, (runner){isas[ii], 1, -1, 0}, (runner){isas[ii], 3, -1, 0}, err,
+                            sizeof err),
+                  "isa %s bits %d gs %d: threads 1 vs 3 differ %s", isas[ii], p.q.bits,
+                  p.q.group_size, err);
+        problem_free(&p);
+      }
+  }
+}
+
+/* Shuffles the (sorted) problem's entries, index and x row together: each
+ * output row must keep its bits (same blocks, rows in another order). */
+static void check_unsorted_equals_sorted(int *gqmm_test_failed, problem p, test_rng r) {
   const size_t row = (size_t)p.N * 2, n = row * (size_t)p.batch;
   uint16_t *sorted_out = malloc(n), *unsorted_out = malloc(n);
   int *perm = malloc((size_t)p.batch * sizeof(int));
@@ -336,7 +365,39 @@ GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
         "row %d (sorted row %d) differs", i, perm[i]);
   CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 0}), tol_for(p.dt));
   free(sorted_out), free(unsorted_out), free(perm), free(sorted_idx), free(sorted_x);
+}
+
+GQMM_TEST(cpu_unsorted_indices_equal_sorted_path) {
+  test_rng r = test_rng_make(705);
+  problem p = {.E = 12,
+               .M = 1,
+               .N = 70,
+               .K = 192,
+               .batch = 90,
+               .transpose = 1,
+               .q = {4, 64},
+               .dt = GQMM_F16};
+  CHECK_OK(problem_make(&p, &r, 0, true));
+  check_unsorted_equals_sorted(gqmm_test_failed, p, r);
   problem_free(&p);
+  /* blocks of exactly 5, 6, 7 and 8 rows (gemm, then qmv halves 3+3, 4+3,
+   * 4+4) at K = 2816 (the halves K-blocked): a row's bits must not depend on
+   * which half its place in the block puts it in (f16 and N = 384: enough
+   * outputs that a float32 difference survives the rounding to f16) */
+  problem q = {.E = 4,
+               .M = 1,
+               .N = 384,
+               .K = 2816,
+               .batch = 26,
+               .transpose = 1,
+               .q = {4, 64},
+               .dt = GQMM_F16};
+  CHECK_OK(problem_make(&q, &r, 0, true));
+  for (int e = 0, i = 0; e < 4; e++)
+    for (int c = 0; c < 5 + e; c++)
+      q.idx[i++] = e;
+  check_unsorted_equals_sorted(gqmm_test_failed, q, r);
+  problem_free(&q);
 }
 
 GQMM_TEST(cpu_skewed_routing_and_empty_experts) {

@@ -67,7 +67,7 @@ fi
 if printf "%s\n" "${steps[@]}" | grep -qx profile; then # diagnostic: not part of "all"
   # ncu sections for the first gate_up launch of each kernel named in
   # PROFILE_KERNELS (regexes on mangled names), from `gqmm cuda-bench --quick`.
-  for k in ${PROFILE_KERNELS:-fold_kernelI13__nv_bfloat16Li64 mma_kernelI13__nv_bfloat16Li4ELi4ELi2ELi4}; do
+  for k in ${PROFILE_KERNELS:-mma_kernelI13__nv_bfloat16Li4ELi4ELi2ELi3 mma_kernelI13__nv_bfloat16Li4ELi4ELi2ELi4}; do
     note "ncu $k"
     ncu --kernel-name-base mangled -k "regex:$k" --launch-count 1 --cache-control all --clock-control base --section SpeedOfLight \
       --section Occupancy --section SchedulerStats --section WarpStateStats \

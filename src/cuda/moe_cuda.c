@@ -115,13 +115,20 @@ int gqmm__cuda_moe_take_error(gqmm_ctx *ctx) {
 
 enum { S_TOK, S_IOTA, S_PLAN, S_GU, S_H, S_Y, S_UNITS_GU, S_UNITS_DOWN, S_PARTS };
 
+/* The smallest work unit (rows) and N tile of any config: they bound the
+ * number of units a GEMM of the layer can have, whatever config it takes. */
+static void smallest_unit(int64_t *tok, int64_t *tile) {
+  *tok = *tile = INT32_MAX;
+  for (int c = 0; c < gqmm__cu_mma_config_count(); c++) {
+    if (gqmm__cu_mma_tok_max(c) < *tok) *tok = gqmm__cu_mma_tok_max(c);
+    if (gqmm__cu_mma_tile_n(c) < *tile) *tile = gqmm__cu_mma_tile_n(c);
+  }
+}
+
 /* Room for the unit descriptors of a GEMM with N rows, for any config. */
 static size_t units_bytes(int64_t R, int64_t E, int64_t N) {
-  int64_t tok = INT32_MAX, tile = INT32_MAX;
-  for (int c = 0; c < gqmm__cu_mma_config_count(); c++) {
-    if (gqmm__cu_mma_tok_max(c) < tok) tok = gqmm__cu_mma_tok_max(c);
-    if (gqmm__cu_mma_tile_n(c) < tile) tile = gqmm__cu_mma_tile_n(c);
-  }
+  int64_t tok, tile;
+  smallest_unit(&tok, &tile);
   return (size_t)gqmm__cu_units_bound(R, R < E ? R : E, tok, (N + tile - 1) / tile) * 16;
 }
 
@@ -245,8 +252,8 @@ static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__c
     if (cached) *cached = grid;
     /* No more CTAs than units: each expert with rows adds at most one
      * partial chunk of tok_max rows. */
-    const int64_t R = g->k.batch, tok = g->tok, used = R < E ? R : E;
-    const int64_t units = ((R + tok - 1) / tok + used) * g->n_tiles;
+    const int64_t R = g->k.batch, used = R < E ? R : E;
+    const int64_t units = gqmm__cu_units_bound(R, used, g->tok, g->n_tiles);
     if (grid > units) grid = (int)units;
     err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid);
   }
@@ -266,12 +273,11 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   if (st) return st;
   const int64_t T = a->tokens, k = a->top_k, H = a->hidden, I = a->inter, E = a->experts;
   /* The smallest work unit of any config bounds the unit count. */
-  int64_t tok = INT32_MAX;
-  for (int c = 0; c < gqmm__cu_mma_config_count(); c++)
-    if (gqmm__cu_mma_tok_max(c) < tok) tok = gqmm__cu_mma_tok_max(c);
+  int64_t tok, tile;
+  smallest_unit(&tok, &tile);
   const int64_t R = T * k;
   /* The plan and the kernels index rows and units with int32. */
-  const int64_t worst_units = ((R + tok - 1) / tok + E) * ((2 * I > H ? 2 * I : H) / 16 + 1);
+  const int64_t worst_units = gqmm__cu_units_bound(R, E, tok, (2 * I > H ? 2 * I : H) / 16 + 1);
   if (R > INT32_MAX / 2 || E > INT32_MAX / 8 || worst_units > INT32_MAX)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "cuda moe_forward: %lld tokens x top_k %lld exceed the kernels' 32-bit "

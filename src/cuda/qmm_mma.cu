@@ -361,19 +361,23 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 #pragma unroll
         for (int h = 0; h < 2; h++) dst[mt][h] = prmt(rs[mt][h], rb[mt][h], 0x5410);
     };
+    /* The load side's next stage into ring slot `slot`, then its walk on. */
+    auto load_stage = [&](int slot) {
+      issue(a, ls, lk, sm, xd, slot, rs, rb);
+      if (++lk == nk) {
+        lk = 0;
+        if (++lidx < nunits) {
+          lu = unit_of(next_l), load_unit(a, lu, ls);
+          next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
+        }
+      }
+    };
     /* Prologue: stages 0..STAGES-2; stage s goes to sb[s + 1] (the first
      * shift moves it to s), the last one stays in rs/rb. */
 #pragma unroll
     for (int s = 0; s < STAGES - 1; s++) {
       if (s < nflat) {
-        issue(a, ls, lk, sm, xd, s, rs, rb);
-        if (++lk == nk) {
-          lk = 0;
-          if (++lidx < nunits) {
-            lu = unit_of(next_l), load_unit(a, lu, ls);
-            next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
-          }
-        }
+        load_stage(s);
       }
       if (s < STAGES - 2) pack(sb[s + 1]);
       cp_async_commit();
@@ -391,14 +395,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
       pack(sb[STAGES - 2]);
       const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
       if (f + STAGES - 1 < nflat) {
-        issue(a, ls, lk, sm, xd, nslot, rs, rb);
-        if (++lk == nk) {
-          lk = 0;
-          if (++lidx < nunits) {
-            lu = unit_of(next_l), load_unit(a, lu, ls);
-            next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
-          }
-        }
+        load_stage(nslot);
       }
       cp_async_commit();
       compute(cu.nt, smem, slot, sb[0], acc);

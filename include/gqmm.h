@@ -195,6 +195,36 @@ int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
                            const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
                            int transpose, gqmm_quant q, gqmm_tensor *out);
 
+/* ---- packed weights (load-time layout for the CUDA kernels) -------------- */
+
+/*
+ * gqmm_pack: a copy of quantized weights w [..., N, K*bits/32] (MLX layout,
+ * transpose=1) with their scales and biases [..., N, K/group_size] (f16 or
+ * bf16), all on the CUDA device, in the layout the CUDA tensor-core kernels
+ * stream fastest: for each expert, each tile of 128 rows and each 128 values
+ * of K, one contiguous block holding the weights in the order the kernel's
+ * threads read them followed by that block's scales and biases. Built once,
+ * at load time, on the device; the MLX tensors stay valid and unchanged.
+ * Supports bits 2/3/4/8 (GQMM_ERR_UNSUPPORTED otherwise) and K % 32 == 0.
+ * Values are bit-identical to the MLX layout's: results of the packed ops
+ * equal the unpacked ops' within the usual float32-accumulation tolerance.
+ */
+typedef struct gqmm_packed gqmm_packed;
+int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+              const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out);
+void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p);
+/* Device bytes the packed copy occupies. */
+int64_t gqmm_packed_nbytes(const gqmm_packed *p);
+/*
+ * gather_qmm (transpose=1) over packed weights: the same semantics, shapes,
+ * broadcasting and errors as gqmm_gather_qmm with the tensors w was packed
+ * from; NULL indices give quantized_matmul. CUDA backend only (x, indices
+ * and out on the device; GQMM_ERR_UNSUPPORTED where it cannot run).
+ */
+int gqmm_gather_qmm_packed(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_packed *w,
+                           const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
+                           int sorted_indices, gqmm_tensor *out);
+
 /* ---- MoE expert layer (src/moe) ------------------------------------------ */
 
 /* The gated activation between gate_up and down. */
@@ -217,6 +247,9 @@ typedef struct {
   const gqmm_tensor *gate, *gate_scales, *gate_biases;
   const gqmm_tensor *up, *up_scales, *up_biases;
   const gqmm_tensor *down, *down_scales, *down_biases;
+  /* Optional (NULL: not used): gqmm_pack copies of gate_up (or gate and up)
+   * and down, made from the tensors above; the CUDA backend reads these. */
+  const gqmm_packed *gate_up_packed, *gate_packed, *up_packed, *down_packed;
 } gqmm_moe_weights;
 
 /*

@@ -32,6 +32,7 @@ typedef struct {
   int canvases, tokens;     /* B, tokens per canvas */
   int reps, max_layers;     /* -1: chosen from the backend */
   int levers, breakdown;
+  int no_pack;              /* 1: the GPU reads the MLX layout (no gqmm_pack copies) */
   const char *json, *plot;
   gqmm_backend_kind kind;
 } bench_opts;
@@ -43,12 +44,14 @@ typedef struct {
   gqmm_device dev;
   gqmm__ceilings ceil;
   int have_ceil;
+  int pack; /* layers get gqmm_pack copies (a device backend that packs) */
 } bench_env;
 
 /* One layer's weights (fused gate_up, down) in the device's memory. */
 typedef struct {
   void *buf[6]; /* gu_w, gu_s, gu_b, d_w, d_s, d_b */
   gqmm_tensor t[6];
+  gqmm_packed *pk[2]; /* gqmm_pack copies of gate_up and down, or NULL */
   gqmm_moe_weights w;
 } bench_layer;
 
@@ -138,6 +141,7 @@ static double layer_bytes(const gqmm_moe_model *m, gqmm_quant q, int64_t experts
 
 static void layer_free(bench_env *env, bench_layer *L) {
   for (int i = 0; i < 6; i++) dev_free(env, L->buf[i]);
+  for (int i = 0; i < 2; i++) gqmm_packed_free(env->ctx, L->pk[i]);
   memset(L, 0, sizeof *L);
 }
 
@@ -171,6 +175,17 @@ static int layer_make(bench_env *env, const gqmm_moe_model *m, gqmm_quant q, uin
   L->w = (gqmm_moe_weights){.q = q, .gate_up = &L->t[0], .gate_up_scales = &L->t[1],
                             .gate_up_biases = &L->t[2], .down = &L->t[3],
                             .down_scales = &L->t[4], .down_biases = &L->t[5]};
+  /* The load-time step a GPU user takes: the kernels' packed layout (formats
+   * without one, e.g. 5/6-bit, stay unpacked). */
+  for (int part = 0; env->pack && part < 2; part++) {
+    const int st = gqmm_pack(env->ctx, &L->t[3 * part], &L->t[3 * part + 1], &L->t[3 * part + 2],
+                             q, &L->pk[part]);
+    if (st && st != GQMM_ERR_UNSUPPORTED) {
+      layer_free(env, L);
+      return -1;
+    }
+  }
+  L->w.gate_up_packed = L->pk[0], L->w.down_packed = L->pk[1];
   return 0;
 }
 
@@ -440,13 +455,13 @@ static void json_record(FILE *f, const bench_env *env, const bench_opts *o, cons
   fprintf(f, "%s  {\"backend\": \"%s\", \"device\": \"%s\", \"op\": \"moe_step\", \"model\": \"%s\", "
           "\"layers\": %d, \"layers_run\": %d, \"E\": %d, \"top_k\": %d, \"K\": %lld, \"N\": %lld, "
           "\"M\": %.0f, \"rows_per_expert\": %.3f, \"tokens_per_canvas\": %d, \"canvases\": %d, "
-          "\"bits\": %d, \"group_size\": %d, \"dtype\": \"bfloat16\", \"config\": \"auto\", "
+          "\"bits\": %d, \"group_size\": %d, \"dtype\": \"bfloat16\", \"config\": \"%s\", "
           "\"time_us_median\": %.3f, \"time_us_min\": %.3f, \"time_us_per_canvas\": %.3f, "
           "\"weight_bytes\": %.0f, \"weight_GBps\": %.3f",
           first ? "" : ",\n", gqmm_last_backend(env->ctx), env->have_ceil ? env->ceil.device_name : "",
           o->m.name, o->m.layers, r->layers_run, o->m.experts, o->m.top_k, (long long)o->m.hidden,
           (long long)o->m.inter, rows, rows / o->m.experts, o->tokens, r->canvases, r->bits,
-          o->m.q.group_size, r->step_med_s * 1e6, r->step_min_s * 1e6,
+          o->m.q.group_size, env->pack ? "auto-packed" : "auto", r->step_med_s * 1e6, r->step_min_s * 1e6,
           r->step_med_s * 1e6 / r->canvases, r->weight_bytes, gbps);
   if (env->have_ceil)
     fprintf(f, ", \"ceiling_copy_GBps\": %.3f, \"ceiling_read_GBps\": %.3f, "
@@ -491,9 +506,11 @@ static void usage(FILE *f) {
           "usage: gqmm bench [--model NAME | --layers L --experts E --topk K --hidden H --inter I]\n"
           "                  [--act swiglu|geglu] [--bits B] [--group G] [--canvases B] [--tokens T]\n"
           "                  [--levers] [--breakdown] [--json FILE] [--plot FILE.png]\n"
-          "                  [--backend auto|cpu|cuda|ref] [--reps N] [--max-layers N]\n"
+          "                  [--backend auto|cpu|cuda|ref] [--reps N] [--max-layers N] [--no-pack]\n"
           "Times the MoE expert layers of one denoising step (default: the seed's model,\n"
           "one 256-token canvas). --levers: canvases 1,2,4,8 x expert bits 8,4,3,2.\n"
+          "On a GPU the weights are packed once at load (gqmm_pack); --no-pack reads\n"
+          "the MLX layout instead.\n"
           "models:");
   for (int i = 0; gqmm_moe_model_at(i); i++) fprintf(f, " %s", gqmm_moe_model_at(i)->name);
   fprintf(f, "\n");
@@ -531,6 +548,7 @@ static int parse(int argc, char **argv, bench_opts *o) {
     else if (!strcmp(a, "--plot") && i + 1 < argc) o->plot = argv[++i];
     else if (!strcmp(a, "--levers")) o->levers = 1;
     else if (!strcmp(a, "--breakdown")) o->breakdown = 1;
+    else if (!strcmp(a, "--no-pack")) o->no_pack = 1;
     else if (!strcmp(a, "--layers")) bad = int_arg(argc, argv, &i, &v), o->m.layers = (int)v, custom = 1;
     else if (!strcmp(a, "--experts")) bad = int_arg(argc, argv, &i, &v), o->m.experts = (int)v, custom = 1;
     else if (!strcmp(a, "--topk")) bad = int_arg(argc, argv, &i, &v), o->m.top_k = (int)v, custom = 1;
@@ -583,6 +601,7 @@ static int pick_env(bench_opts *o, bench_env *env) {
     return -1;
   }
   if (env->be->ceilings && env->be->ceilings(env->ctx, &env->ceil) == GQMM_OK) env->have_ceil = 1;
+  env->pack = !o->no_pack && env->be->pack && env->dev != GQMM_DEVICE_CPU;
   const int is_ref = env->be->kind == GQMM_BACKEND_REF, dev = env->dev != GQMM_DEVICE_CPU;
   if (o->reps < 0) o->reps = is_ref ? 1 : dev ? 20 : 3;
   if (o->max_layers < 0) o->max_layers = is_ref ? 1 : dev ? o->m.layers : 2;
@@ -623,7 +642,9 @@ int gqmm_cmd_bench(int argc, char **argv) {
   printf("gqmm bench: %s expert layers: %d layers, E=%d, top-%d, hidden %lld, inter %lld, %s, "
          "group %d, bf16\n", m->name, m->layers, m->experts, m->top_k, (long long)m->hidden,
          (long long)m->inter, m->act == GQMM_ACT_GEGLU ? "GeGLU" : "SwiGLU", m->q.group_size);
-  printf("backend: %s (%s memory); ", env.be->name, env.dev == GQMM_DEVICE_CPU ? "host" : "device");
+  printf("backend: %s (%s memory, %s); ", env.be->name,
+         env.dev == GQMM_DEVICE_CPU ? "host" : "device",
+         env.pack ? "weights packed at load by gqmm_pack" : "MLX weight layout");
   if (env.have_ceil)
     printf("ceilings on %s: copy %.1f GB/s, read %.1f GB/s, compute %.1f GMAC/s (%s)\n",
            env.ceil.device_name, env.ceil.copy_GBps, env.ceil.read_GBps, env.ceil.compute_GMACps,

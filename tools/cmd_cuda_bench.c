@@ -84,7 +84,7 @@ static void free_weights(bench *b, dweights *dw) {
  * [E*N, K]. Else gather_qmm over `rows` entries (x [rows, 1, K], rhs sorted).
  */
 static int measure(bench *b, const char *op, const char *shape, const dweights *dw, int64_t rows,
-                   const int32_t *rhs, int config, const char *config_name) {
+                   const int32_t *rhs, int config, const char *config_name, const gqmm_packed *pk) {
   const int64_t K = dw->K, N = rhs ? dw->N : dw->E * dw->N;
   const int64_t words = gqmm_packed_words(dw->q, K), groups = K / dw->q.group_size;
   const size_t xbytes = (size_t)(rows * K) * 2, obytes = (size_t)(rows * N) * 2;
@@ -120,8 +120,10 @@ static int measure(bench *b, const char *op, const char *shape, const dweights *
   if (!tk || !top) goto done_t;
   for (int r = -warm; r < reps; r++) {
     int st = gqmm_device_copy(b->ctx, dout, dpoison, obytes, GQMM_COPY_DEVICE_TO_DEVICE);
-    if (!st) st = rhs ? gqmm_gather_qmm(b->ctx, &tx, &tw, &ts, &tb, NULL, &tr, 1, dw->q, 1, &to)
-                      : gqmm_quantized_matmul(b->ctx, &tx, &tw, &ts, &tb, 1, dw->q, &to);
+    if (!st && pk) st = gqmm_gather_qmm_packed(b->ctx, &tx, pk, NULL, rhs ? &tr : NULL, 1, &to);
+    else if (!st)
+      st = rhs ? gqmm_gather_qmm(b->ctx, &tx, &tw, &ts, &tb, NULL, &tr, 1, dw->q, 1, &to)
+               : gqmm_quantized_matmul(b->ctx, &tx, &tw, &ts, &tb, 1, dw->q, &to);
     double k = 0, o = 0;
     if (!st) st = gqmm_device_last_time(b->ctx, &k, &o);
     if (st) {
@@ -192,6 +194,28 @@ static void random_routing(bench *b, int tokens, int topk, int E, int32_t *rhs) 
   free(count);
 }
 
+/* The gqmm_pack copy of dw, as [E, N, ...] (3-D) or as one dense [E*N, ...]
+ * matrix (2-D), timed (host clock, pack kernel included). */
+static gqmm_packed *pack_weights(bench *b, const dweights *dw, int dense) {
+  const int64_t words = gqmm_packed_words(dw->q, dw->K), groups = dw->K / dw->q.group_size;
+  int64_t ws[3] = {dw->E, dw->N, words}, ss[3] = {dw->E, dw->N, groups};
+  if (dense) ws[1] = ss[1] = dw->E * dw->N;
+  gqmm_tensor tw = gqmm_tensor_make(dw->w, GQMM_U32, 3 - dense, ws + dense);
+  gqmm_tensor ts = gqmm_tensor_make(dw->s, GQMM_BF16, 3 - dense, ss + dense);
+  gqmm_tensor tb = gqmm_tensor_make(dw->b, GQMM_BF16, 3 - dense, ss + dense);
+  tw.device = ts.device = tb.device = GQMM_DEVICE_CUDA;
+  gqmm_packed *pk = NULL;
+  const double t0 = gqmm__now_s();
+  if (gqmm_pack(b->ctx, &tw, &ts, &tb, dw->q, &pk)) {
+    fprintf(stderr, "gqmm cuda-bench: pack: %s\n", gqmm_last_error(b->ctx));
+    return NULL;
+  }
+  printf("gqmm_pack %d-bit %lld x %lld x %lld: %.2f ms, %.1f MB\n", dw->q.bits, (long long)dw->E,
+         (long long)dw->N, (long long)dw->K, 1e3 * (gqmm__now_s() - t0),
+         (double)gqmm_packed_nbytes(pk) / 1e6);
+  return pk;
+}
+
 static const gqmm__backend *cuda_be(void) {
   for (const gqmm__backend *const *p = gqmm__backends(); *p; p++)
     if ((*p)->kind == GQMM_BACKEND_CUDA && (*p)->ceilings) return *p;
@@ -250,19 +274,37 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
       memset(&pa, 0, sizeof pa);
       pa.dtype = GQMM_BF16, pa.q = dw.q, pa.transpose = 1, pa.device = GQMM_DEVICE_CUDA;
       pa.M = 1, pa.N = dw.N, pa.K = dw.K, pa.x = dw.w, pa.w = dw.w;
-      ncfg = be->configs(b.ctx, &pa, cfgs, 16);
-      fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, -1, "auto") != 0;
-      for (int c = 0; c < ncfg; c++)
-        if (strcmp(cfgs[c].name, "generic"))
-          fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, cfgs[c].id, cfgs[c].name) != 0;
-      if (si == 0 && bi == 0) { /* the sweep, on the gate_up weights */
-        for (int r = 1; r <= 128; r *= 2) {
-          for (int i = 0; i < 128 * r; i++) rhs[i] = i / r;
-          fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, "auto") != 0;
-        }
-        for (int m = 1; m <= 128; m *= 2) /* same bytes as one dense [E*N, K] */
-          fails += measure(&b, "dense", "E*N_x_K", &dw, m, NULL, -1, "auto") != 0;
+      gqmm_packed *pk = pack_weights(&b, &dw, 0);
+      fails += !pk;
+      /* MLX layout, then the packed copy: the built-in choice, every config */
+      for (int packed = 0; packed < (pk ? 2 : 1); packed++) {
+        pa.packed = packed ? pk : NULL;
+        ncfg = be->configs(b.ctx, &pa, cfgs, 16);
+        const gqmm_packed *use = packed ? pk : NULL;
+        fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, -1,
+                         packed ? "packed-auto" : "auto", use) != 0;
+        for (int c = 0; c < ncfg; c++)
+          if (strcmp(cfgs[c].name, "generic"))
+            fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, cfgs[c].id,
+                             cfgs[c].name, use) != 0;
       }
+      if (si == 0 && bi == 0) { /* the sweep, on the gate_up weights */
+        gqmm_packed *pk2 = pack_weights(&b, &dw, 1);
+        fails += !pk2;
+        for (int packed = 0; packed < (pk && pk2 ? 2 : 1); packed++) {
+          const char *name = packed ? "packed-auto" : "auto";
+          for (int r = 1; r <= 128; r *= 2) {
+            for (int i = 0; i < 128 * r; i++) rhs[i] = i / r;
+            fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, name,
+                             packed ? pk : NULL) != 0;
+          }
+          for (int m = 1; m <= 128; m *= 2) /* same bytes as one dense [E*N, K] */
+            fails += measure(&b, "dense", "E*N_x_K", &dw, m, NULL, -1, name,
+                             packed ? pk2 : NULL) != 0;
+        }
+        gqmm_packed_free(b.ctx, pk2);
+      }
+      gqmm_packed_free(b.ctx, pk);
       free_weights(&b, &dw);
     }
   }

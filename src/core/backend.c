@@ -39,11 +39,18 @@ int gqmm__select_backend(gqmm_ctx *ctx, const gqmm__qmm_args *a, const gqmm__bac
   for (const gqmm__backend *const *b = backend_list; *b; b++) {
     const gqmm__backend *be = *b;
     if (ctx->backend_kind != GQMM_BACKEND_AUTO && be->kind != ctx->backend_kind) continue;
+    if (a->packed && be != a->packed->be) continue; /* only its packer reads its layout */
     if (be->supports_qmm(ctx, a)) {
       *out = be;
       return GQMM_OK;
     }
   }
+  if (a->packed)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "w: packed weights run only on the %s backend (context backend: %s; x "
+                      "on %s, dtype %s)",
+                      a->packed->be->name, kind_name(ctx->backend_kind),
+                      a->device == GQMM_DEVICE_CUDA ? "cuda" : "cpu", gqmm_dtype_name(a->dtype));
   return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                     "no %s backend supports this call (device %s, dtype %s, bits %d, "
                     "group size %d)",

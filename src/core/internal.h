@@ -136,7 +136,24 @@ typedef struct {
   const int64_t *x_index; /* [batch] */
   const int64_t *w_index; /* [batch] */
   bool w_sorted;          /* w_index is non-decreasing (checked, not trusted) */
+  /* Non-NULL: the weights are this gqmm_pack copy (w, scales and biases
+   * then point into it and must not be read as MLX layout). Only backends
+   * with `pack` support it. */
+  const struct gqmm_packed *packed;
 } gqmm__qmm_args;
+
+/* A gqmm_pack copy: the MLX tensors' shapes and format, and the device
+ * buffer in the backend's layout. */
+struct gqmm_packed {
+  gqmm_quant q;
+  gqmm_dtype dtype;      /* of the scales and biases */
+  int ndim;              /* of w */
+  int64_t shape[GQMM_MAX_DIMS]; /* w's shape: [..., N, K*bits/32] */
+  int64_t K;
+  const struct gqmm__backend *be;
+  void *data;
+  int64_t nbytes;
+};
 
 /*
  * The MoE expert layer, validated by the front end (src/moe):
@@ -167,6 +184,8 @@ typedef struct {
   int64_t gu_expert_rows;
   const uint32_t *down_w;
   const void *down_s, *down_b;
+  /* gqmm_pack copies (gqmm_moe_weights), or NULL */
+  const struct gqmm_packed *gate_pk, *up_pk, *down_pk;
   void *out; /* [tokens, hidden] */
   /* expert_ids when they are host memory (range checked), else NULL: the
    * front end never copies device ids to the host (it would drain the queue). */
@@ -234,6 +253,11 @@ typedef struct gqmm__backend {
   /* Optional (backends with moe_forward): device time in seconds of the last
    * moe_forward's steps (plan, gate_up, act, down, combine); waits for them. */
   int (*moe_phases)(gqmm_ctx *ctx, double phase_s[5]);
+  /* Optional: the packed copy of E experts of w/scales/biases (validated:
+   * transpose layout, [E, N, ...] on the backend's device) for gqmm_pack;
+   * fills p->data and p->nbytes, allocated with mem_alloc. */
+  int (*pack)(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
+              const void *biases, int64_t E, int64_t N);
 } gqmm__backend;
 
 /* Each backend defines one of these (src/ref, src/cpu, src/cuda). */

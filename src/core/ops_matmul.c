@@ -369,11 +369,13 @@ static int plan_op(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
 
 static int run_op(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                   const gqmm_tensor *scales, const gqmm_tensor *biases, const gqmm_tensor *lhs,
-                  const gqmm_tensor *rhs, int transpose, gqmm_quant q, gqmm_tensor *out) {
+                  const gqmm_tensor *rhs, int transpose, gqmm_quant q, const gqmm_packed *pk,
+                  gqmm_tensor *out) {
   if (!ctx) return GQMM_ERR_NULL;
   qmm_plan p;
   int st = plan_op(ctx, x, w, scales, biases, lhs, rhs, transpose, q, true, &p);
   if (st) return st;
+  p.a.packed = pk;
   return execute(ctx, &p, x, w, scales, biases, lhs, rhs, out);
 }
 
@@ -391,7 +393,7 @@ static int output_op(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
 int gqmm_quantized_matmul(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                           const gqmm_tensor *scales, const gqmm_tensor *biases, int transpose,
                           gqmm_quant q, gqmm_tensor *out) {
-  return run_op(ctx, x, w, scales, biases, NULL, NULL, transpose, q, out);
+  return run_op(ctx, x, w, scales, biases, NULL, NULL, transpose, q, NULL, out);
 }
 
 int gqmm_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
@@ -399,7 +401,25 @@ int gqmm_gather_qmm(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                     const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices, int transpose,
                     gqmm_quant q, int sorted_indices, gqmm_tensor *out) {
   (void)sorted_indices; /* a hint only: the plan checks order itself */
-  return run_op(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, out);
+  return run_op(ctx, x, w, scales, biases, lhs_indices, rhs_indices, transpose, q, NULL, out);
+}
+
+/* The packed copy stands in for the tensors it was made from: descriptors
+ * of their shapes over its buffer, so every check and the plan are the
+ * unpacked op's; the backend reads the packed layout. */
+int gqmm_gather_qmm_packed(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_packed *w,
+                           const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
+                           int sorted_indices, gqmm_tensor *out) {
+  (void)sorted_indices;
+  if (!ctx) return GQMM_ERR_NULL;
+  if (!w) return gqmm__fail(ctx, GQMM_ERR_NULL, "w: packed weights pointer is NULL");
+  gqmm_tensor tw = gqmm_tensor_make(w->data, GQMM_U32, w->ndim, w->shape);
+  int64_t sshape[GQMM_MAX_DIMS];
+  memcpy(sshape, w->shape, sizeof sshape);
+  sshape[w->ndim - 1] = w->K / w->q.group_size;
+  gqmm_tensor ts = gqmm_tensor_make(w->data, w->dtype, w->ndim, sshape);
+  tw.device = ts.device = GQMM_DEVICE_CUDA;
+  return run_op(ctx, x, &tw, &ts, &ts, lhs_indices, rhs_indices, 1, w->q, w, out);
 }
 
 int gqmm_quantized_matmul_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,

@@ -77,6 +77,7 @@ static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
   k.M = a->M, k.N = a->N, k.K = a->K, k.batch = a->batch;
   k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
   k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
+  k.packed = a->packed ? (const uint8_t *)a->packed->data : NULL;
   return k;
 }
 
@@ -89,6 +90,7 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   int n = 0;
   if (gqmm__cu_mma_eligible(&k)) {
     for (int i = 0; i < gqmm__cu_mma_config_count() && n < max; i++) {
+      if (!gqmm__cu_mma_config_ok(i, &k)) continue;
       const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(i);
       memset(&out[n], 0, sizeof out[n]);
       out[n].id = i;
@@ -102,7 +104,7 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
       n++;
     }
   }
-  if (n < max) {
+  if (n < max && !a->packed) {
     memset(&out[n], 0, sizeof out[n]);
     out[n].id = generic_id();
     snprintf(out[n].name, sizeof out[n].name, "generic");
@@ -122,7 +124,19 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
  * 8-bit was not measured per config after session 1 and keeps its H100 rule:
  * 8 warps of one m16 tile (config 1), the 64-register variant (config 2) for
  * short rows (K <= 1024). */
+static int config_named(const char *name) {
+  for (int i = 0; i < gqmm__cu_mma_config_count(); i++)
+    if (!strcmp(gqmm__cu_mma_config_get(i)->name, name)) return i;
+  return -1;
+}
+
 static int heuristic(const gqmm__cu_qmm *k) {
+  if (k->packed) { /* the same split as the MLX layout's, measured on the packed configs */
+    const int c = config_named(k->bits == 8        ? "pk_w8_m1_s4"
+                               : k->N >= 1024 ? "pk_w4_m2_s3_b4"
+                                              : "pk_w4_m2_s4");
+    return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
+  }
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
   if (k->bits == 8) return k->K <= 1024 ? 2 : 1;
   return k->bits == 4 && k->N >= 1024 ? 3 : 0;
@@ -153,7 +167,11 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                       (long long)B, (long long)a->M);
   gqmm__cu_qmm probe_k = marshal(a, NULL);
   if (cfg < 0) cfg = heuristic(&probe_k);
-  if (cfg > generic_id() || (cfg < generic_id() && !gqmm__cu_mma_eligible(&probe_k)))
+  if (a->packed && cfg < 0)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "w: packed weights need float16/bfloat16 x and 16-byte aligned rows of x");
+  if (cfg < 0 || cfg > generic_id() || (cfg < generic_id() && !gqmm__cu_mma_config_ok(cfg, &probe_k)) ||
+      (cfg == generic_id() && a->packed))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for these arguments", cfg);
   /* The pinned buffer may still feed the previous call's copy. */
   if (s->staged_pending && cudaEventSynchronize(s->ev_staged) != cudaSuccess)
@@ -303,6 +321,24 @@ static void cuda_release(gqmm_ctx *ctx) {
   ctx->cuda_state = NULL;
 }
 
+static int cuda_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
+                     const void *biases, int64_t E, int64_t N) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  const int64_t bytes = gqmm__cu_pack_bytes(E, N, p->K, p->q.bits, p->q.group_size);
+  void *d = NULL;
+  int st = cuda_mem_alloc(ctx, (size_t)bytes, &d);
+  if (st) return st;
+  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, d);
+  if (!err) err = (int)cudaDeviceSynchronize();
+  if (err) {
+    cudaFree(d);
+    return cuda_fail(ctx, err, "pack kernel");
+  }
+  p->data = d;
+  p->nbytes = bytes;
+  return GQMM_OK;
+}
+
 /* The tuning cache's device key: the card, its architecture and the driver,
  * so a cache carried to another GPU or driver is not trusted. */
 static void cuda_device_key(gqmm_ctx *ctx, char *buf, size_t len) {
@@ -334,4 +370,5 @@ const gqmm__backend gqmm__cuda_backend = {
     .last_time = cuda_last_time,
     .moe_phases = gqmm__cuda_moe_phases,
     .device_key = cuda_device_key,
+    .pack = cuda_pack,
 };

@@ -76,7 +76,36 @@ typedef struct {
   const void *scales, *biases;
   void *out;
   const int32_t *x_index, *w_index; /* [batch], on the device */
+  /* Non-NULL: the weights in the stage layout of gqmm__cu_pack (w, scales
+   * and biases are not read); only the packed tensor-core configs run it. */
+  const uint8_t *packed;
 } gqmm__cu_qmm;
+
+/*
+ * The packed stage layout (pack.cu, read by the packed configs of qmm_mma.cu):
+ * per expert e, tile of GQMM__CU_PACK_TILE_N weight rows and stage of
+ * GQMM__CU_PACK_STAGE_K k, one contiguous block of gqmm__cu_pack_stage_bytes:
+ * the stage's weights in the order the kernel's threads read them, then the
+ * stage's scale and bias words (scale | bias << 16) row by row. Rows past N
+ * and k past K are zeros (scale 0, bias 0). Blocks are ordered
+ * (e, tile, stage), so a unit streams one contiguous region.
+ */
+enum { GQMM__CU_PACK_TILE_N = 128, GQMM__CU_PACK_STAGE_K = 128 };
+static inline int64_t gqmm__cu_pack_stage_bytes(int bits, int group_size) {
+  return (int64_t)GQMM__CU_PACK_TILE_N * GQMM__CU_PACK_STAGE_K * bits / 8 +
+         (int64_t)GQMM__CU_PACK_TILE_N * (GQMM__CU_PACK_STAGE_K / group_size) * 4;
+}
+static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits,
+                                          int group_size) {
+  const int64_t tiles = (N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N;
+  const int64_t stages = (K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K;
+  return E * tiles * stages * gqmm__cu_pack_stage_bytes(bits, group_size);
+}
+/* Pack E experts of w [E, N, K*bits/32] (MLX layout) with their scales and
+ * biases (16-bit dtype) into out (gqmm__cu_pack_bytes). bits 2/3/4/8,
+ * group size 32/64/128, K % 32 == 0. */
+int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
+                  int64_t K, int bits, int group_size, uint8_t *out);
 
 /* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
 typedef struct {
@@ -85,6 +114,7 @@ typedef struct {
   int mtiles;  /* m16 tiles per warp */
   int stages;  /* cp.async ring depth */
   int tok_max; /* rows per work unit (8 x the widest n8 token tile) */
+  int packed;  /* 1: reads the packed stage layout (bulk copies), 0: MLX's */
 } gqmm__cu_mma_config;
 
 int gqmm__cu_mma_config_count(void);
@@ -93,8 +123,10 @@ const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i);
 int gqmm__cu_mma_tok_max(int cfg);
 int gqmm__cu_mma_tile_n(int cfg);
 /* 1 if the tensor-core kernel runs these args (transpose, bits 2/3/4/8,
- * f16/bf16, aligned pointers). */
+ * f16/bf16, aligned pointers); config cfg must also match a->packed. */
 int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);
+/* 1 if config cfg runs these args: eligible, and packed iff the config is. */
+int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a);
 /* Persistent-grid size for config `cfg` on this device (CTAs). */
 int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
 /* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile. */

@@ -22,6 +22,9 @@ struct kargs {
   int N, K, experts, groups, gs_shift; /* group size = 1 << gs_shift */
   int64_t row_bytes;                   /* packed bytes per weight row */
   int64_t b_minus_s;                   /* biases - scales in bytes: one pointer serves both */
+  /* The packed stage layout (kernels.h gqmm__cu_pack), or NULL. */
+  const uint8_t *pk;
+  int pk_tiles, pk_stages, pk_stage_bytes; /* N tiles, k stages, bytes of one stage block */
   gqmm__cu_plan plan;
 };
 
@@ -102,6 +105,12 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
   k.gs_shift = log2_exact(a->group_size);
   k.row_bytes = a->K * a->bits / 8;
   k.b_minus_s = (int64_t)((uintptr_t)a->biases - (uintptr_t)a->scales);
+  k.pk = a->packed;
+  if (a->packed) {
+    k.pk_tiles = (int)((a->N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N);
+    k.pk_stages = (int)((a->K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K);
+    k.pk_stage_bytes = (int)gqmm__cu_pack_stage_bytes(a->bits, a->group_size);
+  }
   k.plan = *plan;
   return k;
 }

@@ -188,18 +188,21 @@ typedef struct {
   int cfg;     /* tensor-core config, or gqmm__cu_mma_config_count() = generic */
   int n_tiles; /* N tiles of cfg (tensor-core only) */
   int tok;     /* rows per work unit of cfg (tensor-core only) */
+  const struct gqmm_packed *pk; /* gqmm_pack copy of the weights, or NULL */
 } gemm;
 
 /* ids: the checked ids (the generic kernel reads them; the tensor-core one
  * reads the plan). */
 static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void *x,
                       const int32_t *x_index, const int32_t *ids, const uint32_t *w,
-                      const void *sc, const void *bi, void *out) {
+                      const void *sc, const void *bi, const struct gqmm_packed *pk, void *out) {
   gemm g;
   g.k = (gqmm__cu_qmm){.dtype = (int)a->dtype, .bits = a->q.bits, .group_size = a->q.group_size,
                        .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
                        .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
-                       .x_index = x_index, .w_index = ids};
+                       .x_index = x_index, .w_index = ids,
+                       .packed = pk ? (const uint8_t *)pk->data : NULL};
+  g.pk = pk;
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;
   g.tok = 0;
@@ -224,9 +227,11 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
                             .w = g->k.w,
                             .scales = g->k.scales,
                             .biases = g->k.biases,
-                            .out = g->k.out};
+                            .out = g->k.out,
+                            .packed = g->pk};
   const int cfg = gqmm__cuda_pick_config(ctx, &q);
-  if (cfg > generic || (cfg < generic && !gqmm__cu_mma_eligible(&g->k)))
+  if (cfg < 0 || cfg > generic || (cfg < generic && !gqmm__cu_mma_config_ok(cfg, &g->k)) ||
+      (cfg == generic && g->pk))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for the layer's GEMMs", cfg);
   g->cfg = cfg;
   if (cfg < generic) {
@@ -296,10 +301,10 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   /* gate_up: [R, 2I] rows (gate | up) from the fused tensor, else gate
    * [R, I] then up [R, I]; the activation finds them by (gs, uo). */
   gemm gate = gemm_make(a, fused ? 2 * I : I, H, a->x, tok_of, ids, a->gate_w, a->gate_s,
-                        a->gate_b, gu);
-  gemm up = gemm_make(a, I, H, a->x, tok_of, ids, a->up_w, a->up_s, a->up_b,
+                        a->gate_b, a->gate_pk, gu);
+  gemm up = gemm_make(a, I, H, a->x, tok_of, ids, a->up_w, a->up_s, a->up_b, a->up_pk,
                       gu + (size_t)(R * I) * esz);
-  gemm down = gemm_make(a, H, I, h, iota, ids, a->down_w, a->down_s, a->down_b, y);
+  gemm down = gemm_make(a, H, I, h, iota, ids, a->down_w, a->down_s, a->down_b, a->down_pk, y);
   if ((st = pick_config(ctx, &gate, E)) || (!fused && (st = pick_config(ctx, &up, E))) ||
       (st = pick_config(ctx, &down, E)))
     return st;

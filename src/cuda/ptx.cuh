@@ -46,6 +46,42 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* ---- bulk copies (the TMA engine, sm_90) tracked by an mbarrier ----------
+ * One thread starts a contiguous global->shared copy of `bytes` (a multiple
+ * of 16, both addresses 16-byte aligned); the copy counts its bytes against
+ * the barrier's expected transaction count, and the barrier's phase
+ * completes when they have all landed. Waiting threads see the data. */
+__device__ __forceinline__ void mbar_init(uint32_t bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+/* Makes initialized barriers visible to the async (TMA) proxy. */
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+/* Arrive (the barrier's one arrival per phase) expecting `bytes` more. */
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void *src, uint32_t bytes,
+                                              uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
+               "[%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+/* Spin until the barrier's phase with this parity has completed. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 " selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  } while (!done);
+}
+
 /* p, as a value the compiler must keep: address arithmetic on it stays one
  * IMAD.WIDE per use instead of being re-associated into 64-bit adds. */
 template <typename P> __device__ __forceinline__ P *opaque(P *p) {

@@ -43,7 +43,7 @@
  * Preconditions (gqmm__cu_mma_eligible): transpose, bits 2/3/4/8, f16/bf16,
  * K % 32 == 0 (MLX), x/w 16-byte aligned. Ragged K (not a multiple of 128)
  * and N (not a multiple of BN) are masked; rows beyond a unit's count are
- * zero-filled and never stored.
+ * never copied (their stale columns are never stored).
  */
 #include "mma_common.cuh"
 
@@ -134,19 +134,34 @@ __device__ __forceinline__ int xphys(int c, int row) {
 
 /* NTMAX: widest token tile (NTMAX x n8 rows per unit); the units of a plan
  * made for this config hold at most 8*NTMAX rows. */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct mma_kernel_impl {
+/* PK: the weights come in the packed stage layout (kernels.h): one bulk copy
+ * per stage brings the stage's weights and its scale/bias words, tracked by
+ * one mbarrier per ring slot; else MLX's layout, copied by every thread. */
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX, bool PK>
+struct mma_kernel_impl {
   using F = wfmt<BITS>;
   static constexpr int kNtMax = NTMAX;
   static constexpr int kTokMax = 8 * NTMAX;
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kBN = WARPS * MT * 16;
+  static_assert(!PK || kBN == GQMM__CU_PACK_TILE_N, "the packed layout is for 128-row tiles");
   static constexpr int kXStage = kTokMax * kXRowBytes;
-  static constexpr int kWStage = MT * 2 * F::bytes * kThreads;
-  static constexpr int kSmem = STAGES * (kXStage + kWStage);
+  static constexpr int kWBytes = MT * 2 * F::bytes * kThreads;
+  /* packed: the stage's scale/bias words follow its weights (at most 4
+   * groups per 128 k: group size 32) */
+  static constexpr int kWStage = kWBytes + (PK ? kBN * 4 * 4 : 0);
+  static constexpr int kBarOff = STAGES * (kXStage + kWStage);
+  static constexpr int kSmem = kBarOff + (PK ? STAGES * 8 : 0);
 
-  /* Byte offset of unit u of (mt, half) in this thread's weight slot. */
+  /* Byte offset of unit u of (mt, half) in this thread's weight slot: MLX
+   * layout [mt][h][u][thread]; packed [m16 tile][h][u][lane], the order
+   * pack.cu writes (the same for every config with 128-row tiles). Both
+   * make a warp's 16-byte reads one contiguous 512-byte run. */
   static __device__ __forceinline__ int woff(int mt, int h, int u, int tid) {
-    return (((mt * 2 + h) * F::units + u) * kThreads + tid) * F::unit;
+    if constexpr (PK)
+      return (((((tid >> 5) * MT + mt) * 2 + h) * F::units + u) * 32 + (tid & 31)) * F::unit;
+    else
+      return (((mt * 2 + h) * F::units + u) * kThreads + tid) * F::unit;
   }
 
   /* x chunks (16 bytes of one token row per stage) each thread copies. */
@@ -159,6 +174,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
    * addresses are one IMAD.WIDE each (per-stage 64-bit address math from
    * scratch was a third of the loop's instructions). */
   struct lstate {
+    const uint8_t *pk;               /* packed: the unit's first stage block */
     const uint8_t *w;                /* expert's weights + this lane's 32 k */
     const unsigned short *s;         /* expert's scales (biases: + b_minus_s bytes) */
     uint32_t n[MT][2];               /* the thread's weight rows in the expert */
@@ -169,6 +185,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
   static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int64_t e_rows = (int64_t)lu.e * a.N;
+    if constexpr (PK)
+      ls.pk = a.pk + ((int64_t)lu.e * a.pk_tiles + lu.ntile) * a.pk_stages * a.pk_stage_bytes;
     ls.w = (const uint8_t *)a.w + e_rows * a.row_bytes + t * F::bytes;
     ls.s = (const unsigned short *)a.scales + e_rows * a.groups;
 #pragma unroll
@@ -203,6 +221,13 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
                                                uint32_t (&rs)[MT][2], uint32_t (&rb)[MT][2]) {
     const int tid = threadIdx.x, lane = tid & 31, t = lane & 3;
     const uint32_t xs = sm + slot * (kXStage + kWStage), ws = xs + kXStage;
+    if constexpr (PK) {
+      if (tid == 0) {
+        const uint32_t bar = sm + kBarOff + 8 * slot;
+        mbar_arrive_expect_tx(bar, (uint32_t)a.pk_stage_bytes);
+        bulk_copy_g2s(ws, ls.pk + (int64_t)lk * a.pk_stage_bytes, (uint32_t)a.pk_stage_bytes, bar);
+      }
+    } else {
     const int k0 = lk * kStageK + 32 * t;
     const bool kin = k0 < a.K;
     const uint8_t *wst = opaque(ls.w + (kin ? lk * (kStageK * BITS / 8) : 0));
@@ -225,14 +250,17 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         rb[mt][h] = ldg_u16_l2pf(bst + (uint64_t)ls.n[mt][h] * sstride);
       }
     }
+    }
     /* x: the unit's token rows for this stage; missing rows/k are zeros. */
     const int kx = lk * kStageK + (tid & 15) * 8; /* the same 16-byte column of every row */
     const bool xin = kx < a.K;
     const uint8_t *xst = opaque((const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0));
     const uint32_t xstride = (uint32_t)a.K * 2u;
+    /* Rows past the unit's count are not copied at all: they only feed MMA
+     * columns of tokens that store_unit never writes (columns do not mix). */
 #pragma unroll
     for (int i = 0; i < kXPer; i++)
-      cp_async<16>(xs + xd[i], xst + (uint64_t)ls.xr[i] * xstride, xin ? ls.xsz[i] : 0);
+      if (ls.xsz[i]) cp_async<16>(xs + xd[i], xst + (uint64_t)ls.xr[i] * xstride, xin ? 16 : 0);
   }
 
   /* One stage: dequantize this thread's weights once, reuse them for the
@@ -350,8 +378,25 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     unit_t lu = unit_of(unit_desc(a, 0)), cu = lu;
     int4 next_l = unit_desc(a, nunits > 1 ? 1 : 0), next_c = next_l;
     lstate ls;
-    load_unit(a, lu, ls);
     const uint32_t sm = smem_u32(smem);
+    /* packed: this thread's scale/bias word of each of its rows in a stage
+     * block (the word of the group its 32 k fall in) */
+    int soff[MT][2];
+    if constexpr (PK) {
+      const int tid = threadIdx.x, g = (tid & 31) >> 2, t = tid & 3, gsh = a.gs_shift - 5;
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+          soff[mt][h] = kXStage + kWBytes +
+                        (((((tid >> 5) * MT + mt) * 16 + h * 8 + g) << (2 - gsh)) + (t >> gsh)) * 4;
+      if (tid == 0) {
+        for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
+        mbar_init_fence();
+      }
+      __syncthreads();
+    }
+    load_unit(a, lu, ls);
     int xd[kXPer];
 #pragma unroll
     for (int i = 0; i < kXPer; i++) xd[i] = xdst(i);
@@ -379,26 +424,41 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
       if (s < nflat) {
         load_stage(s);
       }
-      if (s < STAGES - 2) pack(sb[s + 1]);
+      if (!PK && s < STAGES - 2) pack(sb[s + 1]);
       cp_async_commit();
     }
     int slot = 0;
+    uint32_t parity = 0; /* packed: phase of the slot's barrier to wait for */
     for (int f = 0; f < nflat; f++) {
       cp_async_wait<STAGES - 2>();
+      if constexpr (PK) mbar_wait(sm + kBarOff + 8 * slot, parity);
       __syncthreads();
-#pragma unroll
-      for (int s = 0; s + 1 < STAGES - 1; s++)
+      uint32_t sbk[MT][2];
+      if constexpr (PK) {
+        const uint8_t *st = smem + slot * (kXStage + kWStage);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
-      pack(sb[STAGES - 2]);
+          for (int h = 0; h < 2; h++) sbk[mt][h] = *reinterpret_cast<const uint32_t *>(st + soff[mt][h]);
+      } else { /* the FIFO moves on: sb[0] is this stage's */
+#pragma unroll
+        for (int s = 0; s + 1 < STAGES - 1; s++)
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
+        pack(sb[STAGES - 2]);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int h = 0; h < 2; h++) sbk[mt][h] = sb[0][mt][h];
+      }
       const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
       if (f + STAGES - 1 < nflat) {
         load_stage(nslot);
       }
       cp_async_commit();
-      compute(cu.nt, smem, slot, sb[0], acc);
+      compute(cu.nt, smem, slot, sbk, acc);
       if (++ck == nk) {
         store_unit<T, MT, kNtMax, kBN>(a, cu, acc);
         ck = 0;
@@ -407,17 +467,18 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
           next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
         }
       }
-      slot = slot == STAGES - 1 ? 0 : slot + 1;
+      if (slot == STAGES - 1) slot = 0, parity ^= 1u;
+      else slot++;
     }
     cp_async_wait<0>();
   }
 };
 
 /* MINB: CTAs per SM the register allocation must allow (1: no cap). */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX>
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX, bool PK>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
 mma_kernel(kargs a) {
-  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a);
+  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX, PK>::run(a);
 }
 
 /* The compiled-in tile configurations:
@@ -427,27 +488,31 @@ mma_kernel(kargs a) {
  * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
  * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4, 3, 4)                                                                    \
-  X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
-  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)                                                                 \
-  X("w4_m2_s3_b4", 4, 2, 3, 4, 4)
+  X("w4_m2_s4", 4, 2, 4, 3, 4, false)                                                             \
+  X("w8_m1_s4", 8, 1, 4, 1, 4, false)                                                             \
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4, false)                                                          \
+  X("w4_m2_s3_b4", 4, 2, 3, 4, 4, false)                                                          \
+  X("pk_w4_m2_s4", 4, 2, 4, 3, 4, true)                                                           \
+  X("pk_w4_m2_s3_b4", 4, 2, 3, 4, 4, true)                                                        \
+  X("pk_w4_m2_s6", 4, 2, 6, 2, 4, true)                                                           \
+  X("pk_w8_m1_s4", 8, 1, 4, 1, 4, true)
 
 const gqmm__cu_mma_config kConfigs[] = {
-#define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt},
+#define GQMM__CFG_ROW(name, w, m, s, b, nt, pk) {name, w, m, s, 8 * nt, pk},
     GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
 #undef GQMM__CFG_ROW
 };
 constexpr int kNumConfigs = sizeof kConfigs / sizeof kConfigs[0];
 
-template <typename T, int BITS, int W, int M, int S, int B, int NT> launch_info info() {
-  using K = mma_kernel_impl<T, BITS, W, M, S, NT>;
-  return {mma_kernel<T, BITS, W, M, S, B, NT>, K::kThreads, K::kSmem};
+template <typename T, int BITS, int W, int M, int S, int B, int NT, bool PK> launch_info info() {
+  using K = mma_kernel_impl<T, BITS, W, M, S, NT, PK>;
+  return {mma_kernel<T, BITS, W, M, S, B, NT, PK>, K::kThreads, K::kSmem};
 }
 
 template <typename T, int BITS> launch_info pick_cfg(int cfg) {
   int i = 0;
-#define GQMM__CFG_CASE(name, w, m, s, b, nt)                                                      \
-  if (cfg == i++) return info<T, BITS, w, m, s, b, nt>();
+#define GQMM__CFG_CASE(name, w, m, s, b, nt, pk)                                                  \
+  if (cfg == i++) return info<T, BITS, w, m, s, b, nt, pk>();
   GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
 #undef GQMM__CFG_CASE
   return {nullptr, 0, 0};
@@ -494,6 +559,11 @@ extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
   return 1;
 }
 
+extern "C" int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a) {
+  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
+  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed != nullptr);
+}
+
 extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
   return grid_of(pick(a, cfg), sms, out_grid);
 }
@@ -501,7 +571,7 @@ extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *o
 extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
                                 int experts, int grid) {
   launch_info li = pick(a, cfg);
-  if (!li.fn) return (int)cudaErrorInvalidValue;
+  if (!li.fn || !gqmm__cu_mma_config_ok(cfg, a)) return (int)cudaErrorInvalidValue;
   li.fn<<<grid, li.threads, li.smem>>>(make_kargs(a, plan, experts));
   return (int)cudaGetLastError();
 }

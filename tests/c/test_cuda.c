@@ -166,19 +166,36 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
   }
   gqmm_tensor gq = on_device(tq, dw.d), gs = on_device(ts, ds.d), gb = on_device(tb, db.d);
   gqmm_tensor gx = on_device(tx, dx.d), go = on_device(to, dout.d);
+  /* The packed copy (gqmm_pack) where the packed kernels apply; elsewhere
+   * gqmm_pack must decline with GQMM_ERR_UNSUPPORTED. */
+  gqmm_packed *pk = NULL;
+  const bool packable = c->transpose && dt != GQMM_F32 && q.bits != 5 && q.bits != 6;
+  st = c->transpose ? gqmm_pack(gpu, &gq, &gs, &gb, q, &pk) : GQMM_ERR_UNSUPPORTED;
+  if (packable ? st != GQMM_OK : (c->transpose && st != GQMM_ERR_UNSUPPORTED)) {
+    fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: gqmm_pack status %d (%s)\n", c->name, q.bits,
+            q.group_size, gqmm_dtype_name(dt), st, gqmm_last_error(gpu));
+    fails++;
+  }
+  for (int packed = 0; packed < (pk ? 2 : 1); packed++) {
   gqmm__qmm_args probe_args;
   memset(&probe_args, 0, sizeof probe_args);
   probe_args.dtype = dt, probe_args.q = q, probe_args.transpose = c->transpose;
   probe_args.device = GQMM_DEVICE_CUDA, probe_args.M = M, probe_args.N = N, probe_args.K = K;
   probe_args.x = dx.d, probe_args.w = dw.d;
+  probe_args.packed = packed ? pk : NULL;
   gqmm__tile_config cfgs[16];
   const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe_args, cfgs, 16);
   const double tol = dt == GQMM_F32 ? 1e-5 : dt == GQMM_F16 ? 4e-3 : 1.2e-2;
   for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in heuristic */
     gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
     gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
-    st = dense ? gqmm_quantized_matmul(gpu, &gx, &gq, &gs, &gb, c->transpose, q, &go)
-               : gqmm_gather_qmm(gpu, &gx, &gq, &gs, &gb, &tl, &tr, c->transpose, q, c->routing != 1, &go);
+    if (packed)
+      st = gqmm_gather_qmm_packed(gpu, &gx, pk, dense ? NULL : &tl, dense ? NULL : &tr,
+                                  c->routing != 1, &go);
+    else
+      st = dense ? gqmm_quantized_matmul(gpu, &gx, &gq, &gs, &gb, c->transpose, q, &go)
+                 : gqmm_gather_qmm(gpu, &gx, &gq, &gs, &gb, &tl, &tr, c->transpose, q,
+                                   c->routing != 1, &go);
     if (!st) st = gqmm_device_sync(gpu);
     if (!st) st = gqmm_device_copy(gpu, ogpu, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
     double err = st ? INFINITY : test_rel_err(ogpu, dt, oref, dt, nb * M * N);
@@ -189,6 +206,8 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
       fails++;
     }
   }
+  }
+  gqmm_packed_free(gpu, pk);
   gpu->forced_config = -1;
 done:
   gqmm_device_free(gpu, dw.d), gqmm_device_free(gpu, ds.d), gqmm_device_free(gpu, db.d);
@@ -240,4 +259,62 @@ GQMM_TEST(cuda_matches_reference) {
   fprintf(stderr, "  %d GPU cases (each on every config), %d failures\n", runs, fails);
   gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
   CHECK(fails == 0);
+}
+
+/* gqmm_pack and the packed op refuse what they cannot do, with a message. */
+GQMM_TEST(cuda_pack_rejects_bad_input) {
+  gqmm_ctx *ctx = test_ctx(GQMM_BACKEND_AUTO);
+  CHECK(ctx);
+  uint32_t wq[4 * 8] = {1};
+  uint16_t s[4 * 4] = {1}, x[64] = {1}, out[4] = {0};
+  int64_t ws[2] = {4, 8}, ss[2] = {4, 1}, xs[2] = {1, 64}, os[2] = {1, 4};
+  gqmm_tensor tw = gqmm_tensor_make(wq, GQMM_U32, 2, ws), ts = gqmm_tensor_make(s, GQMM_BF16, 2, ss);
+  gqmm_tensor tx = gqmm_tensor_make(x, GQMM_BF16, 2, xs), to = gqmm_tensor_make(out, GQMM_BF16, 2, os);
+  gqmm_packed *pk = (gqmm_packed *)&pk;
+  CHECK(gqmm_pack(ctx, &tw, &ts, &ts, (gqmm_quant){4, 64}, NULL) == GQMM_ERR_NULL);
+  CHECK(gqmm_pack(ctx, &tw, &ts, NULL, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_NULL && pk == NULL);
+  /* host tensors: no backend packs them */
+  CHECK(gqmm_pack(ctx, &tw, &ts, &ts, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_UNSUPPORTED);
+  CHECK(strstr(gqmm_last_error(ctx), "CUDA") != NULL && pk == NULL);
+  /* 5-bit has no packed layout; 4 words of 8 bits hold 32 values, K=32 */
+  int64_t ws5[2] = {4, 5};
+  gqmm_tensor tw5 = gqmm_tensor_make(wq, GQMM_U32, 2, ws5);
+  int64_t ss5[2] = {4, 1};
+  gqmm_tensor ts5 = gqmm_tensor_make(s, GQMM_BF16, 2, ss5);
+  CHECK(gqmm_pack(ctx, &tw5, &ts5, &ts5, (gqmm_quant){5, 32}, &pk) == GQMM_ERR_UNSUPPORTED);
+  CHECK(strstr(gqmm_last_error(ctx), "5-bit") != NULL);
+  /* scales whose shape does not match w */
+  int64_t bad[2] = {3, 1};
+  gqmm_tensor tbad = gqmm_tensor_make(s, GQMM_BF16, 2, bad);
+  CHECK(gqmm_pack(ctx, &tw, &tbad, &ts, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_SHAPE);
+  CHECK(gqmm_gather_qmm_packed(ctx, &tx, NULL, NULL, NULL, 0, &to) == GQMM_ERR_NULL);
+  CHECK(gqmm_packed_nbytes(NULL) == 0);
+  gqmm_packed_free(ctx, NULL);
+  if (have_gpu(ctx)) {
+    void *dw = NULL, *dsb = NULL;
+    CHECK(gqmm_device_alloc(ctx, sizeof wq, &dw) == GQMM_OK);
+    CHECK(gqmm_device_alloc(ctx, sizeof s, &dsb) == GQMM_OK);
+    gqmm_tensor gw = tw, gs = ts;
+    gw.data = dw, gs.data = dsb, gw.device = gs.device = GQMM_DEVICE_CUDA;
+    CHECK(gqmm_pack(ctx, &gw, &gs, &gs, (gqmm_quant){4, 64}, &pk) == GQMM_OK && pk != NULL);
+    CHECK(gqmm_packed_nbytes(pk) == 128 * 128 / 2 + 128 * 2 * 4);
+    /* host x with packed (device) weights; a context forced to the CPU */
+    CHECK(gqmm_gather_qmm_packed(ctx, &tx, pk, NULL, NULL, 0, &to) != GQMM_OK);
+    gqmm_ctx *cpu = test_ctx(GQMM_BACKEND_CPU);
+    gqmm_tensor gx = tx, go = to;
+    void *dx = NULL, *dout = NULL;
+    CHECK(gqmm_device_alloc(ctx, sizeof x, &dx) == GQMM_OK && gqmm_device_alloc(ctx, sizeof out, &dout) == GQMM_OK);
+    gx.data = dx, go.data = dout, gx.device = go.device = GQMM_DEVICE_CUDA;
+    CHECK(gqmm_gather_qmm_packed(cpu, &gx, pk, NULL, NULL, 0, &go) == GQMM_ERR_UNSUPPORTED);
+    CHECK(strstr(gqmm_last_error(cpu), "packed") != NULL);
+    /* x whose K differs from the packed weights' */
+    int64_t xs2[2] = {1, 32};
+    gqmm_tensor gx2 = gqmm_tensor_make(dx, GQMM_BF16, 2, xs2);
+    gx2.device = GQMM_DEVICE_CUDA;
+    CHECK(gqmm_gather_qmm_packed(ctx, &gx2, pk, NULL, NULL, 0, &go) == GQMM_ERR_SHAPE);
+    gqmm_ctx_destroy(cpu);
+    gqmm_packed_free(ctx, pk);
+    gqmm_device_free(ctx, dw), gqmm_device_free(ctx, dsb), gqmm_device_free(ctx, dx), gqmm_device_free(ctx, dout);
+  }
+  gqmm_ctx_destroy(ctx);
 }

@@ -30,9 +30,11 @@ typedef struct {
   void *h[NT], *d[NT];
   size_t bytes[NT];
   gqmm_tensor th[NT], td[NT]; /* host and device descriptors */
+  gqmm_packed *pk[4];         /* gqmm_pack copies of gate_up, gate, up, down (or NULL) */
 } layer;
 
 static void layer_free(gqmm_ctx *gpu, layer *L) {
+  for (int i = 0; i < 4; i++) gqmm_packed_free(gpu, L->pk[i]), L->pk[i] = NULL;
   for (int i = 0; i < NT; i++) {
     free(L->h[i]);
     if (gpu && L->d[i]) gqmm_device_free(gpu, L->d[i]);
@@ -195,9 +197,14 @@ static bool gpu_or_say(gqmm_ctx *gpu, const char *what) {
 }
 
 /* Run on the GPU with out poisoned first; copy the result to host `got`. */
-static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, gqmm_activation act, const void *poison,
-                   void *got) {
+static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, int packed, gqmm_activation act,
+                   const void *poison, void *got) {
   gqmm_moe_weights w = weights(L->td, L->q, fused);
+  if (packed) {
+    if (fused) w.gate_up_packed = L->pk[0];
+    else w.gate_packed = L->pk[1], w.up_packed = L->pk[2];
+    w.down_packed = L->pk[3];
+  }
   int st = gqmm_device_copy(gpu, L->td[OUT].data, poison, L->bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
   if (!st) st = gqmm_moe_forward(gpu, &w, &L->td[X], &L->td[IDS], &L->td[EW], act, &L->td[OUT]);
   if (!st) st = gqmm_device_sync(gpu);
@@ -221,11 +228,23 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
     goto done;
   }
   test_poison(poison, L->dt, L->T * L->H);
+  /* the layer again with gqmm_pack copies, where the format has them */
+  const int packable = L->dt != GQMM_F32 && L->q.bits != 5 && L->q.bits != 6;
+  const int part[4] = {GU, G, U, D};
+  for (int i = 0; packable && i < 4; i++)
+    if ((st = gqmm_pack(gpu, &L->td[part[i]], &L->td[part[i] + 1], &L->td[part[i] + 2], L->q,
+                        &L->pk[i]))) {
+      fprintf(stderr, "  pack: status %d (%s)\n", st, gqmm_last_error(gpu));
+      fails = 1;
+      goto done;
+    }
+  const double tol = L->dt == GQMM_F32 ? 1e-5 : L->dt == GQMM_F16 ? 4e-3 : 1.2e-2;
+  for (int pkd = 0; pkd < 1 + packable; pkd++) {
   gqmm__tile_config cfgs[16];
   gqmm__qmm_args probe = {.dtype = L->dt, .q = L->q, .transpose = 1, .device = GQMM_DEVICE_CUDA,
-                          .M = 1, .N = L->I, .K = L->H, .x = L->d[X], .w = L->d[G]};
+                          .M = 1, .N = L->I, .K = L->H, .x = L->d[X], .w = L->d[G],
+                          .packed = pkd ? L->pk[1] : NULL};
   const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe, cfgs, 16);
-  const double tol = L->dt == GQMM_F32 ? 1e-5 : L->dt == GQMM_F16 ? 4e-3 : 1.2e-2;
   for (int a = 0; a < 2; a++) {
     const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
     gqmm_moe_weights wr = weights(L->th, L->q, 0);
@@ -239,25 +258,26 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
     for (int f = 0; f < 2; f++)
       for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in choice */
         gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
-        st = gpu_run(gpu, L, f, act, poison, got);
+        st = gpu_run(gpu, L, f, pkd, act, poison, got);
         double err = st ? INFINITY : test_rel_err(got, L->dt, want, L->dt, L->T * L->H);
         /* determinism: the built-in choice run again gives the same bits */
         int same = 1;
         if (!st && ci < 0) {
-          st = gpu_run(gpu, L, f, act, poison, again);
+          st = gpu_run(gpu, L, f, pkd, act, poison, again);
           same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
         }
         if (st || !(err <= tol) || !same) {
           fprintf(stderr,
                   "  FAIL T=%lld k=%lld E=%lld H=%lld I=%lld routing %d bits %d gs %d %s act %d "
-                  "fused %d config %s: status %d (%s) rel_err %.3g (tol %.1g)%s\n",
+                  "fused %d packed %d config %s: status %d (%s) rel_err %.3g (tol %.1g)%s\n",
                   (long long)L->T, (long long)L->k, (long long)L->E, (long long)L->H,
                   (long long)L->I, routing, L->q.bits, L->q.group_size, gqmm_dtype_name(L->dt), a,
-                  f, ci < 0 ? "auto" : cfgs[ci].name, st, st ? gqmm_last_error(gpu) : "", err, tol,
+                  f, pkd, ci < 0 ? "auto" : cfgs[ci].name, st, st ? gqmm_last_error(gpu) : "", err, tol,
                   same ? "" : " NOT DETERMINISTIC");
           fails++;
         }
       }
+  }
   }
   gpu->forced_config = -1;
 done:

@@ -1,0 +1,99 @@
+/*
+ * pack.c - gqmm_pack: the load-time copy of quantized weights in a backend's
+ * kernel layout (today the CUDA tensor-core kernels' stage layout, see
+ * src/cuda/pack.cu), and its release. The copy keeps the shapes and format
+ * of the tensors it came from, so gqmm_gather_qmm_packed checks its inputs
+ * exactly as gqmm_gather_qmm does.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* The backend that packs for tensors on `dev` under ctx's backend choice. */
+static const gqmm__backend *packer(gqmm_ctx *ctx, gqmm_device dev) {
+  for (const gqmm__backend *const *b = gqmm__backends(); *b; b++) {
+    const gqmm__backend *be = *b;
+    if (ctx->backend_kind != GQMM_BACKEND_AUTO && be->kind != ctx->backend_kind) continue;
+    if (be->pack && dev == GQMM_DEVICE_CUDA && be->kind == GQMM_BACKEND_CUDA) return be;
+  }
+  return NULL;
+}
+
+int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+              const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out) {
+  if (!ctx) return GQMM_ERR_NULL;
+  gqmm__clear_error(ctx);
+  if (!out) return gqmm__fail(ctx, GQMM_ERR_NULL, "out: pointer is NULL");
+  *out = NULL;
+  int st;
+  if ((st = gqmm__check_quant(ctx, q))) return st;
+  if ((st = gqmm__check_tensor(ctx, w, "w")) || (st = gqmm__check_tensor(ctx, scales, "scales")))
+    return st;
+  if (!biases) return gqmm__fail(ctx, GQMM_ERR_NULL, "biases: required in affine mode (got NULL)");
+  if ((st = gqmm__check_tensor(ctx, biases, "biases"))) return st;
+  if ((st = gqmm__check_same_device(ctx, scales, "scales", w->device)) ||
+      (st = gqmm__check_same_device(ctx, biases, "biases", w->device)))
+    return st;
+  if (w->dtype != GQMM_U32)
+    return gqmm__fail(ctx, GQMM_ERR_DTYPE, "w: dtype is %s, expected uint32 (packed)",
+                      gqmm_dtype_name(w->dtype));
+  if (w->ndim < 2)
+    return gqmm__fail(ctx, GQMM_ERR_NDIM, "w: must have at least 2 dimensions, got %d", w->ndim);
+  if (scales->dtype != GQMM_F16 && scales->dtype != GQMM_BF16)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "scales: dtype is %s; the packed layout holds float16 or bfloat16 scales",
+                      gqmm_dtype_name(scales->dtype));
+  const int64_t words = w->shape[w->ndim - 1], K = words * 32 / q.bits, N = w->shape[w->ndim - 2];
+  if ((words * 32) % q.bits != 0 || K % q.group_size != 0)
+    return gqmm__fail(ctx, GQMM_ERR_SHAPE,
+                      "w: %lld words per row are not whole groups of %d %d-bit values",
+                      (long long)words, q.group_size, q.bits);
+  int64_t sshape[GQMM_MAX_DIMS];
+  memcpy(sshape, w->shape, sizeof sshape);
+  sshape[w->ndim - 1] = K / q.group_size;
+  if ((st = gqmm__check_dtype_shape(ctx, scales, "scales", scales->dtype, w->ndim, sshape,
+                                    GQMM_ERR_DTYPE, GQMM_ERR_SHAPE)) ||
+      (st = gqmm__check_dtype_shape(ctx, biases, "biases", scales->dtype, w->ndim, sshape,
+                                    GQMM_ERR_DTYPE, GQMM_ERR_SHAPE)))
+    return st;
+  if (q.bits != 2 && q.bits != 3 && q.bits != 4 && q.bits != 8)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "gqmm_pack: %d-bit weights have no packed layout (2, 3, 4 and 8 do); use "
+                      "them unpacked",
+                      q.bits);
+  if (K % 32 != 0)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "gqmm_pack: K = %lld is not a multiple of 32 (the packed layout's unit)",
+                      (long long)K);
+  const gqmm__backend *be = packer(ctx, w->device);
+  if (!be)
+    return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                      "gqmm_pack: no backend packs %s tensors under this context's backend "
+                      "choice (the packed layout is for CUDA device tensors)",
+                      w->device == GQMM_DEVICE_CUDA ? "cuda" : "cpu");
+  gqmm_packed *p = calloc(1, sizeof *p);
+  if (!p) return gqmm__fail(ctx, GQMM_ERR_NOMEM, "gqmm_pack: out of host memory");
+  p->q = q;
+  p->dtype = scales->dtype;
+  p->ndim = w->ndim;
+  memcpy(p->shape, w->shape, sizeof p->shape);
+  p->K = K;
+  p->be = be;
+  int64_t E = 1;
+  for (int d = 0; d < w->ndim - 2; d++) E *= w->shape[d];
+  if (E > 0 && N > 0 && (st = be->pack(ctx, p, w->data, scales->data, biases->data, E, N))) {
+    free(p);
+    return st;
+  }
+  *out = p;
+  return GQMM_OK;
+}
+
+void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p) {
+  if (!p) return;
+  if (p->data && ctx && p->be->mem_free) p->be->mem_free(ctx, p->data);
+  free(p);
+}
+
+int64_t gqmm_packed_nbytes(const gqmm_packed *p) { return p ? p->nbytes : 0; }

@@ -297,6 +297,13 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
             for (int i = 0; i < 128 * r; i++) rhs[i] = i / r;
             fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, name,
                              packed ? pk : NULL) != 0;
+            /* where the work unit's row count starts to matter: every config */
+            pa.packed = packed ? pk : NULL;
+            ncfg = r >= 32 ? be->configs(b.ctx, &pa, cfgs, 16) : 0;
+            for (int c = 0; c < ncfg; c++)
+              if (strcmp(cfgs[c].name, "generic"))
+                fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, cfgs[c].id,
+                                 cfgs[c].name, packed ? pk : NULL) != 0;
           }
           for (int m = 1; m <= 128; m *= 2) /* same bytes as one dense [E*N, K] */
             fails += measure(&b, "dense", "E*N_x_K", &dw, m, NULL, -1, name,

@@ -132,9 +132,9 @@ static int config_named(const char *name) {
 
 static int heuristic(const gqmm__cu_qmm *k) {
   if (k->packed) { /* the same split as the MLX layout's, measured on the packed configs */
-    const int c = config_named(k->bits == 8        ? "pk_w8_m1_s4"
-                               : k->N >= 1024 ? "pk_w4_m2_s3_b4"
-                                              : "pk_w4_m2_s4");
+    const int c = config_named(k->bits == 8     ? "pk_w8_m1_s4"
+                               : k->N >= 1024     ? "pk_w4_m2_s3_b4"
+                                                  : "pk_w4_m2_s4");
     return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
   }
   if (!gqmm__cu_mma_eligible(k)) return generic_id();

@@ -13,8 +13,13 @@
  * [m16 tile i][half h][copy unit u][lane] of `unit` bytes each (unit = 16
  * bytes for 2/4/8-bit, 4 bytes for 3-bit, as qmm_mma.cu's wfmt): lane
  * (g = lane / 4, t = lane % 4) holds 32 consecutive k (t-th quarter of the
- * stage) of row 16 i + 8 h + g. The scale part has one word per (row,
- * group of the stage): scale | bias << 16. Rows past N and k past K are 0.
+ * stage, so one group) of row 16 i + 8 h + g, reordered inside the lane so
+ * that the kernel's cheap pair extraction (one shift and mask per two
+ * values) yields k-adjacent pairs (2 pi, 2 pi + 1): the MMA's x fragments
+ * are then plain 32-bit words of x, with no permutation (the MLX layout's
+ * kernel pays two prmt per x register for that). The scale part has one
+ * word per (row, group of the stage): scale | bias << 16. Rows past N and k
+ * past K are 0.
  */
 #include "kernels.h"
 
@@ -23,6 +28,26 @@
 namespace {
 
 constexpr int kTile = GQMM__CU_PACK_TILE_N, kStage = GQMM__CU_PACK_STAGE_K;
+
+/* Value k of a little-endian bit stream of `bits`-wide values. */
+__device__ __forceinline__ uint32_t value_at(const uint8_t *row, int bits, int64_t k) {
+  const int64_t bit = k * bits;
+  const uint8_t *p = row + (bit >> 3);
+  const int shift = (int)(bit & 7);
+  uint32_t v = p[0];
+  if (shift + bits > 8) v |= (uint32_t)p[1] << 8;
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+/* Stream position of the lo (hi: + half_gap) value of pair pi, as the
+ * kernel's shift-and-mask extracts pairs (qmm_mma.cu wfmt::pair; 3-bit after
+ * its prep regrouping). */
+__device__ __forceinline__ int pair_pos(int bits, int pi, int *half_gap) {
+  if (bits == 3) return *half_gap = 16, pi;
+  const int per_word = 16 / bits;
+  *half_gap = per_word;
+  return 2 * per_word * (pi / per_word) + pi % per_word;
+}
 
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
@@ -35,16 +60,29 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
   const int unit = bits == 3 ? 4 : (lane_bytes < 16 ? lane_bytes : 16), units = lane_bytes / unit;
   const int wwords = kTile * kStage * bits / 32, gps = kStage / gs;
   uint32_t *dst = reinterpret_cast<uint32_t *>(out + blk * stage_bytes);
-  for (int i = threadIdx.x; i < wwords; i += blockDim.x) {
-    const int byte = 4 * i, c = byte / unit, within = byte % unit;
-    const int lane = c % 32, u = c / 32 % units, h = c / 32 / units % 2, m16 = c / 32 / units / 2;
+  /* One lane slot per iteration: (m16 tile i, half h, lane) of the kernel. */
+  for (int slot = threadIdx.x; slot < kTile / 8 * 32; slot += blockDim.x) {
+    const int lane = slot % 32, h = slot / 32 % 2, m16 = slot / 64;
     const int n = tile * kTile + m16 * 16 + h * 8 + lane / 4;
-    const int k0 = stage * kStage + 32 * (lane % 4);
-    uint32_t v = 0;
-    if (n < N && k0 < K)
-      v = *reinterpret_cast<const uint32_t *>(w + (e * N + n) * row_bytes + (int64_t)k0 * bits / 8 +
-                                             u * unit + within);
-    dst[i] = v;
+    const int64_t k0 = (int64_t)stage * kStage + 32 * (lane % 4);
+    const uint8_t *row = w + (e * N + (n < N ? n : 0)) * row_bytes;
+    uint32_t stream[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* 32 values of <= 8 bits */
+    for (int pi = 0; pi < 16; pi++) {
+      int gap;
+      const int pos = pair_pos(bits, pi, &gap);
+      for (int half = 0; half < 2; half++) { /* pair pi holds k0 + 2 pi and k0 + 2 pi + 1 */
+        const int64_t k = k0 + 2 * pi + half;
+        const uint64_t v = n < N && k < K ? value_at(row, bits, k) : 0u;
+        const int bit = (pos + half * gap) * bits;
+        const uint64_t sh = v << (bit & 31);
+        stream[bit >> 5] |= (uint32_t)sh;
+        if ((bit & 31) + bits > 32) stream[(bit >> 5) + 1] |= (uint32_t)(sh >> 32);
+      }
+    }
+    for (int wi = 0; wi < bits; wi++) { /* the lane's 4*bits bytes, split into copy units */
+      const int byte = 4 * wi, u = byte / unit, within = byte % unit;
+      dst[((((m16 * 2 + h) * units + u) * 32 + lane) * unit + within) / 4] = stream[wi];
+    }
   }
   for (int i = threadIdx.x; i < kTile * gps; i += blockDim.x) {
     const int n = tile * kTile + i / gps;

@@ -323,14 +323,20 @@ struct mma_kernel_impl {
 #pragma unroll
         for (int i = 0; i < F::chunks; i++) {
           /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
-          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
+          /* packed: phase p's k are the lane's chunks p*chunks.. in order */
+          const int ch = PK ? p * F::chunks + i : F::chunk(p, i);
+          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((ch ^ xsw) << 4);
           uint4 v = *reinterpret_cast<const uint4 *>(xp);
           Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
         }
 #pragma unroll
         for (int sl = 0; sl < F::steps; sl++) {
-          B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
-          B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
+          if constexpr (PK) { /* pairs are adjacent k: x words as they are */
+            B[j][sl][0] = Z[2 * sl], B[j][sl][1] = Z[2 * sl + 1];
+          } else {
+            B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
+            B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
+          }
         }
       }
       /* token tiles innermost: consecutive MMAs update different accumulators */
@@ -486,7 +492,9 @@ mma_kernel(kargs a) {
  * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM; w4_m2_s4
  * is held to 3 CTAs (<= 168 registers), what it got unbounded until session 2.
  * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
- * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
+ * registers, runs 1 CTA per SM and was slower even at 64 rows per expert;
+ * on the packed layout, at 128 registers and 2 CTAs per SM, it was level at
+ * 128 rows per expert and 8% slower at 64: docs/perf-notes.md.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
   X("w4_m2_s4", 4, 2, 4, 3, 4, false)                                                             \
   X("w8_m1_s4", 8, 1, 4, 1, 4, false)                                                             \

@@ -89,9 +89,15 @@ _MOE_WEIGHT_NAMES = [
 
 
 class _MoeWeights(ctypes.Structure):
-    """gqmm_moe_weights: the quantization, then 12 tensor pointers (NULL when unused)."""
+    """gqmm_moe_weights: the quantization, 12 tensor pointers, then the 4 optional
+    gqmm_pack copies (gate_up, gate, up, down); NULL when unused. The layout must
+    match gqmm.h field for field: the C side reads all of it."""
 
-    _fields_ = [("q", _Quant)] + [(n, ctypes.POINTER(_Tensor)) for n in _MOE_WEIGHT_NAMES]
+    _fields_ = (
+        [("q", _Quant)]
+        + [(n, ctypes.POINTER(_Tensor)) for n in _MOE_WEIGHT_NAMES]
+        + [(n + "_packed", ctypes.c_void_p) for n in ("gate_up", "gate", "up", "down")]
+    )
 
 
 class _CtxOptions(ctypes.Structure):

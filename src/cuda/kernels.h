@@ -95,11 +95,23 @@ static inline int64_t gqmm__cu_pack_stage_bytes(int bits, int group_size) {
   return (int64_t)GQMM__CU_PACK_TILE_N * GQMM__CU_PACK_STAGE_K * bits / 8 +
          (int64_t)GQMM__CU_PACK_TILE_N * (GQMM__CU_PACK_STAGE_K / group_size) * 4;
 }
-static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits,
-                                          int group_size) {
+/* The last tile holds at most 64 rows (N % 128 in 1..64, e.g. N = 704): its
+ * blocks keep only those rows, half the bytes (weights of m16 tiles 0..3,
+ * then the 64 rows' scale words), instead of streaming zero padding. */
+static inline int gqmm__cu_pack_half_last(int64_t N) {
+  const int64_t r = N % GQMM__CU_PACK_TILE_N;
+  return r > 0 && r <= GQMM__CU_PACK_TILE_N / 2;
+}
+/* Bytes of one expert's blocks (its tiles in order, each tile's stages). */
+static inline int64_t gqmm__cu_pack_expert_bytes(int64_t N, int64_t K, int bits, int group_size) {
   const int64_t tiles = (N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N;
   const int64_t stages = (K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K;
-  return E * tiles * stages * gqmm__cu_pack_stage_bytes(bits, group_size);
+  const int64_t full = gqmm__cu_pack_stage_bytes(bits, group_size);
+  return stages * (full * tiles - (gqmm__cu_pack_half_last(N) ? full / 2 : 0));
+}
+static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits,
+                                          int group_size) {
+  return E * gqmm__cu_pack_expert_bytes(N, K, bits, group_size);
 }
 /* Pack E experts of w [E, N, K*bits/32] (MLX layout) with their scales and
  * biases (16-bit dtype) into out (gqmm__cu_pack_bytes). bits 2/3/4/8,

@@ -25,6 +25,8 @@ struct kargs {
   /* The packed stage layout (kernels.h gqmm__cu_pack), or NULL. */
   const uint8_t *pk;
   int pk_tiles, pk_stages, pk_stage_bytes; /* N tiles, k stages, bytes of one stage block */
+  int pk_half_last;                        /* the last tile's blocks are half blocks */
+  int64_t pk_expert_bytes;                 /* bytes of one expert's blocks */
   gqmm__cu_plan plan;
 };
 
@@ -110,6 +112,8 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
     k.pk_tiles = (int)((a->N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N);
     k.pk_stages = (int)((a->K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K);
     k.pk_stage_bytes = (int)gqmm__cu_pack_stage_bytes(a->bits, a->group_size);
+    k.pk_half_last = gqmm__cu_pack_half_last(a->N);
+    k.pk_expert_bytes = gqmm__cu_pack_expert_bytes(a->N, a->K, a->bits, a->group_size);
   }
   k.plan = *plan;
   return k;

@@ -51,17 +51,21 @@ __device__ __forceinline__ int pair_pos(int bits, int pi, int *half_gap) {
 
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
-                            int stage_bytes) {
+                            int stage_bytes, int64_t expert_bytes, int half_last) {
   const int64_t blk = blockIdx.x; /* (e * tiles + tile) * stages + stage */
   const int stage = (int)(blk % stages), tile = (int)(blk / stages % tiles);
   const int64_t e = blk / stages / tiles;
   const int64_t row_bytes = (int64_t)K * bits / 8, groups = K / gs;
   const int lane_bytes = 4 * bits; /* 32 values */
   const int unit = bits == 3 ? 4 : (lane_bytes < 16 ? lane_bytes : 16), units = lane_bytes / unit;
-  const int wwords = kTile * kStage * bits / 32, gps = kStage / gs;
-  uint32_t *dst = reinterpret_cast<uint32_t *>(out + blk * stage_bytes);
+  /* a half tile (kernels.h): rows 0..63 only, half the weight words */
+  const int half = half_last && tile == tiles - 1, rows = half ? kTile / 2 : kTile;
+  const int wwords = rows * kStage * bits / 32, gps = kStage / gs;
+  uint32_t *dst = reinterpret_cast<uint32_t *>(out + e * expert_bytes +
+                                               ((int64_t)tile * stages + stage) * stage_bytes -
+                                               (half ? (int64_t)stage * stage_bytes / 2 : 0));
   /* One lane slot per iteration: (m16 tile i, half h, lane) of the kernel. */
-  for (int slot = threadIdx.x; slot < kTile / 8 * 32; slot += blockDim.x) {
+  for (int slot = threadIdx.x; slot < rows / 8 * 32; slot += blockDim.x) {
     const int lane = slot % 32, h = slot / 32 % 2, m16 = slot / 64;
     const int n = tile * kTile + m16 * 16 + h * 8 + lane / 4;
     const int64_t k0 = (int64_t)stage * kStage + 32 * (lane % 4);
@@ -84,7 +88,7 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
       dst[((((m16 * 2 + h) * units + u) * 32 + lane) * unit + within) / 4] = stream[wi];
     }
   }
-  for (int i = threadIdx.x; i < kTile * gps; i += blockDim.x) {
+  for (int i = threadIdx.x; i < rows * gps; i += blockDim.x) {
     const int n = tile * kTile + i / gps;
     const int64_t grp = (int64_t)stage * gps + i % gps;
     uint32_t v = 0;
@@ -111,6 +115,8 @@ extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *
                                          static_cast<const uint16_t *>(scales),
                                          static_cast<const uint16_t *>(biases), out, (int)N,
                                          (int)K, bits, group_size, (int)tiles, (int)stages,
-                                         (int)gqmm__cu_pack_stage_bytes(bits, group_size));
+                                         (int)gqmm__cu_pack_stage_bytes(bits, group_size),
+                                         gqmm__cu_pack_expert_bytes(N, K, bits, group_size),
+                                         gqmm__cu_pack_half_last(N));
   return (int)cudaGetLastError();
 }

@@ -175,6 +175,7 @@ struct mma_kernel_impl {
    * scratch was a third of the loop's instructions). */
   struct lstate {
     const uint8_t *pk;               /* packed: the unit's first stage block */
+    int pk_bytes;                    /* packed: bytes of its stage blocks */
     const uint8_t *w;                /* expert's weights + this lane's 32 k */
     const unsigned short *s;         /* expert's scales (biases: + b_minus_s bytes) */
     uint32_t n[MT][2];               /* the thread's weight rows in the expert */
@@ -182,11 +183,21 @@ struct mma_kernel_impl {
     int xsz[kXPer];                  /* 16, or 0: chunk i has no token (zero-filled) */
   };
 
+  /* 1 if unit u's tile is a half tile of the packed layout (kernels.h): its
+   * blocks hold rows 0..63 only, scale words right after their weights. The
+   * stale shared memory of rows 64..127 feeds only accumulator rows that are
+   * past N and never stored. */
+  static __device__ __forceinline__ int half_tile(const kargs &a, const unit_t &u) {
+    return a.pk_half_last && u.ntile == a.pk_tiles - 1;
+  }
+
   static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int64_t e_rows = (int64_t)lu.e * a.N;
-    if constexpr (PK)
-      ls.pk = a.pk + ((int64_t)lu.e * a.pk_tiles + lu.ntile) * a.pk_stages * a.pk_stage_bytes;
+    if constexpr (PK) {
+      ls.pk = a.pk + lu.e * a.pk_expert_bytes + (int64_t)lu.ntile * a.pk_stages * a.pk_stage_bytes;
+      ls.pk_bytes = a.pk_stage_bytes >> half_tile(a, lu);
+    }
     ls.w = (const uint8_t *)a.w + e_rows * a.row_bytes + t * F::bytes;
     ls.s = (const unsigned short *)a.scales + e_rows * a.groups;
 #pragma unroll
@@ -224,8 +235,8 @@ struct mma_kernel_impl {
     if constexpr (PK) {
       if (tid == 0) {
         const uint32_t bar = sm + kBarOff + 8 * slot;
-        mbar_arrive_expect_tx(bar, (uint32_t)a.pk_stage_bytes);
-        bulk_copy_g2s(ws, ls.pk + (int64_t)lk * a.pk_stage_bytes, (uint32_t)a.pk_stage_bytes, bar);
+        mbar_arrive_expect_tx(bar, (uint32_t)ls.pk_bytes);
+        bulk_copy_g2s(ws, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar);
       }
     } else {
     const int k0 = lk * kStageK + 32 * t;
@@ -435,6 +446,7 @@ struct mma_kernel_impl {
     }
     int slot = 0;
     uint32_t parity = 0; /* packed: phase of the slot's barrier to wait for */
+    int cs_adj = PK && half_tile(a, cu) ? kWBytes / 2 : 0; /* compute side's scale offset */
     for (int f = 0; f < nflat; f++) {
       cp_async_wait<STAGES - 2>();
       if constexpr (PK) mbar_wait(sm + kBarOff + 8 * slot, parity);
@@ -445,7 +457,8 @@ struct mma_kernel_impl {
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int h = 0; h < 2; h++) sbk[mt][h] = *reinterpret_cast<const uint32_t *>(st + soff[mt][h]);
+          for (int h = 0; h < 2; h++)
+            sbk[mt][h] = *reinterpret_cast<const uint32_t *>(st + soff[mt][h] - cs_adj);
       } else { /* the FIFO moves on: sb[0] is this stage's */
 #pragma unroll
         for (int s = 0; s + 1 < STAGES - 1; s++)
@@ -470,6 +483,7 @@ struct mma_kernel_impl {
         ck = 0;
         if (++cidx < nunits) {
           cu = unit_of(next_c);
+          if constexpr (PK) cs_adj = half_tile(a, cu) ? kWBytes / 2 : 0;
           next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
         }
       }

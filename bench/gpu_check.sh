@@ -80,6 +80,8 @@ fi
 if want moe; then
   note "gqmm bench (seed model step on CUDA, levers, breakdown)"
   "$BIN/gqmm" bench --backend cuda 2>&1 | tee "$OUT/moe.log" || status=1
+  # the same step reading the MLX layout (no gqmm_pack copies)
+  "$BIN/gqmm" bench --backend cuda --no-pack --breakdown 2>&1 | tee -a "$OUT/moe.log" || status=1
   # The levers table runs 16 model steps; bounded so the archive below always runs.
   timeout "${MOE_LEVERS_S:-240}" "$BIN/gqmm" bench --backend cuda --levers --breakdown --reps 5 \
     --json "$OUT/moe_levers.json" 2>&1 | tee -a "$OUT/moe.log" || status=1

@@ -29,7 +29,11 @@ def main():
     for r in recs:
         if r["op"] not in ("sweep", "dense"):
             continue
+        if r["backend"] == "cuda" and r.get("config") not in ("auto", "packed-auto"):
+            continue  # per-config points of the sweep: the built-in choice is plotted
         who = "gqmm cuda" if r["backend"] == "cuda" else r["backend"]
+        if r.get("config") == "packed-auto":
+            who += " packed"
         label = f"{who} {r['op']} ({r['bits']}-bit)" if r["bits"] != 16 else \
             f"{who} {r['op']} (bf16 weights: 4x the bytes)"
         series.setdefault(label, []).append((r["rows_per_expert"], r["weight_GBps"]))

@@ -51,26 +51,40 @@ __device__ __forceinline__ int4 unit_desc(const kargs &a, int i) {
 }
 __device__ __forceinline__ unit_t unit_of(int4 d) { return {d.x, d.y, d.z, d.w, (d.w + 7) >> 3}; }
 
-/* Write a finished unit's accumulators (warp w owns m16 tiles w*MT ..
- * w*MT + MT-1 of the N tile) to its rows' outputs and zero them. */
-template <typename T, int MT, int NTMAX, int BN>
+/* Write a finished unit's accumulators to its rows' outputs and zero them.
+ * Warp w owns m16 tiles w*MT .. w*MT + MT-1 of the N tile, or with
+ * MT_MAJOR (a warpgroup's m64 tiles) tiles mt*WARPS + w. */
+template <typename T, int MT, int NTMAX, int BN, bool MT_MAJOR = false>
 __device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
                                            float (&acc)[MT][NTMAX][4]) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  T *out = (T *)a.out;
+  /* The thread's two token columns per n8 tile: their output rows, loaded
+   * once (-1: no token there). */
+  T *orow[NTMAX][2];
+#pragma unroll
+  for (int j = 0; j < NTMAX; j++)
+#pragma unroll
+    for (int c = 0; c < 2; c++) {
+      const int tok = j * 8 + 2 * t + c;
+      orow[j][c] = j < cu.nt && tok < cu.cnt
+                       ? (T *)a.out + (int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * a.N
+                       : nullptr;
+    }
 #pragma unroll
   for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-    for (int j = 0; j < NTMAX; j++)
+    for (int h = 0; h < 2; h++) {
+      const int m16 = MT_MAJOR ? mt * (BN / (16 * MT)) + warp : warp * MT + mt;
+      const int n = cu.ntile * BN + m16 * 16 + g + h * 8;
+      const bool nin = n < a.N;
 #pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const int n = cu.ntile * BN + (warp * MT + mt) * 16 + g + (r >> 1) * 8;
-        const int tok = j * 8 + 2 * t + (r & 1);
-        if (j < cu.nt && n < a.N && tok < cu.cnt)
-          out[(int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * a.N + n] =
-              dtype_traits<T>::from_f(acc[mt][j][r]);
-        acc[mt][j][r] = 0.f;
-      }
+      for (int j = 0; j < NTMAX; j++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+          if (nin && orow[j][c]) orow[j][c][n] = dtype_traits<T>::from_f(acc[mt][j][2 * h + c]);
+          acc[mt][j][2 * h + c] = 0.f;
+        }
+    }
 }
 
 /* A compiled kernel instance and its launch shape. */
@@ -79,6 +93,9 @@ struct launch_info {
   kernel_fn fn;
   int threads, smem;
 };
+
+/* The wgmma kernel (qmm_wgmma.cu) of config variant v for these args. */
+launch_info wg_launch_info(const gqmm__cu_qmm *a, int v);
 
 /* Persistent-grid size: CTAs per SM the occupancy calculator allows x SMs. */
 inline int grid_of(launch_info li, int sms, int *out_grid) {

@@ -51,7 +51,7 @@ __device__ __forceinline__ int pair_pos(int bits, int pi, int *half_gap) {
 
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
-                            int stage_bytes, int64_t expert_bytes, int half_last) {
+                            int stage_bytes, int64_t expert_bytes, int half_last, int order) {
   const int64_t blk = blockIdx.x; /* (e * tiles + tile) * stages + stage */
   const int stage = (int)(blk % stages), tile = (int)(blk / stages % tiles);
   const int64_t e = blk / stages / tiles;
@@ -74,8 +74,13 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
     for (int pi = 0; pi < 16; pi++) {
       int gap;
       const int pos = pair_pos(bits, pi, &gap);
-      for (int half = 0; half < 2; half++) { /* pair pi holds k0 + 2 pi and k0 + 2 pi + 1 */
-        const int64_t k = k0 + 2 * pi + half;
+      for (int half = 0; half < 2; half++) {
+        /* pair pi: LANE k0 + 2 pi (+1); KSTEP: k-step pi / 2, its k 2t (+1)
+         * for even pi, 2t + 8 (+1) for odd (the wgmma A fragment) */
+        const int64_t k = order == GQMM__CU_PACK_LANE
+                              ? k0 + 2 * pi + half
+                              : (int64_t)stage * kStage + 16 * (pi / 2) + 2 * (lane % 4) +
+                                    8 * (pi % 2) + half;
         const uint64_t v = n < N && k < K ? value_at(row, bits, k) : 0u;
         const int bit = (pos + half * gap) * bits;
         const uint64_t sh = v << (bit & 31);
@@ -103,10 +108,12 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
 } // namespace
 
 extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E,
-                             int64_t N, int64_t K, int bits, int group_size, uint8_t *out) {
+                             int64_t N, int64_t K, int bits, int group_size, int order,
+                             uint8_t *out) {
   if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) ||
       (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
-      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX)
+      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX ||
+      (order != GQMM__CU_PACK_LANE && order != GQMM__CU_PACK_KSTEP))
     return (int)cudaErrorInvalidValue;
   const int64_t tiles = (N + kTile - 1) / kTile, stages = (K + kStage - 1) / kStage;
   const int64_t blocks = E * tiles * stages;
@@ -117,6 +124,6 @@ extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *
                                          (int)K, bits, group_size, (int)tiles, (int)stages,
                                          (int)gqmm__cu_pack_stage_bytes(bits, group_size),
                                          gqmm__cu_pack_expert_bytes(N, K, bits, group_size),
-                                         gqmm__cu_pack_half_last(N));
+                                         gqmm__cu_pack_half_last(N), order);
   return (int)cudaGetLastError();
 }

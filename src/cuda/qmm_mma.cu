@@ -46,6 +46,7 @@
  * never copied (their stale columns are never stored).
  */
 #include "mma_common.cuh"
+#include "wfmt.cuh"
 
 #include <cuda_runtime.h>
 #include <type_traits>
@@ -53,79 +54,6 @@
 using namespace gqmm_cu;
 
 namespace {
-
-constexpr int kStageK = 128;  /* k per pipeline stage: 4 lanes x 32 values */
-constexpr int kXRowBytes = kStageK * 2; /* one token's x for a stage (16-bit types) */
-
-/* How a BITS-wide format is split and reassembled (see the header comment). */
-template <int BITS> struct wfmt {
-  static constexpr int bytes = 4 * BITS; /* 32 values of one row */
-  /* cp.async size: rows of 3-bit values are only 4-byte aligned. */
-  static constexpr int unit = BITS == 3 ? 4 : (bytes < 16 ? bytes : 16);
-  static constexpr int units = bytes / unit;
-  /* 2/3-bit pair values 8 or 16 apart, so one phase spans two x chunks. */
-  static constexpr int phases = (BITS == 2 || BITS == 3) ? 2 : 4;
-  static constexpr int steps = 8 / phases;  /* MMA k-steps per phase */
-  static constexpr int chunks = 4 / phases; /* 16-byte x chunks per phase */
-  static __device__ __forceinline__ int chunk(int p, int i) {
-    return BITS == 2 ? 2 * p + i : BITS == 3 ? p + 2 * i : p;
-  }
-  /* x registers (pairs of values) holding the two halves of b0/b1 of step sl */
-  static __host__ __device__ constexpr int ia(int sl) { return BITS == 8 ? 2 * sl : sl; }
-  static __host__ __device__ constexpr int ib(int sl) { return BITS == 8 ? 2 * sl + 1 : BITS == 4 ? sl + 2 : sl + 4; }
-
-  /* 3-bit: regroup 96 bits so lane 0 of each word holds values 0..15's
-   * stream and lane 1 values 16..31's (16 bits per lane per word). */
-  static __device__ __forceinline__ void prep(uint32_t *q) {
-    if constexpr (BITS == 3) {
-      uint32_t t0 = prmt(q[0], q[1], 0x7610), t1 = prmt(q[0], q[2], 0x5432),
-               t2 = prmt(q[1], q[2], 0x7610);
-      q[0] = t0, q[1] = t1, q[2] = t2;
-    }
-  }
-  /* Pair pi (0..15) as two q values in the low bits of each 16-bit lane,
-   * OR-ed with the magic constant m (one lop3 for shift-free formats). */
-  static __device__ __forceinline__ uint32_t pair(const uint32_t *q, int pi, uint32_t m) {
-    if constexpr (BITS == 3) {
-      const int bit = 3 * pi, c = bit >> 4, off = bit & 15;
-      if (off <= 13) return and_or(q[c] >> off, 0x00070007u, m);
-      const uint32_t lo_mask = ((1u << (16 - off)) - 1u) * 0x00010001u;
-      return ((q[c] >> off) & lo_mask) | ((q[c + 1] << (16 - off)) & (0x00070007u & ~lo_mask)) | m;
-    } else {
-      constexpr int per_word = 16 / BITS; /* pairs per word */
-      constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-      return and_or(q[pi / per_word] >> (BITS * (pi % per_word)), mask, m);
-    }
-  }
-};
-
-/* The magic constant OR-ed into a q pair: 128 + q is not exact in bf16 for
- * q >= 128, so 8-bit bf16 goes through f16 (1024 + q). */
-template <typename T, int BITS>
-__host__ __device__ constexpr uint32_t magic_of() {
-  return std::is_same<T, __nv_bfloat16>::value && BITS == 8 ? 0x64006400u : dtype_traits<T>::magic;
-}
-
-/* h = q pair | magic_of<T, BITS>() -> dequantized pair s*q + b of type T. */
-template <typename T, int BITS>
-__device__ __forceinline__ uint32_t dequant(uint32_t h, uint32_t s2, uint32_t b2) {
-  using P = typename dtype_traits<T>::pair;
-  if constexpr (std::is_same<T, __nv_bfloat16>::value && BITS == 8) {
-    __half2 v = __hsub2(*reinterpret_cast<__half2 *>(&h), __float2half2_rn(1024.0f));
-    float2 f = __half22float2(v);
-    P sp = *reinterpret_cast<P *>(&s2), bp = *reinterpret_cast<P *>(&b2);
-    float s = __low2float(sp), b = __low2float(bp);
-    P r = __floats2bfloat162_rn(fmaf(f.x, s, b), fmaf(f.y, s, b));
-    return *reinterpret_cast<uint32_t *>(&r);
-  } else {
-    P magic;
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) magic = __float2bfloat162_rn(128.0f);
-    else magic = __float2half2_rn(1024.0f);
-    P v = __hsub2(*reinterpret_cast<P *>(&h), magic);
-    P r = __hfma2(v, *reinterpret_cast<P *>(&s2), *reinterpret_cast<P *>(&b2));
-    return *reinterpret_cast<uint32_t *>(&r);
-  }
-}
 
 /* Physical 16-byte chunk of logical chunk c in a token's 256-byte x row. */
 __device__ __forceinline__ int xphys(int c, int row) {
@@ -510,19 +438,27 @@ mma_kernel(kargs a) {
  * on the packed layout, at 128 registers and 2 CTAs per SM, it was level at
  * 128 rows per expert and 8% slower at 64: docs/perf-notes.md.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4, 3, 4, false)                                                             \
-  X("w8_m1_s4", 8, 1, 4, 1, 4, false)                                                             \
-  X("w8_m1_s3_b4", 8, 1, 3, 4, 4, false)                                                          \
-  X("w4_m2_s3_b4", 4, 2, 3, 4, 4, false)                                                          \
-  X("pk_w4_m2_s4", 4, 2, 4, 3, 4, true)                                                           \
-  X("pk_w4_m2_s3_b4", 4, 2, 3, 4, 4, true)                                                        \
-  X("pk_w4_m2_s6", 4, 2, 6, 2, 4, true)                                                           \
-  X("pk_w8_m1_s4", 8, 1, 4, 1, 4, true)
+  X("w4_m2_s4", 4, 2, 4, 3, 4, 0)                                                                 \
+  X("w8_m1_s4", 8, 1, 4, 1, 4, 0)                                                                 \
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4, 0)                                                              \
+  X("w4_m2_s3_b4", 4, 2, 3, 4, 4, 0)                                                              \
+  X("pk_w4_m2_s4", 4, 2, 4, 3, 4, 1)                                                              \
+  X("pk_w4_m2_s3_b4", 4, 2, 3, 4, 4, 1)                                                           \
+  X("pk_w4_m2_s6", 4, 2, 6, 2, 4, 1)                                                              \
+  X("pk_w8_m1_s4", 8, 1, 4, 1, 4, 1)
+
+/* The wgmma kernel's configs (qmm_wgmma.cu GQMM_WG_CONFIGS, same order). */
+#define GQMM_WG_CONFIG_ROWS(X)                                                                    \
+  X("wg_m2_s4", 4, 2, 4, 4, 2)                                                                    \
+  X("wg_m2_s3_b4", 4, 2, 3, 4, 2)
 
 const gqmm__cu_mma_config kConfigs[] = {
 #define GQMM__CFG_ROW(name, w, m, s, b, nt, pk) {name, w, m, s, 8 * nt, pk},
     GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
 #undef GQMM__CFG_ROW
+#define GQMM__WG_ROW(name, w, m, s, nt, order) {name, w, m, s, 8 * nt, order},
+    GQMM_WG_CONFIG_ROWS(GQMM__WG_ROW)
+#undef GQMM__WG_ROW
 };
 constexpr int kNumConfigs = sizeof kConfigs / sizeof kConfigs[0];
 
@@ -534,7 +470,7 @@ template <typename T, int BITS, int W, int M, int S, int B, int NT, bool PK> lau
 template <typename T, int BITS> launch_info pick_cfg(int cfg) {
   int i = 0;
 #define GQMM__CFG_CASE(name, w, m, s, b, nt, pk)                                                  \
-  if (cfg == i++) return info<T, BITS, w, m, s, b, nt, pk>();
+  if (cfg == i++) return info<T, BITS, w, m, s, b, nt, (pk != 0)>();
   GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
 #undef GQMM__CFG_CASE
   return {nullptr, 0, 0};
@@ -550,7 +486,14 @@ template <typename T> launch_info pick_bits(int bits, int cfg) {
   }
 }
 
+constexpr int kNumMma = 0
+#define GQMM__COUNT(...) +1
+    GQMM_MMA_CONFIGS(GQMM__COUNT)
+#undef GQMM__COUNT
+    ;
+
 launch_info pick(const gqmm__cu_qmm *a, int cfg) {
+  if (cfg >= kNumMma) return wg_launch_info(a, cfg - kNumMma);
   if (a->dtype == GQMM__CU_BF16) return pick_bits<__nv_bfloat16>(a->bits, cfg);
   if (a->dtype == GQMM__CU_F16) return pick_bits<__half>(a->bits, cfg);
   return {nullptr, 0, 0};
@@ -583,7 +526,7 @@ extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
 
 extern "C" int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a) {
   const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
-  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed != nullptr);
+  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed ? a->pack_order : 0);
 }
 
 extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {

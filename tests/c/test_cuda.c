@@ -168,15 +168,21 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
   gqmm_tensor gx = on_device(tx, dx.d), go = on_device(to, dout.d);
   /* The packed copy (gqmm_pack) where the packed kernels apply; elsewhere
    * gqmm_pack must decline with GQMM_ERR_UNSUPPORTED. */
-  gqmm_packed *pk = NULL;
+  /* packed = 1, 2: the packed layouts of the mma.sync and the wgmma kernels */
   const bool packable = c->transpose && dt != GQMM_F32 && q.bits != 5 && q.bits != 6;
-  st = c->transpose ? gqmm_pack(gpu, &gq, &gs, &gb, q, &pk) : GQMM_ERR_UNSUPPORTED;
-  if (packable ? st != GQMM_OK : (c->transpose && st != GQMM_ERR_UNSUPPORTED)) {
-    fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: gqmm_pack status %d (%s)\n", c->name, q.bits,
-            q.group_size, gqmm_dtype_name(dt), st, gqmm_last_error(gpu));
-    fails++;
+  for (int packed = 0; packed < (packable ? 3 : 1) + (c->transpose && !packable); packed++) {
+  gqmm_packed *pk = NULL;
+  if (packed) {
+    setenv("GQMM_CUDA_PACK_LAYOUT", packed == 1 ? "1" : "2", 1);
+    st = gqmm_pack(gpu, &gq, &gs, &gb, q, &pk);
+    unsetenv("GQMM_CUDA_PACK_LAYOUT");
+    if (packable ? st != GQMM_OK : st != GQMM_ERR_UNSUPPORTED) {
+      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: gqmm_pack status %d (%s)\n", c->name, q.bits,
+              q.group_size, gqmm_dtype_name(dt), st, gqmm_last_error(gpu));
+      fails++;
+    }
+    if (!pk) continue;
   }
-  for (int packed = 0; packed < (pk ? 2 : 1); packed++) {
   gqmm__qmm_args probe_args;
   memset(&probe_args, 0, sizeof probe_args);
   probe_args.dtype = dt, probe_args.q = q, probe_args.transpose = c->transpose;
@@ -206,8 +212,8 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
       fails++;
     }
   }
-  }
   gqmm_packed_free(gpu, pk);
+  }
   gpu->forced_config = -1;
 done:
   gqmm_device_free(gpu, dw.d), gqmm_device_free(gpu, ds.d), gqmm_device_free(gpu, db.d);

@@ -1,0 +1,337 @@
+/*
+ * qmm_wgmma.cu - the gather kernel on Hopper's warpgroup MMA (wgmma), for
+ * weights in the packed layout (kernels.h, "k-step order").
+ *
+ * Why: at 16+ rows per expert the mma.sync kernel (qmm_mma.cu) is bound by
+ * its arithmetic, not by memory: each warp reads the unit's x tile from
+ * shared memory itself and the m16n8k16 tensor-core path runs at ~65% of
+ * the bf16 peak. Here the CTA is one warpgroup: its four warps dequantize
+ * their 16-row slices of a 64-row weight tile into registers (the A operand,
+ * same register layout as mma.sync), and one wgmma.m64nNk16 per 16 k
+ * multiplies them with the unit's tokens (N = 8..32) read straight from
+ * shared memory (the B operand, K-major with the 128-byte swizzle), once
+ * per warpgroup. The MMAs run asynchronously while the next k-step's
+ * weights are dequantized.
+ *
+ * The packed layout in k-step order: in the k-step s of a stage (16 k) a
+ * wgmma wants lane (g, t) of warp w to hold k 2t, 2t+1, 2t+8, 2t+9 of rows
+ * 16w + g and + 8, so pack.cu stores exactly those values in the lane's
+ * slot, pair 2s + i (the shift-and-mask pair of wfmt) = k 16s + 2t + 8i and
+ * + 1. x then stays in its natural order. A lane's values span the whole
+ * 128-k stage, so a k-step's scale is the group of its 16 k: the group size
+ * is a template parameter (the group of each k-step is then a constant).
+ *
+ * Pipeline and work walk as in qmm_mma.cu's packed configs: one bulk copy
+ * per stage (weights + scale words), x rows by cp.async, an mbarrier per
+ * ring slot, units dealt round-robin over a persistent grid.
+ */
+#include "mma_common.cuh"
+#include "wfmt.cuh"
+
+#include <cuda_runtime.h>
+
+using namespace gqmm_cu;
+
+namespace {
+
+template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX> struct wg_kernel {
+  using F = wfmt<BITS>;
+  static constexpr int kWarps = 4, kThreads = 128; /* one warpgroup */
+  static constexpr int kBN = MT * 64;
+  static_assert(kBN == GQMM__CU_PACK_TILE_N, "the packed layout is for 128-row tiles");
+  static constexpr int kTokMax = 8 * NTMAX;
+  static constexpr int kXHalf = kTokMax * 128; /* 64 k of every token: one swizzled region */
+  static constexpr int kXStage = 2 * kXHalf;
+  static constexpr int kGps = kStageK / GS; /* groups per stage */
+  static constexpr int kWBytes = kBN * kStageK * BITS / 8;
+  static constexpr int kWStage = kWBytes + kBN * kGps * 4;
+  /* stages keep the x regions 1024-byte aligned (the swizzle atom) */
+  static constexpr int kStageBytes = (kXStage + kWStage + 1023) / 1024 * 1024;
+  static constexpr int kBarOff = STAGES * kStageBytes;
+  static constexpr int kSmem = kBarOff + STAGES * 8 + 1024; /* + alignment slack */
+  static constexpr int kXPer = kTokMax * 16 / kThreads;
+  static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
+
+  /* m16 tile of (warp, mt): the m64 tile's 16-row slice of this warp */
+  static __device__ __forceinline__ int m16_of(int mt) { return mt * kWarps + (threadIdx.x >> 5); }
+  static __device__ __forceinline__ int woff(int mt, int h, int u) {
+    return (((m16_of(mt) * 2 + h) * F::units + u) * 32 + (threadIdx.x & 31)) * F::unit;
+  }
+  /* The unit's tile is a half tile: rows 0..63, scale words after them. */
+  static __device__ __forceinline__ int half_tile(const kargs &a, const unit_t &u) {
+    return a.pk_half_last && u.ntile == a.pk_tiles - 1;
+  }
+
+  struct lstate {
+    const uint8_t *pk; /* the unit's first stage block */
+    int pk_bytes;      /* bytes of its stage blocks */
+    uint32_t xr[kXPer];
+    int has[kXPer];
+  };
+
+  static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
+    ls.pk = a.pk + lu.e * a.pk_expert_bytes + (int64_t)lu.ntile * a.pk_stages * a.pk_stage_bytes;
+    ls.pk_bytes = a.pk_stage_bytes >> half_tile(a, lu);
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) {
+      const int r = (threadIdx.x + i * kThreads) >> 4;
+      ls.has[i] = r < lu.cnt;
+      ls.xr[i] = ls.has[i] ? (uint32_t)__ldg(a.plan.rows_x + lu.r0 + r) : 0u;
+    }
+  }
+
+  /* Stage lk into ring slot `slot` (st: the slot's shared address): one bulk
+   * copy of the block, and the unit's x rows into the swizzled K-major
+   * layout (16-byte chunk c of token r: region c / 8, position
+   * (c % 8) ^ (r % 8)). Rows past the unit's count are not copied: they feed
+   * only MMA columns that are never stored. */
+  static __device__ __forceinline__ void issue(const kargs &a, const lstate &ls, int lk,
+                                               uint32_t st, uint32_t bar) {
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+      mbar_arrive_expect_tx(bar, (uint32_t)ls.pk_bytes);
+      bulk_copy_g2s(st + kXStage, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar);
+    }
+    const int c = tid & 15, kx = lk * kStageK + c * 8;
+    const bool xin = kx < a.K;
+    const uint8_t *xst = opaque((const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0));
+    const uint32_t xstride = (uint32_t)a.K * 2u;
+#pragma unroll
+    for (int i = 0; i < kXPer; i++) {
+      const int r = (tid + i * kThreads) >> 4;
+      const uint32_t dst = st + (c >> 3) * kXHalf + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+      if (ls.has[i]) cp_async<16>(dst, xst + (uint64_t)ls.xr[i] * xstride, xin ? 16 : 0);
+    }
+  }
+
+  /* One stage: dequantize the thread's weights k-step by k-step and issue
+   * the warpgroup's MMAs for the unit's 8*NT tokens. */
+  template <int NT>
+  static __device__ __forceinline__ void compute_n(const uint8_t *stp, uint32_t st, int sadj,
+                                                   float (&acc)[MT][NTMAX][4]) {
+    const int lane = threadIdx.x & 31, g = lane >> 2;
+    const uint8_t *ws = stp + kXStage;
+    uint32_t q[MT][2][BITS], sr[MT][2][kGps], br[MT][2][kGps];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+#pragma unroll
+        for (int u = 0; u < F::units; u++) {
+          const uint8_t *p = ws + woff(mt, h, u);
+          if constexpr (F::unit == 16) {
+            uint4 v = *reinterpret_cast<const uint4 *>(p);
+            q[mt][h][4 * u] = v.x, q[mt][h][4 * u + 1] = v.y, q[mt][h][4 * u + 2] = v.z,
+                     q[mt][h][4 * u + 3] = v.w;
+          } else if constexpr (F::unit == 8) {
+            uint2 v = *reinterpret_cast<const uint2 *>(p);
+            q[mt][h][2 * u] = v.x, q[mt][h][2 * u + 1] = v.y;
+          } else {
+            q[mt][h][u] = *reinterpret_cast<const uint32_t *>(p);
+          }
+        }
+        F::prep(q[mt][h]);
+        /* the row's scale words, one per group of the stage */
+        const uint32_t *sw = reinterpret_cast<const uint32_t *>(
+            ws + kWBytes - sadj + ((m16_of(mt) * 16 + h * 8 + g) * kGps) * 4);
+#pragma unroll
+        for (int j = 0; j < kGps; j++) {
+          const uint32_t w = sw[j];
+          sr[mt][h][j] = prmt(w, w, 0x1010), br[mt][h][j] = prmt(w, w, 0x3232);
+        }
+      }
+    /* A fragments are read by the MMAs asynchronously: a phase's registers
+     * must not be rewritten before its group is done. Two phases in flight:
+     * after committing phase p, wait until at most one group is pending
+     * (phase p-1 done) and only then let phase p-1's registers go. */
+    uint32_t Aprev[MT][F::steps][4];
+    const uint64_t desc0 = wgmma_desc_sw128(st);
+#pragma unroll
+    for (int p = 0; p < F::phases; p++) {
+      uint32_t A[MT][F::steps][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int sl = 0; sl < F::steps; sl++) {
+          const int s = p * F::steps + sl, j = 16 * s / GS;
+#pragma unroll
+          for (int r = 0; r < 4; r++) { /* a0: g,2t  a1: g+8,2t  a2: g,2t+8  a3: g+8,2t+8 */
+            const int h = r & 1, pi = 2 * s + (r >> 1);
+            A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi, magic_of<T, BITS>()),
+                                            sr[mt][h][j], br[mt][h][j]);
+          }
+        }
+      wgmma_fence();
+#pragma unroll
+      for (int sl = 0; sl < F::steps; sl++) {
+        /* k-step s: region s / 4, bytes 32 (s % 4) of each row; the address
+         * field is in 16-byte units, so a constant added to the stage's
+         * descriptor */
+        const int s = p * F::steps + sl;
+        const uint64_t desc = desc0 + (uint64_t)(((s >> 2) * kXHalf + (s & 3) * 32) >> 4);
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) wgmma_rs<T, 8 * NT>(&acc[mt][0][0], A[mt][sl], desc);
+      }
+      wgmma_commit();
+      if (p > 0) {
+        wgmma_wait<1>();
+        keep_live(Aprev);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int sl = 0; sl < F::steps; sl++)
+#pragma unroll
+          for (int r = 0; r < 4; r++) Aprev[mt][sl][r] = A[mt][sl][r];
+    }
+  }
+
+  static __device__ __forceinline__ void keep_live(const uint32_t (&A)[MT][F::steps][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int sl = 0; sl < F::steps; sl++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) asm volatile("" ::"r"(A[mt][sl][r]));
+  }
+
+  template <int NT = 1>
+  static __device__ __forceinline__ void compute(int nt, const uint8_t *stp, uint32_t st, int sadj,
+                                                 float (&acc)[MT][NTMAX][4]) {
+    if constexpr (NT == NTMAX) compute_n<NT>(stp, st, sadj, acc);
+    else if (nt == NT) compute_n<NT>(stp, st, sadj, acc);
+    else compute<NT + 1>(nt, stp, st, sadj, acc);
+  }
+
+  static __device__ __forceinline__ void pin_all(float (&acc)[MT][NTMAX][4]) {
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int j = 0; j < NTMAX; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) wgmma_pin(acc[mt][j][r]);
+  }
+
+  static __device__ __forceinline__ void run(const kargs &a) {
+    extern __shared__ __align__(16) uint8_t smem_raw[];
+    const int nunits = units_of_cta(a);
+    const int nk = (a.K + kStageK - 1) / kStageK;
+    const int nflat = nunits * nk;
+    if (nflat <= 0) return;
+    /* the swizzle atoms need 1024-byte aligned regions */
+    uint8_t *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+    const uint32_t sm = smem_u32(smem);
+    float acc[MT][NTMAX][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int j = 0; j < NTMAX; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
+      mbar_init_fence();
+    }
+    __syncthreads();
+    int lidx = 0, lk = 0, cidx = 0, ck = 0;
+    unit_t lu = unit_of(unit_desc(a, 0)), cu = lu;
+    int4 next_l = unit_desc(a, nunits > 1 ? 1 : 0), next_c = next_l;
+    lstate ls;
+    load_unit(a, lu, ls);
+    auto load_stage = [&](int slot) {
+      issue(a, ls, lk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
+      if (++lk == nk) {
+        lk = 0;
+        if (++lidx < nunits) {
+          lu = unit_of(next_l), load_unit(a, lu, ls);
+          next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
+        }
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; s++) {
+      if (s < nflat) load_stage(s);
+      cp_async_commit();
+    }
+    int slot = 0;
+    uint32_t parity = 0;
+    int sadj = half_tile(a, cu) ? kWBytes / 2 : 0;
+    for (int f = 0; f < nflat; f++) {
+      cp_async_wait<STAGES - 2>();
+      mbar_wait(sm + kBarOff + 8 * slot, parity);
+      /* the previous stage's MMAs read the slot that is refilled next */
+      wgmma_wait<0>();
+      __syncthreads();
+      const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
+      if (f + STAGES - 1 < nflat) load_stage(nslot);
+      cp_async_commit();
+      compute(cu.nt, smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
+      if (++ck == nk) {
+        wgmma_wait<0>();
+        pin_all(acc);
+        store_unit<T, MT, NTMAX, kBN, true>(a, cu, acc);
+        ck = 0;
+        if (++cidx < nunits) {
+          cu = unit_of(next_c);
+          sadj = half_tile(a, cu) ? kWBytes / 2 : 0;
+          next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
+        }
+      }
+      if (slot == STAGES - 1) slot = 0, parity ^= 1u;
+      else slot++;
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+  }
+};
+
+template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX>
+__global__ void __launch_bounds__(128, MINB) wg_kernel_fn(kargs a) {
+  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX>::run(a);
+}
+
+template <typename T, int BITS, int GS, int MT, int S, int B, int NT> launch_info info() {
+  using K = wg_kernel<T, BITS, GS, MT, S, NT>;
+  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT>, 128, K::kSmem};
+}
+
+/* The wgmma configurations: X(name suffix, m64 tiles, stages, min CTAs per SM, n8 tiles). */
+#define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4) X(2, 3, 4, 4)
+
+template <typename T, int BITS, int GS> launch_info pick_cfg(int v) {
+  int i = 0;
+#define GQMM__WG_CASE(m, s, b, nt)                                                                \
+  if (v == i++) return info<T, BITS, GS, m, s, b, nt>();
+  GQMM_WG_CONFIGS(GQMM__WG_CASE)
+#undef GQMM__WG_CASE
+  return {nullptr, 0, 0};
+}
+
+template <typename T, int BITS> launch_info pick_gs(int gs, int v) {
+  switch (gs) {
+  case 32: return pick_cfg<T, BITS, 32>(v);
+  case 64: return pick_cfg<T, BITS, 64>(v);
+  case 128: return pick_cfg<T, BITS, 128>(v);
+  default: return {nullptr, 0, 0};
+  }
+}
+
+template <typename T> launch_info pick_bits(int bits, int gs, int v) {
+  switch (bits) {
+  case 2: return pick_gs<T, 2>(gs, v);
+  case 3: return pick_gs<T, 3>(gs, v);
+  case 4: return pick_gs<T, 4>(gs, v);
+  case 8: return pick_gs<T, 8>(gs, v);
+  default: return {nullptr, 0, 0};
+  }
+}
+
+} // namespace
+
+namespace gqmm_cu {
+launch_info wg_launch_info(const gqmm__cu_qmm *a, int variant) {
+  if (a->dtype == GQMM__CU_BF16) return pick_bits<__nv_bfloat16>(a->bits, a->group_size, variant);
+  if (a->dtype == GQMM__CU_F16) return pick_bits<__half>(a->bits, a->group_size, variant);
+  return {nullptr, 0, 0};
+}
+} // namespace gqmm_cu

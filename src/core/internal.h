@@ -151,7 +151,6 @@ struct gqmm_packed {
   int64_t shape[GQMM_MAX_DIMS]; /* w's shape: [..., N, K*bits/32] */
   int64_t K;
   const struct gqmm__backend *be;
-  int layout; /* the backend's layout variant */
   void *data;
   int64_t nbytes;
 };

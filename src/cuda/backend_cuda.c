@@ -78,7 +78,6 @@ static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
   k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
   k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
   k.packed = a->packed ? (const uint8_t *)a->packed->data : NULL;
-  k.pack_order = a->packed ? a->packed->layout : 0;
   return k;
 }
 
@@ -132,14 +131,8 @@ static int config_named(const char *name) {
 }
 
 static int heuristic(const gqmm__cu_qmm *k) {
-  if (k->packed && k->pack_order == GQMM__CU_PACK_KSTEP) { /* the wgmma kernel */
-    const int c = config_named(k->N >= 2048 ? "wg_m2_s3_b4" : "wg_m2_s4");
-    return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
-  }
-  if (k->packed) { /* the same split as the MLX layout's, measured on the packed configs */
-    const int c = config_named(k->bits == 8     ? "pk_w8_m1_s4"
-                               : k->N >= 1024     ? "pk_w4_m2_s3_b4"
-                                                  : "pk_w4_m2_s4");
+  if (k->packed) { /* the wgmma kernel: 2 stages ahead led on every seed shape */
+    const int c = config_named("wg_m2_s4_a2");
     return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
   }
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
@@ -333,11 +326,7 @@ static int cuda_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, co
   void *d = NULL;
   int st = cuda_mem_alloc(ctx, (size_t)bytes, &d);
   if (st) return st;
-  /* GQMM_CUDA_PACK_LAYOUT: 1 lane order (mma.sync kernel), 2 k-step order (wgmma kernel) */
-  const char *env = getenv("GQMM_CUDA_PACK_LAYOUT");
-  p->layout = env && env[0] == '1' ? GQMM__CU_PACK_LANE : GQMM__CU_PACK_KSTEP;
-  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, p->layout,
-                          d);
+  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, d);
   if (!err) err = (int)cudaDeviceSynchronize();
   if (err) {
     cudaFree(d);

@@ -77,9 +77,8 @@ typedef struct {
   void *out;
   const int32_t *x_index, *w_index; /* [batch], on the device */
   /* Non-NULL: the weights in the stage layout of gqmm__cu_pack (w, scales
-   * and biases are not read); only the packed configs of its order run it. */
+   * and biases are not read); only the packed (wgmma) configs run it. */
   const uint8_t *packed;
-  int pack_order; /* GQMM__CU_PACK_LANE or GQMM__CU_PACK_KSTEP */
 } gqmm__cu_qmm;
 
 /*
@@ -92,10 +91,6 @@ typedef struct {
  * (e, tile, stage), so a unit streams one contiguous region.
  */
 enum { GQMM__CU_PACK_TILE_N = 128, GQMM__CU_PACK_STAGE_K = 128 };
-/* Which k a lane slot holds (pack.cu): LANE, the mma.sync kernel's: 32
- * consecutive k per lane; KSTEP, the wgmma kernel's: the lane's k of each
- * 16-k MMA step. Same sizes and offsets. */
-enum { GQMM__CU_PACK_LANE = 1, GQMM__CU_PACK_KSTEP = 2 };
 static inline int64_t gqmm__cu_pack_stage_bytes(int bits, int group_size) {
   return (int64_t)GQMM__CU_PACK_TILE_N * GQMM__CU_PACK_STAGE_K * bits / 8 +
          (int64_t)GQMM__CU_PACK_TILE_N * (GQMM__CU_PACK_STAGE_K / group_size) * 4;
@@ -122,7 +117,7 @@ static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int b
  * biases (16-bit dtype) into out (gqmm__cu_pack_bytes). bits 2/3/4/8,
  * group size 32/64/128, K % 32 == 0. */
 int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
-                  int64_t K, int bits, int group_size, int order, uint8_t *out);
+                  int64_t K, int bits, int group_size, uint8_t *out);
 
 /* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
 typedef struct {
@@ -131,8 +126,8 @@ typedef struct {
   int mtiles;  /* m16 tiles per warp */
   int stages;  /* cp.async ring depth */
   int tok_max; /* rows per work unit (8 x the widest n8 token tile) */
-  int packed;  /* 0: reads MLX's layout; else the packed stage layout of this
-                * order (GQMM__CU_PACK_*), by bulk copies */
+  int packed;  /* 1: the wgmma kernel on the packed layout (qmm_wgmma.cu);
+                * 0: the mma.sync kernel on MLX's layout (qmm_mma.cu) */
 } gqmm__cu_mma_config;
 
 int gqmm__cu_mma_config_count(void);

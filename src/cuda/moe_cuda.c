@@ -201,8 +201,7 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
                        .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
                        .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
                        .x_index = x_index, .w_index = ids,
-                       .packed = pk ? (const uint8_t *)pk->data : NULL,
-                       .pack_order = pk ? pk->layout : 0};
+                       .packed = pk ? (const uint8_t *)pk->data : NULL};
   g.pk = pk;
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;

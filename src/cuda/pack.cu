@@ -1,25 +1,24 @@
 /*
  * pack.cu - gqmm__cu_pack: MLX-layout weights, scales and biases into the
- * packed stage layout that the packed tensor-core configs read (kernels.h).
+ * packed stage layout that the wgmma kernel reads (kernels.h, qmm_wgmma.cu).
  *
- * Why: the MLX layout makes the kernel gather each stage from 128 rows (64
+ * Why: the MLX layout makes a kernel gather each stage from 128 rows (64
  * bytes of 4-bit weights per row, 1408 bytes apart in the seed's gate_up)
  * plus 2-byte scale and bias loads per row; every thread issues copies and
  * scale loads, and the load/store unit sees ~1000 requests per stage. In the
  * packed layout a stage is one contiguous block, brought in by one bulk copy
  * (the TMA engine) that one thread starts, and DRAM sees a plain stream.
  *
- * One CTA writes one stage block. The weight part is ordered
- * [m16 tile i][half h][copy unit u][lane] of `unit` bytes each (unit = 16
- * bytes for 2/4/8-bit, 4 bytes for 3-bit, as qmm_mma.cu's wfmt): lane
- * (g = lane / 4, t = lane % 4) holds 32 consecutive k (t-th quarter of the
- * stage, so one group) of row 16 i + 8 h + g, reordered inside the lane so
- * that the kernel's cheap pair extraction (one shift and mask per two
- * values) yields k-adjacent pairs (2 pi, 2 pi + 1): the MMA's x fragments
- * are then plain 32-bit words of x, with no permutation (the MLX layout's
- * kernel pays two prmt per x register for that). The scale part has one
- * word per (row, group of the stage): scale | bias << 16. Rows past N and k
- * past K are 0.
+ * One CTA writes one stage block (128 rows x 128 k). The weight part is
+ * ordered [m16 tile i][half h][copy unit u][lane] of `unit` bytes each (16
+ * bytes for 2/4/8-bit, 4 for 3-bit, as wfmt.cuh): the slot of lane
+ * (g = lane / 4, t = lane % 4) holds row 16 i + 8 h + g's values at k 2t,
+ * 2t+1, 2t+8, 2t+9 of each 16-k step of the stage: the lane's part of the
+ * wgmma A fragment, placed so that the shift-and-mask pair pi of wfmt is
+ * (k-step pi / 2, k 2t (+1) for even pi, 2t + 8 (+1) for odd). x then stays
+ * in its natural order. The scale part has one word per (row, group of the
+ * stage): scale | bias << 16. Rows past N and k past K are 0; a last tile of
+ * at most 64 rows keeps only those rows (half blocks, kernels.h).
  */
 #include "kernels.h"
 
@@ -51,7 +50,7 @@ __device__ __forceinline__ int pair_pos(int bits, int pi, int *half_gap) {
 
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
-                            int stage_bytes, int64_t expert_bytes, int half_last, int order) {
+                            int stage_bytes, int64_t expert_bytes, int half_last) {
   const int64_t blk = blockIdx.x; /* (e * tiles + tile) * stages + stage */
   const int stage = (int)(blk % stages), tile = (int)(blk / stages % tiles);
   const int64_t e = blk / stages / tiles;
@@ -68,19 +67,16 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
   for (int slot = threadIdx.x; slot < rows / 8 * 32; slot += blockDim.x) {
     const int lane = slot % 32, h = slot / 32 % 2, m16 = slot / 64;
     const int n = tile * kTile + m16 * 16 + h * 8 + lane / 4;
-    const int64_t k0 = (int64_t)stage * kStage + 32 * (lane % 4);
+    const int64_t k0 = (int64_t)stage * kStage + 2 * (lane % 4);
     const uint8_t *row = w + (e * N + (n < N ? n : 0)) * row_bytes;
     uint32_t stream[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* 32 values of <= 8 bits */
     for (int pi = 0; pi < 16; pi++) {
       int gap;
       const int pos = pair_pos(bits, pi, &gap);
       for (int half = 0; half < 2; half++) {
-        /* pair pi: LANE k0 + 2 pi (+1); KSTEP: k-step pi / 2, its k 2t (+1)
-         * for even pi, 2t + 8 (+1) for odd (the wgmma A fragment) */
-        const int64_t k = order == GQMM__CU_PACK_LANE
-                              ? k0 + 2 * pi + half
-                              : (int64_t)stage * kStage + 16 * (pi / 2) + 2 * (lane % 4) +
-                                    8 * (pi % 2) + half;
+        /* pair pi: k-step pi / 2 of the stage, its k 2t (+1) for even pi,
+         * 2t + 8 (+1) for odd: the wgmma A fragment */
+        const int64_t k = k0 + 16 * (pi / 2) + 8 * (pi % 2) + half;
         const uint64_t v = n < N && k < K ? value_at(row, bits, k) : 0u;
         const int bit = (pos + half * gap) * bits;
         const uint64_t sh = v << (bit & 31);
@@ -108,12 +104,10 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
 } // namespace
 
 extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E,
-                             int64_t N, int64_t K, int bits, int group_size, int order,
-                             uint8_t *out) {
+                             int64_t N, int64_t K, int bits, int group_size, uint8_t *out) {
   if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) ||
       (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
-      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX ||
-      (order != GQMM__CU_PACK_LANE && order != GQMM__CU_PACK_KSTEP))
+      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX)
     return (int)cudaErrorInvalidValue;
   const int64_t tiles = (N + kTile - 1) / kTile, stages = (K + kStage - 1) / kStage;
   const int64_t blocks = E * tiles * stages;
@@ -124,6 +118,6 @@ extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *
                                          (int)K, bits, group_size, (int)tiles, (int)stages,
                                          (int)gqmm__cu_pack_stage_bytes(bits, group_size),
                                          gqmm__cu_pack_expert_bytes(N, K, bits, group_size),
-                                         gqmm__cu_pack_half_last(N), order);
+                                         gqmm__cu_pack_half_last(N));
   return (int)cudaGetLastError();
 }

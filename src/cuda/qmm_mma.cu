@@ -49,7 +49,6 @@
 #include "wfmt.cuh"
 
 #include <cuda_runtime.h>
-#include <type_traits>
 
 using namespace gqmm_cu;
 
@@ -62,34 +61,19 @@ __device__ __forceinline__ int xphys(int c, int row) {
 
 /* NTMAX: widest token tile (NTMAX x n8 rows per unit); the units of a plan
  * made for this config hold at most 8*NTMAX rows. */
-/* PK: the weights come in the packed stage layout (kernels.h): one bulk copy
- * per stage brings the stage's weights and its scale/bias words, tracked by
- * one mbarrier per ring slot; else MLX's layout, copied by every thread. */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX, bool PK>
-struct mma_kernel_impl {
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct mma_kernel_impl {
   using F = wfmt<BITS>;
   static constexpr int kNtMax = NTMAX;
   static constexpr int kTokMax = 8 * NTMAX;
   static constexpr int kThreads = WARPS * 32;
   static constexpr int kBN = WARPS * MT * 16;
-  static_assert(!PK || kBN == GQMM__CU_PACK_TILE_N, "the packed layout is for 128-row tiles");
   static constexpr int kXStage = kTokMax * kXRowBytes;
-  static constexpr int kWBytes = MT * 2 * F::bytes * kThreads;
-  /* packed: the stage's scale/bias words follow its weights (at most 4
-   * groups per 128 k: group size 32) */
-  static constexpr int kWStage = kWBytes + (PK ? kBN * 4 * 4 : 0);
-  static constexpr int kBarOff = STAGES * (kXStage + kWStage);
-  static constexpr int kSmem = kBarOff + (PK ? STAGES * 8 : 0);
+  static constexpr int kWStage = MT * 2 * F::bytes * kThreads;
+  static constexpr int kSmem = STAGES * (kXStage + kWStage);
 
-  /* Byte offset of unit u of (mt, half) in this thread's weight slot: MLX
-   * layout [mt][h][u][thread]; packed [m16 tile][h][u][lane], the order
-   * pack.cu writes (the same for every config with 128-row tiles). Both
-   * make a warp's 16-byte reads one contiguous 512-byte run. */
+  /* Byte offset of unit u of (mt, half) in this thread's weight slot. */
   static __device__ __forceinline__ int woff(int mt, int h, int u, int tid) {
-    if constexpr (PK)
-      return (((((tid >> 5) * MT + mt) * 2 + h) * F::units + u) * 32 + (tid & 31)) * F::unit;
-    else
-      return (((mt * 2 + h) * F::units + u) * kThreads + tid) * F::unit;
+    return (((mt * 2 + h) * F::units + u) * kThreads + tid) * F::unit;
   }
 
   /* x chunks (16 bytes of one token row per stage) each thread copies. */
@@ -102,8 +86,6 @@ struct mma_kernel_impl {
    * addresses are one IMAD.WIDE each (per-stage 64-bit address math from
    * scratch was a third of the loop's instructions). */
   struct lstate {
-    const uint8_t *pk;               /* packed: the unit's first stage block */
-    int pk_bytes;                    /* packed: bytes of its stage blocks */
     const uint8_t *w;                /* expert's weights + this lane's 32 k */
     const unsigned short *s;         /* expert's scales (biases: + b_minus_s bytes) */
     uint32_t n[MT][2];               /* the thread's weight rows in the expert */
@@ -111,21 +93,9 @@ struct mma_kernel_impl {
     int xsz[kXPer];                  /* 16, or 0: chunk i has no token (zero-filled) */
   };
 
-  /* 1 if unit u's tile is a half tile of the packed layout (kernels.h): its
-   * blocks hold rows 0..63 only, scale words right after their weights. The
-   * stale shared memory of rows 64..127 feeds only accumulator rows that are
-   * past N and never stored. */
-  static __device__ __forceinline__ int half_tile(const kargs &a, const unit_t &u) {
-    return a.pk_half_last && u.ntile == a.pk_tiles - 1;
-  }
-
   static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int64_t e_rows = (int64_t)lu.e * a.N;
-    if constexpr (PK) {
-      ls.pk = a.pk + lu.e * a.pk_expert_bytes + (int64_t)lu.ntile * a.pk_stages * a.pk_stage_bytes;
-      ls.pk_bytes = a.pk_stage_bytes >> half_tile(a, lu);
-    }
     ls.w = (const uint8_t *)a.w + e_rows * a.row_bytes + t * F::bytes;
     ls.s = (const unsigned short *)a.scales + e_rows * a.groups;
 #pragma unroll
@@ -160,13 +130,6 @@ struct mma_kernel_impl {
                                                uint32_t (&rs)[MT][2], uint32_t (&rb)[MT][2]) {
     const int tid = threadIdx.x, lane = tid & 31, t = lane & 3;
     const uint32_t xs = sm + slot * (kXStage + kWStage), ws = xs + kXStage;
-    if constexpr (PK) {
-      if (tid == 0) {
-        const uint32_t bar = sm + kBarOff + 8 * slot;
-        mbar_arrive_expect_tx(bar, (uint32_t)ls.pk_bytes);
-        bulk_copy_g2s(ws, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar);
-      }
-    } else {
     const int k0 = lk * kStageK + 32 * t;
     const bool kin = k0 < a.K;
     const uint8_t *wst = opaque(ls.w + (kin ? lk * (kStageK * BITS / 8) : 0));
@@ -188,7 +151,6 @@ struct mma_kernel_impl {
         rs[mt][h] = ldg_u16_l2pf(sst + (uint64_t)ls.n[mt][h] * sstride);
         rb[mt][h] = ldg_u16_l2pf(bst + (uint64_t)ls.n[mt][h] * sstride);
       }
-    }
     }
     /* x: the unit's token rows for this stage; missing rows/k are zeros. */
     const int kx = lk * kStageK + (tid & 15) * 8; /* the same 16-byte column of every row */
@@ -262,20 +224,14 @@ struct mma_kernel_impl {
 #pragma unroll
         for (int i = 0; i < F::chunks; i++) {
           /* xphys(4t + ch, row) == 4t + (ch ^ xsw) for ch < 4, rows of g's parity */
-          /* packed: phase p's k are the lane's chunks p*chunks.. in order */
-          const int ch = PK ? p * F::chunks + i : F::chunk(p, i);
-          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((ch ^ xsw) << 4);
+          const uint8_t *xp = xrow + j * 8 * kXRowBytes + ((F::chunk(p, i) ^ xsw) << 4);
           uint4 v = *reinterpret_cast<const uint4 *>(xp);
           Z[4 * i] = v.x, Z[4 * i + 1] = v.y, Z[4 * i + 2] = v.z, Z[4 * i + 3] = v.w;
         }
 #pragma unroll
         for (int sl = 0; sl < F::steps; sl++) {
-          if constexpr (PK) { /* pairs are adjacent k: x words as they are */
-            B[j][sl][0] = Z[2 * sl], B[j][sl][1] = Z[2 * sl + 1];
-          } else {
-            B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
-            B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
-          }
+          B[j][sl][0] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x5410);
+          B[j][sl][1] = prmt(Z[F::ia(sl)], Z[F::ib(sl)], 0x7632);
         }
       }
       /* token tiles innermost: consecutive MMAs update different accumulators */
@@ -323,25 +279,8 @@ struct mma_kernel_impl {
     unit_t lu = unit_of(unit_desc(a, 0)), cu = lu;
     int4 next_l = unit_desc(a, nunits > 1 ? 1 : 0), next_c = next_l;
     lstate ls;
-    const uint32_t sm = smem_u32(smem);
-    /* packed: this thread's scale/bias word of each of its rows in a stage
-     * block (the word of the group its 32 k fall in) */
-    int soff[MT][2];
-    if constexpr (PK) {
-      const int tid = threadIdx.x, g = (tid & 31) >> 2, t = tid & 3, gsh = a.gs_shift - 5;
-#pragma unroll
-      for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-        for (int h = 0; h < 2; h++)
-          soff[mt][h] = kXStage + kWBytes +
-                        (((((tid >> 5) * MT + mt) * 16 + h * 8 + g) << (2 - gsh)) + (t >> gsh)) * 4;
-      if (tid == 0) {
-        for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
-        mbar_init_fence();
-      }
-      __syncthreads();
-    }
     load_unit(a, lu, ls);
+    const uint32_t sm = smem_u32(smem);
     int xd[kXPer];
 #pragma unroll
     for (int i = 0; i < kXPer; i++) xd[i] = xdst(i);
@@ -369,64 +308,45 @@ struct mma_kernel_impl {
       if (s < nflat) {
         load_stage(s);
       }
-      if (!PK && s < STAGES - 2) pack(sb[s + 1]);
+      if (s < STAGES - 2) pack(sb[s + 1]);
       cp_async_commit();
     }
     int slot = 0;
-    uint32_t parity = 0; /* packed: phase of the slot's barrier to wait for */
-    int cs_adj = PK && half_tile(a, cu) ? kWBytes / 2 : 0; /* compute side's scale offset */
     for (int f = 0; f < nflat; f++) {
       cp_async_wait<STAGES - 2>();
-      if constexpr (PK) mbar_wait(sm + kBarOff + 8 * slot, parity);
       __syncthreads();
-      uint32_t sbk[MT][2];
-      if constexpr (PK) {
-        const uint8_t *st = smem + slot * (kXStage + kWStage);
+#pragma unroll
+      for (int s = 0; s + 1 < STAGES - 1; s++)
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int h = 0; h < 2; h++)
-            sbk[mt][h] = *reinterpret_cast<const uint32_t *>(st + soff[mt][h] - cs_adj);
-      } else { /* the FIFO moves on: sb[0] is this stage's */
-#pragma unroll
-        for (int s = 0; s + 1 < STAGES - 1; s++)
-#pragma unroll
-          for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-            for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
-        pack(sb[STAGES - 2]);
-#pragma unroll
-        for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-          for (int h = 0; h < 2; h++) sbk[mt][h] = sb[0][mt][h];
-      }
+          for (int h = 0; h < 2; h++) sb[s][mt][h] = sb[s + 1][mt][h];
+      pack(sb[STAGES - 2]);
       const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
       if (f + STAGES - 1 < nflat) {
         load_stage(nslot);
       }
       cp_async_commit();
-      compute(cu.nt, smem, slot, sbk, acc);
+      compute(cu.nt, smem, slot, sb[0], acc);
       if (++ck == nk) {
         store_unit<T, MT, kNtMax, kBN>(a, cu, acc);
         ck = 0;
         if (++cidx < nunits) {
           cu = unit_of(next_c);
-          if constexpr (PK) cs_adj = half_tile(a, cu) ? kWBytes / 2 : 0;
           next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
         }
       }
-      if (slot == STAGES - 1) slot = 0, parity ^= 1u;
-      else slot++;
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     cp_async_wait<0>();
   }
 };
 
 /* MINB: CTAs per SM the register allocation must allow (1: no cap). */
-template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX, bool PK>
+template <typename T, int BITS, int WARPS, int MT, int STAGES, int MINB, int NTMAX>
 __global__ void __launch_bounds__(WARPS * 32, MINB)
 mma_kernel(kargs a) {
-  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX, PK>::run(a);
+  mma_kernel_impl<T, BITS, WARPS, MT, STAGES, NTMAX>::run(a);
 }
 
 /* The compiled-in tile configurations:
@@ -434,43 +354,39 @@ mma_kernel(kargs a) {
  * w8_m1_s3_b4 caps registers at 64 so 4 CTAs (32 warps) share an SM; w4_m2_s4
  * is held to 3 CTAs (<= 168 registers), what it got unbounded until session 2.
  * (A 64-row-unit variant, X("w8_m1_s4_t64", 8, 1, 4, 1, 8), needs ~140
- * registers, runs 1 CTA per SM and was slower even at 64 rows per expert;
- * on the packed layout, at 128 registers and 2 CTAs per SM, it was level at
- * 128 rows per expert and 8% slower at 64: docs/perf-notes.md.) */
+ * registers, runs 1 CTA per SM and was slower even at 64 rows per expert.) */
 #define GQMM_MMA_CONFIGS(X)                                                                       \
-  X("w4_m2_s4", 4, 2, 4, 3, 4, 0)                                                                 \
-  X("w8_m1_s4", 8, 1, 4, 1, 4, 0)                                                                 \
-  X("w8_m1_s3_b4", 8, 1, 3, 4, 4, 0)                                                              \
-  X("w4_m2_s3_b4", 4, 2, 3, 4, 4, 0)                                                              \
-  X("pk_w4_m2_s4", 4, 2, 4, 3, 4, 1)                                                              \
-  X("pk_w4_m2_s3_b4", 4, 2, 3, 4, 4, 1)                                                           \
-  X("pk_w4_m2_s6", 4, 2, 6, 2, 4, 1)                                                              \
-  X("pk_w8_m1_s4", 8, 1, 4, 1, 4, 1)
+  X("w4_m2_s4", 4, 2, 4, 3, 4)                                                                    \
+  X("w8_m1_s4", 8, 1, 4, 1, 4)                                                                    \
+  X("w8_m1_s3_b4", 8, 1, 3, 4, 4)                                                                 \
+  X("w4_m2_s3_b4", 4, 2, 3, 4, 4)
 
-/* The wgmma kernel's configs (qmm_wgmma.cu GQMM_WG_CONFIGS, same order). */
+/* The wgmma kernel's configs for packed weights (qmm_wgmma.cu
+ * GQMM_WG_CONFIGS, same order): X(name, warps, m16 tiles per warp, stages,
+ * n8 token tiles). */
 #define GQMM_WG_CONFIG_ROWS(X)                                                                    \
-  X("wg_m2_s4", 4, 2, 4, 4, 2)                                                                    \
-  X("wg_m2_s3_b4", 4, 2, 3, 4, 2)
+  X("wg_m2_s4_a2", 4, 2, 4, 4)                                                                    \
+  X("wg_m2_s4", 4, 2, 4, 4)
 
 const gqmm__cu_mma_config kConfigs[] = {
-#define GQMM__CFG_ROW(name, w, m, s, b, nt, pk) {name, w, m, s, 8 * nt, pk},
+#define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt, 0},
     GQMM_MMA_CONFIGS(GQMM__CFG_ROW)
 #undef GQMM__CFG_ROW
-#define GQMM__WG_ROW(name, w, m, s, nt, order) {name, w, m, s, 8 * nt, order},
+#define GQMM__WG_ROW(name, w, m, s, nt) {name, w, m, s, 8 * nt, 1},
     GQMM_WG_CONFIG_ROWS(GQMM__WG_ROW)
 #undef GQMM__WG_ROW
 };
 constexpr int kNumConfigs = sizeof kConfigs / sizeof kConfigs[0];
 
-template <typename T, int BITS, int W, int M, int S, int B, int NT, bool PK> launch_info info() {
-  using K = mma_kernel_impl<T, BITS, W, M, S, NT, PK>;
-  return {mma_kernel<T, BITS, W, M, S, B, NT, PK>, K::kThreads, K::kSmem};
+template <typename T, int BITS, int W, int M, int S, int B, int NT> launch_info info() {
+  using K = mma_kernel_impl<T, BITS, W, M, S, NT>;
+  return {mma_kernel<T, BITS, W, M, S, B, NT>, K::kThreads, K::kSmem};
 }
 
 template <typename T, int BITS> launch_info pick_cfg(int cfg) {
   int i = 0;
-#define GQMM__CFG_CASE(name, w, m, s, b, nt, pk)                                                  \
-  if (cfg == i++) return info<T, BITS, w, m, s, b, nt, (pk != 0)>();
+#define GQMM__CFG_CASE(name, w, m, s, b, nt)                                                      \
+  if (cfg == i++) return info<T, BITS, w, m, s, b, nt>();
   GQMM_MMA_CONFIGS(GQMM__CFG_CASE)
 #undef GQMM__CFG_CASE
   return {nullptr, 0, 0};
@@ -526,7 +442,7 @@ extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
 
 extern "C" int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a) {
   const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
-  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed ? a->pack_order : 0);
+  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed != nullptr);
 }
 
 extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {

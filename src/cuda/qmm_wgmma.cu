@@ -34,7 +34,13 @@ using namespace gqmm_cu;
 
 namespace {
 
-template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX> struct wg_kernel {
+/* AHEAD: stages in flight ahead of the one computed. STAGES - 1 refills the
+ * slot of the previous stage, so its last MMAs must be waited for before
+ * the barrier; STAGES - 2 refills the slot of the stage before that, whose
+ * MMAs every warp has already waited for (the wait inside compute_n) before
+ * it reaches the barrier, so the MMAs overlap the barrier and the copies. */
+template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD> struct wg_kernel {
+  static_assert(AHEAD == STAGES - 1 || AHEAD == STAGES - 2, "ring slots");
   using F = wfmt<BITS>;
   static constexpr int kWarps = 4, kThreads = 128; /* one warpgroup */
   static constexpr int kBN = MT * 64;
@@ -249,7 +255,7 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX> struct wg
       }
     };
 #pragma unroll
-    for (int s = 0; s < STAGES - 1; s++) {
+    for (int s = 0; s < AHEAD; s++) {
       if (s < nflat) load_stage(s);
       cp_async_commit();
     }
@@ -257,13 +263,14 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX> struct wg
     uint32_t parity = 0;
     int sadj = half_tile(a, cu) ? kWBytes / 2 : 0;
     for (int f = 0; f < nflat; f++) {
-      cp_async_wait<STAGES - 2>();
+      cp_async_wait<AHEAD - 1>();
       mbar_wait(sm + kBarOff + 8 * slot, parity);
-      /* the previous stage's MMAs read the slot that is refilled next */
-      wgmma_wait<0>();
+      /* AHEAD = STAGES - 1: the previous stage's MMAs read the slot that is
+       * refilled next */
+      if constexpr (AHEAD == STAGES - 1) wgmma_wait<0>();
       __syncthreads();
-      const int nslot = slot == 0 ? STAGES - 1 : slot - 1;
-      if (f + STAGES - 1 < nflat) load_stage(nslot);
+      const int nslot = (slot + AHEAD) % STAGES;
+      if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
       compute(cu.nt, smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
       if (++ck == nk) {
@@ -285,23 +292,24 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX> struct wg
   }
 };
 
-template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX>
+template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX, int AHEAD>
 __global__ void __launch_bounds__(128, MINB) wg_kernel_fn(kargs a) {
-  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX>::run(a);
+  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD>::run(a);
 }
 
-template <typename T, int BITS, int GS, int MT, int S, int B, int NT> launch_info info() {
-  using K = wg_kernel<T, BITS, GS, MT, S, NT>;
-  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT>, 128, K::kSmem};
+template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH> launch_info info() {
+  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH>;
+  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH>, 128, K::kSmem};
 }
 
-/* The wgmma configurations: X(name suffix, m64 tiles, stages, min CTAs per SM, n8 tiles). */
-#define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4) X(2, 3, 4, 4)
+/* The wgmma configurations (qmm_mma.cu GQMM_WG_CONFIG_ROWS names them):
+ * X(m64 tiles, stages, min CTAs per SM, n8 tiles, stages ahead). */
+#define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4, 2) X(2, 4, 3, 4, 3)
 
 template <typename T, int BITS, int GS> launch_info pick_cfg(int v) {
   int i = 0;
-#define GQMM__WG_CASE(m, s, b, nt)                                                                \
-  if (v == i++) return info<T, BITS, GS, m, s, b, nt>();
+#define GQMM__WG_CASE(m, s, b, nt, ah)                                                            \
+  if (v == i++) return info<T, BITS, GS, m, s, b, nt, ah>();
   GQMM_WG_CONFIGS(GQMM__WG_CASE)
 #undef GQMM__WG_CASE
   return {nullptr, 0, 0};

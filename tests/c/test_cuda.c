@@ -168,14 +168,13 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
   gqmm_tensor gx = on_device(tx, dx.d), go = on_device(to, dout.d);
   /* The packed copy (gqmm_pack) where the packed kernels apply; elsewhere
    * gqmm_pack must decline with GQMM_ERR_UNSUPPORTED. */
-  /* packed = 1, 2: the packed layouts of the mma.sync and the wgmma kernels */
+  /* packed = 1: the same case on a gqmm_pack copy (the wgmma kernel), where
+   * the format has one; elsewhere gqmm_pack must decline */
   const bool packable = c->transpose && dt != GQMM_F32 && q.bits != 5 && q.bits != 6;
-  for (int packed = 0; packed < (packable ? 3 : 1) + (c->transpose && !packable); packed++) {
+  for (int packed = 0; packed < 1 + c->transpose; packed++) {
   gqmm_packed *pk = NULL;
   if (packed) {
-    setenv("GQMM_CUDA_PACK_LAYOUT", packed == 1 ? "1" : "2", 1);
     st = gqmm_pack(gpu, &gq, &gs, &gb, q, &pk);
-    unsetenv("GQMM_CUDA_PACK_LAYOUT");
     if (packable ? st != GQMM_OK : st != GQMM_ERR_UNSUPPORTED) {
       fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: gqmm_pack status %d (%s)\n", c->name, q.bits,
               q.group_size, gqmm_dtype_name(dt), st, gqmm_last_error(gpu));

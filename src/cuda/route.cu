@@ -26,8 +26,8 @@
 namespace {
 
 constexpr int kThreads = 1024, kWarps = kThreads / 32;
-/* Experts whose two counters fit the default 48 KB of shared memory. */
-constexpr int kSharedExperts = 4096;
+/* Experts whose five per-expert ints fit the default 48 KB of shared memory. */
+constexpr int kSharedExperts = 2048;
 
 struct route_args {
   const int32_t *x_index; /* NULL: the x row of entry b is b / x_div */
@@ -43,7 +43,9 @@ struct route_args {
 };
 
 /* Inclusive scan of v over the CTA's threads, three values at once; tot gets
- * the CTA totals. Uses ws (kWarps x 3 ints); ends with a barrier. */
+ * the CTA totals. Two levels of warp shuffles (lanes, then the warp totals
+ * in warp 0): no loop over the warps. Uses ws (kWarps + 1 rows of 3 ints);
+ * ends with a barrier. */
 __device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int off = 1; off < 32; off <<= 1)
@@ -54,28 +56,41 @@ __device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
   if (lane == 31)
     for (int i = 0; i < 3; i++) ws[warp][i] = v[i];
   __syncthreads();
-  int32_t before[3] = {0, 0, 0};
-  for (int i = 0; i < 3; i++) tot[i] = 0;
-  for (int w = 0; w < kWarps; w++) /* broadcast reads of the warp totals */
+  if (warp == 0) { /* exclusive prefix of the warp totals, and the total */
+    static_assert(kWarps == 32, "one warp scans the warp totals");
     for (int i = 0; i < 3; i++) {
-      const int32_t t = ws[w][i];
-      if (w < warp) before[i] += t;
-      tot[i] += t;
+      const int32_t t = ws[lane][i];
+      int32_t x = t;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int32_t o = __shfl_up_sync(0xffffffffu, x, off);
+        if (lane >= off) x += o;
+      }
+      ws[lane][i] = x - t;
+      if (lane == 31) ws[kWarps][i] = x;
     }
-  for (int i = 0; i < 3; i++) v[i] += before[i];
+  }
+  __syncthreads();
+  for (int i = 0; i < 3; i++) v[i] += ws[warp][i], tot[i] = ws[kWarps][i];
   __syncthreads(); /* ws may be reused */
 }
 
-__global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
-  extern __shared__ int32_t smem[]; /* 2E ints when E <= kSharedExperts */
-  __shared__ int32_t ws[kWarps][3];
+/* Per-expert state: shared memory when E fits (route_body is inlined into
+ * each kernel, so the compiler sees which memory the pointers address and
+ * emits shared atomics and loads), else the plan's global arrays. The
+ * descriptor pass reads counts and unit starts from here, not from the
+ * plan's outputs in global memory (a round trip per expert). */
+struct expert_state {
+  int32_t *start; /* counts, then (after the scan) first rows */
+  int32_t *fill;  /* rows placed so far */
+  int32_t *count, *units0, *units1; /* count, first unit of each tiling */
+};
+
+__device__ __forceinline__ void route_body(const route_args &a, const expert_state &es) {
+  __shared__ int32_t ws[kWarps + 1][3];
   __shared__ int32_t first_bad;
   const int tid = threadIdx.x, E = a.experts;
   const gqmm__cu_plan &p = a.p;
-  /* start: per-expert counts, then (after the scan) first rows; fill: rows
-   * placed so far. Generic pointers: shared or global, same code. */
-  const bool shared = E <= kSharedExperts;
-  int32_t *start = shared ? smem : p.row_start, *fill = shared ? smem + E : p.fill;
+  int32_t *start = es.start, *fill = es.fill;
   for (int e = tid; e < E; e += kThreads) start[e] = 0, fill[e] = 0;
   if (tid == 0) first_bad = INT_MAX;
   __syncthreads();
@@ -108,12 +123,15 @@ __global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
     const int32_t own[3] = {v[0], v[1], v[2]};
     block_scan3(v, tot, ws);
     if (e < E) {
-      const int32_t first = carry[0] + v[0] - own[0];
+      const int32_t first = carry[0] + v[0] - own[0], u0 = carry[1] + v[1] - own[1],
+                    u1 = carry[2] + v[2] - own[2];
       p.count[e] = c;
       p.row_start[e] = first;
+      p.unit_start[e] = u0;
+      if (a.n_tiles[1]) a.unit_start2[e] = u1;
       start[e] = first; /* each thread rewrites only its own expert */
-      p.unit_start[e] = carry[1] + v[1] - own[1];
-      if (a.n_tiles[1]) a.unit_start2[e] = carry[2] + v[2] - own[2];
+      es.count[e] = c, es.units0[e] = u0;
+      if (a.n_tiles[1]) es.units1[e] = u1;
     }
     for (int i = 0; i < 3; i++) carry[i] += tot[i];
   }
@@ -126,14 +144,14 @@ __global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
    * expert's units (a dense call has one expert with thousands of them). */
   const int lane = tid & 31;
   for (int e = tid >> 5; e < E; e += kWarps) {
-    const int32_t c = p.count[e], first = start[e];
+    const int32_t c = es.count[e], first = start[e];
     if (c == 0) continue;
     for (int i = 0; i < (a.n_tiles[1] ? 2 : 1); i++) {
       int4 *units = reinterpret_cast<int4 *>(i ? a.units2 : p.units) +
-                    (i ? a.unit_start2[e] : p.unit_start[e]);
+                    (i ? es.units1[e] : es.units0[e]);
       const int32_t tok = a.tok[i], nseg = (c + tok - 1) / tok;
       for (int32_t local = lane; local < nseg * a.n_tiles[i]; local += 32) {
-        const int32_t t = local / nseg, s = local - t * nseg;
+        const int32_t t = nseg == 1 ? local : local / nseg, s = local - t * nseg;
         units[local] = make_int4(e, t, first + s * tok, min(tok, c - s * tok));
       }
     }
@@ -151,9 +169,23 @@ __global__ void __launch_bounds__(kThreads) route_kernel(route_args a) {
   }
 }
 
+__global__ void __launch_bounds__(kThreads) route_kernel_shared(route_args a) {
+  extern __shared__ int32_t smem[]; /* 5E ints */
+  const int E = a.experts;
+  route_body(a, {smem, smem + E, smem + 2 * E, smem + 3 * E, smem + 4 * E});
+}
+
+/* E too large for shared memory: the plan's global scratch (count, fill,
+ * unit_start and unit_start2 hold the same values the shared arrays would). */
+__global__ void __launch_bounds__(kThreads) route_kernel_global(route_args a) {
+  route_body(a, {a.p.row_start, a.p.fill, a.p.count, a.p.unit_start, a.unit_start2});
+}
+
 int launch(const route_args &a) {
-  const size_t smem = a.experts <= kSharedExperts ? 2 * (size_t)a.experts * sizeof(int32_t) : 0;
-  route_kernel<<<1, kThreads, smem>>>(a);
+  if (a.experts <= kSharedExperts)
+    route_kernel_shared<<<1, kThreads, 5 * (size_t)a.experts * sizeof(int32_t)>>>(a);
+  else
+    route_kernel_global<<<1, kThreads>>>(a);
   return (int)cudaGetLastError();
 }
 

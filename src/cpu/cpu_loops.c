@@ -344,6 +344,29 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
   }
 }
 
+/* The start of unit u's weight rows (the first kc block, which the panel
+ * path dequantizes first; the kernel prefetches each later block itself)
+ * and the rows' scales and biases:
+ * issued a unit ahead, so a unit whose weights come from DRAM does not
+ * begin with one miss per row. Whichever thread takes u finds them in this
+ * core's cache or on the way. */
+static void prefetch_unit(const job *j, int64_t u) {
+  if (u >= j->nblocks * j->tiles || qmv_first(j, j->blk_rows[u / j->tiles])) return;
+  const int64_t n0 = (u % j->tiles) * j->nt, nn = j->a->N - n0 < j->nt ? j->a->N - n0 : j->nt;
+  const int64_t first = j->blk_e[u / j->tiles] * j->nw + n0;
+  const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->cfg->kc),
+                bytes = head < j->sh.row_bytes ? head : j->sh.row_bytes;
+  const int64_t pbytes = (int64_t)gqmm_dtype_size(j->a->dtype) * j->G; /* a row's s or b */
+  for (int64_t i = 0; i < nn; i++) {
+    for (int64_t off = 0; off < bytes; off += 64)
+      __builtin_prefetch((const char *)j->a->w + (first + i) * j->sh.row_bytes + off, 0, 3);
+    for (int64_t off = 0; off < pbytes; off += 64) { /* the kernel reads them as it goes */
+      __builtin_prefetch((const char *)j->a->scales + (first + i) * pbytes + off, 0, 3);
+      __builtin_prefetch((const char *)j->a->biases + (first + i) * pbytes + off, 0, 3);
+    }
+  }
+}
+
 static void worker(void *arg, int t) {
   job *j = arg;
   gqmm__cpu_scratch *s = &j->st->scratch[t];
@@ -356,6 +379,7 @@ static void worker(void *arg, int t) {
     if (u >= total) break;
     const int64_t blk = u / j->tiles, n0 = (u % j->tiles) * nt;
     const int nn = (int)(ncols - n0 < nt ? ncols - n0 : nt);
+    if (j->a->transpose && !j->int8) prefetch_unit(j, u + 1);
     if (s->cached_block != blk) {
       prepare_x(j, &v, blk);
       s->cached_block = blk;

@@ -214,6 +214,15 @@ GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
   }
 }
 
+/* False once cfg is past the end of this ISA's block-size table. */
+static bool config_exists(const problem *p, const char *isa, int cfg) {
+  char err[256];
+  void *tmp = malloc((size_t)p->batch * p->M * p->N * 4);
+  int st = problem_run(p, (runner){isa, 1, cfg, 0}, tmp, err, sizeof err);
+  free(tmp);
+  return !(st == GQMM_ERR_ARG && cfg > 0);
+}
+
 GQMM_TEST(cpu_every_config_and_row_count) {
   test_rng r = test_rng_make(702);
   for (size_t ii = 0; ii < 3; ii++) {
@@ -232,11 +241,7 @@ GQMM_TEST(cpu_every_config_and_row_count) {
                      .q = {cfg % 2 ? 3 : 4, cfg % 3 ? 64 : 32},
                      .dt = M % 2 ? GQMM_BF16 : GQMM_F32};
         CHECK_OK(problem_make(&p, &r, 0, true));
-        char err[256];
-        void *tmp = malloc((size_t)p.batch * p.M * p.N * 4);
-        int st = problem_run(&p, (runner){isas[ii], 1, cfg, 0}, tmp, err, sizeof err);
-        free(tmp);
-        if (st == GQMM_ERR_ARG && cfg > 0) { /* past the end of this ISA's table */
+        if (!config_exists(&p, isas[ii], cfg)) {
           problem_free(&p);
           break;
         }
@@ -270,13 +275,9 @@ GQMM_TEST(cpu_gemm_row_blocks_and_k_phases) {
                        .q = {all_bits[(cfg + mi) % 6], all_groups[(cfg + ki) % 3]},
                        .dt = (mi + ki) % 2 ? GQMM_BF16 : GQMM_F32};
           CHECK_OK(problem_make(&p, &r, 0, true));
-          char err[256];
-          void *tmp = malloc((size_t)p.batch * p.M * p.N * 4);
-          int st = problem_run(&p, (runner){isas[ii], 1, cfg, 0}, tmp, err, sizeof err);
-          free(tmp);
-          if (st == GQMM_ERR_ARG && cfg > 0) { /* past the end of this ISA's table */
+          if (!config_exists(&p, isas[ii], cfg)) {
             problem_free(&p);
-            cfg = 16;
+            cfg = 16; /* and the loops above end */
             break;
           }
           CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0}), tol_for(p.dt));

@@ -344,11 +344,11 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
   }
 }
 
-/* The start of unit u's weight rows (the first kc block, which the panel
- * path dequantizes first; the kernel prefetches each later block itself)
- * and the rows' scales and biases:
- * issued a unit ahead, so a unit whose weights come from DRAM does not
- * begin with one miss per row. Whichever thread takes u finds them in this
+/* Prefetch of unit u's first kc block of each weight row (the dequant
+ * kernel prefetches every later block itself) and of the rows' scales and
+ * biases, issued a unit ahead so that a panel-path unit whose weights come
+ * from DRAM does not begin with misses on every row (qmm M=16, 1 thread:
+ * -10%, docs/perf-notes.md). Whichever thread takes u finds them in this
  * core's cache or on the way. */
 static void prefetch_unit(const job *j, int64_t u) {
   if (u >= j->nblocks * j->tiles || qmv_first(j, j->blk_rows[u / j->tiles])) return;

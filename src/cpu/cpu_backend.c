@@ -25,25 +25,29 @@ static const gqmm__cpu_isa *const isa_list[] = {
 
 /*
  * Block sizes. The register tile must fit 16 ymm (AVX2: MR*NR accumulators
- * + NR panel vectors + 1 activation vector); kc keeps the panel (nt x kc
- * floats) and an MR-row slice of x in L1; nt trades the per-unit cost of
- * converting scales against units enough for every core. AVX-512 has 32 zmm
- * registers, so it also gets the wider tiles.
+ * + NR panel vectors + 1 activation vector); mc x kc floats of x (16 KB:
+ * mc = 16 KB / (4 kc), rounded down to a multiple of mr) stay in L1 while
+ * every micro-panel of nr weight rows (nr x kc floats) runs over them, which
+ * measured 90% of the FMA peak for the kernel alone (docs/perf-notes.md,
+ * session 3; 73% with a 32 KB slice); nt trades the per-unit set-up against
+ * units enough for every core. AVX-512 has 32 zmm registers, so it also
+ * gets the wider tiles.
  */
 static const gqmm__cpu_config configs_16reg[] = {
-    {"m4n3_k256_t24_q4", 4, 3, 256, 24, 4}, {"m4n3_k256_t24_q3", 4, 3, 256, 24, 3},
-    {"m6n2_k256_t16_q4", 6, 2, 256, 16, 4}, {"m4n2_k256_t16_q3", 4, 2, 256, 16, 3},
-    {"m4n3_k512_t24_q4", 4, 3, 512, 24, 4}, {"m6n2_k512_t32_q4", 6, 2, 512, 32, 4},
-    {"m2n4_k256_t16_q1", 2, 4, 256, 16, 1}, {"m4n3_k256_t48_q4", 4, 3, 256, 48, 4},
-    {"m4n3_k128_t24_q3", 4, 3, 128, 24, 3}, {"m6n2_k128_t16_q4", 6, 2, 128, 16, 4},
-    {"m6n2_k128_t32_q4", 6, 2, 128, 32, 4}, {"m4n3_k256_t12_q4", 4, 3, 256, 12, 4},
-    {"m4n3_k128_t24_q4", 4, 3, 128, 24, 4}, {"m6n2_k256_t8_q4", 6, 2, 256, 8, 4},
+    {"m4n3_k256_t24_q4", 4, 3, 256, 16, 24, 4},  {"m4n3_k256_t24_q3", 4, 3, 256, 16, 24, 3},
+    {"m6n2_k256_t16_q4", 6, 2, 256, 12, 16, 4},  {"m4n2_k256_t16_q3", 4, 2, 256, 16, 16, 3},
+    {"m4n3_k512_t24_q4", 4, 3, 512, 8, 24, 4},   {"m6n2_k512_t32_q4", 6, 2, 512, 6, 32, 4},
+    {"m2n4_k256_t16_q1", 2, 4, 256, 16, 16, 1},  {"m4n3_k256_t48_q4", 4, 3, 256, 16, 48, 4},
+    {"m4n3_k128_t24_q3", 4, 3, 128, 32, 24, 3},  {"m6n2_k128_t16_q4", 6, 2, 128, 30, 16, 4},
+    {"m6n2_k128_t32_q4", 6, 2, 128, 30, 32, 4},  {"m4n3_k256_t12_q4", 4, 3, 256, 16, 12, 4},
+    {"m4n3_k128_t24_q4", 4, 3, 128, 32, 24, 4},  {"m6n2_k256_t8_q4", 6, 2, 256, 12, 8, 4},
+    {"m4n3_k1024_t24_q4", 4, 3, 1024, 4, 24, 4},
 };
 static const gqmm__cpu_config configs_32reg[] = {
-    {"m6n4_k256_t32_q4", 6, 4, 256, 32, 4},
-    {"m4n4_k512_t32_q3", 4, 4, 512, 32, 3},
-    {"m6n2_k256_t16_q4", 6, 2, 256, 16, 4},
-    {"m4n3_k256_t24_q3", 4, 3, 256, 24, 3},
+    {"m6n4_k256_t32_q4", 6, 4, 256, 12, 32, 4},
+    {"m4n4_k512_t32_q3", 4, 4, 512, 8, 32, 3},
+    {"m6n2_k256_t16_q4", 6, 2, 256, 12, 16, 4},
+    {"m4n3_k256_t24_q3", 4, 3, 256, 16, 24, 3},
 };
 
 const gqmm__cpu_config *gqmm__cpu_configs(const gqmm__cpu_isa *isa, int *count) {

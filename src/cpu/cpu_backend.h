@@ -14,6 +14,7 @@ typedef struct {
   const char *name;
   int mr, nr;   /* register tile: activation rows x weight rows */
   int kc;       /* reduction block (values), multiple of 128 */
+  int mc;       /* rows per x slice (mc x kc floats stay in L1 across micro-panels), mr | mc */
   int nt;       /* weight rows per work unit (threads split experts x units) */
   int qmv_rows; /* blocks of at most this many rows take the small-M path (<= 4) */
 } gqmm__cpu_config;

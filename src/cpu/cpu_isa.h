@@ -23,6 +23,9 @@
 
 /* Weight rows handled by one qmv call and the most rows of x it accepts. */
 #define GQMM__CPU_QMV_MAX_ROWS 4
+/* gemm phases: the first kc block starts from zero, the last stores dot products. */
+#define GQMM__CPU_GEMM_FIRST 1
+#define GQMM__CPU_GEMM_LAST 2
 /* Register-blocking limits of the gemm micro-kernel (MR x NR accumulators). */
 #define GQMM__CPU_MAX_MR 6
 #define GQMM__CPU_MAX_NR 4
@@ -75,11 +78,14 @@ typedef struct {
   /* Dequantize values [k0, k0 + kc) of one row as s*q + b into dst (chunk order). */
   void (*dequant)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
                   float *dst);
-  /* For m < mr, n < nr: the vw-lane vector at Cv + (m * ldc + n) * vw accumulates
-   * x[m * ldx + k] * P[n * ldp + k] over k < kc, lane (k mod vw); the sum of
-   * its lanes is the dot product. */
-  void (*gemm)(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P, int64_t ldp,
-               float *Cv, int64_t ldc);
+  /* One micro-panel of nr weight rows against the first rows / mr * mr rows
+   * of x, mr at a time (mr <= rows), one kc block: for m < rows / mr * mr,
+   * n < nr, the vw-lane vector at Cv + (m * ldc + n) * vw accumulates
+   * x[m * ldx + k] * P[n * ldp + k] over k < kc, lane (k mod vw), starting
+   * from zero if phase has GQMM__CPU_GEMM_FIRST; with GQMM__CPU_GEMM_LAST
+   * the sum of its lanes (the dot product) goes to C[m * ldc + n] instead. */
+  void (*gemm)(int mr, int nr, int rows, int64_t kc, const float *x, int64_t ldx, const float *P,
+               int64_t ldp, float *Cv, int64_t ldc, int phase, float *C);
   int vw; /* float lanes of the gemm accumulators */
   /*
    * Opt-in int8 mode (NULL where the ISA has none): 4-bit weights only.

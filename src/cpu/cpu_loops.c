@@ -14,7 +14,8 @@
  *   3. runs the small-M qmv kernel (rows <= 4: weights unpacked in registers
  *      straight into every row; 6-8 rows: two such passes, see qmv_first),
  *      or, for more rows, dequantizes kc-blocks of the unit's weights once
- *      into an L1 panel and runs the MR x NR gemm micro-kernel over all rows:
+ *      into a panel and runs the MR x NR gemm micro-kernel over all rows
+ *      (mc rows of x at a time, each nr-row micro-panel over those rows):
  *      weights are read from memory once per call whatever the rows (twice
  *      for the 6-8 row split, the second pass from L2);
  *   4. rounds the float32 results into the rows' own output places (the
@@ -279,23 +280,28 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
   }
   if (R1) return;
   const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
-  memset(v->Cv, 0, (size_t)(R * nt * vw) * sizeof(float));
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {
     const int64_t kc = K - k0 < j->cfg->kc ? K - k0 : j->cfg->kc;
+    const int phase =
+        (k0 == 0 ? GQMM__CPU_GEMM_FIRST : 0) | (k0 + kc == K ? GQMM__CPU_GEMM_LAST : 0);
     for (int i = 0; i < nn; i++)
       j->isa->dequant(&j->sh, &v->wrows[i], k0, kc, v->panel + i * kc);
-    for (int64_t m = 0; m < R; m += mr) {
-      const int mb = R - m < mr ? (int)(R - m) : mr;
-      for (int n = 0; n < nn; n += nr)
-        j->isa->gemm(mb, nn - n < nr ? nn - n : nr, kc, v->xf + m * K + k0, K, v->panel + n * kc,
-                     kc, v->Cv + (m * nt + n) * vw, nt);
+    /* row blocks of mc (x's kc slice stays in L1), micro-panels, then the
+     * block's rows mr at a time: nr panel rows stay in L1 for all of them */
+    const int64_t mc = j->cfg->mc;
+    for (int64_t m0 = 0; m0 < R; m0 += mc) {
+      const int64_t rb = R - m0 < mc ? R - m0 : mc, full = rb / mr * mr;
+      const float *xb = v->xf + m0 * K + k0;
+      float *Cb = v->Cv + m0 * nt * vw, *Co = v->C + m0 * nt;
+      for (int n = 0; n < nn; n += nr) {
+        const int nb = nn - n < nr ? nn - n : nr;
+        const float *P = v->panel + n * kc;
+        if (full) j->isa->gemm(mr, nb, (int)full, kc, xb, K, P, kc, Cb + n * vw, nt, phase, Co + n);
+        if (rb > full)
+          j->isa->gemm((int)(rb - full), nb, (int)(rb - full), kc, xb + full * K, K, P, kc,
+                       Cb + (full * nt + n) * vw, nt, phase, Co + full * nt + n);
+      }
     }
-  }
-  for (int64_t i = 0; i < R * nt; i++) {
-    float sum = 0.0f;
-    for (int l = 0; l < vw; l++)
-      sum += v->Cv[i * vw + l];
-    v->C[i] = sum;
   }
 }
 
@@ -338,6 +344,29 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
   }
 }
 
+/* Prefetch of unit u's first kc block of each weight row (the dequant
+ * kernel prefetches every later block itself) and of the rows' scales and
+ * biases, issued a unit ahead so that a panel-path unit whose weights come
+ * from DRAM does not begin with misses on every row (qmm M=16, 1 thread:
+ * -10%, docs/perf-notes.md). Whichever thread takes u finds them in this
+ * core's cache or on the way. */
+static void prefetch_unit(const job *j, int64_t u) {
+  if (u >= j->nblocks * j->tiles || qmv_first(j, j->blk_rows[u / j->tiles])) return;
+  const int64_t n0 = (u % j->tiles) * j->nt, nn = j->a->N - n0 < j->nt ? j->a->N - n0 : j->nt;
+  const int64_t first = j->blk_e[u / j->tiles] * j->nw + n0;
+  const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->cfg->kc),
+                bytes = head < j->sh.row_bytes ? head : j->sh.row_bytes;
+  const int64_t pbytes = (int64_t)gqmm_dtype_size(j->a->dtype) * j->G; /* a row's s or b */
+  for (int64_t i = 0; i < nn; i++) {
+    for (int64_t off = 0; off < bytes; off += 64)
+      __builtin_prefetch((const char *)j->a->w + (first + i) * j->sh.row_bytes + off, 0, 3);
+    for (int64_t off = 0; off < pbytes; off += 64) { /* the kernel reads them as it goes */
+      __builtin_prefetch((const char *)j->a->scales + (first + i) * pbytes + off, 0, 3);
+      __builtin_prefetch((const char *)j->a->biases + (first + i) * pbytes + off, 0, 3);
+    }
+  }
+}
+
 static void worker(void *arg, int t) {
   job *j = arg;
   gqmm__cpu_scratch *s = &j->st->scratch[t];
@@ -350,6 +379,7 @@ static void worker(void *arg, int t) {
     if (u >= total) break;
     const int64_t blk = u / j->tiles, n0 = (u % j->tiles) * nt;
     const int nn = (int)(ncols - n0 < nt ? ncols - n0 : nt);
+    if (j->a->transpose && !j->int8) prefetch_unit(j, u + 1);
     if (s->cached_block != blk) {
       prepare_x(j, &v, blk);
       s->cached_block = blk;

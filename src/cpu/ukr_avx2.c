@@ -31,6 +31,15 @@ static inline ukr_vf vf_param(const void *p, gqmm_dtype t, int64_t i) {
   return t == GQMM_F16 ? _mm256_cvtph_ps(v)
                        : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
 }
+/* p[i] of dtype t broadcast: bf16 and f16 as a 16-bit broadcast load, then
+ * a shift or vcvtph2ps (2 instructions instead of a scalar load, shift,
+ * move and broadcast) */
+static inline ukr_vf vf_bcast_param(const void *p, gqmm_dtype t, int64_t i) {
+  if (t == GQMM_F32) return _mm256_broadcast_ss((const float *)p + i);
+  const __m128i h = _mm_set1_epi16((short)((const uint16_t *)p)[i]);
+  return t == GQMM_F16 ? _mm256_cvtph_ps(h)
+                       : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set_m128i(h, h), 16));
+}
 static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
   return _mm256_fmadd_ps(a, b, c);
 }

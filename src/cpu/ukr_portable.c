@@ -62,6 +62,9 @@ static inline ukr_vf vf_param(const void *p, gqmm_dtype t, int64_t i) {
     r.v[l] = gqmm__cpu_param(p, t, i + l, ukr_f16_to_f32);
   return r;
 }
+static inline ukr_vf vf_bcast_param(const void *p, gqmm_dtype t, int64_t i) {
+  return vf_set1(gqmm__cpu_param(p, t, i, ukr_f16_to_f32));
+}
 static inline void unpack32(const uint8_t *src, int bits, ukr_vf q[32 / UKR_VW]) {
   for (int j = 0; j < 32; j++)
     q[j / UKR_VW].v[j % UKR_VW] = (float)gqmm__unpack(src, bits, j);

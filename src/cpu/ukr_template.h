@@ -11,6 +11,7 @@
  *   ukr_f16_to_f32       scalar half -> float
  *   vf_param(p, t, i)    UKR_VW consecutive scale/bias values p[i..] of dtype
  *                        t (f32, f16, bf16) as floats
+ *   vf_bcast_param(p, t, i)  p[i] of dtype t as float in every lane
  *   unpack32(src, bits, q[32 / UKR_VW])
  *                        the 32 q-values of one chunk (4*bits bytes at src) as
  *                        float vectors, in the ISA's lane order (perm)
@@ -132,35 +133,54 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
 }
 
 /* Dequantize [k0, k0+kc) of one row to float: w = s*q + b (one rounding).
- * The panel walks many rows kc values at a time, a stride the hardware
- * prefetchers miss, so each group asks for the same row's next block. */
+ * Group-major with the group size a constant, so a whole group's chunks run
+ * unrolled with no group test or parameter conversion between them; a block
+ * may start or end inside a group (transpose=0 units), which takes the
+ * chunk loop. The panel walks many rows kc values at a time, a stride the
+ * hardware prefetchers miss, so each group asks for the same row's next
+ * block. */
+UKR_INLINE void ukr_dequant_chunk(const uint8_t *w, int64_t k, const int bits, int64_t last_k,
+                                  ukr_vf s, ukr_vf b, float *dst) {
+  ukr_vf q[UKR_NV];
+  ukr_chunk(w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+  for (int v = 0; v < UKR_NV; v++)
+    vf_store(dst + v * UKR_VW, vf_fma(q[v], s, b));
+}
+
 UKR_INLINE void ukr_dequant_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, int64_t k0,
-                                int64_t kc, const int bits, float *dst) {
-  const int gs = sh->group_size, shift = __builtin_ctz((unsigned)gs); /* gs: 32, 64, 128 */
-  ukr_vf s = vf_zero(), b = vf_zero();
-  for (int64_t k = k0; k < k0 + kc; k += 32) {
-    if (k == k0 || (k & (gs - 1)) == 0) { /* a new group (kc may hold part of one) */
-      s = vf_set1(UKR_PARAM(rw->s, sh->dtype, k >> shift));
-      b = vf_set1(UKR_PARAM(rw->b, sh->dtype, k >> shift));
-      if (k + kc < sh->K) __builtin_prefetch(rw->w + gqmm__cpu_chunk_offset(bits, k + kc), 0, 3);
+                                int64_t kc, const int bits, const gqmm_dtype dt, const int gs,
+                                float *dst) {
+  const int64_t k1 = k0 + kc, last_k = sh->K - 32;
+  const uint8_t *w = rw->w; /* locals: the stores to dst may alias *rw for all the compiler knows */
+  const void *sp = rw->s, *bp = rw->b;
+  for (int64_t k = k0; k < k1;) {
+    const int64_t g = (int64_t)((uint64_t)k / gs), /* a shift: gs is a constant power of 2 */
+        gend = (g + 1) * gs < k1 ? (g + 1) * gs : k1;
+    const ukr_vf s = vf_bcast_param(sp, dt, g), b = vf_bcast_param(bp, dt, g);
+    if (k + kc < sh->K) __builtin_prefetch(w + gqmm__cpu_chunk_offset(bits, k + kc), 0, 3);
+    if (gend - k == gs) { /* a whole group */
+      for (int c = 0; c < gs; c += 32)
+        ukr_dequant_chunk(w, k + c, bits, last_k, s, b, dst + (k - k0) + c);
+      k += gs;
+    } else {
+      for (; k < gend; k += 32)
+        ukr_dequant_chunk(w, k, bits, last_k, s, b, dst + (k - k0));
     }
-    ukr_vf q[UKR_NV];
-    ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == sh->K - 32, q);
-    for (int v = 0; v < UKR_NV; v++)
-      vf_store(dst + (k - k0) + v * UKR_VW, vf_fma(q[v], s, b));
   }
 }
 
 /* MR x NR register tile over kc (a multiple of 32); lanes run along k, so
- * each accumulator is one (row, weight row) dot product. The accumulators
- * live on as whole vectors in Cv between kc blocks (loaded and stored once
- * per call), so the horizontal sum happens once per output, at the end. */
+ * each accumulator is one (row, weight row) dot product. Between kc blocks
+ * the accumulators live on as whole vectors in Cv; the first block starts
+ * them at zero, the last one sums each one's lanes in registers and stores
+ * the dot product to C (so Cv is never cleared and never summed in memory). */
 UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const float *x, int64_t ldx,
-                              const float *P, int64_t ldp, float *Cv, int64_t ldc) {
+                              const float *P, int64_t ldp, float *Cv, int64_t ldc, int phase,
+                              float *C) {
   ukr_vf acc[GQMM__CPU_MAX_MR][GQMM__CPU_MAX_NR];
   for (int m = 0; m < mr; m++)
     for (int n = 0; n < nr; n++)
-      acc[m][n] = vf_load(Cv + (m * ldc + n) * UKR_VW);
+      acc[m][n] = phase & GQMM__CPU_GEMM_FIRST ? vf_zero() : vf_load(Cv + (m * ldc + n) * UKR_VW);
   for (int64_t k = 0; k < kc; k += UKR_VW) {
     ukr_vf p[GQMM__CPU_MAX_NR];
     for (int n = 0; n < nr; n++)
@@ -172,8 +192,22 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
     }
   }
   for (int m = 0; m < mr; m++)
-    for (int n = 0; n < nr; n++)
-      vf_store(Cv + (m * ldc + n) * UKR_VW, acc[m][n]);
+    for (int n = 0; n < nr; n++) {
+      if (phase & GQMM__CPU_GEMM_LAST)
+        C[m * ldc + n] = vf_hsum(acc[m][n]);
+      else
+        vf_store(Cv + (m * ldc + n) * UKR_VW, acc[m][n]);
+    }
+}
+
+/* The tiles of one micro-panel, walking down the rows: the nr panel rows
+ * (nr * kc floats) stay in L1 while x streams through in row order. */
+UKR_INLINE void ukr_gemm_rows(const int mr, const int nr, int rows, int64_t kc, const float *x,
+                              int64_t ldx, const float *P, int64_t ldp, float *Cv, int64_t ldc,
+                              int phase, float *C) {
+  for (int m = 0; m + mr <= rows; m += mr)
+    ukr_gemm_tile(mr, nr, kc, x + m * ldx, ldx, P, ldp, Cv + m * ldc * UKR_VW, ldc, phase,
+                  C + m * ldc);
 }
 
 /* ---- dispatchers: one instantiation per constant combination ------------ */
@@ -181,31 +215,33 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
 #define UKR_FOR_BITS(X) X(2) X(3) X(4) X(5) X(6) X(8)
 #define UKR_FOR_R(X, b) X(b, 1) X(b, 2) X(b, 3) X(b, 4)
 #define UKR_FOR_NR(X, m) X(m, 1) X(m, 2) X(m, 3) X(m, 4)
-#define UKR_FOR_MR(X)                                                                              \
-  UKR_FOR_NR(X, 1)                                                                                 \
+#define UKR_FOR_MR(X) \
+  UKR_FOR_NR(X, 1)    \
   UKR_FOR_NR(X, 2) UKR_FOR_NR(X, 3) UKR_FOR_NR(X, 4) UKR_FOR_NR(X, 5) UKR_FOR_NR(X, 6)
 
-#define UKR_QMV_CASE(b, r)                                                                         \
-  case (b)*8 + (r):                                                                                \
-    for (int n = 0; n < nrows; n++)                                                                \
-      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, xbf, k0, kc, C + n, ldc);                           \
+#define UKR_QMV_CASE(b, r)                                               \
+  case (b)*8 + (r):                                                      \
+    for (int n = 0; n < nrows; n++)                                      \
+      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, xbf, k0, kc, C + n, ldc); \
     break;
 #define UKR_QMV_BITS(b) UKR_FOR_R(UKR_QMV_CASE, b)
-#define UKR_DEQ_CASE(b)                                                                            \
-  case b:                                                                                          \
-    ukr_dequant_row(sh, row, k0, kc, b, dst);                                                      \
+/* the parameter dtype and the group size constants too (3 x 3 per width) */
+#define UKR_DEQ_CALL(b, dt, gs)                       \
+  case ((b)*4 + (dt)) * 4 + (gs) / 32 - 1:            \
+    ukr_dequant_row(sh, row, k0, kc, b, dt, gs, dst); \
     break;
-#define UKR_GEMM_CASE(m, n)                                                                        \
-  case (m)*8 + (n):                                                                                \
-    ukr_gemm_tile(m, n, kc, x, ldx, P, ldp, Cv, ldc);                                              \
+#define UKR_DEQ_DT(b, dt) UKR_DEQ_CALL(b, dt, 32) UKR_DEQ_CALL(b, dt, 64) UKR_DEQ_CALL(b, dt, 128)
+#define UKR_DEQ_CASE(b) UKR_DEQ_DT(b, GQMM_F32) UKR_DEQ_DT(b, GQMM_F16) UKR_DEQ_DT(b, GQMM_BF16)
+#define UKR_GEMM_CASE(m, n)                                           \
+  case (m)*8 + (n):                                                   \
+    ukr_gemm_rows(m, n, rows, kc, x, ldx, P, ldp, Cv, ldc, phase, C); \
     break;
 
 /* The qmv entry point: xbf = 1 takes x as bf16 (only where the ISA defines
  * UKR_HAVE_BF16DOT), 0 as float32. */
 #define UKR_QMV_FN(fn, xbf_, xtype)                                                                \
-  static void fn(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,                 \
-                 const xtype *x, const float *xsum, int R, int64_t k0, int64_t kc, float *C,       \
-                 int64_t ldc) {                                                                    \
+  static void fn(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const xtype *x, \
+                 const float *xsum, int R, int64_t k0, int64_t kc, float *C, int64_t ldc) {        \
     const int xbf = xbf_;                                                                          \
     switch (sh->bits * 8 + R) { UKR_FOR_BITS(UKR_QMV_BITS) default : break; }                      \
   }
@@ -215,16 +251,21 @@ UKR_INLINE void ukr_gemm_tile(const int mr, const int nr, int64_t kc, const floa
 #define UKR_QMV_BF16_FN(isa)
 #endif
 
-#define UKR_DEFINE_KERNELS(isa)                                                                    \
-  UKR_QMV_FN(isa##_qmv, 0, float)                                                                  \
-  UKR_QMV_BF16_FN(isa)                                                                             \
-  static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,      \
-                            int64_t kc, float *dst) {                                              \
-    switch (sh->bits) { UKR_FOR_BITS(UKR_DEQ_CASE) default : break; }                              \
-  }                                                                                                \
-  static void isa##_gemm(int mr, int nr, int64_t kc, const float *x, int64_t ldx, const float *P,  \
-                         int64_t ldp, float *Cv, int64_t ldc) {                                    \
-    switch (mr * 8 + nr) { UKR_FOR_MR(UKR_GEMM_CASE) default : break; }                            \
+#define UKR_DEFINE_KERNELS(isa)                                                               \
+  UKR_QMV_FN(isa##_qmv, 0, float)                                                             \
+  UKR_QMV_BF16_FN(isa)                                                                        \
+  static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, \
+                            int64_t kc, float *dst) {                                         \
+    switch ((sh->bits * 4 + (int)sh->dtype) * 4 + sh->group_size / 32 - 1) {                  \
+      UKR_FOR_BITS(UKR_DEQ_CASE)                                                              \
+    default:                                                                                  \
+      break;                                                                                  \
+    }                                                                                         \
+  }                                                                                           \
+  static void isa##_gemm(int mr, int nr, int rows, int64_t kc, const float *x, int64_t ldx,   \
+                         const float *P, int64_t ldp, float *Cv, int64_t ldc, int phase,      \
+                         float *C) {                                                          \
+    switch (mr * 8 + nr) { UKR_FOR_MR(UKR_GEMM_CASE) default : break; }                       \
   }
 
 #endif /* GQMM_UKR_TEMPLATE_H */

@@ -141,22 +141,22 @@ static double tol_for(gqmm_dtype dt) {
 }
 
 /* Checks one problem on one runner against the reference; returns the error. */
-#define CHECK_AGAINST_REF(p, how, tol)                                                             \
-  do {                                                                                             \
-    const int64_t n_out_ = (int64_t)(p).batch * (p).M * (p).N;                                     \
-    const size_t es_ = gqmm_dtype_size((p).dt);                                                    \
-    void *ref_ = malloc((size_t)n_out_ * es_), *got_ = malloc((size_t)n_out_ * es_);               \
-    char err_[512] = "";                                                                           \
-    int sr_ = ref_ && got_ ? problem_run(&(p), (runner){0}, ref_, err_, sizeof err_) : -12;        \
-    int sg_ = sr_ ? sr_ : problem_run(&(p), (how), got_, err_, sizeof err_);                       \
-    double e_ = sg_ ? INFINITY : test_rel_err(got_, (p).dt, ref_, (p).dt, n_out_);                 \
-    free(ref_), free(got_);                                                                        \
-    CHECK_MSG(e_ <= (tol),                                                                         \
-              "isa %s threads %d config %d int8 %d bits %d gs %d %s M %d N %d "                    \
-              "K %d E %d batch %d T %d: rel err %.3g (status %d %s)",                              \
-              (how).isa, (how).threads, (how).config, (how).int8, (p).q.bits, (p).q.group_size,    \
-              gqmm_dtype_name((p).dt), (p).M, (p).N, (p).K, (p).E, (p).batch, (p).transpose, e_,   \
-              sg_, err_);                                                                          \
+#define CHECK_AGAINST_REF(p, how, tol)                                                           \
+  do {                                                                                           \
+    const int64_t n_out_ = (int64_t)(p).batch * (p).M * (p).N;                                   \
+    const size_t es_ = gqmm_dtype_size((p).dt);                                                  \
+    void *ref_ = malloc((size_t)n_out_ * es_), *got_ = malloc((size_t)n_out_ * es_);             \
+    char err_[512] = "";                                                                         \
+    int sr_ = ref_ && got_ ? problem_run(&(p), (runner){0}, ref_, err_, sizeof err_) : -12;      \
+    int sg_ = sr_ ? sr_ : problem_run(&(p), (how), got_, err_, sizeof err_);                     \
+    double e_ = sg_ ? INFINITY : test_rel_err(got_, (p).dt, ref_, (p).dt, n_out_);               \
+    free(ref_), free(got_);                                                                      \
+    CHECK_MSG(e_ <= (tol),                                                                       \
+              "isa %s threads %d config %d int8 %d bits %d gs %d %s M %d N %d "                  \
+              "K %d E %d batch %d T %d: rel err %.3g (status %d %s)",                            \
+              (how).isa, (how).threads, (how).config, (how).int8, (p).q.bits, (p).q.group_size,  \
+              gqmm_dtype_name((p).dt), (p).M, (p).N, (p).K, (p).E, (p).batch, (p).transpose, e_, \
+              sg_, err_);                                                                        \
   } while (0)
 
 GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
@@ -214,6 +214,15 @@ GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
   }
 }
 
+/* False once cfg is past the end of this ISA's block-size table. */
+static bool config_exists(const problem *p, const char *isa, int cfg) {
+  char err[256];
+  void *tmp = malloc((size_t)p->batch * p->M * p->N * 4);
+  int st = problem_run(p, (runner){isa, 1, cfg, 0}, tmp, err, sizeof err);
+  free(tmp);
+  return !(st == GQMM_ERR_ARG && cfg > 0);
+}
+
 GQMM_TEST(cpu_every_config_and_row_count) {
   test_rng r = test_rng_make(702);
   for (size_t ii = 0; ii < 3; ii++) {
@@ -232,11 +241,7 @@ GQMM_TEST(cpu_every_config_and_row_count) {
                      .q = {cfg % 2 ? 3 : 4, cfg % 3 ? 64 : 32},
                      .dt = M % 2 ? GQMM_BF16 : GQMM_F32};
         CHECK_OK(problem_make(&p, &r, 0, true));
-        char err[256];
-        void *tmp = malloc((size_t)p.batch * p.M * p.N * 4);
-        int st = problem_run(&p, (runner){isas[ii], 1, cfg, 0}, tmp, err, sizeof err);
-        free(tmp);
-        if (st == GQMM_ERR_ARG && cfg > 0) { /* past the end of this ISA's table */
+        if (!config_exists(&p, isas[ii], cfg)) {
           problem_free(&p);
           break;
         }
@@ -244,6 +249,40 @@ GQMM_TEST(cpu_every_config_and_row_count) {
         problem_free(&p);
       }
     }
+  }
+}
+
+/* The panel path's blocking: row counts that cross the configs' mc blocks
+ * (4, 6, 8, 12, 16, 30, 32 rows) with tails shorter than mr, and K that is
+ * one kc block (the gemm's first and last phase at once: no accumulator
+ * round trip), several (K = 1152: 9 blocks of 128, 4.5 of 256, 2.25 of 512,
+ * a ragged last block for most kc), or less than kc (1024). f32 always runs
+ * the panel; bf16 at these row counts too. */
+GQMM_TEST(cpu_gemm_row_blocks_and_k_phases) {
+  test_rng r = test_rng_make(713);
+  const int Ms[3] = {17, 26, 35}, Ks[2] = {128, 1152};
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int cfg = 0; cfg < 16; cfg++)
+      for (int mi = 0; mi < 3; mi++)
+        for (int ki = 0; ki < 2; ki++) {
+          problem p = {.E = 2,
+                       .M = Ms[mi],
+                       .N = 31,
+                       .K = Ks[ki],
+                       .batch = 1, /* one entry: exactly M rows per block */
+                       .transpose = 1,
+                       .q = {all_bits[(cfg + mi) % 6], all_groups[(cfg + ki) % 3]},
+                       .dt = (mi + ki) % 2 ? GQMM_BF16 : GQMM_F32};
+          CHECK_OK(problem_make(&p, &r, 0, true));
+          if (!config_exists(&p, isas[ii], cfg)) {
+            problem_free(&p);
+            cfg = 16; /* and the loops above end */
+            break;
+          }
+          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0}), tol_for(p.dt));
+          problem_free(&p);
+        }
   }
 }
 

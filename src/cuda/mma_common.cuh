@@ -51,6 +51,29 @@ __device__ __forceinline__ int4 unit_desc(const kargs &a, int i) {
 }
 __device__ __forceinline__ unit_t unit_of(int4 d) { return {d.x, d.y, d.z, d.w, (d.w + 7) >> 3}; }
 
+/* A walk over this CTA's units, one k-stage at a time. The kernels keep two,
+ * the load side and the compute side, a few stages apart; the next unit's
+ * descriptor is loaded a unit ahead. */
+struct unit_walk {
+  int idx, k; /* unit of this CTA, k-stage in it */
+  unit_t u;
+  int4 next;
+  __device__ __forceinline__ void start(const kargs &a, int nunits) {
+    idx = 0, k = 0;
+    u = unit_of(unit_desc(a, 0));
+    next = unit_desc(a, nunits > 1 ? 1 : 0);
+  }
+  /* One stage on; true if that entered a new unit (now in u). */
+  __device__ __forceinline__ bool step(const kargs &a, int nunits, int nk) {
+    if (++k < nk) return false;
+    k = 0;
+    if (++idx >= nunits) return false;
+    u = unit_of(next);
+    next = unit_desc(a, idx + 1 < nunits ? idx + 1 : idx);
+    return true;
+  }
+};
+
 /* Write a finished unit's accumulators to its rows' outputs and zero them.
  * Warp w owns m16 tiles w*MT .. w*MT + MT-1 of the N tile, or with
  * MT_MAJOR (a warpgroup's m64 tiles) tiles mt*WARPS + w. */

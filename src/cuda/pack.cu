@@ -21,22 +21,15 @@
  * at most 64 rows keeps only those rows (half blocks, kernels.h).
  */
 #include "kernels.h"
+#include "wfmt.cuh"
 
 #include <cuda_runtime.h>
+
+using namespace gqmm_cu;
 
 namespace {
 
 constexpr int kTile = GQMM__CU_PACK_TILE_N, kStage = GQMM__CU_PACK_STAGE_K;
-
-/* Value k of a little-endian bit stream of `bits`-wide values. */
-__device__ __forceinline__ uint32_t value_at(const uint8_t *row, int bits, int64_t k) {
-  const int64_t bit = k * bits;
-  const uint8_t *p = row + (bit >> 3);
-  const int shift = (int)(bit & 7);
-  uint32_t v = p[0];
-  if (shift + bits > 8) v |= (uint32_t)p[1] << 8;
-  return (v >> shift) & ((1u << bits) - 1u);
-}
 
 /* Stream position of the lo (hi: + half_gap) value of pair pi, as the
  * kernel's shift-and-mask extracts pairs (qmm_mma.cu wfmt::pair; 3-bit after
@@ -77,7 +70,7 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
         /* pair pi: k-step pi / 2 of the stage, its k 2t (+1) for even pi,
          * 2t + 8 (+1) for odd: the wgmma A fragment */
         const int64_t k = k0 + 16 * (pi / 2) + 8 * (pi % 2) + half;
-        const uint64_t v = n < N && k < K ? value_at(row, bits, k) : 0u;
+        const uint64_t v = n < N && k < K ? stream_value(row, bits, k) : 0u;
         const int bit = (pos + half * gap) * bits;
         const uint64_t sh = v << (bit & 31);
         stream[bit >> 5] |= (uint32_t)sh;

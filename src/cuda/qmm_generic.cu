@@ -10,21 +10,13 @@
  */
 #include "kernels.h"
 #include "ptx.cuh"
+#include "wfmt.cuh"
 
 #include <cuda_runtime.h>
 
 using namespace gqmm_cu;
 
 namespace {
-
-__device__ __forceinline__ uint32_t unpack(const uint8_t *row, int bits, int64_t j) {
-  const int64_t bit = j * bits;
-  const uint8_t *p = row + (bit >> 3);
-  const int shift = (int)(bit & 7);
-  uint32_t v = p[0];
-  if (shift + bits > 8) v |= (uint32_t)p[1] << 8;
-  return (v >> shift) & ((1u << bits) - 1u);
-}
 
 template <typename T> __global__ void generic_kernel(gqmm__cu_qmm a) {
   const int64_t total = a.batch * a.M * a.N;
@@ -42,7 +34,7 @@ template <typename T> __global__ void generic_kernel(gqmm__cu_qmm a) {
     for (int64_t k = 0; k < a.K; k++) {
       const int64_t r = a.transpose ? n : k, j = a.transpose ? k : n;
       const int64_t gi = sb + r * groups + j / a.group_size;
-      const float q = (float)unpack(w + r * row_bytes, a.bits, j);
+      const float q = (float)stream_value(w + r * row_bytes, a.bits, j);
       const float wv = __fadd_rn(__fmul_rn(dtype_traits<T>::to_f(sc[gi]), q),
                                  dtype_traits<T>::to_f(bi[gi]));
       acc = __fadd_rn(acc, __fmul_rn(dtype_traits<T>::to_f(xr[k]), wv));

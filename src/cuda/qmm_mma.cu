@@ -184,19 +184,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 #pragma unroll
       for (int h = 0; h < 2; h++) {
 #pragma unroll
-        for (int u = 0; u < F::units; u++) {
-          const uint8_t *p = ws + woff(mt, h, u, tid);
-          if constexpr (F::unit == 16) {
-            uint4 v = *reinterpret_cast<const uint4 *>(p);
-            q[mt][h][4 * u] = v.x, q[mt][h][4 * u + 1] = v.y, q[mt][h][4 * u + 2] = v.z,
-                     q[mt][h][4 * u + 3] = v.w;
-          } else if constexpr (F::unit == 8) {
-            uint2 v = *reinterpret_cast<const uint2 *>(p);
-            q[mt][h][2 * u] = v.x, q[mt][h][2 * u + 1] = v.y;
-          } else {
-            q[mt][h][u] = *reinterpret_cast<const uint32_t *>(p);
-          }
-        }
+        for (int u = 0; u < F::units; u++) load_lane_unit<BITS>(ws + woff(mt, h, u, tid), u, q[mt][h]);
         F::prep(q[mt][h]);
         sr[mt][h] = prmt(sb[mt][h], sb[mt][h], 0x1010); /* s | s << 16 */
         br[mt][h] = prmt(sb[mt][h], sb[mt][h], 0x3232); /* b | b << 16 */
@@ -274,12 +262,10 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
     /* Load side and compute side walk the same (unit, k-stage) sequence,
      * STAGES-1 stages apart. */
-    /* next_l / next_c: the next unit's descriptor, loaded a unit ahead */
-    int lidx = 0, lk = 0, cidx = 0, ck = 0;
-    unit_t lu = unit_of(unit_desc(a, 0)), cu = lu;
-    int4 next_l = unit_desc(a, nunits > 1 ? 1 : 0), next_c = next_l;
+    unit_walk lw, cw;
+    lw.start(a, nunits), cw.start(a, nunits);
     lstate ls;
-    load_unit(a, lu, ls);
+    load_unit(a, lw.u, ls);
     const uint32_t sm = smem_u32(smem);
     int xd[kXPer];
 #pragma unroll
@@ -292,14 +278,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     };
     /* The load side's next stage into ring slot `slot`, then its walk on. */
     auto load_stage = [&](int slot) {
-      issue(a, ls, lk, sm, xd, slot, rs, rb);
-      if (++lk == nk) {
-        lk = 0;
-        if (++lidx < nunits) {
-          lu = unit_of(next_l), load_unit(a, lu, ls);
-          next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
-        }
-      }
+      issue(a, ls, lw.k, sm, xd, slot, rs, rb);
+      if (lw.step(a, nunits, nk)) load_unit(a, lw.u, ls);
     };
     /* Prologue: stages 0..STAGES-2; stage s goes to sb[s + 1] (the first
      * shift moves it to s), the last one stays in rs/rb. */
@@ -327,15 +307,9 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         load_stage(nslot);
       }
       cp_async_commit();
-      compute(cu.nt, smem, slot, sb[0], acc);
-      if (++ck == nk) {
-        store_unit<T, MT, kNtMax, kBN>(a, cu, acc);
-        ck = 0;
-        if (++cidx < nunits) {
-          cu = unit_of(next_c);
-          next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
-        }
-      }
+      compute(cw.u.nt, smem, slot, sb[0], acc);
+      if (cw.k == nk - 1) store_unit<T, MT, kNtMax, kBN>(a, cw.u, acc);
+      cw.step(a, nunits, nk);
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     cp_async_wait<0>();

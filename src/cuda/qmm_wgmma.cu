@@ -21,7 +21,7 @@
  * 128-k stage, so a k-step's scale is the group of its 16 k: the group size
  * is a template parameter (the group of each k-step is then a constant).
  *
- * Pipeline and work walk as in qmm_mma.cu's packed configs: one bulk copy
+ * Pipeline and work walk as in qmm_mma.cu (mma_common.cuh), but: one bulk copy
  * per stage (weights + scale words), x rows by cp.async, an mbarrier per
  * ring slot, units dealt round-robin over a persistent grid.
  */
@@ -56,6 +56,10 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
   static constexpr int kBarOff = STAGES * kStageBytes;
   static constexpr int kSmem = kBarOff + STAGES * 8 + 1024; /* + alignment slack */
   static constexpr int kXPer = kTokMax * 16 / kThreads;
+  /* MMAs go out in kGroups commit groups of kSteps k-steps (16 k each): two
+   * groups in flight hold 2 * MT * kSteps * 4 A registers, which 2/3-bit
+   * with wfmt's 4-step phases would overflow (ptxas then serializes). */
+  static constexpr int kSteps = 2, kGroups = kStageK / 16 / kSteps;
   static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
 
   /* m16 tile of (warp, mt): the m64 tile's 16-row slice of this warp */
@@ -123,19 +127,7 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
 #pragma unroll
       for (int h = 0; h < 2; h++) {
 #pragma unroll
-        for (int u = 0; u < F::units; u++) {
-          const uint8_t *p = ws + woff(mt, h, u);
-          if constexpr (F::unit == 16) {
-            uint4 v = *reinterpret_cast<const uint4 *>(p);
-            q[mt][h][4 * u] = v.x, q[mt][h][4 * u + 1] = v.y, q[mt][h][4 * u + 2] = v.z,
-                     q[mt][h][4 * u + 3] = v.w;
-          } else if constexpr (F::unit == 8) {
-            uint2 v = *reinterpret_cast<const uint2 *>(p);
-            q[mt][h][2 * u] = v.x, q[mt][h][2 * u + 1] = v.y;
-          } else {
-            q[mt][h][u] = *reinterpret_cast<const uint32_t *>(p);
-          }
-        }
+        for (int u = 0; u < F::units; u++) load_lane_unit<BITS>(ws + woff(mt, h, u), u, q[mt][h]);
         F::prep(q[mt][h]);
         /* the row's scale words, one per group of the stage */
         const uint32_t *sw = reinterpret_cast<const uint32_t *>(
@@ -150,16 +142,16 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
      * must not be rewritten before its group is done. Two phases in flight:
      * after committing phase p, wait until at most one group is pending
      * (phase p-1 done) and only then let phase p-1's registers go. */
-    uint32_t Aprev[MT][F::steps][4];
+    uint32_t Aprev[MT][kSteps][4];
     const uint64_t desc0 = wgmma_desc_sw128(st);
 #pragma unroll
-    for (int p = 0; p < F::phases; p++) {
-      uint32_t A[MT][F::steps][4];
+    for (int p = 0; p < kGroups; p++) {
+      uint32_t A[MT][kSteps][4];
 #pragma unroll
       for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int sl = 0; sl < F::steps; sl++) {
-          const int s = p * F::steps + sl, j = 16 * s / GS;
+        for (int sl = 0; sl < kSteps; sl++) {
+          const int s = p * kSteps + sl, j = 16 * s / GS;
 #pragma unroll
           for (int r = 0; r < 4; r++) { /* a0: g,2t  a1: g+8,2t  a2: g,2t+8  a3: g+8,2t+8 */
             const int h = r & 1, pi = 2 * s + (r >> 1);
@@ -169,11 +161,11 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
         }
       wgmma_fence();
 #pragma unroll
-      for (int sl = 0; sl < F::steps; sl++) {
+      for (int sl = 0; sl < kSteps; sl++) {
         /* k-step s: region s / 4, bytes 32 (s % 4) of each row; the address
          * field is in 16-byte units, so a constant added to the stage's
          * descriptor */
-        const int s = p * F::steps + sl;
+        const int s = p * kSteps + sl;
         const uint64_t desc = desc0 + (uint64_t)(((s >> 2) * kXHalf + (s & 3) * 32) >> 4);
 #pragma unroll
         for (int mt = 0; mt < MT; mt++) wgmma_rs<T, 8 * NT>(&acc[mt][0][0], A[mt][sl], desc);
@@ -186,17 +178,17 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
 #pragma unroll
       for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int sl = 0; sl < F::steps; sl++)
+        for (int sl = 0; sl < kSteps; sl++)
 #pragma unroll
           for (int r = 0; r < 4; r++) Aprev[mt][sl][r] = A[mt][sl][r];
     }
   }
 
-  static __device__ __forceinline__ void keep_live(const uint32_t (&A)[MT][F::steps][4]) {
+  static __device__ __forceinline__ void keep_live(const uint32_t (&A)[MT][kSteps][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-      for (int sl = 0; sl < F::steps; sl++)
+      for (int sl = 0; sl < kSteps; sl++)
 #pragma unroll
         for (int r = 0; r < 4; r++) asm volatile("" ::"r"(A[mt][sl][r]));
   }
@@ -239,20 +231,13 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
       mbar_init_fence();
     }
     __syncthreads();
-    int lidx = 0, lk = 0, cidx = 0, ck = 0;
-    unit_t lu = unit_of(unit_desc(a, 0)), cu = lu;
-    int4 next_l = unit_desc(a, nunits > 1 ? 1 : 0), next_c = next_l;
+    unit_walk lw, cw; /* load side, compute side */
+    lw.start(a, nunits), cw.start(a, nunits);
     lstate ls;
-    load_unit(a, lu, ls);
+    load_unit(a, lw.u, ls);
     auto load_stage = [&](int slot) {
-      issue(a, ls, lk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
-      if (++lk == nk) {
-        lk = 0;
-        if (++lidx < nunits) {
-          lu = unit_of(next_l), load_unit(a, lu, ls);
-          next_l = unit_desc(a, lidx + 1 < nunits ? lidx + 1 : lidx);
-        }
-      }
+      issue(a, ls, lw.k, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
+      if (lw.step(a, nunits, nk)) load_unit(a, lw.u, ls);
     };
 #pragma unroll
     for (int s = 0; s < AHEAD; s++) {
@@ -261,7 +246,7 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
     }
     int slot = 0;
     uint32_t parity = 0;
-    int sadj = half_tile(a, cu) ? kWBytes / 2 : 0;
+    int sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
     for (int f = 0; f < nflat; f++) {
       cp_async_wait<AHEAD - 1>();
       mbar_wait(sm + kBarOff + 8 * slot, parity);
@@ -272,18 +257,13 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
       const int nslot = (slot + AHEAD) % STAGES;
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
-      compute(cu.nt, smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
-      if (++ck == nk) {
+      compute(cw.u.nt, smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
+      if (cw.k == nk - 1) {
         wgmma_wait<0>();
         pin_all(acc);
-        store_unit<T, MT, NTMAX, kBN, true>(a, cu, acc);
-        ck = 0;
-        if (++cidx < nunits) {
-          cu = unit_of(next_c);
-          sadj = half_tile(a, cu) ? kWBytes / 2 : 0;
-          next_c = unit_desc(a, cidx + 1 < nunits ? cidx + 1 : cidx);
-        }
+        store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
       }
+      if (cw.step(a, nunits, nk)) sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
       if (slot == STAGES - 1) slot = 0, parity ^= 1u;
       else slot++;
     }

@@ -63,6 +63,33 @@ template <int BITS> struct wfmt {
   }
 };
 
+/* Value j of a row's little-endian bit stream of `bits`-wide values (the
+ * MLX layout; the generic kernel and the packer read single values). */
+__device__ __forceinline__ uint32_t stream_value(const uint8_t *row, int bits, int64_t j) {
+  const int64_t bit = j * bits;
+  const uint8_t *p = row + (bit >> 3);
+  const int shift = (int)(bit & 7);
+  uint32_t v = p[0];
+  if (shift + bits > 8) v |= (uint32_t)p[1] << 8;
+  return (v >> shift) & ((1u << bits) - 1u);
+}
+
+/* The BITS words of copy unit u of a lane's 32 values from shared memory at
+ * p, into q[F::unit / 4 * u ..] (16-, 8- or 4-byte loads). */
+template <int BITS>
+__device__ __forceinline__ void load_lane_unit(const uint8_t *p, int u, uint32_t *q) {
+  using F = wfmt<BITS>;
+  if constexpr (F::unit == 16) {
+    const uint4 v = *reinterpret_cast<const uint4 *>(p);
+    q[4 * u] = v.x, q[4 * u + 1] = v.y, q[4 * u + 2] = v.z, q[4 * u + 3] = v.w;
+  } else if constexpr (F::unit == 8) {
+    const uint2 v = *reinterpret_cast<const uint2 *>(p);
+    q[2 * u] = v.x, q[2 * u + 1] = v.y;
+  } else {
+    q[u] = *reinterpret_cast<const uint32_t *>(p);
+  }
+}
+
 /* The magic constant OR-ed into a q pair: 128 + q is not exact in bf16 for
  * q >= 128, so 8-bit bf16 goes through f16 (1024 + q). */
 template <typename T, int BITS>

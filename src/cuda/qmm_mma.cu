@@ -263,7 +263,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
     /* Load side and compute side walk the same (unit, k-stage) sequence,
      * STAGES-1 stages apart. */
     unit_walk lw, cw;
-    lw.start(a, nunits), cw.start(a, nunits);
+    lw.start(a, nunits);
+    cw = lw;
     lstate ls;
     load_unit(a, lw.u, ls);
     const uint32_t sm = smem_u32(smem);
@@ -308,8 +309,12 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
       }
       cp_async_commit();
       compute(cw.u.nt, smem, slot, sb[0], acc);
-      if (cw.k == nk - 1) store_unit<T, MT, kNtMax, kBN>(a, cw.u, acc);
-      cw.step(a, nunits, nk);
+      if (cw.k == nk - 1) { /* the walk steps inside the rare branch (see qmm_wgmma.cu) */
+        store_unit<T, MT, kNtMax, kBN>(a, cw.u, acc);
+        cw.step(a, nunits, nk);
+      } else {
+        cw.k++;
+      }
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     cp_async_wait<0>();

@@ -232,7 +232,8 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
     }
     __syncthreads();
     unit_walk lw, cw; /* load side, compute side */
-    lw.start(a, nunits), cw.start(a, nunits);
+    lw.start(a, nunits);
+    cw = lw;
     lstate ls;
     load_unit(a, lw.u, ls);
     auto load_stage = [&](int slot) {
@@ -258,12 +259,16 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
       compute(cw.u.nt, smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
+      /* the unit's walk on, inside the rare branch (stepping it outside kept
+       * the unit state live across the stage: 168 registers and spills) */
       if (cw.k == nk - 1) {
         wgmma_wait<0>();
         pin_all(acc);
         store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
+        if (cw.step(a, nunits, nk)) sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
+      } else {
+        cw.k++;
       }
-      if (cw.step(a, nunits, nk)) sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
       if (slot == STAGES - 1) slot = 0, parity ^= 1u;
       else slot++;
     }

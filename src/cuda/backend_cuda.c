@@ -8,6 +8,8 @@
  * built on the GPU (route.cu). All work goes to the legacy default stream.
  * Supports only tensors in device memory (no host staging): with CPU tensors
  * or without a usable GPU, supports_qmm says no and AUTO falls through.
+ * Weights come in MLX's layout (the mma.sync kernel, qmm_mma.cu) or as a
+ * gqmm_pack copy made here by cuda_pack (the wgmma kernel, qmm_wgmma.cu).
  */
 #include "backend_cuda.h"
 #include "kernels.h"
@@ -116,20 +118,21 @@ static int cuda_configs(gqmm_ctx *ctx, const gqmm__qmm_args *a, gqmm__tile_confi
   return n;
 }
 
-/* Built-in choice from measurements (docs/perf-notes.md, "Session 2", the
- * final H100 run, every config on the seed's three shapes): 4 warps of two
- * m16 tiles win every 2/3/4-bit shape; for 4-bit with N >= 1024 (gate_up,
- * down) the 3-stage ring at 4 CTAs per SM (config 3) is level with or ahead
- * of the 4-stage ring at 3 CTAs (config 0), everywhere else config 0 leads.
- * 8-bit was not measured per config after session 1 and keeps its H100 rule:
- * 8 warps of one m16 tile (config 1), the 64-register variant (config 2) for
- * short rows (K <= 1024). */
 static int config_named(const char *name) {
   for (int i = 0; i < gqmm__cu_mma_config_count(); i++)
     if (!strcmp(gqmm__cu_mma_config_get(i)->name, name)) return i;
   return -1;
 }
 
+/* Built-in choice from measurements (docs/perf-notes.md). Packed weights
+ * ("Session 3"): the wgmma kernel with the ring two stages ahead led on all
+ * three seed shapes. MLX layout ("Session 2", every config on the seed's
+ * shapes): 4 warps of two m16 tiles win every 2/3/4-bit shape; for 4-bit
+ * with N >= 1024 (gate_up, down) the 3-stage ring at 4 CTAs per SM (config
+ * 3) is level with or ahead of the 4-stage ring at 3 CTAs (config 0),
+ * everywhere else config 0 leads. 8-bit was not measured per config after
+ * session 1 and keeps its H100 rule: 8 warps of one m16 tile (config 1), the
+ * 64-register variant (config 2) for short rows (K <= 1024). */
 static int heuristic(const gqmm__cu_qmm *k) {
   if (k->packed) { /* the wgmma kernel: 2 stages ahead led on every seed shape */
     const int c = config_named("wg_m2_s4_a2");

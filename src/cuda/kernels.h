@@ -82,7 +82,7 @@ typedef struct {
 } gqmm__cu_qmm;
 
 /*
- * The packed stage layout (pack.cu, read by the packed configs of qmm_mma.cu):
+ * The packed stage layout (pack.cu, read by the wgmma kernel, qmm_wgmma.cu):
  * per expert e, tile of GQMM__CU_PACK_TILE_N weight rows and stage of
  * GQMM__CU_PACK_STAGE_K k, one contiguous block of gqmm__cu_pack_stage_bytes:
  * the stage's weights in the order the kernel's threads read them, then the

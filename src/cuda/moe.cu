@@ -76,18 +76,23 @@ __global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_
 /* V columns per thread; V > 1 needs H a multiple of V and y, out 16-byte
  * aligned. A token with a bad id is all NaN: its sum starts at NaN (the ids
  * are the same few words for the CTA's few tokens). */
-template <typename T, int V>
+/* KC: top_k known at compile time (0: the run-time k), so the k loads of a
+ * thread are unrolled and all in flight at once. */
+template <typename T, int V, int KC>
 __global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
                                const int32_t *__restrict__ ids, uint32_t E, T *__restrict__ out,
-                               int64_t T_, int64_t k, int64_t H) {
+                               int64_t T_, int64_t k_rt, int64_t H) {
+  const int64_t k = KC ? KC : k_rt;
   int64_t t, n;
   if (!flat_at<V>(T_, H, &t, &n)) return;
   using P = pack<T, V>;
   bool bad = false;
+#pragma unroll
   for (int64_t j = 0; j < k; j++) bad |= (uint32_t)__ldg(ids + t * k + j) >= E;
   float acc[V];
 #pragma unroll
   for (int v = 0; v < V; v++) acc[v] = bad ? __int_as_float(0x7fc00000) : 0.0f;
+#pragma unroll
   for (int64_t j = 0; j < k; j++) {
     const float wt = dtype_traits<T>::to_f(w[t * k + j]);
     const P yv = *(const P *)(y + (t * k + j) * H + n);
@@ -143,8 +148,12 @@ int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, 
   if (!grid_flat(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
   const uint32_t e = (uint32_t)E;
   const T *yt = (const T *)y, *wt = (const T *)w;
-  if (V == VW) combine_kernel<T, VW><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
-  else combine_kernel<T, 1><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+  if (V == VW && k == 8) /* the common top-8 */
+    combine_kernel<T, VW, 8><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+  else if (V == VW)
+    combine_kernel<T, VW, 0><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+  else
+    combine_kernel<T, 1, 0><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
   return (int)cudaGetLastError();
 }
 

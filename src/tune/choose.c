@@ -108,7 +108,9 @@ static const gqmm__tune_entry *autotune(gqmm_ctx *ctx, tune_state *s, const gqmm
 
 int gqmm__choose_config(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__qmm_args *a) {
   if (ctx->forced_config >= 0) return ctx->forced_config;
-  if (!be->configs) return -1;
+  /* The tuner measures MLX-layout weights; a gqmm_pack copy runs other
+   * kernels, so its cache entries would not apply: the backend decides. */
+  if (!be->configs || a->packed) return -1;
   tune_state *s = state(ctx);
   if (!s) return -1;
   if (!s->loaded) {

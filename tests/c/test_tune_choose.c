@@ -232,6 +232,12 @@ GQMM_TEST(choose_follows_forced_then_cache_then_heuristic) {
   CHECK(gqmm__pick_config(ctx, &fake_backend, &a_r4) >= 0);
   gqmm__qmm_args a_r12 = gather_args(128, 2816, 1408, 12, GQMM_BF16); /* same bucket as 16 */
   CHECK(gqmm__choose_config(ctx, &fake_backend, &a_r12) == 3);
+  /* a gqmm_pack copy of the same weights: the cache (MLX layout) does not apply */
+  struct gqmm_packed fake_pk;
+  memset(&fake_pk, 0, sizeof fake_pk);
+  gqmm__qmm_args a_pk = a;
+  a_pk.packed = &fake_pk;
+  CHECK(gqmm__choose_config(ctx, &fake_backend, &a_pk) == -1);
   gqmm_ctx_destroy(ctx);
 
   /* the default path (GQMM_TUNE_CACHE) is read on first use; a corrupt file

@@ -474,8 +474,11 @@ GQMM_TEST(cpu_int8_mode_is_close_and_opt_in) {
                  .q = {4, 64},
                  .dt = GQMM_BF16};
     CHECK_OK(problem_make(&p, &r, 0, true));
-    /* int8 activations: ~0.4% per-element noise, far from exact; bounded */
-    if (isa_available("avx2")) CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 1}), 2e-2);
+    /* int8 activations: ~0.4% per-element noise, far from exact; bounded.
+     * Over 400 seeds (M = 1, 400 outputs) the error was 0.0154 median,
+     * 0.0199 at p99, 0.021-0.022 at the worst (a bound of 2e-2 failed ~1 run
+     * in 300): 3e-2 bounds the mode, an exact-path bug gives errors ~1. */
+    if (isa_available("avx2")) CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 1}), 3e-2);
     /* the portable ISA has no int8 kernel: the option falls back to exact */
     CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 1}), tol_for(p.dt));
     problem_free(&p);

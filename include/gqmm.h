@@ -218,8 +218,9 @@ int64_t gqmm_packed_nbytes(const gqmm_packed *p);
 /*
  * gather_qmm (transpose=1) over packed weights: the same semantics, shapes,
  * broadcasting and errors as gqmm_gather_qmm with the tensors w was packed
- * from; NULL indices give quantized_matmul. CUDA backend only (x, indices
- * and out on the device; GQMM_ERR_UNSUPPORTED where it cannot run).
+ * from; NULL indices give quantized_matmul. CUDA backend only: x and out
+ * on the device, the indices in host memory as for gqmm_gather_qmm
+ * (GQMM_ERR_UNSUPPORTED where it cannot run, e.g. a context forced to CPU).
  */
 int gqmm_gather_qmm_packed(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_packed *w,
                            const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,

@@ -48,16 +48,13 @@ static int check_qset(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *s,
   return GQMM_OK;
 }
 
-/* Fill a's weights from w: the fused set or the separate gate and up sets. */
-/* An optional gqmm_pack copy must come from a tensor of t's shape and format. */
+/* An optional gqmm_pack copy must come from a tensor of t's shape and format
+ * (t: already checked, never NULL). */
 static int check_packed(gqmm_ctx *ctx, const gqmm_packed *p, const char *name,
                         const gqmm_tensor *t, gqmm_quant q, gqmm_dtype dtype,
                         const gqmm_packed **dst) {
   *dst = p;
   if (!p) return GQMM_OK;
-  if (!t)
-    return gqmm__fail(ctx, GQMM_ERR_ARG, "%s_packed: given without the %s tensor it was packed from",
-                      name, name);
   bool same = p->ndim == t->ndim && p->q.bits == q.bits && p->q.group_size == q.group_size &&
               p->dtype == dtype;
   for (int d = 0; same && d < t->ndim; d++) same = p->shape[d] == t->shape[d];
@@ -69,6 +66,7 @@ static int check_packed(gqmm_ctx *ctx, const gqmm_packed *p, const char *name,
   return GQMM_OK;
 }
 
+/* Fill a's weights from w: the fused set or the separate gate and up sets. */
 static int check_weights(gqmm_ctx *ctx, const gqmm_moe_weights *w, gqmm__moe_args *a) {
   const bool fused = w->gate_up != NULL;
   if (fused && (w->gate || w->up))
@@ -131,7 +129,8 @@ static int check_weights(gqmm_ctx *ctx, const gqmm_moe_weights *w, gqmm__moe_arg
     return gqmm__fail(ctx, GQMM_ERR_ARG,
                       "gate_up_packed: the layer has separate gate and up tensors; pass "
                       "gate_packed and up_packed");
-  if (fused) st = check_packed(ctx, w->gate_up_packed, "gate_up", w->gate_up, a->q, a->dtype, &a->gate_pk);
+  if (fused)
+    st = check_packed(ctx, w->gate_up_packed, "gate_up", w->gate_up, a->q, a->dtype, &a->gate_pk);
   else if (!(st = check_packed(ctx, w->gate_packed, "gate", w->gate, a->q, a->dtype, &a->gate_pk)))
     st = check_packed(ctx, w->up_packed, "up", w->up, a->q, a->dtype, &a->up_pk);
   if (!st) st = check_packed(ctx, w->down_packed, "down", w->down, a->q, a->dtype, &a->down_pk);

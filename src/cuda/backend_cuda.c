@@ -143,6 +143,11 @@ static int heuristic(const gqmm__cu_qmm *k) {
   return k->bits == 4 && k->N >= 1024 ? 3 : 0;
 }
 
+bool gqmm__cuda_config_valid(int cfg, const gqmm__cu_qmm *k) {
+  if (cfg == generic_id()) return !k->packed; /* the generic kernel reads MLX's layout */
+  return cfg >= 0 && cfg < generic_id() && gqmm__cu_mma_config_ok(cfg, k);
+}
+
 static int grow(gqmm_ctx *ctx, void **p, size_t *cap, size_t need, bool pinned) {
   if (*cap >= need) return GQMM_OK;
   size_t n = need + need / 2 + 1024;
@@ -171,8 +176,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
   if (a->packed && cfg < 0)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "w: packed weights need float16/bfloat16 x and 16-byte aligned rows of x");
-  if (cfg < 0 || cfg > generic_id() || (cfg < generic_id() && !gqmm__cu_mma_config_ok(cfg, &probe_k)) ||
-      (cfg == generic_id() && a->packed))
+  if (!gqmm__cuda_config_valid(cfg, &probe_k))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for these arguments", cfg);
   /* The pinned buffer may still feed the previous call's copy. */
   if (s->staged_pending && cudaEventSynchronize(s->ev_staged) != cudaSuccess)

@@ -6,6 +6,7 @@
 #define GQMM_BACKEND_CUDA_H
 
 #include "internal.h"
+#include "kernels.h"
 
 /* moe_cuda.c: the moe_forward / moe_phases hooks and the release of its state. */
 int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a);
@@ -20,5 +21,8 @@ int gqmm__cuda_moe_take_error(gqmm_ctx *ctx);
  * (forced, tuned, else the heuristic). */
 void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
 int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+/* Whether config id cfg can run k: a tensor-core config that fits it, or
+ * the generic kernel for weights in MLX's layout. */
+bool gqmm__cuda_config_valid(int cfg, const gqmm__cu_qmm *k);
 
 #endif

@@ -234,8 +234,7 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
                             .out = g->k.out,
                             .packed = g->pk};
   const int cfg = gqmm__cuda_pick_config(ctx, &q);
-  if (cfg < 0 || cfg > generic || (cfg < generic && !gqmm__cu_mma_config_ok(cfg, &g->k)) ||
-      (cfg == generic && g->pk))
+  if (!gqmm__cuda_config_valid(cfg, &g->k))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for the layer's GEMMs", cfg);
   g->cfg = cfg;
   if (cfg < generic) {

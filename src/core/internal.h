@@ -107,6 +107,17 @@ int gqmm__check_output(gqmm_ctx *ctx, const gqmm_tensor *out, gqmm_dtype dtype, 
                        const int64_t *shape, const char *name);
 /* Status + message for an unsupported (bits, group_size). */
 int gqmm__check_quant(gqmm_ctx *ctx, gqmm_quant q);
+/* A quantized weight set (w, scales, biases) as the ops check it
+ * (ops_matmul.c), in three steps: valid tensors (biases required); w uint32
+ * and float scales/biases; w at least 2-D, whole groups per row, scales and
+ * biases of shape w.shape[:-1] + (values / group_size,). packed_len: the
+ * values per row of w. */
+int gqmm__check_qweight_tensors(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                                const gqmm_tensor *biases);
+int gqmm__check_qweight_dtypes(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                               const gqmm_tensor *biases);
+int gqmm__check_qweight_shapes(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                               const gqmm_tensor *biases, gqmm_quant q, int64_t *packed_len);
 void gqmm__shape_str(char *buf, size_t len, int ndim, const int64_t *shape);
 
 /* ---- the backend interface ----------------------------------------------- */

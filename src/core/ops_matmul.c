@@ -76,22 +76,19 @@ static int64_t bcast_offset(const int64_t *idx, int nfull, const int64_t *s, int
 }
 
 /* Checks shared by both ops: tensors, dtypes, K/N, scales/biases shapes. */
-static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
-                        const gqmm_tensor *scales, const gqmm_tensor *biases, int transpose,
-                        gqmm_quant q, qmm_plan *p) {
+/* The checks of a quantized weight set (internal.h), shared with gqmm_pack;
+ * check_common runs them in this order with the x checks in between. */
+int gqmm__check_qweight_tensors(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                                const gqmm_tensor *biases) {
   int st;
-  if ((st = gqmm__check_quant(ctx, q))) return st;
-  if ((st = gqmm__check_tensor(ctx, x, "x"))) return st;
   if ((st = gqmm__check_tensor(ctx, w, "w"))) return st;
   if ((st = gqmm__check_tensor(ctx, scales, "scales"))) return st;
   if (!biases) return gqmm__fail(ctx, GQMM_ERR_NULL, "biases: required in affine mode (got NULL)");
-  if ((st = gqmm__check_tensor(ctx, biases, "biases"))) return st;
-  if ((st = gqmm__check_same_device(ctx, w, "w", x->device))) return st;
-  if ((st = gqmm__check_same_device(ctx, scales, "scales", x->device))) return st;
-  if ((st = gqmm__check_same_device(ctx, biases, "biases", x->device))) return st;
-  if (!gqmm__is_float(x->dtype))
-    return gqmm__fail(ctx, GQMM_ERR_DTYPE, "x: dtype is %s, expected float32, float16 or bfloat16",
-                      gqmm_dtype_name(x->dtype));
+  return gqmm__check_tensor(ctx, biases, "biases");
+}
+
+int gqmm__check_qweight_dtypes(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                               const gqmm_tensor *biases) {
   if (w->dtype != GQMM_U32)
     return gqmm__fail(ctx, GQMM_ERR_DTYPE, "w: dtype is %s, expected uint32 (packed)",
                       gqmm_dtype_name(w->dtype));
@@ -101,7 +98,11 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
   if (!gqmm__is_float(biases->dtype))
     return gqmm__fail(ctx, GQMM_ERR_DTYPE, "biases: dtype is %s, expected a float type",
                       gqmm_dtype_name(biases->dtype));
-  if (x->ndim < 1) return gqmm__fail(ctx, GQMM_ERR_NDIM, "x: must have at least 1 dimension");
+  return GQMM_OK;
+}
+
+int gqmm__check_qweight_shapes(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                               const gqmm_tensor *biases, gqmm_quant q, int64_t *packed_len_out) {
   if (w->ndim < 2)
     return gqmm__fail(ctx, GQMM_ERR_NDIM, "w: must have at least 2 dimensions, got %d", w->ndim);
   const int64_t words = w->shape[w->ndim - 1];
@@ -110,7 +111,6 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
                       "w: %lld words per row is not a whole number of %d-bit values",
                       (long long)words, q.bits);
   const int64_t packed_len = words * 32 / q.bits; /* K if transpose, else N */
-  const int64_t rows = w->shape[w->ndim - 2];     /* N if transpose, else K */
   if (packed_len % q.group_size != 0)
     return gqmm__fail(ctx, GQMM_ERR_SHAPE,
                       "w: rows hold %lld values, not a multiple of group_size %d",
@@ -134,6 +134,28 @@ static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *
                         got, want);
     }
   }
+  *packed_len_out = packed_len;
+  return GQMM_OK;
+}
+
+static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
+                        const gqmm_tensor *scales, const gqmm_tensor *biases, int transpose,
+                        gqmm_quant q, qmm_plan *p) {
+  int st;
+  if ((st = gqmm__check_quant(ctx, q))) return st;
+  if ((st = gqmm__check_tensor(ctx, x, "x"))) return st;
+  if ((st = gqmm__check_qweight_tensors(ctx, w, scales, biases))) return st;
+  if ((st = gqmm__check_same_device(ctx, w, "w", x->device))) return st;
+  if ((st = gqmm__check_same_device(ctx, scales, "scales", x->device))) return st;
+  if ((st = gqmm__check_same_device(ctx, biases, "biases", x->device))) return st;
+  if (!gqmm__is_float(x->dtype))
+    return gqmm__fail(ctx, GQMM_ERR_DTYPE, "x: dtype is %s, expected float32, float16 or bfloat16",
+                      gqmm_dtype_name(x->dtype));
+  if ((st = gqmm__check_qweight_dtypes(ctx, w, scales, biases))) return st;
+  if (x->ndim < 1) return gqmm__fail(ctx, GQMM_ERR_NDIM, "x: must have at least 1 dimension");
+  int64_t packed_len;
+  if ((st = gqmm__check_qweight_shapes(ctx, w, scales, biases, q, &packed_len))) return st;
+  const int64_t rows = w->shape[w->ndim - 2]; /* N if transpose, else K */
   const int64_t K = transpose ? packed_len : rows;
   const int64_t N = transpose ? rows : packed_len;
   const int64_t xk = x->shape[x->ndim - 1];

@@ -10,12 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The backend that packs for tensors on `dev` under ctx's backend choice. */
+/* The backend that packs for tensors on `dev` under ctx's backend choice:
+ * only the CUDA backend has a `pack` hook, for its device's tensors. */
 static const gqmm__backend *packer(gqmm_ctx *ctx, gqmm_device dev) {
   for (const gqmm__backend *const *b = gqmm__backends(); *b; b++) {
     const gqmm__backend *be = *b;
     if (ctx->backend_kind != GQMM_BACKEND_AUTO && be->kind != ctx->backend_kind) continue;
-    if (be->pack && dev == GQMM_DEVICE_CUDA && be->kind == GQMM_BACKEND_CUDA) return be;
+    if (be->pack && dev == GQMM_DEVICE_CUDA) return be;
   }
   return NULL;
 }
@@ -27,36 +28,22 @@ int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   if (!out) return gqmm__fail(ctx, GQMM_ERR_NULL, "out: pointer is NULL");
   *out = NULL;
   int st;
-  if ((st = gqmm__check_quant(ctx, q))) return st;
-  if ((st = gqmm__check_tensor(ctx, w, "w")) || (st = gqmm__check_tensor(ctx, scales, "scales")))
+  int64_t K;
+  if ((st = gqmm__check_quant(ctx, q)) || (st = gqmm__check_qweight_tensors(ctx, w, scales, biases)))
     return st;
-  if (!biases) return gqmm__fail(ctx, GQMM_ERR_NULL, "biases: required in affine mode (got NULL)");
-  if ((st = gqmm__check_tensor(ctx, biases, "biases"))) return st;
   if ((st = gqmm__check_same_device(ctx, scales, "scales", w->device)) ||
-      (st = gqmm__check_same_device(ctx, biases, "biases", w->device)))
+      (st = gqmm__check_same_device(ctx, biases, "biases", w->device)) ||
+      (st = gqmm__check_qweight_dtypes(ctx, w, scales, biases)) ||
+      (st = gqmm__check_qweight_shapes(ctx, w, scales, biases, q, &K)))
     return st;
-  if (w->dtype != GQMM_U32)
-    return gqmm__fail(ctx, GQMM_ERR_DTYPE, "w: dtype is %s, expected uint32 (packed)",
-                      gqmm_dtype_name(w->dtype));
-  if (w->ndim < 2)
-    return gqmm__fail(ctx, GQMM_ERR_NDIM, "w: must have at least 2 dimensions, got %d", w->ndim);
+  /* what the packed layout adds */
   if (scales->dtype != GQMM_F16 && scales->dtype != GQMM_BF16)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "scales: dtype is %s; the packed layout holds float16 or bfloat16 scales",
                       gqmm_dtype_name(scales->dtype));
-  const int64_t words = w->shape[w->ndim - 1], K = words * 32 / q.bits, N = w->shape[w->ndim - 2];
-  if ((words * 32) % q.bits != 0 || K % q.group_size != 0)
-    return gqmm__fail(ctx, GQMM_ERR_SHAPE,
-                      "w: %lld words per row are not whole groups of %d %d-bit values",
-                      (long long)words, q.group_size, q.bits);
-  int64_t sshape[GQMM_MAX_DIMS];
-  memcpy(sshape, w->shape, sizeof sshape);
-  sshape[w->ndim - 1] = K / q.group_size;
-  if ((st = gqmm__check_dtype_shape(ctx, scales, "scales", scales->dtype, w->ndim, sshape,
-                                    GQMM_ERR_DTYPE, GQMM_ERR_SHAPE)) ||
-      (st = gqmm__check_dtype_shape(ctx, biases, "biases", scales->dtype, w->ndim, sshape,
-                                    GQMM_ERR_DTYPE, GQMM_ERR_SHAPE)))
-    return st;
+  if (biases->dtype != scales->dtype)
+    return gqmm__fail(ctx, GQMM_ERR_DTYPE, "biases: dtype is %s, expected %s like the scales",
+                      gqmm_dtype_name(biases->dtype), gqmm_dtype_name(scales->dtype));
   if (q.bits != 2 && q.bits != 3 && q.bits != 4 && q.bits != 8)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "gqmm_pack: %d-bit weights have no packed layout (2, 3, 4 and 8 do); use "
@@ -80,6 +67,7 @@ int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   memcpy(p->shape, w->shape, sizeof p->shape);
   p->K = K;
   p->be = be;
+  const int64_t N = w->shape[w->ndim - 2];
   int64_t E = 1;
   for (int d = 0; d < w->ndim - 2; d++) E *= w->shape[d];
   if (E > 0 && N > 0 && (st = be->pack(ctx, p, w->data, scales->data, biases->data, E, N))) {

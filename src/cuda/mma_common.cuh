@@ -1,7 +1,8 @@
 /*
- * mma_common.cuh - the tensor-core gather kernel's arguments, its walk over
- * the routing plan's work units and its output store (qmm_mma.cu holds the
- * pipeline and the arithmetic).
+ * mma_common.cuh - what the two tensor-core gather kernels share: their
+ * arguments, the walk over the routing plan's work units, the dispatch on a
+ * unit's token-tile count and the output store (qmm_mma.cu and qmm_wgmma.cu
+ * hold the pipelines and the arithmetic).
  */
 #ifndef GQMM_CUDA_MMA_COMMON_CUH
 #define GQMM_CUDA_MMA_COMMON_CUH
@@ -11,6 +12,7 @@
 
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <type_traits>
 
 namespace gqmm_cu {
 
@@ -73,6 +75,16 @@ struct unit_walk {
     return true;
   }
 };
+
+/* f(std::integral_constant<int, NT>{}) for a unit's nt (1..NTMAX) n8 token
+ * tiles: a stage's compute is instantiated per count, so it is one basic
+ * block with no branch per token tile. */
+template <int NTMAX, int NT = 1, typename Fn>
+__device__ __forceinline__ void with_nt(int nt, Fn &&f) {
+  if constexpr (NT == NTMAX) f(std::integral_constant<int, NT>{});
+  else if (nt == NT) f(std::integral_constant<int, NT>{});
+  else with_nt<NTMAX, NT + 1>(nt, f);
+}
 
 /* Write a finished unit's accumulators to its rows' outputs and zero them.
  * Warp w owns m16 tiles w*MT .. w*MT + MT-1 of the N tile, or with

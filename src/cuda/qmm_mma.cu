@@ -165,7 +165,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
   }
 
   /* One stage: dequantize this thread's weights once, reuse them for the
-   * unit's NT token tiles. NT is a template parameter (compute() picks it
+   * unit's NT token tiles. NT is a template parameter (with_nt picks it
    * once per stage) so a stage is one basic block: no branch per token
    * tile, and the scheduler can hide each MMA's latency behind the next
    * tile's MMA and the dequantization instead of padding with NOPs. */
@@ -230,16 +230,6 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 #pragma unroll
           for (int j = 0; j < NT; j++) mma_16816<T>(acc[mt][j], A[mt][sl], B[j][sl][0], B[j][sl][1]);
     }
-  }
-
-  /* compute_n<nt> for the unit's nt (1..kNtMax) token tiles. */
-  template <int NT = 1>
-  static __device__ __forceinline__ void compute(int nt, const uint8_t *smem, int slot,
-                                                 const uint32_t (&sb)[MT][2],
-                                                 float (&acc)[MT][kNtMax][4]) {
-    if constexpr (NT == kNtMax) compute_n<NT>(smem, slot, sb, acc);
-    else if (nt == NT) compute_n<NT>(smem, slot, sb, acc);
-    else compute<NT + 1>(nt, smem, slot, sb, acc);
   }
 
   static __device__ __forceinline__ void run(const kargs &a) {
@@ -308,7 +298,7 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
         load_stage(nslot);
       }
       cp_async_commit();
-      compute(cw.u.nt, smem, slot, sb[0], acc);
+      with_nt<kNtMax>(cw.u.nt, [&](auto nt) { compute_n<nt.value>(smem, slot, sb[0], acc); });
       if (cw.k == nk - 1) { /* the walk steps inside the rare branch (see qmm_wgmma.cu) */
         store_unit<T, MT, kNtMax, kBN>(a, cw.u, acc);
         cw.step(a, nunits, nk);

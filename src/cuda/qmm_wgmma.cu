@@ -193,14 +193,6 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
         for (int r = 0; r < 4; r++) asm volatile("" ::"r"(A[mt][sl][r]));
   }
 
-  template <int NT = 1>
-  static __device__ __forceinline__ void compute(int nt, const uint8_t *stp, uint32_t st, int sadj,
-                                                 float (&acc)[MT][NTMAX][4]) {
-    if constexpr (NT == NTMAX) compute_n<NT>(stp, st, sadj, acc);
-    else if (nt == NT) compute_n<NT>(stp, st, sadj, acc);
-    else compute<NT + 1>(nt, stp, st, sadj, acc);
-  }
-
   static __device__ __forceinline__ void pin_all(float (&acc)[MT][NTMAX][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -258,7 +250,9 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
       const int nslot = (slot + AHEAD) % STAGES;
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
-      compute(cw.u.nt, smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
+      with_nt<NTMAX>(cw.u.nt, [&](auto nt) {
+        compute_n<nt.value>(smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
+      });
       /* the unit's walk on, inside the rare branch (stepping it outside kept
        * the unit state live across the stage: 168 registers and spills) */
       if (cw.k == nk - 1) {

@@ -216,6 +216,20 @@ static gqmm_packed *pack_weights(bench *b, const dweights *dw, int dense) {
   return pk;
 }
 
+/* measure() on every tensor-core config the backend offers for pa (packed:
+ * its packed configs); returns the failures. */
+static int measure_configs(bench *b, const gqmm__backend *be, const gqmm__qmm_args *pa,
+                           const char *op, const char *shape, const dweights *dw, int64_t rows,
+                           const int32_t *rhs) {
+  gqmm__tile_config cfgs[16];
+  const int ncfg = be->configs(b->ctx, pa, cfgs, 16);
+  int fails = 0;
+  for (int c = 0; c < ncfg; c++)
+    if (strcmp(cfgs[c].name, "generic"))
+      fails += measure(b, op, shape, dw, rows, rhs, cfgs[c].id, cfgs[c].name, pa->packed) != 0;
+  return fails;
+}
+
 static const gqmm__backend *cuda_be(void) {
   for (const gqmm__backend *const *p = gqmm__backends(); *p; p++)
     if ((*p)->kind == GQMM_BACKEND_CUDA && (*p)->ceilings) return *p;
@@ -258,8 +272,6 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   if (b.json) fprintf(b.json, "[");
   printf("%-8s %-10s %4s %4s %5s %6s %6s %7s  %-14s %9s %9s %8s %7s\n", "op", "shape", "bits",
          "E", "K", "N", "rows", "rows/e", "config", "kern_us", "op_us", "GB/s", "ceil%");
-  gqmm__tile_config cfgs[16];
-  int ncfg = 0;
   const struct {
     const char *name;
     int K, N;
@@ -279,14 +291,9 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
       /* MLX layout, then the packed copy: the built-in choice, every config */
       for (int packed = 0; packed < (pk ? 2 : 1); packed++) {
         pa.packed = packed ? pk : NULL;
-        ncfg = be->configs(b.ctx, &pa, cfgs, 16);
-        const gqmm_packed *use = packed ? pk : NULL;
         fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, -1,
-                         packed ? "packed-auto" : "auto", use) != 0;
-        for (int c = 0; c < ncfg; c++)
-          if (strcmp(cfgs[c].name, "generic"))
-            fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, cfgs[c].id,
-                             cfgs[c].name, use) != 0;
+                         packed ? "packed-auto" : "auto", pa.packed) != 0;
+        fails += measure_configs(&b, be, &pa, "gather", shapes[si].name, &dw, 2048, rhs);
       }
       if (si == 0 && bi == 0) { /* the sweep, on the gate_up weights */
         gqmm_packed *pk2 = pack_weights(&b, &dw, 1);
@@ -299,11 +306,7 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
                              packed ? pk : NULL) != 0;
             /* where the work unit's row count starts to matter: every config */
             pa.packed = packed ? pk : NULL;
-            ncfg = r >= 32 ? be->configs(b.ctx, &pa, cfgs, 16) : 0;
-            for (int c = 0; c < ncfg; c++)
-              if (strcmp(cfgs[c].name, "generic"))
-                fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, cfgs[c].id,
-                                 cfgs[c].name, packed ? pk : NULL) != 0;
+            if (r >= 32) fails += measure_configs(&b, be, &pa, "sweep", "gate_up", &dw, 128 * r, rhs);
           }
           for (int m = 1; m <= 128; m *= 2) /* same bytes as one dense [E*N, K] */
             fails += measure(&b, "dense", "E*N_x_K", &dw, m, NULL, -1, name,

@@ -212,6 +212,17 @@ int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
 typedef struct gqmm_packed gqmm_packed;
 int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
               const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out);
+/*
+ * gqmm_pack_glu: gqmm_pack for a fused gate_up tensor [..., 2I, K*bits/32]
+ * (gate rows [0, I), then up rows [I, 2I), as gqmm_moe_weights.gate_up),
+ * with each gate row stored beside its up row. Given as gate_up_packed,
+ * it lets gqmm_moe_forward apply the activation in the gate_up GEMM's
+ * epilogue (no [tokens*k, 2I] intermediate and no separate pass).
+ * gqmm_gather_qmm_packed reads it like a gqmm_pack copy, with the same
+ * results. GQMM_ERR_SHAPE if the row count is odd.
+ */
+int gqmm_pack_glu(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                  const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out);
 void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p);
 /* Device bytes the packed copy occupies. */
 int64_t gqmm_packed_nbytes(const gqmm_packed *p);

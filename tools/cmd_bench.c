@@ -33,6 +33,7 @@ typedef struct {
   int reps, max_layers;     /* -1: chosen from the backend */
   int levers, breakdown;
   int no_pack;              /* 1: the GPU reads the MLX layout (no gqmm_pack copies) */
+  int no_glu;               /* 1: gate_up packed by gqmm_pack (activation not in its epilogue) */
   const char *json, *plot;
   gqmm_backend_kind kind;
 } bench_opts;
@@ -45,13 +46,14 @@ typedef struct {
   gqmm__ceilings ceil;
   int have_ceil;
   int pack; /* layers get gqmm_pack copies (a device backend that packs) */
+  int glu;  /* gate_up's copy is gqmm_pack_glu's */
 } bench_env;
 
 /* One layer's weights (fused gate_up, down) in the device's memory. */
 typedef struct {
   void *buf[6]; /* gu_w, gu_s, gu_b, d_w, d_s, d_b */
   gqmm_tensor t[6];
-  gqmm_packed *pk[2]; /* gqmm_pack copies of gate_up and down, or NULL */
+  gqmm_packed *pk[2]; /* gqmm_pack_glu of gate_up and gqmm_pack of down, or NULL */
   gqmm_moe_weights w;
 } bench_layer;
 
@@ -175,11 +177,12 @@ static int layer_make(bench_env *env, const gqmm_moe_model *m, gqmm_quant q, uin
   L->w = (gqmm_moe_weights){.q = q, .gate_up = &L->t[0], .gate_up_scales = &L->t[1],
                             .gate_up_biases = &L->t[2], .down = &L->t[3],
                             .down_scales = &L->t[4], .down_biases = &L->t[5]};
-  /* The load-time step a GPU user takes: the kernels' packed layout (formats
-   * without one, e.g. 5/6-bit, stay unpacked). */
+  /* The load-time step a GPU user takes: the kernels' packed layout, gate_up
+   * with its gate and up rows paired (the activation then runs in its
+   * epilogue); formats without one, e.g. 5/6-bit, stay unpacked. */
   for (int part = 0; env->pack && part < 2; part++) {
-    const int st = gqmm_pack(env->ctx, &L->t[3 * part], &L->t[3 * part + 1], &L->t[3 * part + 2],
-                             q, &L->pk[part]);
+    const int st = (part || !env->glu ? gqmm_pack : gqmm_pack_glu)(env->ctx, &L->t[3 * part], &L->t[3 * part + 1],
+                                                      &L->t[3 * part + 2], q, &L->pk[part]);
     if (st && st != GQMM_ERR_UNSUPPORTED) {
       layer_free(env, L);
       return -1;
@@ -461,7 +464,7 @@ static void json_record(FILE *f, const bench_env *env, const bench_opts *o, cons
           first ? "" : ",\n", gqmm_last_backend(env->ctx), env->have_ceil ? env->ceil.device_name : "",
           o->m.name, o->m.layers, r->layers_run, o->m.experts, o->m.top_k, (long long)o->m.hidden,
           (long long)o->m.inter, rows, rows / o->m.experts, o->tokens, r->canvases, r->bits,
-          o->m.q.group_size, env->pack ? "auto-packed" : "auto", r->step_med_s * 1e6, r->step_min_s * 1e6,
+          o->m.q.group_size, env->pack ? env->glu ? "auto-packed" : "auto-packed-plain" : "auto", r->step_med_s * 1e6, r->step_min_s * 1e6,
           r->step_med_s * 1e6 / r->canvases, r->weight_bytes, gbps);
   if (env->have_ceil)
     fprintf(f, ", \"ceiling_copy_GBps\": %.3f, \"ceiling_read_GBps\": %.3f, "
@@ -507,10 +510,12 @@ static void usage(FILE *f) {
           "                  [--act swiglu|geglu] [--bits B] [--group G] [--canvases B] [--tokens T]\n"
           "                  [--levers] [--breakdown] [--json FILE] [--plot FILE.png]\n"
           "                  [--backend auto|cpu|cuda|ref] [--reps N] [--max-layers N] [--no-pack]\n"
+          "                  [--no-glu]\n"
           "Times the MoE expert layers of one denoising step (default: the seed's model,\n"
           "one 256-token canvas). --levers: canvases 1,2,4,8 x expert bits 8,4,3,2.\n"
-          "On a GPU the weights are packed once at load (gqmm_pack); --no-pack reads\n"
-          "the MLX layout instead.\n"
+          "On a GPU the weights are packed once at load (gqmm_pack_glu, gqmm_pack); --no-pack reads\n"
+          "the MLX layout instead; --no-glu packs gate_up with gqmm_pack (the activation then\n"
+          "runs as its own kernel).\n"
           "models:");
   for (int i = 0; gqmm_moe_model_at(i); i++) fprintf(f, " %s", gqmm_moe_model_at(i)->name);
   fprintf(f, "\n");
@@ -549,6 +554,7 @@ static int parse(int argc, char **argv, bench_opts *o) {
     else if (!strcmp(a, "--levers")) o->levers = 1;
     else if (!strcmp(a, "--breakdown")) o->breakdown = 1;
     else if (!strcmp(a, "--no-pack")) o->no_pack = 1;
+    else if (!strcmp(a, "--no-glu")) o->no_glu = 1;
     else if (!strcmp(a, "--layers")) bad = int_arg(argc, argv, &i, &v), o->m.layers = (int)v, custom = 1;
     else if (!strcmp(a, "--experts")) bad = int_arg(argc, argv, &i, &v), o->m.experts = (int)v, custom = 1;
     else if (!strcmp(a, "--topk")) bad = int_arg(argc, argv, &i, &v), o->m.top_k = (int)v, custom = 1;
@@ -602,6 +608,7 @@ static int pick_env(bench_opts *o, bench_env *env) {
   }
   if (env->be->ceilings && env->be->ceilings(env->ctx, &env->ceil) == GQMM_OK) env->have_ceil = 1;
   env->pack = !o->no_pack && env->be->pack && env->dev != GQMM_DEVICE_CPU;
+  env->glu = env->pack && !o->no_glu;
   const int is_ref = env->be->kind == GQMM_BACKEND_REF, dev = env->dev != GQMM_DEVICE_CPU;
   if (o->reps < 0) o->reps = is_ref ? 1 : dev ? 20 : 3;
   if (o->max_layers < 0) o->max_layers = is_ref ? 1 : dev ? o->m.layers : 2;
@@ -644,7 +651,9 @@ int gqmm_cmd_bench(int argc, char **argv) {
          (long long)m->inter, m->act == GQMM_ACT_GEGLU ? "GeGLU" : "SwiGLU", m->q.group_size);
   printf("backend: %s (%s memory, %s); ", env.be->name,
          env.dev == GQMM_DEVICE_CPU ? "host" : "device",
-         env.pack ? "weights packed at load by gqmm_pack" : "MLX weight layout");
+         !env.pack  ? "MLX weight layout"
+         : env.glu ? "weights packed at load by gqmm_pack_glu / gqmm_pack"
+                   : "weights packed at load by gqmm_pack");
   if (env.have_ceil)
     printf("ceilings on %s: copy %.1f GB/s, read %.1f GB/s, compute %.1f GMAC/s (%s)\n",
            env.ceil.device_name, env.ceil.copy_GBps, env.ceil.read_GBps, env.ceil.compute_GMACps,

@@ -240,12 +240,16 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   bench b = {.reps = 20, .rng = 0x9E3779B97F4A7C15ull};
   const char *json = NULL;
   int quick = 0;
+  const char *only = NULL; /* --sweep LIST: the packed sweep at these rows per expert only */
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) b.reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--quick")) quick = 1;
+    else if (!strcmp(argv[i], "--sweep") && i + 1 < argc) only = argv[++i];
     else {
-      printf("usage: gqmm cuda-bench [--json FILE] [--reps N (20)] [--quick]\n");
+      printf("usage: gqmm cuda-bench [--json FILE] [--reps N (20)] [--quick]\n"
+             "                       [--sweep R,R,... (1..128): only the packed gate_up sweep at\n"
+             "                        these rows per expert, the built-in config (profiling)]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }
@@ -278,7 +282,25 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   } shapes[3] = {{"gate_up", 2816, 1408}, {"gate", 2816, 704}, {"down", 704, 2816}};
   const int bitsv[3] = {4, 3, 2};
   int fails = 0;
-  for (int bi = 0; bi < (quick ? 1 : 3); bi++) {
+  if (only) {
+    gqmm_packed *pk = NULL;
+    if (make_weights(&b, &dw, 128, 1408, 2816, (gqmm_quant){4, 64}) || !(pk = pack_weights(&b, &dw, 0)))
+      goto out;
+    for (const char *p = only; *p;) {
+      char *end;
+      const long r = strtol(p, &end, 10);
+      if (end == p || r < 1 || r > 128) {
+        fprintf(stderr, "gqmm cuda-bench: --sweep takes rows per expert in 1..128, got '%s'\n", p);
+        fails++;
+        break;
+      }
+      for (int i = 0; i < 128 * r; i++) rhs[i] = i / (int)r;
+      fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, "packed-auto", pk) != 0;
+      p = *end == ',' ? end + 1 : end;
+    }
+    gqmm_packed_free(b.ctx, pk);
+  }
+  for (int bi = 0; !only && bi < (quick ? 1 : 3); bi++) {
     for (int si = 0; si < 3; si++) {
       if (make_weights(&b, &dw, 128, shapes[si].N, shapes[si].K, (gqmm_quant){bitsv[bi], 64})) goto out;
       random_routing(&b, 256, 8, 128, rhs);

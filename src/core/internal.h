@@ -161,6 +161,7 @@ struct gqmm_packed {
   int ndim;              /* of w */
   int64_t shape[GQMM_MAX_DIMS]; /* w's shape: [..., N, K*bits/32] */
   int64_t K;
+  int glu; /* gqmm_pack_glu: gate and up rows paired (w is [..., 2I, ...]) */
   const struct gqmm__backend *be;
   void *data;
   int64_t nbytes;

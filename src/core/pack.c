@@ -21,8 +21,9 @@ static const gqmm__backend *packer(gqmm_ctx *ctx, gqmm_device dev) {
   return NULL;
 }
 
-int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
-              const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out) {
+/* gqmm_pack and gqmm_pack_glu (glu = 1). */
+static int pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                const gqmm_tensor *biases, gqmm_quant q, int glu, gqmm_packed **out) {
   if (!ctx) return GQMM_ERR_NULL;
   gqmm__clear_error(ctx);
   if (!out) return gqmm__fail(ctx, GQMM_ERR_NULL, "out: pointer is NULL");
@@ -53,6 +54,11 @@ int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "gqmm_pack: K = %lld is not a multiple of 32 (the packed layout's unit)",
                       (long long)K);
+  if (glu && w->shape[w->ndim - 2] % 2 != 0)
+    return gqmm__fail(ctx, GQMM_ERR_SHAPE,
+                      "gqmm_pack_glu: w has %lld rows; a gate_up tensor has 2 x I (gate rows, "
+                      "then up rows)",
+                      (long long)w->shape[w->ndim - 2]);
   const gqmm__backend *be = packer(ctx, w->device);
   if (!be)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
@@ -66,6 +72,7 @@ int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   p->ndim = w->ndim;
   memcpy(p->shape, w->shape, sizeof p->shape);
   p->K = K;
+  p->glu = glu;
   p->be = be;
   const int64_t N = w->shape[w->ndim - 2];
   int64_t E = 1;
@@ -76,6 +83,16 @@ int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   }
   *out = p;
   return GQMM_OK;
+}
+
+int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+              const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out) {
+  return pack(ctx, w, scales, biases, q, 0, out);
+}
+
+int gqmm_pack_glu(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
+                  const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out) {
+  return pack(ctx, w, scales, biases, q, 1, out);
 }
 
 void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p) {

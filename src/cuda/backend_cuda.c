@@ -80,6 +80,8 @@ static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
   k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
   k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
   k.packed = a->packed ? (const uint8_t *)a->packed->data : NULL;
+  k.glu = a->packed ? a->packed->glu : 0;
+  k.epilogue_act = 0;
   return k;
 }
 
@@ -205,8 +207,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     err = gqmm__cu_generic_run(&k);
   } else {
     const int64_t E = a->w_batches;
-    const int tile_n = gqmm__cu_mma_tile_n(cfg), tok = gqmm__cu_mma_tok_max(cfg);
-    const int n_tiles = (int)((a->N + tile_n - 1) / tile_n);
+    const int tok = gqmm__cu_mma_tok_max(cfg), n_tiles = gqmm__cu_mma_n_tiles(cfg, &k);
     const int64_t used = B < E ? B : E;
     const int64_t max_units = gqmm__cu_units_bound(R, used, tok, n_tiles);
     /* count, row_start, fill, unit_start, rows_x, rows_o; the unit
@@ -329,11 +330,11 @@ static void cuda_release(gqmm_ctx *ctx) {
 static int cuda_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
                      const void *biases, int64_t E, int64_t N) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  const int64_t bytes = gqmm__cu_pack_bytes(E, N, p->K, p->q.bits, p->q.group_size);
+  const int64_t bytes = gqmm__cu_pack_bytes(E, N, p->K, p->q.bits, p->q.group_size, p->glu);
   void *d = NULL;
   int st = cuda_mem_alloc(ctx, (size_t)bytes, &d);
   if (st) return st;
-  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, d);
+  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, p->glu, d);
   if (!err) err = (int)cudaDeviceSynchronize();
   if (err) {
     cudaFree(d);

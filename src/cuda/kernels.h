@@ -79,6 +79,11 @@ typedef struct {
   /* Non-NULL: the weights in the stage layout of gqmm__cu_pack (w, scales
    * and biases are not read); only the packed (wgmma) configs run it. */
   const uint8_t *packed;
+  int glu; /* packed is a GLU pack (N = 2I): out rows as the tensor's */
+  /* With a GLU pack, 1 + a gqmm_activation: out is [rows, I] of
+   * act(gate, up) of the rounded gate and up values (the MoE layer's
+   * activation in the epilogue); 0: the plain [rows, N] output. */
+  int epilogue_act;
 } gqmm__cu_qmm;
 
 /*
@@ -95,30 +100,42 @@ static inline int64_t gqmm__cu_pack_stage_bytes(int bits, int group_size) {
   return (int64_t)GQMM__CU_PACK_TILE_N * GQMM__CU_PACK_STAGE_K * bits / 8 +
          (int64_t)GQMM__CU_PACK_TILE_N * (GQMM__CU_PACK_STAGE_K / group_size) * 4;
 }
+/*
+ * GLU packs (gqmm_pack_glu) of a gate_up tensor [E, 2I, ...] (gate rows
+ * [0, I), up rows [I, 2I)) pair the rows the activation combines: row
+ * 16 i + 8 h + g of tile t (m16 tile i, half h, row g of the half: the rows
+ * one thread's accumulators cover) is row h * I + 64 t + 8 i + g of the
+ * tensor, present while 64 t + 8 i + g < I (else zeros). A tile is 64 gate
+ * and their 64 up rows, every tile whole. glu below: 1 for a GLU pack.
+ */
+static inline int64_t gqmm__cu_pack_tiles(int64_t N, int glu) {
+  return glu ? (N / 2 + GQMM__CU_PACK_TILE_N / 2 - 1) / (GQMM__CU_PACK_TILE_N / 2)
+             : (N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N;
+}
 /* The last tile holds at most 64 rows (N % 128 in 1..64, e.g. N = 704): its
  * blocks keep only those rows, half the bytes (weights of m16 tiles 0..3,
  * then the 64 rows' scale words), instead of streaming zero padding. */
-static inline int gqmm__cu_pack_half_last(int64_t N) {
+static inline int gqmm__cu_pack_half_last(int64_t N, int glu) {
   const int64_t r = N % GQMM__CU_PACK_TILE_N;
-  return r > 0 && r <= GQMM__CU_PACK_TILE_N / 2;
+  return !glu && r > 0 && r <= GQMM__CU_PACK_TILE_N / 2;
 }
 /* Bytes of one expert's blocks (its tiles in order, each tile's stages). */
-static inline int64_t gqmm__cu_pack_expert_bytes(int64_t N, int64_t K, int bits, int group_size) {
-  const int64_t tiles = (N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N;
+static inline int64_t gqmm__cu_pack_expert_bytes(int64_t N, int64_t K, int bits, int group_size,
+                                                 int glu) {
+  const int64_t tiles = gqmm__cu_pack_tiles(N, glu);
   const int64_t stages = (K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K;
   const int64_t full = gqmm__cu_pack_stage_bytes(bits, group_size);
-  return stages * (full * tiles - (gqmm__cu_pack_half_last(N) ? full / 2 : 0));
+  return stages * (full * tiles - (gqmm__cu_pack_half_last(N, glu) ? full / 2 : 0));
 }
 static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits,
-                                          int group_size) {
-  return E * gqmm__cu_pack_expert_bytes(N, K, bits, group_size);
+                                          int group_size, int glu) {
+  return E * gqmm__cu_pack_expert_bytes(N, K, bits, group_size, glu);
 }
 /* Pack E experts of w [E, N, K*bits/32] (MLX layout) with their scales and
  * biases (16-bit dtype) into out (gqmm__cu_pack_bytes). bits 2/3/4/8,
- * group size 32/64/128, K % 32 == 0. */
+ * group size 32/64/128, K % 32 == 0; glu: a GLU pack (N even). */
 int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
-                  int64_t K, int bits, int group_size, uint8_t *out);
-
+                  int64_t K, int bits, int group_size, int glu, uint8_t *out);
 /* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
 typedef struct {
   const char *name;
@@ -135,6 +152,8 @@ const gqmm__cu_mma_config *gqmm__cu_mma_config_get(int i);
 /* Rows of one work unit of config cfg; plans for cfg must use it. */
 int gqmm__cu_mma_tok_max(int cfg);
 int gqmm__cu_mma_tile_n(int cfg);
+/* N tiles of a plan for config cfg on these args (a packed copy's tiles). */
+int gqmm__cu_mma_n_tiles(int cfg, const gqmm__cu_qmm *a);
 /* 1 if the tensor-core kernel runs these args (transpose, bits 2/3/4/8,
  * f16/bf16, aligned pointers); config cfg must also match a->packed. */
 int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);

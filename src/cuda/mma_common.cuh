@@ -7,6 +7,7 @@
 #ifndef GQMM_CUDA_MMA_COMMON_CUH
 #define GQMM_CUDA_MMA_COMMON_CUH
 
+#include "act.cuh"
 #include "kernels.h"
 #include "ptx.cuh"
 
@@ -29,6 +30,7 @@ struct kargs {
   int pk_tiles, pk_stages, pk_stage_bytes; /* N tiles, k stages, bytes of one stage block */
   int pk_half_last;                        /* the last tile's blocks are half blocks */
   int64_t pk_expert_bytes;                 /* bytes of one expert's blocks */
+  int glu_i, act; /* a GLU pack: I (else 0), and gqmm__cu_qmm.epilogue_act */
   gqmm__cu_plan plan;
 };
 
@@ -86,25 +88,32 @@ __device__ __forceinline__ void with_nt(int nt, Fn &&f) {
   else with_nt<NTMAX, NT + 1>(nt, f);
 }
 
-/* Write a finished unit's accumulators to its rows' outputs and zero them.
- * Warp w owns m16 tiles w*MT .. w*MT + MT-1 of the N tile, or with
- * MT_MAJOR (a warpgroup's m64 tiles) tiles mt*WARPS + w. */
-template <typename T, int MT, int NTMAX, int BN, bool MT_MAJOR = false>
-__device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
-                                           float (&acc)[MT][NTMAX][4]) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  /* The thread's two token columns per n8 tile: their output rows, loaded
-   * once (-1: no token there). */
-  T *orow[NTMAX][2];
+/* The output rows (of `stride` elements) of the thread's two token columns
+ * per n8 tile of a unit, loaded once (NULL: no token there). */
+template <typename T, int NTMAX>
+__device__ __forceinline__ void out_rows(const kargs &a, const unit_t &cu, int64_t stride,
+                                         T *(&orow)[NTMAX][2]) {
+  const int t = threadIdx.x & 3;
 #pragma unroll
   for (int j = 0; j < NTMAX; j++)
 #pragma unroll
     for (int c = 0; c < 2; c++) {
       const int tok = j * 8 + 2 * t + c;
       orow[j][c] = j < cu.nt && tok < cu.cnt
-                       ? (T *)a.out + (int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * a.N
+                       ? (T *)a.out + (int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * stride
                        : nullptr;
     }
+}
+
+/* Write a finished unit's accumulators to its rows' outputs and zero them.
+ * Warp w owns m16 tiles w*MT .. w*MT + MT-1 of the N tile, or with
+ * MT_MAJOR (a warpgroup's m64 tiles) tiles mt*WARPS + w. */
+template <typename T, int MT, int NTMAX, int BN, bool MT_MAJOR = false>
+__device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
+                                           float (&acc)[MT][NTMAX][4]) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
+  T *orow[NTMAX][2];
+  out_rows<T, NTMAX>(a, cu, a.N, orow);
 #pragma unroll
   for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -120,6 +129,39 @@ __device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
           acc[mt][j][2 * h + c] = 0.f;
         }
     }
+}
+
+/* store_unit (MT_MAJOR) for a GLU pack (kernels.h): the thread's half 0 and
+ * half 1 rows of an m16 tile are the gate and the up row of one column.
+ * act 0: each to its tensor row; else out [rows, I] gets act(gate, up) of
+ * the values rounded to T, as the unfused layer's activation reads them. */
+template <typename T, int MT, int NTMAX, int BN>
+__device__ __forceinline__ void store_unit_glu(const kargs &a, const unit_t &cu,
+                                               float (&acc)[MT][NTMAX][4]) {
+  const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, I = a.glu_i;
+  T *orow[NTMAX][2];
+  out_rows<T, NTMAX>(a, cu, a.act ? I : a.N, orow);
+#pragma unroll
+  for (int mt = 0; mt < MT; mt++) {
+    const int col = cu.ntile * (BN / 2) + (mt * (BN / (16 * MT)) + warp) * 8 + g;
+#pragma unroll
+    for (int j = 0; j < NTMAX; j++)
+#pragma unroll
+      for (int c = 0; c < 2; c++) {
+        if (col < I && orow[j][c]) {
+          const T gt = dtype_traits<T>::from_f(acc[mt][j][c]);
+          const T ut = dtype_traits<T>::from_f(acc[mt][j][2 + c]);
+          if (a.act) {
+            orow[j][c][col] = dtype_traits<T>::from_f(
+                act_f(a.act - 1, dtype_traits<T>::to_f(gt), dtype_traits<T>::to_f(ut)));
+          } else {
+            orow[j][c][col] = gt;
+            orow[j][c][I + col] = ut;
+          }
+        }
+        acc[mt][j][c] = acc[mt][j][2 + c] = 0.f;
+      }
+  }
 }
 
 /* A compiled kernel instance and its launch shape. */
@@ -161,11 +203,13 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
   k.b_minus_s = (int64_t)((uintptr_t)a->biases - (uintptr_t)a->scales);
   k.pk = a->packed;
   if (a->packed) {
-    k.pk_tiles = (int)((a->N + GQMM__CU_PACK_TILE_N - 1) / GQMM__CU_PACK_TILE_N);
+    k.pk_tiles = (int)gqmm__cu_pack_tiles(a->N, a->glu);
     k.pk_stages = (int)((a->K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K);
     k.pk_stage_bytes = (int)gqmm__cu_pack_stage_bytes(a->bits, a->group_size);
-    k.pk_half_last = gqmm__cu_pack_half_last(a->N);
-    k.pk_expert_bytes = gqmm__cu_pack_expert_bytes(a->N, a->K, a->bits, a->group_size);
+    k.pk_half_last = gqmm__cu_pack_half_last(a->N, a->glu);
+    k.pk_expert_bytes = gqmm__cu_pack_expert_bytes(a->N, a->K, a->bits, a->group_size, a->glu);
+    k.glu_i = a->glu ? (int)(a->N / 2) : 0;
+    k.act = a->glu ? a->epilogue_act : 0;
   }
   k.plan = *plan;
   return k;

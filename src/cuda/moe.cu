@@ -6,11 +6,12 @@
  *
  * Numerics follow the CPU composition (src/moe/moe_compose.c) operation by
  * operation: float32 math with explicit round-to-nearest multiplies and adds
- * (no FMA contraction, like the -std=c11 host code), each result rounded to
- * the dtype once. The combine sums the slots in ascending order in one
+ * (no FMA contraction, like the -std=c11 host code; act.cuh), each result
+ * rounded to the dtype once. The combine sums the slots in ascending order in one
  * thread per output element: no atomics, so the bits do not depend on the
  * schedule.
  */
+#include "act.cuh"
 #include "kernels.h"
 #include "ptx.cuh"
 
@@ -26,17 +27,6 @@ constexpr int kThreads = 256;
 __global__ void indices_kernel(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k) {
   const int32_t p = blockIdx.x * kThreads + threadIdx.x;
   if (p < R) tok[p] = p / top_k, iota[p] = p;
-}
-
-/* The same expressions as gqmm__moe_act (src/moe/moe_compose.c). */
-__device__ __forceinline__ float act_f(int act, float g, float u) {
-  if (act == 1) { /* GeGLU: gelu_tanh(g) * u, 1 + tanh(z) = 2 - 2 / (exp(2z) + 1) */
-    const float c = 0.7978845608028654f;
-    const float z = __fmul_rn(c, __fadd_rn(g, __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, g), g), g)));
-    const float t = __fsub_rn(2.0f, __fdiv_rn(2.0f, __fadd_rn(expf(__fmul_rn(2.0f, z)), 1.0f)));
-    return __fmul_rn(__fmul_rn(__fmul_rn(0.5f, g), t), u);
-  }
-  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u); /* SwiGLU: silu(g) * u */
 }
 
 /* V consecutive elements moved as one aligned access (16 bytes when V > 1). */

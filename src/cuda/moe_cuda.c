@@ -205,7 +205,8 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
                        .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
                        .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
                        .x_index = x_index, .w_index = ids,
-                       .packed = pk ? (const uint8_t *)pk->data : NULL};
+                       .packed = pk ? (const uint8_t *)pk->data : NULL,
+                       .glu = pk ? pk->glu : 0};
   g.pk = pk;
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;
@@ -238,8 +239,7 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for the layer's GEMMs", cfg);
   g->cfg = cfg;
   if (cfg < generic) {
-    const int t = gqmm__cu_mma_tile_n(cfg);
-    g->n_tiles = (int)((g->k.N + t - 1) / t);
+    g->n_tiles = gqmm__cu_mma_n_tiles(cfg, &g->k);
     g->tok = gqmm__cu_mma_tok_max(cfg);
   }
   return GQMM_OK;
@@ -313,6 +313,9 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
       (st = pick_config(ctx, &down, E)))
     return st;
   const int generic = gqmm__cu_mma_config_count();
+  /* A GLU pack of gate_up: the activation runs in its epilogue, into h. */
+  const bool act_fused = fused && gate.cfg != generic && gate.k.glu;
+  if (act_fused) gate.k.out = h, gate.k.epilogue_act = 1 + (int)a->act;
   /* One plan kernel for both GEMMs (gate and up share N, so one tiling);
    * down reads h row p, the out row of pair p. */
   const gemm *g0 = gate.cfg != generic ? &gate : &up;
@@ -346,9 +349,10 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   if ((st = launch_gemm(ctx, s, &gate, &pg, E, "gate_up GEMM"))) return st;
   if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, "up GEMM"))) return st;
   STEP(cudaEventRecord(ev[2], 0), "event");
-  STEP(gqmm__cu_moe_act((int)a->dtype, (int)a->act, gu, fused ? 2 * I : I, fused ? I : R * I, h,
-                        R, I),
-       "activation");
+  if (!act_fused)
+    STEP(gqmm__cu_moe_act((int)a->dtype, (int)a->act, gu, fused ? 2 * I : I, fused ? I : R * I, h,
+                          R, I),
+         "activation");
   STEP(cudaEventRecord(ev[3], 0), "event");
   if ((st = launch_gemm(ctx, s, &down, &pd, E, "down GEMM"))) return st;
   STEP(cudaEventRecord(ev[4], 0), "event");

@@ -18,7 +18,8 @@
  * (k-step pi / 2, k 2t (+1) for even pi, 2t + 8 (+1) for odd). x then stays
  * in its natural order. The scale part has one word per (row, group of the
  * stage): scale | bias << 16. Rows past N and k past K are 0; a last tile of
- * at most 64 rows keeps only those rows (half blocks, kernels.h).
+ * at most 64 rows keeps only those rows (half blocks, kernels.h). A GLU pack
+ * (kernels.h) only takes its rows from other places of the tensor.
  */
 #include "kernels.h"
 #include "wfmt.cuh"
@@ -41,9 +42,19 @@ __device__ __forceinline__ int pair_pos(int bits, int pi, int *half_gap) {
   return 2 * per_word * (pi / per_word) + pi % per_word;
 }
 
+/* The tensor row of row r (0..127) of tile `tile`, or -1 for padding. */
+__device__ __forceinline__ int src_row(int tile, int r, int N, int glu) {
+  if (glu) {
+    const int I = N / 2, col = tile * (kTile / 2) + (r >> 4) * 8 + (r & 7);
+    return col < I ? (r >> 3 & 1) * I + col : -1;
+  }
+  const int n = tile * kTile + r;
+  return n < N ? n : -1;
+}
+
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
-                            int stage_bytes, int64_t expert_bytes, int half_last) {
+                            int stage_bytes, int64_t expert_bytes, int half_last, int glu) {
   const int64_t blk = blockIdx.x; /* (e * tiles + tile) * stages + stage */
   const int stage = (int)(blk % stages), tile = (int)(blk / stages % tiles);
   const int64_t e = blk / stages / tiles;
@@ -59,9 +70,9 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
   /* One lane slot per iteration: (m16 tile i, half h, lane) of the kernel. */
   for (int slot = threadIdx.x; slot < rows / 8 * 32; slot += blockDim.x) {
     const int lane = slot % 32, h = slot / 32 % 2, m16 = slot / 64;
-    const int n = tile * kTile + m16 * 16 + h * 8 + lane / 4;
+    const int n = src_row(tile, m16 * 16 + h * 8 + lane / 4, N, glu);
     const int64_t k0 = (int64_t)stage * kStage + 2 * (lane % 4);
-    const uint8_t *row = w + (e * N + (n < N ? n : 0)) * row_bytes;
+    const uint8_t *row = w + (e * N + (n >= 0 ? n : 0)) * row_bytes;
     uint32_t stream[8] = {0, 0, 0, 0, 0, 0, 0, 0}; /* 32 values of <= 8 bits */
     for (int pi = 0; pi < 16; pi++) {
       int gap;
@@ -70,7 +81,7 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
         /* pair pi: k-step pi / 2 of the stage, its k 2t (+1) for even pi,
          * 2t + 8 (+1) for odd: the wgmma A fragment */
         const int64_t k = k0 + 16 * (pi / 2) + 8 * (pi % 2) + half;
-        const uint64_t v = n < N && k < K ? stream_value(row, bits, k) : 0u;
+        const uint64_t v = n >= 0 && k < K ? stream_value(row, bits, k) : 0u;
         const int bit = (pos + half * gap) * bits;
         const uint64_t sh = v << (bit & 31);
         stream[bit >> 5] |= (uint32_t)sh;
@@ -83,10 +94,10 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
     }
   }
   for (int i = threadIdx.x; i < rows * gps; i += blockDim.x) {
-    const int n = tile * kTile + i / gps;
+    const int n = src_row(tile, i / gps, N, glu);
     const int64_t grp = (int64_t)stage * gps + i % gps;
     uint32_t v = 0;
-    if (n < N && grp < groups) {
+    if (n >= 0 && grp < groups) {
       const int64_t at = (e * N + n) * groups + grp;
       v = (uint32_t)s[at] | (uint32_t)b[at] << 16;
     }
@@ -97,12 +108,13 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
 } // namespace
 
 extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E,
-                             int64_t N, int64_t K, int bits, int group_size, uint8_t *out) {
+                             int64_t N, int64_t K, int bits, int group_size, int glu,
+                             uint8_t *out) {
   if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) ||
       (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
-      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX)
+      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX || (glu && N % 2))
     return (int)cudaErrorInvalidValue;
-  const int64_t tiles = (N + kTile - 1) / kTile, stages = (K + kStage - 1) / kStage;
+  const int64_t tiles = gqmm__cu_pack_tiles(N, glu), stages = (K + kStage - 1) / kStage;
   const int64_t blocks = E * tiles * stages;
   if (blocks > INT32_MAX) return (int)cudaErrorInvalidValue;
   pack_kernel<<<(unsigned)blocks, 256>>>(reinterpret_cast<const uint8_t *>(w),
@@ -110,7 +122,7 @@ extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *
                                          static_cast<const uint16_t *>(biases), out, (int)N,
                                          (int)K, bits, group_size, (int)tiles, (int)stages,
                                          (int)gqmm__cu_pack_stage_bytes(bits, group_size),
-                                         gqmm__cu_pack_expert_bytes(N, K, bits, group_size),
-                                         gqmm__cu_pack_half_last(N));
+                                         gqmm__cu_pack_expert_bytes(N, K, bits, group_size, glu),
+                                         gqmm__cu_pack_half_last(N, glu), glu);
   return (int)cudaGetLastError();
 }

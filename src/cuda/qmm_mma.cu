@@ -399,6 +399,12 @@ extern "C" int gqmm__cu_mma_tile_n(int cfg) {
   return c ? c->warps * c->mtiles * 16 : 0;
 }
 
+extern "C" int gqmm__cu_mma_n_tiles(int cfg, const gqmm__cu_qmm *a) {
+  if (a->packed) return (int)gqmm__cu_pack_tiles(a->N, a->glu);
+  const int t = gqmm__cu_mma_tile_n(cfg);
+  return t > 0 ? (int)((a->N + t - 1) / t) : 0;
+}
+
 extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
   if (!a->transpose) return 0;
   if (a->dtype != GQMM__CU_BF16 && a->dtype != GQMM__CU_F16) return 0;

@@ -258,7 +258,8 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
       if (cw.k == nk - 1) {
         wgmma_wait<0>();
         pin_all(acc);
-        store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
+        if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
+        else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
         if (cw.step(a, nunits, nk)) sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
       } else {
         cw.k++;

@@ -166,18 +166,23 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
   }
   gqmm_tensor gq = on_device(tq, dw.d), gs = on_device(ts, ds.d), gb = on_device(tb, db.d);
   gqmm_tensor gx = on_device(tx, dx.d), go = on_device(to, dout.d);
-  /* The packed copy (gqmm_pack) where the packed kernels apply; elsewhere
-   * gqmm_pack must decline with GQMM_ERR_UNSUPPORTED. */
-  /* packed = 1: the same case on a gqmm_pack copy (the wgmma kernel), where
-   * the format has one; elsewhere gqmm_pack must decline */
+  /* packed = 1: the same case on a gqmm_pack copy (the wgmma kernel), 2: on
+   * a gqmm_pack_glu copy (rows paired, same results), where the format has
+   * one; elsewhere gqmm_pack must decline (and gqmm_pack_glu refuse an odd
+   * row count) */
   const bool packable = c->transpose && dt != GQMM_F32 && q.bits != 5 && q.bits != 6;
-  for (int packed = 0; packed < 1 + c->transpose; packed++) {
+  for (int packed = 0; packed < 1 + 2 * c->transpose; packed++) {
   gqmm_packed *pk = NULL;
   if (packed) {
-    st = gqmm_pack(gpu, &gq, &gs, &gb, q, &pk);
-    if (packable ? st != GQMM_OK : st != GQMM_ERR_UNSUPPORTED) {
-      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: gqmm_pack status %d (%s)\n", c->name, q.bits,
-              q.group_size, gqmm_dtype_name(dt), st, gqmm_last_error(gpu));
+    st = packed == 1 ? gqmm_pack(gpu, &gq, &gs, &gb, q, &pk)
+                     : gqmm_pack_glu(gpu, &gq, &gs, &gb, q, &pk);
+    const int want = !packable ? GQMM_ERR_UNSUPPORTED
+                     : packed == 2 && N % 2 ? GQMM_ERR_SHAPE
+                                            : GQMM_OK;
+    if (st != want) {
+      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: %s status %d (%s)\n", c->name, q.bits,
+              q.group_size, gqmm_dtype_name(dt), packed == 1 ? "gqmm_pack" : "gqmm_pack_glu", st,
+              gqmm_last_error(gpu));
       fails++;
     }
     if (!pk) continue;
@@ -205,9 +210,9 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
     if (!st) st = gqmm_device_copy(gpu, ogpu, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
     double err = st ? INFINITY : test_rel_err(ogpu, dt, oref, dt, nb * M * N);
     if (st || !(err <= tol)) {
-      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s config=%s: status %d (%s) rel_err=%.3g tol=%.1g\n",
-              c->name, q.bits, q.group_size, gqmm_dtype_name(dt), ci < 0 ? "auto" : cfgs[ci].name, st,
-              st ? gqmm_last_error(gpu) : "", err, tol);
+      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s config=%s%s: status %d (%s) rel_err=%.3g tol=%.1g\n",
+              c->name, q.bits, q.group_size, gqmm_dtype_name(dt), ci < 0 ? "auto" : cfgs[ci].name,
+              packed == 2 ? " (glu pack)" : "", st, st ? gqmm_last_error(gpu) : "", err, tol);
       fails++;
     }
   }
@@ -292,6 +297,11 @@ GQMM_TEST(cuda_pack_rejects_bad_input) {
   int64_t bad[2] = {3, 1};
   gqmm_tensor tbad = gqmm_tensor_make(s, GQMM_BF16, 2, bad);
   CHECK(gqmm_pack(ctx, &tw, &tbad, &ts, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_SHAPE);
+  /* a GLU pack needs gate and up rows: an even row count */
+  int64_t ws3[2] = {3, 8};
+  gqmm_tensor tw3 = gqmm_tensor_make(wq, GQMM_U32, 2, ws3), ts3 = gqmm_tensor_make(s, GQMM_BF16, 2, bad);
+  CHECK(gqmm_pack_glu(ctx, &tw3, &ts3, &ts3, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_SHAPE && pk == NULL);
+  CHECK(strstr(gqmm_last_error(ctx), "gqmm_pack_glu") != NULL);
   CHECK(gqmm_gather_qmm_packed(ctx, &tx, NULL, NULL, NULL, 0, &to) == GQMM_ERR_NULL);
   CHECK(gqmm_packed_nbytes(NULL) == 0);
   gqmm_packed_free(ctx, NULL);
@@ -304,6 +314,10 @@ GQMM_TEST(cuda_pack_rejects_bad_input) {
     CHECK(gqmm_pack(ctx, &gw, &gs, &gs, (gqmm_quant){4, 64}, &pk) == GQMM_OK && pk != NULL);
     /* 4 rows: one half tile (kernels.h), half a full stage block */
     CHECK(gqmm_packed_nbytes(pk) == (128 * 128 / 2 + 128 * 2 * 4) / 2);
+    gqmm_packed *glu = NULL; /* a GLU pack's tiles are whole */
+    CHECK(gqmm_pack_glu(ctx, &gw, &gs, &gs, (gqmm_quant){4, 64}, &glu) == GQMM_OK && glu != NULL);
+    CHECK(gqmm_packed_nbytes(glu) == 128 * 128 / 2 + 128 * 2 * 4);
+    gqmm_packed_free(ctx, glu);
     /* host x with packed (device) weights; a context forced to the CPU */
     CHECK(gqmm_gather_qmm_packed(ctx, &tx, pk, NULL, NULL, 0, &to) != GQMM_OK);
     gqmm_ctx *cpu = test_ctx(GQMM_BACKEND_CPU);

@@ -30,11 +30,11 @@ typedef struct {
   void *h[NT], *d[NT];
   size_t bytes[NT];
   gqmm_tensor th[NT], td[NT]; /* host and device descriptors */
-  gqmm_packed *pk[4];         /* gqmm_pack copies of gate_up, gate, up, down (or NULL) */
+  gqmm_packed *pk[5]; /* gqmm_pack copies of gate_up, gate, up, down, gqmm_pack_glu of gate_up */
 } layer;
 
 static void layer_free(gqmm_ctx *gpu, layer *L) {
-  for (int i = 0; i < 4; i++) gqmm_packed_free(gpu, L->pk[i]), L->pk[i] = NULL;
+  for (int i = 0; i < 5; i++) gqmm_packed_free(gpu, L->pk[i]), L->pk[i] = NULL;
   for (int i = 0; i < NT; i++) {
     free(L->h[i]);
     if (gpu && L->d[i]) gqmm_device_free(gpu, L->d[i]);
@@ -201,7 +201,7 @@ static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, int packed, gqmm_activati
                    const void *poison, void *got) {
   gqmm_moe_weights w = weights(L->td, L->q, fused);
   if (packed) {
-    if (fused) w.gate_up_packed = L->pk[0];
+    if (fused) w.gate_up_packed = L->pk[packed == 2 ? 4 : 0]; /* 2: activation in the epilogue */
     else w.gate_packed = L->pk[1], w.up_packed = L->pk[2];
     w.down_packed = L->pk[3];
   }
@@ -231,15 +231,15 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
   /* the layer again with gqmm_pack copies, where the format has them */
   const int packable = L->dt != GQMM_F32 && L->q.bits != 5 && L->q.bits != 6;
   const int part[4] = {GU, G, U, D};
-  for (int i = 0; packable && i < 4; i++)
-    if ((st = gqmm_pack(gpu, &L->td[part[i]], &L->td[part[i] + 1], &L->td[part[i] + 2], L->q,
-                        &L->pk[i]))) {
+  for (int i = 0; packable && i < 5; i++)
+    if ((st = (i < 4 ? gqmm_pack : gqmm_pack_glu)(gpu, &L->td[part[i % 4]], &L->td[part[i % 4] + 1],
+                                                  &L->td[part[i % 4] + 2], L->q, &L->pk[i]))) {
       fprintf(stderr, "  pack: status %d (%s)\n", st, gqmm_last_error(gpu));
       fails = 1;
       goto done;
     }
   const double tol = L->dt == GQMM_F32 ? 1e-5 : L->dt == GQMM_F16 ? 4e-3 : 1.2e-2;
-  for (int pkd = 0; pkd < 1 + packable; pkd++) {
+  for (int pkd = 0; pkd < 1 + 2 * packable; pkd++) {
   gqmm__tile_config cfgs[16];
   gqmm__qmm_args probe = {.dtype = L->dt, .q = L->q, .transpose = 1, .device = GQMM_DEVICE_CUDA,
                           .M = 1, .N = L->I, .K = L->H, .x = L->d[X], .w = L->d[G],

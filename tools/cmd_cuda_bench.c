@@ -241,15 +241,18 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   const char *json = NULL;
   int quick = 0;
   const char *only = NULL; /* --sweep LIST: the packed sweep at these rows per expert only */
+  int cfgs = 0;            /* --configs: there, every packed config too */
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) b.reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--quick")) quick = 1;
     else if (!strcmp(argv[i], "--sweep") && i + 1 < argc) only = argv[++i];
+    else if (!strcmp(argv[i], "--configs")) cfgs = 1;
     else {
       printf("usage: gqmm cuda-bench [--json FILE] [--reps N (20)] [--quick]\n"
              "                       [--sweep R,R,... (1..128): only the packed gate_up sweep at\n"
-             "                        these rows per expert, the built-in config (profiling)]\n");
+             "                        these rows per expert, the built-in config (profiling)]\n"
+             "                       [--configs: with --sweep, every packed config as well]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }
@@ -296,6 +299,9 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
       }
       for (int i = 0; i < 128 * r; i++) rhs[i] = i / (int)r;
       fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, "packed-auto", pk) != 0;
+      gqmm__qmm_args pa = {.dtype = GQMM_BF16, .q = dw.q, .transpose = 1, .device = GQMM_DEVICE_CUDA,
+                           .M = 1, .N = dw.N, .K = dw.K, .x = dw.w, .w = dw.w, .packed = pk};
+      if (cfgs) fails += measure_configs(&b, be, &pa, "sweep", "gate_up", &dw, 128 * r, rhs);
       p = *end == ',' ? end + 1 : end;
     }
     gqmm_packed_free(b.ctx, pk);

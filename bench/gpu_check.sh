@@ -42,12 +42,14 @@ if want test; then
 fi
 if want sanitize; then
   for tool in memcheck racecheck; do
-    note "compute-sanitizer $tool (quick subset)"
-    GQMM_CUDA_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 3 \
-      "$BIN/gqmm_tests" --file test_cuda > "$OUT/sanitize_now.log" 2>&1 &&
-      note "$tool clean" || { note "$tool FAILED"; status=1; }
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid" "$OUT/sanitize_now.log" | head -5
-    cat "$OUT/sanitize_now.log" >> "$OUT/sanitize.log" && rm -f "$OUT/sanitize_now.log"
+    for file in test_cuda test_cuda_moe; do # the kernels, then the MoE layer's chain
+      note "compute-sanitizer $tool, $file (quick subset)"
+      GQMM_CUDA_TEST_QUICK=1 compute-sanitizer --tool $tool --error-exitcode 3 \
+        "$BIN/gqmm_tests" --file $file > "$OUT/sanitize_now.log" 2>&1 &&
+        note "$tool clean" || { note "$tool FAILED"; status=1; }
+      grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Hazard|Invalid" "$OUT/sanitize_now.log" | head -5
+      cat "$OUT/sanitize_now.log" >> "$OUT/sanitize.log" && rm -f "$OUT/sanitize_now.log"
+    done
   done
 fi
 if want bench; then
@@ -80,7 +82,10 @@ fi
 if want moe; then
   note "gqmm bench (seed model step on CUDA, levers, breakdown)"
   "$BIN/gqmm" bench --backend cuda 2>&1 | tee "$OUT/moe.log" || status=1
-  # the same step reading the MLX layout (no gqmm_pack copies)
+  # the breakdown, gate_up packed without its gate/up pairing (activation as its own kernel),
+  # and the MLX layout (no gqmm_pack copies)
+  "$BIN/gqmm" bench --backend cuda --breakdown 2>&1 | tee -a "$OUT/moe.log" || status=1
+  "$BIN/gqmm" bench --backend cuda --no-glu --breakdown 2>&1 | tee -a "$OUT/moe.log" || status=1
   "$BIN/gqmm" bench --backend cuda --no-pack --breakdown 2>&1 | tee -a "$OUT/moe.log" || status=1
   # The levers table runs 16 model steps; bounded so the archive below always runs.
   timeout "${MOE_LEVERS_S:-240}" "$BIN/gqmm" bench --backend cuda --levers --breakdown --reps 5 \

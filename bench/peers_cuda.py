@@ -35,8 +35,10 @@ def ceilings(reps):
     src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     t_copy, _ = timed(lambda: dst.copy_(src), reps)
-    f = src.view(torch.int32)
-    t_read, _ = timed(lambda: torch.sum(f, dtype=torch.int64), reps)
+    # a float32 sum streams at the read bandwidth (an int32 sum into int64,
+    # used before, ran at ~570 GB/s on the H100: a slow kernel, not memory)
+    f = torch.randn(n // 4, dtype=torch.float32, device="cuda")
+    t_read, _ = timed(lambda: torch.sum(f), reps)
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     t_mm, _ = timed(lambda: a @ a, 5)
     return {"copy": 2 * n / t_copy / 1e3, "read": n / t_read / 1e3,

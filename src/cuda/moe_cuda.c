@@ -8,7 +8,9 @@
  *            the device ids in one kernel for both GEMMs' N tilings; the
  *            same kernel checks the ids (see "bad ids" below)
  *   gate_up  one gathered GEMM of N = 2*inter (fused tensor) or two of N = inter
- *   act      SwiGLU / GeGLU into h [R, inter] (moe.cu)
+ *   act      SwiGLU / GeGLU into h [R, inter] (moe.cu); with a gqmm_pack_glu
+ *            copy of the fused gate_up, in the gate_up GEMM's epilogue instead
+ *            (mma_common.cuh store_unit_glu: gate_up writes h, no act kernel)
  *   down     gathered GEMM of h row p with expert ids[p] into y [R, hidden]
  *   combine  out[t] = sum_j w[t, j] * y[t*top_k + j], ascending j, float32
  * The GEMMs write rows in pair order (the plan's out row of entry p is p), so

@@ -67,7 +67,22 @@ UKR_DEFINE_KERNELS(avx2)
 static inline __m256i ukr_i8_dot(__m256i acc, __m256i w, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
-#define UKR_I8_ROWS 4 /* 16 ymm: 4 int32 sums + 4 float totals + operands */
+/* The kernels widen once per group instead: int16 pair sums added over the
+ * group's chunks (<= 4 x 3810 < 2^15), one vpmaddwd at the group's end. */
+typedef __m256i ukr_i8_acc;
+static inline __m256i ukr_i8_zero(void) {
+  return _mm256_setzero_si256();
+}
+static inline __m256i ukr_i8_step(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
+}
+static inline __m256i ukr_i8_finish(__m256i acc) {
+  return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
+}
+#define UKR_I8_ROWS 4 /* 16 ymm: 4 group sums + 4 float totals + operands */
+#define UKR_I8_MR 2   /* panel tile: 4 group sums + 4 totals + 2 weight vectors + x */
+#define UKR_I8_NR 2
+#define UKR_I8_PEAK_CHAINS 6 /* the step reaches acc through vpaddd only (1 cycle) */
 #include "ukr_x86_common.h"
 
 static bool avx2_supported(void) {
@@ -86,6 +101,11 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx2 = {
     .gemm = avx2_gemm,
     .vw = UKR_VW,
     .qmv_i8 = ukr_qmv_i8,
-    .perm_i8 = ukr_x86_perm_i8,
+    .quant_i8 = ukr_quant_i8,
+    .pack_i8 = ukr_pack_i8,
+    .bias_i8 = ukr_bias_i8,
+    .gemm_i8 = ukr_gemm_i8,
+    .mr_i8 = UKR_I8_MR,
+    .nr_i8 = UKR_I8_NR,
     .peak_macs = ukr_peak_macs,
 };

@@ -114,6 +114,5 @@ const gqmm__cpu_isa gqmm__cpu_isa_portable = {
     .gemm = portable_gemm,
     .vw = UKR_VW,
     .qmv_i8 = NULL,
-    .perm_i8 = NULL,
     .peak_macs = portable_peak_macs,
 };

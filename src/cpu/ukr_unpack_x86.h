@@ -89,9 +89,4 @@ static inline __attribute__((always_inline)) __m256i ukr_unpack32_u8_4bit(const 
   return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), m), _mm_and_si128(raw, m));
 }
 
-static inline void ukr_x86_perm_i8(int perm[32]) {
-  for (int j = 0; j < 32; j++)
-    perm[j] = j < 16 ? 2 * j : 2 * (j - 16) + 1;
-}
-
 #endif /* GQMM_UKR_UNPACK_X86_H */

@@ -257,51 +257,75 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
     }
 }
 
-/* int8 mode, a block of more than i8_rows rows: BLIS-style weight reuse.
- * Per kc block the unit's rows are unpacked to bytes once (pack_i8, nt x kc
- * bytes: 12 KB at k512 t24, in L1), then each micro-panel of nr rows runs
- * over an mc-row slice of the codes, mr rows at a time (gemm_i8). The
- * b * sum(x) term goes into C first (bias_i8: per weight row in group order,
- * rows along the vector lanes: the qmv kernel's scalar sum in the same
- * order), so each row gets the qmv kernel's bits (cpu_isa.h). */
-static void unit_i8_panel(const job *j, const scratch_view *v, int64_t R, int nn) {
+/* int8 mode, rows [m0, m0 + rows) of a block against one micro-panel: tiles
+ * of mr rows, and a short tail (1 row after tiles of 3) merged with the last
+ * tile into two tiles of about equal height (2 + 2, not 3 + 1: a 1-row tile
+ * loads a weight vector per multiply). */
+static void panel_i8_rows(const job *j, const scratch_view *v, int64_t m0, int64_t rows, int n,
+                          int nb, const uint8_t *P, int64_t k0, int64_t kc, int phase) {
+  const int64_t K = j->a->K, G = j->G, nt = j->nt, g0 = k0 / j->sh.group_size;
+  const int mr = j->isa->mr_i8;
+  int64_t body = rows / mr * mr, t1 = 0, t2 = rows - body;
+  if (t2 && t2 < mr - 1 && body >= mr) {
+    body -= mr;
+    t1 = (mr + t2) / 2;
+    t2 = mr + t2 - t1;
+  }
+  const int64_t part[3][2] = {{mr, body}, {t1, t1}, {t2, t2}}; /* {tile rows, rows} */
+  for (int p = 0; p < 3; m0 += part[p++][1])
+    if (part[p][1])
+      j->isa->gemm_i8((int)part[p][0], nb, (int)part[p][1], j->sh.group_size, kc,
+                      v->xq + m0 * K + k0, K, P, kc, v->xs + m0 * G + g0, v->sf + n * G + g0, G,
+                      v->Cv + (m0 * nt + n) * 8, nt, phase, v->C + m0 * nt + n);
+}
+
+/* int8 mode (transpose=1, 4-bit): the unit's scales and biases as float,
+ * the b * sum(x) term into C (bias_i8: per weight row in group order, rows
+ * along the vector lanes: the order of a scalar sum), then the dot products
+ * added by qmv_i8 (blocks of at most i8_rows rows: weights unpacked in
+ * registers, applied to every row) or BLIS-style weight reuse: per kc block
+ * the unit's rows are unpacked to bytes once (pack_i8, nt x kc bytes: 24 KB
+ * at t24 and kc 1024), then each micro-panel of nr rows runs over an mc-row
+ * slice of the codes (gemm_i8). Both add a row's groups in the same order
+ * with the same operations, so a row's bits do not depend on the path. */
+static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
   const gqmm__qmm_args *a = j->a;
   const gqmm__cpu_isa *isa = j->isa;
-  const int64_t K = a->K, G = j->G, nt = j->nt, kcfg = j->cfg->kc;
-  const int gs = j->sh.group_size, mr = isa->mr_i8, nr = isa->nr_i8;
+  const int gs = j->sh.group_size, nr = isa->nr_i8;
+  const int64_t K = a->K, G = j->G, nt = j->nt, R8 = rows8(R);
+  /* twice the exact path's kc (bytes, not floats: the panel stays 24 KB at
+   * t24): fewer tiles, each with its scale products and totals to set up,
+   * measured 8-10% faster at 64-128 rows than kc itself */
+  const int64_t kcfg = 2 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 2 * j->cfg->kc
+                                                                     : GQMM__CPU_I8_MAX_GROUPS * gs;
   for (int i = 0; i < nn; i++) {
     isa->to_float(v->wrows[i].s, a->dtype, G, v->sf + i * G);
     isa->to_float(v->wrows[i].b, a->dtype, G, v->bf + i * G);
   }
-  float bsum[ROWS_MAX_COUNT + 8];
-  for (int i = 0; i < nn; i++) {
-    isa->bias_i8(v->bf + i * G, v->xsum_t, G, rows8(R), bsum);
-    for (int64_t r = 0; r < R; r++)
-      v->C[r * nt + i] = bsum[r];
+  float bsum[4 * (ROWS_MAX_COUNT + 8)];
+  for (int i = 0; i < nn; i += 4) {
+    const int nb = nn - i < 4 ? nn - i : 4;
+    isa->bias_i8(v->bf + i * G, G, nb, v->xsum_t, G, R8, bsum);
+    for (int b = 0; b < nb; b++)
+      for (int64_t r = 0; r < R; r++)
+        v->C[r * nt + i + b] = bsum[b * R8 + r];
+  }
+  if (R <= j->cfg->i8_rows) {
+    isa->qmv_i8(&j->sh, v->wrows, nn, v->sf, G, v->xq, v->xs, (int)R, v->C, nt);
+    return;
   }
   uint8_t *panel = (uint8_t *)v->panel;
-  const int64_t mc = j->cfg->mc * 4; /* the exact path's 16 KB slice of x, as int8 codes */
+  const int64_t mc = j->cfg->mc * 2; /* the exact path's 16 KB slice of x: 1-byte codes, 2 kc */
   for (int64_t k0 = 0; k0 < K; k0 += kcfg) {
-    const int64_t kc = K - k0 < kcfg ? K - k0 : kcfg, g0 = k0 / gs;
+    const int64_t kc = K - k0 < kcfg ? K - k0 : kcfg;
     const int phase =
         (k0 == 0 ? GQMM__CPU_GEMM_FIRST : 0) | (k0 + kc == K ? GQMM__CPU_GEMM_LAST : 0);
     for (int i = 0; i < nn; i++)
       isa->pack_i8(&j->sh, &v->wrows[i], k0, kc, panel + i * kc);
-    for (int64_t m0 = 0; m0 < R; m0 += mc) {
-      const int64_t rb = R - m0 < mc ? R - m0 : mc, full = rb / mr * mr;
-      const int8_t *xb = v->xq + m0 * K + k0;
-      const float *xs = v->xs + m0 * G + g0;
-      for (int n = 0; n < nn; n += nr) {
-        const int nb = nn - n < nr ? nn - n : nr;
-        const uint8_t *P = panel + n * kc;
-        const float *sw = v->sf + n * G + g0;
-        float *Cb = v->Cv + (m0 * nt + n) * 8, *Co = v->C + m0 * nt + n;
-        if (full) isa->gemm_i8(mr, nb, (int)full, gs, kc, xb, K, P, kc, xs, sw, G, Cb, nt, phase, Co);
-        if (rb > full)
-          isa->gemm_i8((int)(rb - full), nb, (int)(rb - full), gs, kc, xb + full * K, K, P, kc,
-                        xs + full * G, sw, G, Cb + full * nt * 8, nt, phase, Co + full * nt);
-      }
-    }
+    for (int64_t m0 = 0; m0 < R; m0 += mc)
+      for (int n = 0; n < nn; n += nr)
+        panel_i8_rows(j, v, m0, R - m0 < mc ? R - m0 : mc, n, nn - n < nr ? nn - n : nr,
+                      panel + n * kc, k0, kc, phase);
   }
 }
 
@@ -315,12 +339,8 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     v->wrows[i] = (gqmm__cpu_wrow){(const uint8_t *)a->w + wr * j->sh.row_bytes,
                                    elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
   }
-  if (j->int8 && R > j->cfg->i8_rows) {
-    unit_i8_panel(j, v, R, nn);
-    return;
-  }
   if (j->int8) {
-    j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
+    unit_i8(j, v, R, nn);
     return;
   }
   const int64_t R1 = qmv_first(j, R);

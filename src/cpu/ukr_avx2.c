@@ -80,7 +80,7 @@ static inline __m256i ukr_i8_finish(__m256i acc) {
   return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
 }
 #define UKR_I8_ROWS 4 /* 16 ymm: 4 group sums + 4 float totals + operands */
-#define UKR_I8_MR 2   /* panel tile: 4 group sums + 4 totals + 2 weight vectors + x */
+#define UKR_I8_MR 3   /* panel tile: 6 group sums + 6 totals + 2 weight vectors + x + ones */
 #define UKR_I8_NR 2
 #define UKR_I8_PEAK_CHAINS 6 /* the step reaches acc through vpaddd only (1 cycle) */
 #include "ukr_x86_common.h"

@@ -25,11 +25,23 @@
 #ifndef GQMM_UKR_I8_X86_H
 #define GQMM_UKR_I8_X86_H
 
-/* One group folded into a row's 8-lane float total:
- * tot += float(acc) * (s_w * s_x), the product rounded once as a float. */
+/* The scale products of n consecutive groups, sc[i] = s[i] * xs[i] (weight
+ * and activation scale), each rounded once: 8 per vmulps, the tail one at a
+ * time (the same products). Computed ahead of the group loop, so a group's
+ * fold is a broadcast load instead of two broadcasts and a multiply. */
+static inline __attribute__((always_inline)) void ukr_i8_scales(const float *s, const float *xs,
+                                                                int64_t n, float *sc) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(sc + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), _mm256_loadu_ps(xs + i)));
+  for (; i < n; i++)
+    sc[i] = s[i] * xs[i];
+}
+
+/* One group folded into a row's 8-lane float total: tot += float(acc) * sc. */
 static inline __attribute__((always_inline)) __m256 ukr_i8_fold(__m256 tot, ukr_i8_acc acc,
-                                                                __m256 sw, __m256 sx) {
-  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(ukr_i8_finish(acc)), _mm256_mul_ps(sw, sx), tot);
+                                                                const float *sc) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(ukr_i8_finish(acc)), _mm256_broadcast_ss(sc), tot);
 }
 
 /* ---- activations ------------------------------------------------------------ */
@@ -71,60 +83,64 @@ static void ukr_quant_i8(const float *t, int64_t K, int gs, int8_t *dst, float *
 
 /* ---- small M: weight chunks unpacked in registers -------------------------- */
 
-/* Each 32-value chunk is unpacked once to bytes and applied to rb (a
- * compile-time constant, <= UKR_I8_ROWS) activation rows at once, so the
- * group sums stay in registers; the group's sums are exact, then scaled by
- * s * (activation scale), plus b * sum(x) (in group order, one rounding per
- * product and sum: the panel path's bias pass repeats exactly this). */
+/* Groups per block of the qmv kernel's scale products (stack: rows x 64). */
+#define UKR_I8_QMV_GROUPS 64
+
+/* One weight row (float scales sf) against rb (<= UKR_I8_ROWS) rows of
+ * codes, group size gs, both compile-time constants: each 32-value chunk is
+ * unpacked once to bytes and applied to every row, so the group sums stay in
+ * registers; a group's exact sums are folded with s * (activation scale).
+ * C holds the row's b * sum(x) (bias_i8) and gets the dot product added. */
 static inline __attribute__((always_inline)) void
-ukr_qmv_i8_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const int8_t *xq,
-                const float *xs, const float *xsum, const int rb, float *C, int64_t ldc) {
-  const int gs = sh->group_size;
+ukr_qmv_i8_rows(const gqmm__cpu_shape *sh, const uint8_t *w, const float *sf, const int8_t *xq,
+                const float *xs, const int rb, const int gs, float *C, int64_t ldc) {
   const int64_t K = sh->K, G = K / gs;
   __m256 tot[UKR_I8_ROWS];
-  float bsum[UKR_I8_ROWS];
-  for (int r = 0; r < rb; r++) {
+  float sc[UKR_I8_ROWS][UKR_I8_QMV_GROUPS];
+  for (int r = 0; r < rb; r++)
     tot[r] = _mm256_setzero_ps();
-    bsum[r] = 0.0f;
-  }
-  for (int64_t g = 0; g < G; g++) {
-    ukr_i8_acc acc[UKR_I8_ROWS];
+  for (int64_t g0 = 0; g0 < G; g0 += UKR_I8_QMV_GROUPS) {
+    const int64_t ng = G - g0 < UKR_I8_QMV_GROUPS ? G - g0 : UKR_I8_QMV_GROUPS;
     for (int r = 0; r < rb; r++)
-      acc[r] = ukr_i8_zero();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-      const __m256i wv = ukr_unpack32_u8_4bit(rw->w + k / 2);
+      ukr_i8_scales(sf + g0, xs + r * G + g0, ng, sc[r]);
+    for (int64_t g = g0; g < g0 + ng; g++) {
+      ukr_i8_acc acc[UKR_I8_ROWS];
       for (int r = 0; r < rb; r++)
-        acc[r] = ukr_i8_step(acc[r], wv, _mm256_loadu_si256((const __m256i *)(xq + r * K + k)));
-    }
-    const float s = UKR_PARAM(rw->s, sh->dtype, g), b = UKR_PARAM(rw->b, sh->dtype, g);
-    const __m256 sw = _mm256_set1_ps(s);
-    for (int r = 0; r < rb; r++) {
-      tot[r] = ukr_i8_fold(tot[r], acc[r], sw, _mm256_set1_ps(xs[r * G + g]));
-      bsum[r] += b * xsum[r * G + g];
+        acc[r] = ukr_i8_zero();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        const __m256i wv = ukr_unpack32_u8_4bit(w + k / 2);
+        for (int r = 0; r < rb; r++)
+          acc[r] = ukr_i8_step(acc[r], wv, _mm256_loadu_si256((const __m256i *)(xq + r * K + k)));
+      }
+      for (int r = 0; r < rb; r++)
+        tot[r] = ukr_i8_fold(tot[r], acc[r], &sc[r][g - g0]);
     }
   }
   for (int r = 0; r < rb; r++)
-    C[r * ldc] = ukr_hsum256(tot[r]) + bsum[r];
+    C[r * ldc] = ukr_hsum256(tot[r]) + C[r * ldc];
 }
 
 static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
-                       const int8_t *xq, const float *xs, const float *xsum, int R, float *C,
-                       int64_t ldc) {
-  const int64_t K = sh->K, G = K / sh->group_size;
+                       const float *sf, int64_t lds, const int8_t *xq, const float *xs, int R,
+                       float *C, int64_t ldc) {
+  const int gs = sh->group_size;
+  const int64_t K = sh->K, G = K / gs;
   for (int n = 0; n < nrows; n++) {
     for (int r0 = 0; r0 < R; r0 += UKR_I8_ROWS) {
       const int rb = R - r0 < UKR_I8_ROWS ? R - r0 : UKR_I8_ROWS;
       const int8_t *q = xq + r0 * K;
-      const float *s = xs + r0 * G, *xm = xsum + r0 * G;
+      const float *s = sf + n * lds, *x = xs + r0 * G;
       float *c = C + r0 * ldc + n;
-      switch (rb) { /* one instantiation per row count: sums in registers */
-#define UKR_I8_CASE(nr)                                                                            \
-  case nr:                                                                                         \
-    if (nr <= UKR_I8_ROWS) ukr_qmv_i8_rows(sh, &rows[n], q, s, xm, nr, c, ldc);                    \
+      switch (rb * 4 + gs / 32) { /* one instantiation per row count and group size */
+#define UKR_I8_CASE_GS(nr, g)                                                                      \
+  case (nr)*4 + (g) / 32:                                                                          \
+    if ((nr) <= UKR_I8_ROWS) ukr_qmv_i8_rows(sh, rows[n].w, s, q, x, nr, g, c, ldc);               \
     break;
+#define UKR_I8_CASE(nr) UKR_I8_CASE_GS(nr, 32) UKR_I8_CASE_GS(nr, 64) UKR_I8_CASE_GS(nr, 128)
         UKR_I8_CASE(1) UKR_I8_CASE(2) UKR_I8_CASE(3) UKR_I8_CASE(4)
         UKR_I8_CASE(5) UKR_I8_CASE(6) UKR_I8_CASE(7) UKR_I8_CASE(8)
 #undef UKR_I8_CASE
+#undef UKR_I8_CASE_GS
       default:
         break;
       }
@@ -134,16 +150,35 @@ static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, in
 
 /* ---- larger M: unpacked panels, register tiles ------------------------------ */
 
-/* b * sum(x) of one weight row for ldr rows (a multiple of 8): dst[r] =
- * sum_g b[g] * xsum_t[g * ldr + r], 8 rows per vector, each lane a product
- * and a sum per group in group order, as ukr_qmv_i8_rows's scalar bsum. */
-static void ukr_bias_i8(const float *b, const float *xsum_t, int64_t G, int64_t ldr, float *dst) {
+/* b * sum(x) of nb weight rows (biases b + i * ldb) for ldr rows (a
+ * multiple of 8): dst[i * ldr + r] = sum_g b_i[g] * xsum_t[g * ldr + r],
+ * 8 rows per vector, each lane a product and a sum per group in group
+ * order, as ukr_qmv_i8_rows's scalar bsum. nb (<= 4) independent sums per
+ * vector of rows: one chain would wait on vaddps's latency every group. */
+static inline __attribute__((always_inline)) void
+ukr_bias_i8_rows(const float *b, int64_t ldb, const int nb, const float *xsum_t, int64_t G,
+                 int64_t ldr, float *dst) {
   for (int64_t r = 0; r < ldr; r += 8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t g = 0; g < G; g++)
-      acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_broadcast_ss(b + g),
-                                             _mm256_loadu_ps(xsum_t + g * ldr + r)));
-    _mm256_storeu_ps(dst + r, acc);
+    __m256 acc[4];
+    for (int i = 0; i < nb; i++)
+      acc[i] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+      const __m256 xv = _mm256_loadu_ps(xsum_t + g * ldr + r);
+      for (int i = 0; i < nb; i++)
+        acc[i] = _mm256_add_ps(acc[i], _mm256_mul_ps(_mm256_broadcast_ss(b + i * ldb + g), xv));
+    }
+    for (int i = 0; i < nb; i++)
+      _mm256_storeu_ps(dst + i * ldr + r, acc[i]);
+  }
+}
+
+static void ukr_bias_i8(const float *b, int64_t ldb, int nb, const float *xsum_t, int64_t G,
+                        int64_t ldr, float *dst) {
+  switch (nb) {
+  case 1: ukr_bias_i8_rows(b, ldb, 1, xsum_t, G, ldr, dst); break;
+  case 2: ukr_bias_i8_rows(b, ldb, 2, xsum_t, G, ldr, dst); break;
+  case 3: ukr_bias_i8_rows(b, ldb, 3, xsum_t, G, ldr, dst); break;
+  default: ukr_bias_i8_rows(b, ldb, 4, xsum_t, G, ldr, dst); break;
   }
 }
 
@@ -160,13 +195,14 @@ static void ukr_pack_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, in
       __builtin_prefetch(w + (k0 + kc) / 2 + off, 0, 3);
 }
 
-/* An mr x nr tile over kc values (whole groups of gs): x rows of codes
- * (stride ldx) against unpacked weight rows (stride ldp), group sums in
- * registers, folded per group into mr x nr float totals with the rows'
- * activation scales xs and the weight rows' scales s (float, [row][group],
- * stride ldg). The totals live in Cv between kc blocks; the first block
- * starts them at zero, the last adds their lanes' sum to C (which holds the
- * b * sum(x) term), as ukr_qmv_i8_rows ends a row. */
+/* An mr x nr tile over kc values (whole groups of gs, at most
+ * GQMM__CPU_I8_MAX_GROUPS): x rows of codes (stride ldx) against unpacked
+ * weight rows (stride ldp), group sums in registers, folded per group into
+ * mr x nr float totals with the products of the rows' activation scales xs
+ * and the weight rows' scales s (float, [row][group], stride ldg). The
+ * totals live in Cv between kc blocks; the first block starts them at zero,
+ * the last adds their lanes' sum to C (which holds the b * sum(x) term), as
+ * ukr_qmv_i8_rows ends a row. */
 static inline __attribute__((always_inline)) void
 ukr_gemm_i8_tile(const int mr, const int nr, const int gs, int64_t kc, const int8_t *x, int64_t ldx,
                  const uint8_t *P, int64_t ldp, const float *xs, const float *s, int64_t ldg,
@@ -177,6 +213,24 @@ ukr_gemm_i8_tile(const int mr, const int nr, const int gs, int64_t kc, const int
       tot[m][n] = phase & GQMM__CPU_GEMM_FIRST ? _mm256_setzero_ps()
                                                : _mm256_loadu_ps(Cv + (m * ldc + n) * 8);
   const int64_t groups = kc / gs;
+  /* the tile's scale products, 8 groups per vector (a loop per (m, n) pair
+   * cost as much as the products: ~10% of the kernel) */
+  float sc[UKR_I8_MR][UKR_I8_NR][GQMM__CPU_I8_MAX_GROUPS];
+  int64_t g8 = 0;
+  for (; g8 + 8 <= groups; g8 += 8) {
+    __m256 sv[UKR_I8_NR];
+    for (int n = 0; n < nr; n++)
+      sv[n] = _mm256_loadu_ps(s + n * ldg + g8);
+    for (int m = 0; m < mr; m++) {
+      const __m256 xv = _mm256_loadu_ps(xs + m * ldg + g8);
+      for (int n = 0; n < nr; n++)
+        _mm256_storeu_ps(&sc[m][n][g8], _mm256_mul_ps(sv[n], xv));
+    }
+  }
+  for (; g8 < groups; g8++)
+    for (int m = 0; m < mr; m++)
+      for (int n = 0; n < nr; n++)
+        sc[m][n][g8] = s[n * ldg + g8] * xs[m * ldg + g8];
   for (int64_t g = 0; g < groups; g++) {
     ukr_i8_acc acc[UKR_I8_MR][UKR_I8_NR];
     for (int m = 0; m < mr; m++)
@@ -192,14 +246,9 @@ ukr_gemm_i8_tile(const int mr, const int nr, const int gs, int64_t kc, const int
           acc[m][n] = ukr_i8_step(acc[m][n], w[n], xv);
       }
     }
-    __m256 sw[UKR_I8_NR];
-    for (int n = 0; n < nr; n++)
-      sw[n] = _mm256_broadcast_ss(s + n * ldg + g);
-    for (int m = 0; m < mr; m++) {
-      const __m256 sx = _mm256_broadcast_ss(xs + m * ldg + g);
+    for (int m = 0; m < mr; m++)
       for (int n = 0; n < nr; n++)
-        tot[m][n] = ukr_i8_fold(tot[m][n], acc[m][n], sw[n], sx);
-    }
+        tot[m][n] = ukr_i8_fold(tot[m][n], acc[m][n], &sc[m][n][g]);
   }
   for (int m = 0; m < mr; m++)
     for (int n = 0; n < nr; n++) {

@@ -108,11 +108,10 @@ typedef struct {
    * pack_i8 unpacks values [k0, k0 + kc) of one row to bytes in the
    * codes' chunk order; bias_i8 gives nb <= 4 weight rows' sum_g b_g * xsum_g
    * ([nb][ldr]) for ldr rows (a multiple of 8) from xsum transposed
-   * ([groups][ldr]) and the rows' biases as float (stride ldb); gemm_i8 runs one micro-panel of nr <= nr_i8 unpacked rows (stride
-   * ldp) over the first rows / mr * mr rows of codes x (stride ldx), mr <=
-   * mr_i8 at a time, kc values (whole groups of gs, at most
-   * GQMM__CPU_I8_MAX_GROUPS of them): with ldg groups per row
-   * of the rows' scales xs and the weight rows' float scales s, the 8-lane
+   * ([groups][ldr]) and the rows' biases as float (stride ldb); gemm_i8 runs one micro-panel of nr
+   * <= nr_i8 unpacked rows (stride ldp) over the first rows / mr * mr rows of codes x (stride ldx),
+   * mr <= mr_i8 at a time, kc values (whole groups of gs, at most GQMM__CPU_I8_MAX_GROUPS of them):
+   * with ldg groups per row of the rows' scales xs and the weight rows' float scales s, the 8-lane
    * totals of output (m, n) at Cv + (m * ldc + n) * 8 accumulate
    * sum_g float(sum_{k in g} x q) * (s * xs), from zero with
    * GQMM__CPU_GEMM_FIRST; with GQMM__CPU_GEMM_LAST their lanes' sum is added

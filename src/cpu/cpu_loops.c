@@ -116,9 +116,9 @@ typedef struct {
   float *xf, *xsum, *xs, *tmp, *panel, *C;
   float *Cv; /* gemm accumulators: R x nt vectors of vw lanes */
   int8_t *xq;
-  float *xsum_t;     /* int8 panel path: xsum transposed, [groups][rows8(R)] */
-  float *sf, *bf;    /* int8 panel path: the unit's scales and biases as float, [nt][groups] */
-  uint16_t *xb; /* the x block as bf16 (xbf) */
+  float *xsum_t;  /* int8 panel path: xsum transposed, [groups][rows8(R)] */
+  float *sf, *bf; /* int8 panel path: the unit's scales and biases as float, [nt][groups] */
+  uint16_t *xb;   /* the x block as bf16 (xbf) */
   gqmm__cpu_wrow *wrows;
 } scratch_view;
 
@@ -230,7 +230,7 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
     const int64_t r0 = r < R1 ? 0 : R1, Rh = r < R1 ? R1 : R - R1; /* its sub-block */
-    for (int64_t c = 0; !j->int8 && c < K; c += 32) { /* int8 mode reads codes only */
+    for (int64_t c = 0; !j->int8 && c < K; c += 32) {              /* int8 mode reads codes only */
       float *dst = v->xf + (R1 ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
         dst[l] = v->tmp[c + j->perm[l]];
@@ -296,8 +296,8 @@ static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
   /* twice the exact path's kc (bytes, not floats: the panel stays 24 KB at
    * t24): fewer tiles, each with its scale products and totals to set up,
    * measured 8-10% faster at 64-128 rows than kc itself */
-  const int64_t kcfg = 2 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 2 * j->cfg->kc
-                                                                     : GQMM__CPU_I8_MAX_GROUPS * gs;
+  const int64_t kcfg =
+      2 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 2 * j->cfg->kc : GQMM__CPU_I8_MAX_GROUPS * gs;
   for (int i = 0; i < nn; i++) {
     isa->to_float(v->wrows[i].s, a->dtype, G, v->sf + i * G);
     isa->to_float(v->wrows[i].b, a->dtype, G, v->bf + i * G);

@@ -74,7 +74,8 @@ static void ukr_quant_i8(const float *t, int64_t K, int gs, int8_t *dst, float *
       __m256i v[4];
       for (int i = 0; i < 4; i++)
         v[i] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tg + c + 8 * i), inv));
-      __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+      __m256i b =
+          _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
       b = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(b, runs), split);
       _mm256_storeu_si256((__m256i *)(dst + g * gs + c), _mm256_permute4x64_epi64(b, 0xd8));
     }
@@ -120,6 +121,15 @@ ukr_qmv_i8_rows(const gqmm__cpu_shape *sh, const uint8_t *w, const float *sf, co
     C[r * ldc] = ukr_hsum256(tot[r]) + C[r * ldc];
 }
 
+/* One instantiation per row count and group size (constants: the sums stay
+ * in registers, a group's chunks unroll). */
+#define UKR_I8_QMV_GS(nr, g)                                                         \
+  case (nr)*4 + (g) / 32:                                                            \
+    if ((nr) <= UKR_I8_ROWS) ukr_qmv_i8_rows(sh, rows[n].w, s, q, x, nr, g, c, ldc); \
+    break;
+#define UKR_I8_QMV(nr) UKR_I8_QMV_GS(nr, 32) UKR_I8_QMV_GS(nr, 64) UKR_I8_QMV_GS(nr, 128)
+#define UKR_I8_FOR_ROWS(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+
 static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows,
                        const float *sf, int64_t lds, const int8_t *xq, const float *xs, int R,
                        float *C, int64_t ldc) {
@@ -131,19 +141,7 @@ static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, in
       const int8_t *q = xq + r0 * K;
       const float *s = sf + n * lds, *x = xs + r0 * G;
       float *c = C + r0 * ldc + n;
-      switch (rb * 4 + gs / 32) { /* one instantiation per row count and group size */
-#define UKR_I8_CASE_GS(nr, g)                                                                      \
-  case (nr)*4 + (g) / 32:                                                                          \
-    if ((nr) <= UKR_I8_ROWS) ukr_qmv_i8_rows(sh, rows[n].w, s, q, x, nr, g, c, ldc);               \
-    break;
-#define UKR_I8_CASE(nr) UKR_I8_CASE_GS(nr, 32) UKR_I8_CASE_GS(nr, 64) UKR_I8_CASE_GS(nr, 128)
-        UKR_I8_CASE(1) UKR_I8_CASE(2) UKR_I8_CASE(3) UKR_I8_CASE(4)
-        UKR_I8_CASE(5) UKR_I8_CASE(6) UKR_I8_CASE(7) UKR_I8_CASE(8)
-#undef UKR_I8_CASE
-#undef UKR_I8_CASE_GS
-      default:
-        break;
-      }
+      switch (rb * 4 + gs / 32) { UKR_I8_FOR_ROWS(UKR_I8_QMV) default : break; }
     }
   }
 }
@@ -155,9 +153,10 @@ static void ukr_qmv_i8(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, in
  * 8 rows per vector, each lane a product and a sum per group in group
  * order, as ukr_qmv_i8_rows's scalar bsum. nb (<= 4) independent sums per
  * vector of rows: one chain would wait on vaddps's latency every group. */
-static inline __attribute__((always_inline)) void
-ukr_bias_i8_rows(const float *b, int64_t ldb, const int nb, const float *xsum_t, int64_t G,
-                 int64_t ldr, float *dst) {
+static inline __attribute__((always_inline)) void ukr_bias_i8_rows(const float *b, int64_t ldb,
+                                                                   const int nb,
+                                                                   const float *xsum_t, int64_t G,
+                                                                   int64_t ldr, float *dst) {
   for (int64_t r = 0; r < ldr; r += 8) {
     __m256 acc[4];
     for (int i = 0; i < nb; i++)
@@ -175,10 +174,18 @@ ukr_bias_i8_rows(const float *b, int64_t ldb, const int nb, const float *xsum_t,
 static void ukr_bias_i8(const float *b, int64_t ldb, int nb, const float *xsum_t, int64_t G,
                         int64_t ldr, float *dst) {
   switch (nb) {
-  case 1: ukr_bias_i8_rows(b, ldb, 1, xsum_t, G, ldr, dst); break;
-  case 2: ukr_bias_i8_rows(b, ldb, 2, xsum_t, G, ldr, dst); break;
-  case 3: ukr_bias_i8_rows(b, ldb, 3, xsum_t, G, ldr, dst); break;
-  default: ukr_bias_i8_rows(b, ldb, 4, xsum_t, G, ldr, dst); break;
+  case 1:
+    ukr_bias_i8_rows(b, ldb, 1, xsum_t, G, ldr, dst);
+    break;
+  case 2:
+    ukr_bias_i8_rows(b, ldb, 2, xsum_t, G, ldr, dst);
+    break;
+  case 3:
+    ukr_bias_i8_rows(b, ldb, 3, xsum_t, G, ldr, dst);
+    break;
+  default:
+    ukr_bias_i8_rows(b, ldb, 4, xsum_t, G, ldr, dst);
+    break;
   }
 }
 
@@ -270,26 +277,24 @@ ukr_gemm_i8_rows(const int mr, const int nr, int rows, const int gs, int64_t kc,
                      Cv + m * ldc * 8, ldc, phase, C + m * ldc);
 }
 
-static void ukr_gemm_i8(int mr, int nr, int rows, int gs, int64_t kc, const int8_t *x, int64_t ldx,
-                        const uint8_t *P, int64_t ldp, const float *xs, const float *s,
-                        int64_t ldg, float *Cv, int64_t ldc, int phase, float *C) {
-  switch (mr * 8 + nr) { /* tiles up to the ISA's MR x NR, one instantiation each */
-#define UKR_I8_TILE_GS(m, n, g)                                                                    \
+/* Tiles up to the ISA's MR x NR and the three group sizes, one
+ * instantiation each. */
+#define UKR_I8_TILE_GS(m, n, g) \
   if (gs == (g)) ukr_gemm_i8_rows(m, n, rows, g, kc, x, ldx, P, ldp, xs, s, ldg, Cv, ldc, phase, C);
-#define UKR_I8_TILE(m, n)                                                                          \
-  case (m)*8 + (n):                                                                                \
-    if ((m) <= UKR_I8_MR && (n) <= UKR_I8_NR) {                                                    \
-      UKR_I8_TILE_GS(m, n, 32) UKR_I8_TILE_GS(m, n, 64) UKR_I8_TILE_GS(m, n, 128)                  \
-    }                                                                                              \
+#define UKR_I8_TILE(m, n)                                                         \
+  case (m)*8 + (n):                                                               \
+    if ((m) <= UKR_I8_MR && (n) <= UKR_I8_NR) {                                   \
+      UKR_I8_TILE_GS(m, n, 32) UKR_I8_TILE_GS(m, n, 64) UKR_I8_TILE_GS(m, n, 128) \
+    }                                                                             \
     break;
-#define UKR_I8_TILE_N(m) UKR_I8_TILE(m, 1) UKR_I8_TILE(m, 2) UKR_I8_TILE(m, 3) UKR_I8_TILE(m, 4)
-    UKR_I8_TILE_N(1) UKR_I8_TILE_N(2) UKR_I8_TILE_N(3) UKR_I8_TILE_N(4)
-#undef UKR_I8_TILE_N
-#undef UKR_I8_TILE
-#undef UKR_I8_TILE_GS
-  default:
-    break;
-  }
+#define UKR_I8_TILE_N(X, m) X(m, 1) X(m, 2) X(m, 3) X(m, 4)
+#define UKR_I8_FOR_TILES(X) \
+  UKR_I8_TILE_N(X, 1) UKR_I8_TILE_N(X, 2) UKR_I8_TILE_N(X, 3) UKR_I8_TILE_N(X, 4)
+
+static void ukr_gemm_i8(int mr, int nr, int rows, int gs, int64_t kc, const int8_t *x, int64_t ldx,
+                        const uint8_t *P, int64_t ldp, const float *xs, const float *s, int64_t ldg,
+                        float *Cv, int64_t ldc, int phase, float *C) {
+  switch (mr * 8 + nr) { UKR_I8_FOR_TILES(UKR_I8_TILE) default : break; }
 }
 
 /* ---- the ceiling ------------------------------------------------------------ */

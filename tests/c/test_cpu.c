@@ -580,8 +580,8 @@ GQMM_TEST(cpu_int8_weight_reuse_matches_qmv_bitwise) {
           const int threads = 1 + (c + 2) % 3;
           CHECK_OK(problem_run(&p, (runner){i8_isas[ii], threads, c, 1}, got, err, sizeof err));
           CHECK_MSG(!memcmp(got, qmv, bytes),
-                    "isa %s gs %d %s config %d threads %d: differs from qmv_i8's bits",
-                    i8_isas[ii], p.q.group_size, gqmm_dtype_name(p.dt), c, threads);
+                    "isa %s gs %d %s config %d threads %d: differs from qmv_i8's bits", i8_isas[ii],
+                    p.q.group_size, gqmm_dtype_name(p.dt), c, threads);
         }
         int8_emulate(&p, emu);
         double num = 0, den = 0;

@@ -100,12 +100,6 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx2 = {
     .dequant = avx2_dequant,
     .gemm = avx2_gemm,
     .vw = UKR_VW,
-    .qmv_i8 = ukr_qmv_i8,
-    .quant_i8 = ukr_quant_i8,
-    .pack_i8 = ukr_pack_i8,
-    .bias_i8 = ukr_bias_i8,
-    .gemm_i8 = ukr_gemm_i8,
-    .mr_i8 = UKR_I8_MR,
-    .nr_i8 = UKR_I8_NR,
+    UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,
 };

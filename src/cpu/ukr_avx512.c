@@ -124,12 +124,6 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .dequant = avx512_dequant,
     .gemm = avx512_gemm,
     .vw = UKR_VW,
-    .qmv_i8 = ukr_qmv_i8,
-    .quant_i8 = ukr_quant_i8,
-    .pack_i8 = ukr_pack_i8,
-    .bias_i8 = ukr_bias_i8,
-    .gemm_i8 = ukr_gemm_i8,
-    .mr_i8 = UKR_I8_MR,
-    .nr_i8 = UKR_I8_NR,
+    UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,
 };

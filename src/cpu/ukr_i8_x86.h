@@ -297,6 +297,11 @@ static void ukr_gemm_i8(int mr, int nr, int rows, int gs, int64_t kc, const int8
   switch (mr * 8 + nr) { UKR_I8_FOR_TILES(UKR_I8_TILE) default : break; }
 }
 
+/* The int8 entries of an x86 ISA's row (gqmm__cpu_isa). */
+#define UKR_I8_ISA_FIELDS                                                                         \
+  .qmv_i8 = ukr_qmv_i8, .quant_i8 = ukr_quant_i8, .pack_i8 = ukr_pack_i8, .bias_i8 = ukr_bias_i8, \
+  .gemm_i8 = ukr_gemm_i8, .mr_i8 = UKR_I8_MR, .nr_i8 = UKR_I8_NR
+
 /* ---- the ceiling ------------------------------------------------------------ */
 
 /* The int8 mode's step (32 multiply-adds) in UKR_I8_PEAK_CHAINS independent

@@ -545,7 +545,7 @@ static int last_config(const problem *p, const char *isa) {
  * order), for every config of the table (kc, mc, nt change the blocking,
  * never the bits) and thread count; and against the mode emulated in float64
  * (tight: the float32 rounding of the result) and the exact reference (the
- * mode's quantization bound). Ragged K (a last kc block of 5-6 groups),
+ * mode's quantization bound). Ragged K (a last kc block of 3-5 groups),
  * ragged N (units and micro-panels with tails), random and skewed routing
  * (blocks of 0 to ~40 rows: both paths, mc slices, row tails of 1 and 2),
  * g32/64/128, f32/f16/bf16. */

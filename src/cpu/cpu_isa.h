@@ -57,6 +57,8 @@ typedef struct {
   void (*perm)(int bits, int perm[32]);
   /* dst[i] = (float)src[i], src of dtype t (F16C/bit tricks per ISA). */
   void (*to_float)(const void *src, gqmm_dtype t, int64_t n, float *dst);
+  /* dst[i] = src[i] rounded to dtype t exactly as gqmm__store_f rounds. */
+  void (*from_float)(const float *src, gqmm_dtype t, int64_t n, void *dst);
   /*
    * Small-M path (memory bound): for each of nrows weight rows n, and each of
    * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r, x chunk-interleaved:

@@ -413,8 +413,7 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
     const int64_t o = j->out_off[first + r] + n0;
     const float *c = v->C + r * nt;
     if (a->transpose) {
-      for (int n = 0; n < nn; n++)
-        gqmm__store_f(a->out, a->dtype, o + n, c[n]);
+      j->isa->from_float(c, a->dtype, nn, (char *)a->out + (size_t)o * gqmm_dtype_size(a->dtype));
     } else {
       for (int n = 0; n < nn; n++)
         gqmm__store_f(a->out, a->dtype, o + (n & ~31) + j->col_perm[n & 31], c[n]);

@@ -96,6 +96,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx2 = {
     .supported = avx2_supported,
     .perm = ukr_x86_perm,
     .to_float = ukr_to_float,
+    .from_float = ukr_from_float,
     .qmv = avx2_qmv,
     .dequant = avx2_dequant,
     .gemm = avx2_gemm,

@@ -118,6 +118,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .supported = avx512_supported,
     .perm = ukr_x86_perm,
     .to_float = ukr_to_float,
+    .from_float = ukr_from_float,
     .qmv = avx512_qmv,
     .qmv_bf16 = avx512_qmv_bf16,
     .qmv_bf16_supported = avx512_bf16_supported,

@@ -108,7 +108,8 @@ ukr_qmv_i8_rows(const gqmm__cpu_shape *sh, const uint8_t *w, const float *sf, co
       ukr_i8_acc acc[UKR_I8_ROWS];
       for (int r = 0; r < rb; r++)
         acc[r] = ukr_i8_zero();
-      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      for (int c = 0; c < gs; c += 32) { /* a constant count: unrolled */
+        const int64_t k = g * gs + c;
         const __m256i wv = ukr_unpack32_u8_4bit(w + k / 2);
         for (int r = 0; r < rb; r++)
           acc[r] = ukr_i8_step(acc[r], wv, _mm256_loadu_si256((const __m256i *)(xq + r * K + k)));
@@ -243,7 +244,8 @@ ukr_gemm_i8_tile(const int mr, const int nr, const int gs, int64_t kc, const int
     for (int m = 0; m < mr; m++)
       for (int n = 0; n < nr; n++)
         acc[m][n] = ukr_i8_zero();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+    for (int c = 0; c < gs; c += 32) { /* a constant count: unrolled */
+      const int64_t k = g * gs + c;
       __m256i w[UKR_I8_NR];
       for (int n = 0; n < nr; n++)
         w[n] = _mm256_loadu_si256((const __m256i *)(P + n * ldp + k));

@@ -7,6 +7,7 @@
  * rows, skewed routing, unsorted indices (must equal the sorted path bit
  * for bit) and thread counts (results must not depend on them).
  */
+#include "../../src/cpu/cpu_isa.h" /* the ISA rows, for the conversion test */
 #include "internal.h"
 #include "test.h"
 
@@ -596,6 +597,45 @@ GQMM_TEST(cpu_int8_weight_reuse_matches_qmv_bitwise) {
         problem_free(&p);
       }
   }
+}
+
+/* The ISAs' output conversion (from_float: the stores of every path) rounds
+ * exactly as gqmm__store_f on every class of float: random bit patterns
+ * (NaNs, infinities, subnormals), halfway cases of bf16 and f16 and their
+ * neighbours, signed zeros; lengths with vector tails. */
+GQMM_TEST(cpu_output_conversion_matches_store_f) {
+#if defined(__x86_64__)
+  const gqmm__cpu_isa *const rows[] = {&gqmm__cpu_isa_portable, &gqmm__cpu_isa_avx2,
+                                       &gqmm__cpu_isa_avx512};
+#else
+  const gqmm__cpu_isa *const rows[] = {&gqmm__cpu_isa_portable};
+#endif
+  enum { N = 4099 };
+  test_rng r = test_rng_make(715);
+  float *src = malloc(N * sizeof(float));
+  uint16_t *got = malloc(N * 4), *want = malloc(N * 4);
+  CHECK(src && got && want);
+  for (int i = 0; i < N; i++) {
+    uint32_t u = test_rng_u32(&r);
+    if (i % 4 == 1) u = (u & 0xffff0000u) | 0x8000u;     /* bf16 tie */
+    if (i % 4 == 2) u = (u & 0xc7ffe000u) | 0x38001000u; /* f16 tie, near 2^-14 */
+    if (i % 8 == 3) u = (u & 0x807fffffu) | (i % 16 == 3 ? 0x7f800000u : 0u); /* NaN/inf, 0/sub */
+    memcpy(&src[i], &u, 4);
+  }
+  for (size_t k = 0; k < sizeof rows / sizeof rows[0]; k++) {
+    if (!rows[k]->supported()) continue;
+    for (int di = 0; di < 3; di++) {
+      const gqmm_dtype t = all_dtypes[di];
+      const int n = N - di; /* ragged tails */
+      memset(got, 0xa5, N * 4), memset(want, 0x5a, N * 4);
+      rows[k]->from_float(src, t, n, got);
+      for (int i = 0; i < n; i++)
+        gqmm__store_f(want, t, i, src[i]);
+      CHECK_MSG(!memcmp(got, want, (size_t)n * gqmm_dtype_size(t)), "isa %s %s differs",
+                rows[k]->name, gqmm_dtype_name(t));
+    }
+  }
+  free(src), free(got), free(want);
 }
 
 GQMM_TEST(cpu_bad_isa_requests_fail_clearly) {

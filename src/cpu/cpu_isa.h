@@ -28,7 +28,7 @@
 #define GQMM__CPU_GEMM_LAST 2
 /* Groups in one kc block of the int8 panel kernel (its scale products live
  * on the stack). */
-#define GQMM__CPU_I8_MAX_GROUPS 32
+#define GQMM__CPU_I8_MAX_GROUPS 64
 /* Register-blocking limits of the gemm micro-kernel (MR x NR accumulators). */
 #define GQMM__CPU_MAX_MR 6
 #define GQMM__CPU_MAX_NR 4

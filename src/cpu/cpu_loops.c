@@ -284,20 +284,21 @@ static void panel_i8_rows(const job *j, const scratch_view *v, int64_t m0, int64
  * along the vector lanes: the order of a scalar sum), then the dot products
  * added by qmv_i8 (blocks of at most i8_rows rows: weights unpacked in
  * registers, applied to every row) or BLIS-style weight reuse: per kc block
- * the unit's rows are unpacked to bytes once (pack_i8, nt x kc bytes: 24 KB
- * at t24 and kc 1024), then each micro-panel of nr rows runs over an mc-row
- * slice of the codes (gemm_i8). Both add a row's groups in the same order
- * with the same operations, so a row's bits do not depend on the path. */
+ * the unit's rows are unpacked to bytes once (pack_i8, nt x kc bytes: 48 KB
+ * at t24 and 2048 codes, the exact path's panel bytes), then each micro-panel of nr rows runs over
+ * an mc-row slice of the codes (gemm_i8). Both add a row's groups in the same order with the same
+ * operations, so a row's bits do not depend on the path. */
 static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
   const gqmm__qmm_args *a = j->a;
   const gqmm__cpu_isa *isa = j->isa;
   const int gs = j->sh.group_size, nr = isa->nr_i8;
   const int64_t K = a->K, G = j->G, nt = j->nt, R8 = rows8(R);
-  /* twice the exact path's kc (bytes, not floats: the panel stays 24 KB at
-   * t24): fewer tiles, each with its scale products and totals to set up,
-   * measured 8-10% faster at 64-128 rows than kc itself */
+  /* the exact path's blocking in bytes: kc floats of a row are 4 kc codes,
+   * so an x slice (mc rows) and the panel (nt rows) take the bytes they take
+   * there; measured faster than kc codes (fewer tiles, each with its scale
+   * products and totals to set up) */
   const int64_t kcfg =
-      2 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 2 * j->cfg->kc : GQMM__CPU_I8_MAX_GROUPS * gs;
+      4 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 4 * j->cfg->kc : GQMM__CPU_I8_MAX_GROUPS * gs;
   for (int i = 0; i < nn; i++) {
     isa->to_float(v->wrows[i].s, a->dtype, G, v->sf + i * G);
     isa->to_float(v->wrows[i].b, a->dtype, G, v->bf + i * G);
@@ -315,7 +316,7 @@ static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
     return;
   }
   uint8_t *panel = (uint8_t *)v->panel;
-  const int64_t mc = j->cfg->mc * 2; /* the exact path's 16 KB slice of x: 1-byte codes, 2 kc */
+  const int64_t mc = j->cfg->mc;
   for (int64_t k0 = 0; k0 < K; k0 += kcfg) {
     const int64_t kc = K - k0 < kcfg ? K - k0 : kcfg;
     const int phase =

@@ -74,7 +74,12 @@ static inline __m256i ukr_i8_zero(void) {
   return _mm256_setzero_si256();
 }
 static inline __m256i ukr_i8_step(__m256i acc, __m256i w, __m256i x) {
-  return _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
+  acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(w, x));
+  /* an empty asm: the sum stays a chain (GCC otherwise reassociates a group's
+   * additions into a tree, all products live at once: spills at 128 values;
+   * the 3x2 tile at g128 measured 1.3x faster with the chain) */
+  __asm__("" : "+x"(acc));
+  return acc;
 }
 static inline __m256i ukr_i8_finish(__m256i acc) {
   return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));

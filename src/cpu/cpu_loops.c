@@ -299,10 +299,10 @@ static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
    * products and totals to set up) */
   const int64_t kcfg =
       4 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 4 * j->cfg->kc : GQMM__CPU_I8_MAX_GROUPS * gs;
-  for (int i = 0; i < nn; i++) {
-    isa->to_float(v->wrows[i].s, a->dtype, G, v->sf + i * G);
-    isa->to_float(v->wrows[i].b, a->dtype, G, v->bf + i * G);
-  }
+  /* the unit's rows are consecutive rows of one expert: their scales (and
+   * biases) are one run of nn * G values, one conversion each */
+  isa->to_float(v->wrows[0].s, a->dtype, nn * G, v->sf);
+  isa->to_float(v->wrows[0].b, a->dtype, nn * G, v->bf);
   float bsum[4 * (ROWS_MAX_COUNT + 8)];
   for (int i = 0; i < nn; i += 4) {
     const int nb = nn - i < 4 ? nn - i : 4;

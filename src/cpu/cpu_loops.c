@@ -257,6 +257,16 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
     }
 }
 
+/* The int8 panel path's kc: the exact path's blocking in bytes (kc floats
+ * of a row are 4 kc codes, so an x slice of mc rows and the panel of nt rows
+ * take the bytes they take there), measured faster than kc codes (fewer
+ * tiles, each with its scale products and totals to set up); at most
+ * GQMM__CPU_I8_MAX_GROUPS groups. */
+static int64_t i8_kc(const job *j) {
+  const int64_t kc = 4 * j->cfg->kc, cap = GQMM__CPU_I8_MAX_GROUPS * (int64_t)j->sh.group_size;
+  return kc < cap ? kc : cap;
+}
+
 /* int8 mode, rows [m0, m0 + rows) of a block against one micro-panel: tiles
  * of mr rows, and a short tail (1 row after tiles of 3) merged with the last
  * tile into two tiles of about equal height (2 + 2, not 3 + 1: a 1-row tile
@@ -291,14 +301,9 @@ static void panel_i8_rows(const job *j, const scratch_view *v, int64_t m0, int64
 static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
   const gqmm__qmm_args *a = j->a;
   const gqmm__cpu_isa *isa = j->isa;
-  const int gs = j->sh.group_size, nr = isa->nr_i8;
+  const int nr = isa->nr_i8;
   const int64_t K = a->K, G = j->G, nt = j->nt, R8 = rows8(R);
-  /* the exact path's blocking in bytes: kc floats of a row are 4 kc codes,
-   * so an x slice (mc rows) and the panel (nt rows) take the bytes they take
-   * there; measured faster than kc codes (fewer tiles, each with its scale
-   * products and totals to set up) */
-  const int64_t kcfg =
-      4 * j->cfg->kc < GQMM__CPU_I8_MAX_GROUPS * gs ? 4 * j->cfg->kc : GQMM__CPU_I8_MAX_GROUPS * gs;
+  const int64_t kcfg = i8_kc(j);
   /* the unit's rows are consecutive rows of one expert: their scales (and
    * biases) are one run of nn * G values, one conversion each */
   isa->to_float(v->wrows[0].s, a->dtype, nn * G, v->sf);
@@ -434,7 +439,7 @@ static void prefetch_unit(const job *j, int64_t u) {
   if (j->int8 ? R <= j->cfg->i8_rows : qmv_first(j, R) > 0) return; /* not a panel unit */
   const int64_t n0 = (u % j->tiles) * j->nt, nn = j->a->N - n0 < j->nt ? j->a->N - n0 : j->nt;
   const int64_t first = j->blk_e[u / j->tiles] * j->nw + n0;
-  const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->cfg->kc),
+  const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->int8 ? i8_kc(j) : j->cfg->kc),
                 bytes = head < j->sh.row_bytes ? head : j->sh.row_bytes;
   const int64_t pbytes = (int64_t)gqmm_dtype_size(j->a->dtype) * j->G; /* a row's s or b */
   for (int64_t i = 0; i < nn; i++) {

@@ -28,7 +28,7 @@ static void ukr_to_float(const void *src, gqmm_dtype t, int64_t n, float *dst) {
 }
 
 /* dst[i] = src[i] rounded to dtype t: the rounding of gqmm__store_f, bit
- * for bit (bf16: round to nearest even on the bits, NaN -> 0x7fc0; 16 at a
+ * for bit (bf16: round to nearest even on the bits, NaN -> 0x7fc0; 8 at a
  * time), f16 through it (its NaN encoding is not vcvtps2ph's). */
 static void ukr_from_float(const float *src, gqmm_dtype t, int64_t n, void *dst) {
   int64_t i = 0;
@@ -41,17 +41,14 @@ static void ukr_from_float(const float *src, gqmm_dtype t, int64_t n, void *dst)
     const __m256i abs = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
     const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
     const __m256i qnan = _mm256_set1_epi32(0x7fc0);
-    for (; i + 16 <= n; i += 16) {
-      __m256i r[2];
-      for (int v = 0; v < 2; v++) {
-        const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i + 8 * v));
-        const __m256i up = _mm256_add_epi32(
-            u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
-        const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
-        r[v] = _mm256_blendv_epi8(_mm256_srli_epi32(up, 16), qnan, nan);
-      }
-      _mm256_storeu_si256((__m256i *)(h + i),
-                          _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8));
+    for (; i + 8 <= n; i += 8) {
+      const __m256i u = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+      const __m256i up = _mm256_add_epi32(
+          u, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+      const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs), inf);
+      const __m256i r = _mm256_blendv_epi8(_mm256_srli_epi32(up, 16), qnan, nan);
+      _mm_storeu_si128((__m128i *)(h + i),
+                       _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
     }
   }
   for (; i < n; i++)

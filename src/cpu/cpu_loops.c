@@ -236,13 +236,18 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
         dst[l] = v->tmp[c + j->perm[l]];
     }
     if (!a->transpose) continue;
-    for (int64_t g = 0; g < G; g++) {
-      const float *t = v->tmp + g * gs;
-      float s = 0.0f;
+    /* each group's sum in order (the kernels' bits depend on it), 4 groups'
+     * chains interleaved: one chain waits on an add's latency per value */
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const int ng = G - g0 < 4 ? (int)(G - g0) : 4;
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int i = 0; i < gs; i++)
-        s += t[i];
-      v->xsum[r * G + g] = s;
-      if (j->int8) v->xsum_t[g * R8 + r] = s;
+        for (int q = 0; q < ng; q++)
+          s[q] += v->tmp[(g0 + q) * gs + i];
+      for (int q = 0; q < ng; q++) {
+        v->xsum[r * G + g0 + q] = s[q];
+        if (j->int8) v->xsum_t[(g0 + q) * R8 + r] = s[q];
+      }
     }
     if (j->int8) j->isa->quant_i8(v->tmp, K, gs, v->xq + r * K, v->xs + r * G);
   }

@@ -326,7 +326,7 @@ static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
     return;
   }
   uint8_t *panel = (uint8_t *)v->panel;
-  const int64_t mc = j->cfg->mc;
+  const int64_t mc = (j->cfg->mc + isa->mr_i8 - 1) / isa->mr_i8 * isa->mr_i8; /* whole tiles */
   for (int64_t k0 = 0; k0 < K; k0 += kcfg) {
     const int64_t kc = K - k0 < kcfg ? K - k0 : kcfg;
     const int phase =

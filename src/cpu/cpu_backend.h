@@ -17,6 +17,8 @@ typedef struct {
   int mc;       /* rows per x slice (mc x kc floats stay in L1 across micro-panels), mr | mc */
   int nt;       /* weight rows per work unit (threads split experts x units) */
   int qmv_rows; /* blocks of at most this many rows take the small-M path (<= 4) */
+  int i8_rows;  /* int8 mode: blocks of at most this many rows take qmv_i8, more the panel
+                   (measured: qmv_i8 faster up to 32 rows, the panel from 48) */
 } gqmm__cpu_config;
 
 typedef struct {

@@ -26,6 +26,9 @@
 /* gemm phases: the first kc block starts from zero, the last stores dot products. */
 #define GQMM__CPU_GEMM_FIRST 1
 #define GQMM__CPU_GEMM_LAST 2
+/* Groups in one kc block of the int8 panel kernel (its scale products live
+ * on the stack). */
+#define GQMM__CPU_I8_MAX_GROUPS 64
 /* Register-blocking limits of the gemm micro-kernel (MR x NR accumulators). */
 #define GQMM__CPU_MAX_MR 6
 #define GQMM__CPU_MAX_NR 4
@@ -54,6 +57,8 @@ typedef struct {
   void (*perm)(int bits, int perm[32]);
   /* dst[i] = (float)src[i], src of dtype t (F16C/bit tricks per ISA). */
   void (*to_float)(const void *src, gqmm_dtype t, int64_t n, float *dst);
+  /* dst[i] = src[i] rounded to dtype t exactly as gqmm__store_f rounds. */
+  void (*from_float)(const float *src, gqmm_dtype t, int64_t n, void *dst);
   /*
    * Small-M path (memory bound): for each of nrows weight rows n, and each of
    * R <= GQMM__CPU_QMV_MAX_ROWS activation rows r, x chunk-interleaved:
@@ -89,13 +94,39 @@ typedef struct {
   int vw; /* float lanes of the gemm accumulators */
   /*
    * Opt-in int8 mode (NULL where the ISA has none): 4-bit weights only.
-   * xq: int8 activations in chunk order [R][K]; xs: per-row per-group scales
-   * [R][groups]; xsum: per-group sums of the float activations. Any R.
-   * perm_i8 gives the chunk order of xq.
+   * quant_i8 turns one row of float x (natural order, K values) into codes
+   * in the ISA's chunk order (xq) and per-group scales (xs): symmetric,
+   * xs = max|x| / 127, codes round(x / xs) in [-127, 127]. The kernels take
+   * xq as [R][K], xs as [R][groups], the weight rows' scales as float
+   * ([row][groups], stride lds or ldg), and C holding the b * sum(x) term
+   * (bias_i8), to which they add sum_g float(sum_{k in g} x q) * (s * xs).
+   * qmv_i8 (small M, any R): nrows weight rows, unpacked in registers.
    */
-  void (*perm_i8)(int perm[32]);
-  void (*qmv_i8)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const int8_t *xq,
-                 const float *xs, const float *xsum, int R, float *C, int64_t ldc);
+  void (*quant_i8)(const float *x, int64_t K, int gs, int8_t *xq, float *xs);
+  void (*qmv_i8)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const float *sf,
+                 int64_t lds, const int8_t *xq, const float *xs, int R, float *C, int64_t ldc);
+  /*
+   * int8 mode, more rows (weight reuse, the same bits as qmv_i8 per row):
+   * pack_i8 unpacks values [k0, k0 + kc) of one row to bytes in the
+   * codes' chunk order; bias_i8 gives nb <= 4 weight rows' sum_g b_g * xsum_g
+   * ([nb][ldr]) for ldr rows (a multiple of 8) from xsum transposed
+   * ([groups][ldr]) and the rows' biases as float (stride ldb); gemm_i8 runs one micro-panel of nr
+   * <= nr_i8 unpacked rows (stride ldp) over the first rows / mr * mr rows of codes x (stride ldx),
+   * mr <= mr_i8 at a time, kc values (whole groups of gs, at most GQMM__CPU_I8_MAX_GROUPS of them):
+   * with ldg groups per row of the rows' scales xs and the weight rows' float scales s, the 8-lane
+   * totals of output (m, n) at Cv + (m * ldc + n) * 8 accumulate
+   * sum_g float(sum_{k in g} x q) * (s * xs), from zero with
+   * GQMM__CPU_GEMM_FIRST; with GQMM__CPU_GEMM_LAST their lanes' sum is added
+   * to C[m * ldc + n] (holding sum_g b_g * xsum_g) instead.
+   */
+  void (*pack_i8)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
+                  uint8_t *dst);
+  void (*bias_i8)(const float *b, int64_t ldb, int nb, const float *xsum_t, int64_t G, int64_t ldr,
+                  float *dst);
+  void (*gemm_i8)(int mr, int nr, int rows, int gs, int64_t kc, const int8_t *x, int64_t ldx,
+                  const uint8_t *P, int64_t ldp, const float *xs, const float *s, int64_t ldg,
+                  float *Cv, int64_t ldc, int phase, float *C);
+  int mr_i8, nr_i8;
   /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread. */
   double (*peak_macs)(bool int8);
 } gqmm__cpu_isa;

@@ -25,7 +25,6 @@
  */
 #include "cpu_backend.h"
 
-#include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,6 +32,7 @@
 /* Most rows in one x block; larger experts become several blocks (each
  * reads the expert's weights again, but such a call is compute bound). */
 #define ROWS_MAX_BYTES ((int64_t)4 << 20)
+#define ROWS_MAX_COUNT 512
 /* Floats of x the small-M path keeps in L1 per K block (16 KB, half of L1). */
 #define QMV_KBLOCK_FLOATS 4096
 
@@ -52,7 +52,6 @@ typedef struct {
   int64_t *blk_first, *blk_rows, *blk_e; /* [nblocks] */
   int64_t nblocks, tiles, rows_max;
   int perm[32];     /* chunk order of the x block */
-  int perm_i8[32];  /* chunk order of the int8 codes */
   int col_perm[32]; /* transpose=0: column order of a dequantized chunk */
   atomic_llong next;
 } job;
@@ -117,9 +116,16 @@ typedef struct {
   float *xf, *xsum, *xs, *tmp, *panel, *C;
   float *Cv; /* gemm accumulators: R x nt vectors of vw lanes */
   int8_t *xq;
-  uint16_t *xb; /* the x block as bf16 (xbf) */
+  float *xsum_t;  /* int8 panel path: xsum transposed, [groups][rows8(R)] */
+  float *sf, *bf; /* int8 panel path: the unit's scales and biases as float, [nt][groups] */
+  uint16_t *xb;   /* the x block as bf16 (xbf) */
   gqmm__cpu_wrow *wrows;
 } scratch_view;
+
+/* Rows rounded up to whole 8-lane vectors (xsum_t's stride). */
+static int64_t rows8(int64_t R) {
+  return (R + 7) & ~(int64_t)7;
+}
 
 static size_t carve(size_t *off, size_t bytes) {
   size_t at = *off;
@@ -139,6 +145,8 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
   const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
   const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
+  const size_t o_xt = carve(&off, j->int8 ? (size_t)(rows8(R) * (K / 32 + 1)) * 4 : 0);
+  const size_t o_sf = carve(&off, j->int8 ? (size_t)(2 * nt * (K / 32 + 1)) * 4 : 0);
   const size_t o_xb = carve(&off, j->xbf ? (size_t)(R * K) * 2 : 0);
   const size_t o_wr = carve(&off, (size_t)nt * sizeof(gqmm__cpu_wrow));
   if (base) {
@@ -150,6 +158,9 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
     v->C = (float *)(base + o_C);
     v->Cv = (float *)(base + o_Cv);
     v->xq = (int8_t *)(base + o_xq);
+    v->xsum_t = (float *)(base + o_xt);
+    v->sf = (float *)(base + o_sf);
+    v->bf = v->sf + nt * (K / 32 + 1);
     v->xb = (uint16_t *)(base + o_xb);
     v->wrows = (gqmm__cpu_wrow *)(base + o_wr);
   }
@@ -205,7 +216,8 @@ static int64_t qmv_kblock(const job *j, int64_t R1) {
   return R1 <= 2 ? j->a->K : QMV_KBLOCK_FLOATS / R1 / gs * gs;
 }
 
-/* Step 1: the block's x rows, float32 in chunk order, group sums, int8 codes.
+/* Step 1: the block's x rows, float32 in chunk order, group sums, or int8
+ * codes, their scales and the group sums transposed in int8 mode.
  * The qmv kernel reads each sub-block's rows chunk-interleaved (cpu_isa.h),
  * the gemm and transpose=0 paths row after row. */
 static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
@@ -214,41 +226,118 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   const int64_t K = a->K, G = j->G, R = j->blk_rows[blk], first = j->blk_first[blk];
   const int gs = j->sh.group_size;
   const int64_t R1 = qmv_first(j, R);
+  const int64_t R8 = rows8(R);
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
     const int64_t r0 = r < R1 ? 0 : R1, Rh = r < R1 ? R1 : R - R1; /* its sub-block */
-    for (int64_t c = 0; c < K; c += 32) {
+    for (int64_t c = 0; !j->int8 && c < K; c += 32) {              /* int8 mode reads codes only */
       float *dst = v->xf + (R1 ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
         dst[l] = v->tmp[c + j->perm[l]];
     }
     if (!a->transpose) continue;
-    for (int64_t g = 0; g < G; g++) {
-      const float *t = v->tmp + g * gs;
-      float s = 0.0f;
+    /* each group's sum in order (the kernels' bits depend on it), 4 groups'
+     * chains interleaved: one chain waits on an add's latency per value */
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+      const int ng = G - g0 < 4 ? (int)(G - g0) : 4;
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (int i = 0; i < gs; i++)
-        s += t[i];
-      v->xsum[r * G + g] = s;
-      if (!j->int8) continue;
-      /* int8 mode: symmetric per-(row, group) scale, codes in [-127, 127] */
-      float amax = 0.0f;
-      for (int i = 0; i < gs; i++) {
-        const float m = t[i] < 0.0f ? -t[i] : t[i];
-        amax = m > amax ? m : amax;
+        for (int q = 0; q < ng; q++)
+          s[q] += v->tmp[(g0 + q) * gs + i];
+      for (int q = 0; q < ng; q++) {
+        v->xsum[r * G + g0 + q] = s[q];
+        if (j->int8) v->xsum_t[(g0 + q) * R8 + r] = s[q];
       }
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      v->xs[r * G + g] = amax / 127.0f;
-      for (int64_t c = 0; c < gs; c += 32)
-        for (int l = 0; l < 32; l++)
-          v->xq[r * K + g * gs + c + l] = (int8_t)lrintf(t[c + j->perm_i8[l]] * inv);
     }
+    if (j->int8) j->isa->quant_i8(v->tmp, K, gs, v->xq + r * K, v->xs + r * G);
   }
+  for (int64_t g = 0; j->int8 && g < G; g++) /* padding lanes of the bias pass */
+    for (int64_t r = R; r < R8; r++)
+      v->xsum_t[g * R8 + r] = 0.0f;
   if (j->xbf) /* bf16 inputs: the top half of each float is the value, exactly */
     for (int64_t i = 0; i < R * K; i++) {
       uint32_t u;
       memcpy(&u, &v->xf[i], 4);
       v->xb[i] = (uint16_t)(u >> 16);
     }
+}
+
+/* The int8 panel path's kc: the exact path's blocking in bytes (kc floats
+ * of a row are 4 kc codes, so an x slice of mc rows and the panel of nt rows
+ * take the bytes they take there), measured faster than kc codes (fewer
+ * tiles, each with its scale products and totals to set up); at most
+ * GQMM__CPU_I8_MAX_GROUPS groups. */
+static int64_t i8_kc(const job *j) {
+  const int64_t kc = 4 * j->cfg->kc, cap = GQMM__CPU_I8_MAX_GROUPS * (int64_t)j->sh.group_size;
+  return kc < cap ? kc : cap;
+}
+
+/* int8 mode, rows [m0, m0 + rows) of a block against one micro-panel: tiles
+ * of mr rows, and a short tail (1 row after tiles of 3) merged with the last
+ * tile into two tiles of about equal height (2 + 2, not 3 + 1: a 1-row tile
+ * loads a weight vector per multiply). */
+static void panel_i8_rows(const job *j, const scratch_view *v, int64_t m0, int64_t rows, int n,
+                          int nb, const uint8_t *P, int64_t k0, int64_t kc, int phase) {
+  const int64_t K = j->a->K, G = j->G, nt = j->nt, g0 = k0 / j->sh.group_size;
+  const int mr = j->isa->mr_i8;
+  int64_t body = rows / mr * mr, t1 = 0, t2 = rows - body;
+  if (t2 && t2 < mr - 1 && body >= mr) {
+    body -= mr;
+    t1 = (mr + t2) / 2;
+    t2 = mr + t2 - t1;
+  }
+  const int64_t part[3][2] = {{mr, body}, {t1, t1}, {t2, t2}}; /* {tile rows, rows} */
+  for (int p = 0; p < 3; m0 += part[p++][1])
+    if (part[p][1])
+      j->isa->gemm_i8((int)part[p][0], nb, (int)part[p][1], j->sh.group_size, kc,
+                      v->xq + m0 * K + k0, K, P, kc, v->xs + m0 * G + g0, v->sf + n * G + g0, G,
+                      v->Cv + (m0 * nt + n) * 8, nt, phase, v->C + m0 * nt + n);
+}
+
+/* int8 mode (transpose=1, 4-bit): the unit's scales and biases as float,
+ * the b * sum(x) term into C (bias_i8: per weight row in group order, rows
+ * along the vector lanes: the order of a scalar sum), then the dot products
+ * added by qmv_i8 (blocks of at most i8_rows rows: weights unpacked in
+ * registers, applied to every row) or BLIS-style weight reuse: per kc block
+ * the unit's rows are unpacked to bytes once (pack_i8, nt x kc bytes: 48 KB
+ * at t24 and 2048 codes, the exact path's panel bytes), then each micro-panel of nr rows runs over
+ * an mc-row slice of the codes (gemm_i8). Both add a row's groups in the same order with the same
+ * operations, so a row's bits do not depend on the path. */
+static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
+  const gqmm__qmm_args *a = j->a;
+  const gqmm__cpu_isa *isa = j->isa;
+  const int nr = isa->nr_i8;
+  const int64_t K = a->K, G = j->G, nt = j->nt, R8 = rows8(R);
+  const int64_t kcfg = i8_kc(j);
+  /* the unit's rows are consecutive rows of one expert: their scales (and
+   * biases) are one run of nn * G values, one conversion each */
+  isa->to_float(v->wrows[0].s, a->dtype, nn * G, v->sf);
+  isa->to_float(v->wrows[0].b, a->dtype, nn * G, v->bf);
+  float bsum[4 * (ROWS_MAX_COUNT + 8)];
+  for (int i = 0; i < nn; i += 4) {
+    const int nb = nn - i < 4 ? nn - i : 4;
+    isa->bias_i8(v->bf + i * G, G, nb, v->xsum_t, G, R8, bsum);
+    for (int b = 0; b < nb; b++)
+      for (int64_t r = 0; r < R; r++)
+        v->C[r * nt + i + b] = bsum[b * R8 + r];
+  }
+  if (R <= j->cfg->i8_rows) {
+    isa->qmv_i8(&j->sh, v->wrows, nn, v->sf, G, v->xq, v->xs, (int)R, v->C, nt);
+    return;
+  }
+  uint8_t *panel = (uint8_t *)v->panel;
+  const int64_t mc = (j->cfg->mc + isa->mr_i8 - 1) / isa->mr_i8 * isa->mr_i8; /* whole tiles */
+  for (int64_t k0 = 0; k0 < K; k0 += kcfg) {
+    const int64_t kc = K - k0 < kcfg ? K - k0 : kcfg;
+    const int phase =
+        (k0 == 0 ? GQMM__CPU_GEMM_FIRST : 0) | (k0 + kc == K ? GQMM__CPU_GEMM_LAST : 0);
+    for (int i = 0; i < nn; i++)
+      isa->pack_i8(&j->sh, &v->wrows[i], k0, kc, panel + i * kc);
+    for (int64_t m0 = 0; m0 < R; m0 += mc)
+      for (int n = 0; n < nn; n += nr)
+        panel_i8_rows(j, v, m0, R - m0 < mc ? R - m0 : mc, n, nn - n < nr ? nn - n : nr,
+                      panel + n * kc, k0, kc, phase);
+  }
 }
 
 /* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
@@ -262,7 +351,7 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
                                    elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
   }
   if (j->int8) {
-    j->isa->qmv_i8(&j->sh, v->wrows, nn, v->xq, v->xs, v->xsum, (int)R, v->C, nt);
+    unit_i8(j, v, R, nn);
     return;
   }
   const int64_t R1 = qmv_first(j, R);
@@ -335,8 +424,7 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
     const int64_t o = j->out_off[first + r] + n0;
     const float *c = v->C + r * nt;
     if (a->transpose) {
-      for (int n = 0; n < nn; n++)
-        gqmm__store_f(a->out, a->dtype, o + n, c[n]);
+      j->isa->from_float(c, a->dtype, nn, (char *)a->out + (size_t)o * gqmm_dtype_size(a->dtype));
     } else {
       for (int n = 0; n < nn; n++)
         gqmm__store_f(a->out, a->dtype, o + (n & ~31) + j->col_perm[n & 31], c[n]);
@@ -344,17 +432,19 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
   }
 }
 
-/* Prefetch of unit u's first kc block of each weight row (the dequant
- * kernel prefetches every later block itself) and of the rows' scales and
+/* Prefetch of unit u's first kc block of each weight row (the dequant and
+ * pack_i8 kernels prefetch every later block themselves) and of the rows' scales and
  * biases, issued a unit ahead so that a panel-path unit whose weights come
  * from DRAM does not begin with misses on every row (qmm M=16, 1 thread:
  * -10%, docs/perf-notes.md). Whichever thread takes u finds them in this
  * core's cache or on the way. */
 static void prefetch_unit(const job *j, int64_t u) {
-  if (u >= j->nblocks * j->tiles || qmv_first(j, j->blk_rows[u / j->tiles])) return;
+  if (u >= j->nblocks * j->tiles) return;
+  const int64_t R = j->blk_rows[u / j->tiles];
+  if (j->int8 ? R <= j->cfg->i8_rows : qmv_first(j, R) > 0) return; /* not a panel unit */
   const int64_t n0 = (u % j->tiles) * j->nt, nn = j->a->N - n0 < j->nt ? j->a->N - n0 : j->nt;
   const int64_t first = j->blk_e[u / j->tiles] * j->nw + n0;
-  const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->cfg->kc),
+  const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->int8 ? i8_kc(j) : j->cfg->kc),
                 bytes = head < j->sh.row_bytes ? head : j->sh.row_bytes;
   const int64_t pbytes = (int64_t)gqmm_dtype_size(j->a->dtype) * j->G; /* a row's s or b */
   for (int64_t i = 0; i < nn; i++) {
@@ -379,7 +469,7 @@ static void worker(void *arg, int t) {
     if (u >= total) break;
     const int64_t blk = u / j->tiles, n0 = (u % j->tiles) * nt;
     const int nn = (int)(ncols - n0 < nt ? ncols - n0 : nt);
-    if (j->a->transpose && !j->int8) prefetch_unit(j, u + 1);
+    if (j->a->transpose) prefetch_unit(j, u + 1);
     if (s->cached_block != blk) {
       prepare_x(j, &v, blk);
       s->cached_block = blk;
@@ -411,9 +501,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
                            gqmm_packed_words(a->q, wlen) * 4};
   j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
   if (j.rows_max < 8) j.rows_max = 8;
-  if (j.rows_max > 512) j.rows_max = 512;
+  if (j.rows_max > ROWS_MAX_COUNT) j.rows_max = ROWS_MAX_COUNT;
   j.tiles = (a->N + j.nt - 1) / j.nt;
-  if (j.int8) st->isa->perm_i8(j.perm_i8);
   if (a->transpose) {
     st->isa->perm(a->q.bits, j.perm);
   } else { /* x stays in natural order; the weights' chunk order is undone at the store */

@@ -77,11 +77,27 @@ static inline __attribute__((always_inline)) ukr_vf ukr_bf16_dot(ukr_vf acc, ukr
 
 #include "ukr_template.h"
 UKR_DEFINE_KERNELS(avx512)
-/* VNNI: four u8 x s8 products summed into each int32 lane in one instruction. */
+/* VNNI: four u8 x s8 products summed into each int32 lane in one
+ * instruction, so the kernels' group sums are int32 from the start. The
+ * 256-bit form keeps the AVX2 lanes (same bits as there) and, with AVX-512VL,
+ * 32 ymm registers for the tiles. */
 static inline __m256i ukr_i8_dot(__m256i acc, __m256i w, __m256i x) {
   return _mm256_dpbusd_epi32(acc, w, x);
 }
+typedef __m256i ukr_i8_acc;
+static inline __m256i ukr_i8_zero(void) {
+  return _mm256_setzero_si256();
+}
+static inline __m256i ukr_i8_step(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_dpbusd_epi32(acc, w, x);
+}
+static inline __m256i ukr_i8_finish(__m256i acc) {
+  return acc;
+}
 #define UKR_I8_ROWS 8 /* 32 registers */
+#define UKR_I8_MR 4   /* panel tile: 12 group sums + 12 totals + 3 weight vectors + x */
+#define UKR_I8_NR 3
+#define UKR_I8_PEAK_CHAINS 12 /* vpdpbusd: 5 cycles latency, 2 per cycle */
 #include "ukr_x86_common.h"
 
 static bool avx512_supported(void) {
@@ -102,13 +118,13 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .supported = avx512_supported,
     .perm = ukr_x86_perm,
     .to_float = ukr_to_float,
+    .from_float = ukr_from_float,
     .qmv = avx512_qmv,
     .qmv_bf16 = avx512_qmv_bf16,
     .qmv_bf16_supported = avx512_bf16_supported,
     .dequant = avx512_dequant,
     .gemm = avx512_gemm,
     .vw = UKR_VW,
-    .qmv_i8 = ukr_qmv_i8,
-    .perm_i8 = ukr_x86_perm_i8,
+    UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,
 };

@@ -87,6 +87,10 @@ static void portable_to_float(const void *src, gqmm_dtype t, int64_t n, float *d
   gqmm__convert(dst, GQMM_F32, src, t, n);
 }
 
+static void portable_from_float(const float *src, gqmm_dtype t, int64_t n, void *dst) {
+  gqmm__convert(dst, t, src, GQMM_F32, n);
+}
+
 static double portable_peak(long iters) {
   ukr_vf acc[4], a = vf_set1(1.0000001f), b = vf_set1(1e-7f);
   for (int i = 0; i < 4; i++)
@@ -109,11 +113,11 @@ const gqmm__cpu_isa gqmm__cpu_isa_portable = {
     .supported = portable_supported,
     .perm = portable_perm,
     .to_float = portable_to_float,
+    .from_float = portable_from_float,
     .qmv = portable_qmv,
     .dequant = portable_dequant,
     .gemm = portable_gemm,
     .vw = UKR_VW,
     .qmv_i8 = NULL,
-    .perm_i8 = NULL,
     .peak_macs = portable_peak_macs,
 };

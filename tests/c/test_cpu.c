@@ -7,6 +7,7 @@
  * rows, skewed routing, unsorted indices (must equal the sorted path bit
  * for bit) and thread counts (results must not depend on them).
  */
+#include "../../src/cpu/cpu_isa.h" /* the ISA rows, for the conversion test */
 #include "internal.h"
 #include "test.h"
 
@@ -495,6 +496,149 @@ GQMM_TEST(cpu_int8_mode_is_close_and_opt_in) {
     CHECK_AGAINST_REF(q, ((runner){"avx2", 2, -1, 1}), tol_for(q.dt));
     problem_free(&q);
   }
+}
+
+/* The int8 mode from its definition, in float64: per (x row, group) the
+ * codes lrintf(x * (127 / amax)) and scale amax / 127 (float, as the mode
+ * computes them), then sum_g s * xs * sum(code * q) + b * sum(x). */
+static void int8_emulate(const problem *p, double *out) {
+  const int64_t G = p->K / p->q.group_size, gs = p->q.group_size;
+  float *t = malloc((size_t)p->K * sizeof(float));
+  for (int b = 0; t && b < p->batch; b++)
+    for (int m = 0; m < p->M; m++) {
+      for (int k = 0; k < p->K; k++)
+        t[k] = (float)gqmm__load_f(p->x, p->dt, ((int64_t)b * p->M + m) * p->K + k);
+      for (int n = 0; n < p->N; n++) {
+        const int64_t wr = (int64_t)p->idx[b] * p->N + n;
+        const uint8_t *row = (const uint8_t *)(p->wq + wr * (p->K / 8));
+        double acc = 0;
+        for (int64_t g = 0; g < G; g++) {
+          float amax = 0.0f;
+          double xsum = 0, dot = 0;
+          for (int64_t k = g * gs; k < (g + 1) * gs; k++)
+            amax = fabsf(t[k]) > amax ? fabsf(t[k]) : amax;
+          const float inv = amax > 0.0f ? 127.0f / amax : 0.0f, xs = amax / 127.0f;
+          for (int64_t k = g * gs; k < (g + 1) * gs; k++) {
+            xsum += t[k];
+            dot += (double)lrintf(t[k] * inv) * gqmm__unpack(row, 4, k);
+          }
+          acc += gqmm__load_f(p->sc, p->dt, wr * G + g) * xs * dot +
+                 gqmm__load_f(p->bi, p->dt, wr * G + g) * xsum;
+        }
+        out[((int64_t)b * p->M + m) * p->N + n] = acc;
+      }
+    }
+  free(t);
+}
+
+/* The last row of an ISA's block-size table: the default blocking with every
+ * int8 block on the small-M kernel (qmv_i8). */
+static int last_config(const problem *p, const char *isa) {
+  int c = 0;
+  while (c < 64 && config_exists(p, isa, c + 1))
+    c++;
+  return c;
+}
+
+/* int8 mode, weight-reuse path (blocks of more than i8_rows rows: unpacked
+ * panels, register tiles) against the small-M kernel on the same problem:
+ * bit for bit (both fold each group with the same operations in the same
+ * order), for every config of the table (kc, mc, nt change the blocking,
+ * never the bits) and thread count; and against the mode emulated in float64
+ * (tight: the float32 rounding of the result) and the exact reference (the
+ * mode's quantization bound). Ragged K (a last kc block of 3-5 groups),
+ * ragged N (units and micro-panels with tails), skewed routing, sorted and
+ * not (blocks of 0 to ~70 rows: both paths, mc slices, row tails of 1 and 2),
+ * g32/64/128, f32/f16/bf16. */
+GQMM_TEST(cpu_int8_weight_reuse_matches_qmv_bitwise) {
+  test_rng r = test_rng_make(714);
+  static const char *const i8_isas[] = {"avx2", "avx512"};
+  static const int Ks[3] = {37 * 32, 19 * 64, 11 * 128};
+  for (size_t ii = 0; ii < 2; ii++) {
+    if (!isa_available(i8_isas[ii])) continue;
+    for (int gi = 0; gi < 3; gi++)
+      for (int di = 0; di < 3; di++) {
+        /* skewed routing: ~60 rows on one expert (the panel path: 8-row
+         * slices with tails of 2 and 1 + 3), a few on others (qmv_i8),
+         * empty experts */
+        problem p = {.E = 6,
+                     .M = 3,
+                     .N = 37,
+                     .K = Ks[gi],
+                     .batch = 24,
+                     .transpose = 1,
+                     .q = {4, all_groups[gi]},
+                     .dt = all_dtypes[di]};
+        CHECK_OK(problem_make(&p, &r, 1, di != 1));
+        const int64_t n_out = (int64_t)p.batch * p.M * p.N;
+        const size_t bytes = (size_t)n_out * gqmm_dtype_size(p.dt);
+        void *qmv = malloc(bytes), *got = malloc(bytes);
+        double *emu = malloc((size_t)n_out * sizeof(double));
+        CHECK(qmv && got && emu);
+        char err[256] = "";
+        const int cq = last_config(&p, i8_isas[ii]);
+        CHECK_OK(problem_run(&p, (runner){i8_isas[ii], 1, cq, 1}, qmv, err, sizeof err));
+        /* every config on bf16 g64, the default and another elsewhere, 1-3 threads */
+        for (int c = -1; c < cq; c++) {
+          if (c >= 0 && !(gi == 1 && di == 2) && c != 0) continue;
+          const int threads = 1 + (c + 2) % 3;
+          CHECK_OK(problem_run(&p, (runner){i8_isas[ii], threads, c, 1}, got, err, sizeof err));
+          CHECK_MSG(!memcmp(got, qmv, bytes),
+                    "isa %s gs %d %s config %d threads %d: differs from qmv_i8's bits", i8_isas[ii],
+                    p.q.group_size, gqmm_dtype_name(p.dt), c, threads);
+        }
+        int8_emulate(&p, emu);
+        double num = 0, den = 0;
+        for (int64_t i = 0; i < n_out; i++) {
+          const double d = gqmm__load_f(got, p.dt, i) - emu[i];
+          num += d * d, den += emu[i] * emu[i];
+        }
+        CHECK_MSG(sqrt(num / den) <= tol_for(p.dt), "isa %s gs %d %s: %.3g from the emulation",
+                  i8_isas[ii], p.q.group_size, gqmm_dtype_name(p.dt), sqrt(num / den));
+        CHECK_AGAINST_REF(p, ((runner){i8_isas[ii], 2, -1, 1}), 3e-2);
+        free(qmv), free(got), free(emu);
+        problem_free(&p);
+      }
+  }
+}
+
+/* The ISAs' output conversion (from_float: the stores of every path) rounds
+ * exactly as gqmm__store_f on every class of float: random bit patterns
+ * (NaNs, infinities, subnormals), halfway cases of bf16 and f16 and their
+ * neighbours, signed zeros; lengths with vector tails. */
+GQMM_TEST(cpu_output_conversion_matches_store_f) {
+#if defined(__x86_64__)
+  const gqmm__cpu_isa *const rows[] = {&gqmm__cpu_isa_portable, &gqmm__cpu_isa_avx2,
+                                       &gqmm__cpu_isa_avx512};
+#else
+  const gqmm__cpu_isa *const rows[] = {&gqmm__cpu_isa_portable};
+#endif
+  enum { N = 4099 };
+  test_rng r = test_rng_make(715);
+  float *src = malloc(N * sizeof(float));
+  uint16_t *got = malloc(N * 4), *want = malloc(N * 4);
+  CHECK(src && got && want);
+  for (int i = 0; i < N; i++) {
+    uint32_t u = test_rng_u32(&r);
+    if (i % 4 == 1) u = (u & 0xffff0000u) | 0x8000u;     /* bf16 tie */
+    if (i % 4 == 2) u = (u & 0xc7ffe000u) | 0x38001000u; /* f16 tie, near 2^-14 */
+    if (i % 8 == 3) u = (u & 0x807fffffu) | (i % 16 == 3 ? 0x7f800000u : 0u); /* NaN/inf, 0/sub */
+    memcpy(&src[i], &u, 4);
+  }
+  for (size_t k = 0; k < sizeof rows / sizeof rows[0]; k++) {
+    if (!rows[k]->supported()) continue;
+    for (int di = 0; di < 3; di++) {
+      const gqmm_dtype t = all_dtypes[di];
+      const int n = N - di; /* ragged tails */
+      memset(got, 0xa5, N * 4), memset(want, 0x5a, N * 4);
+      rows[k]->from_float(src, t, n, got);
+      for (int i = 0; i < n; i++)
+        gqmm__store_f(want, t, i, src[i]);
+      CHECK_MSG(!memcmp(got, want, (size_t)n * gqmm_dtype_size(t)), "isa %s %s differs",
+                rows[k]->name, gqmm_dtype_name(t));
+    }
+  }
+  free(src), free(got), free(want);
 }
 
 GQMM_TEST(cpu_bad_isa_requests_fail_clearly) {

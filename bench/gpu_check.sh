@@ -109,6 +109,8 @@ if want cpu; then
   if [ -n "${CPU_SWEEP:-}" ]; then
     GQMM_CPU_ISA=avx512 "$BIN/gqmm" sweep --backend cpu --json "$OUT/sweep-cpu-avx512.json" \
       >> "$OUT/cpu.log" 2>&1 || status=1
+    GQMM_CPU_ISA=avx512 "$BIN/gqmm" sweep --backend cpu --int8 \
+      --json "$OUT/sweep-cpu-avx512-int8.json" >> "$OUT/cpu.log" 2>&1 || status=1
   fi
 fi
 note "gpu_check exit $status"

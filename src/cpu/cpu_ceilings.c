@@ -101,7 +101,7 @@ int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceil
     macs += b->rate[t];
   out->compute_GMACps = macs / 1e9;
   snprintf(out->compute_what, sizeof out->compute_what, "%s %s", st->isa->name,
-           b->int8 ? "int8 maddubs" : "fp32 fma");
+           b->int8 ? st->isa->i8_what : "fp32 fma");
   char model[64] = "CPU";
   FILE *f = fopen("/proc/cpuinfo", "r"); /* "model name : AMD EPYC" on Linux */
   for (char line[256]; f && fgets(line, sizeof line, f);) {

@@ -127,8 +127,10 @@ typedef struct {
                   const uint8_t *P, int64_t ldp, const float *xs, const float *s, int64_t ldg,
                   float *Cv, int64_t ldc, int phase, float *C);
   int mr_i8, nr_i8;
-  /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread. */
+  /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread;
+   * i8_what names the int8 mode's instruction (NULL: no int8 mode). */
   double (*peak_macs)(bool int8);
+  const char *i8_what;
 } gqmm__cpu_isa;
 
 extern const gqmm__cpu_isa gqmm__cpu_isa_avx512;

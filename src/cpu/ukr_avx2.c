@@ -108,4 +108,5 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx2 = {
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,
+    .i8_what = "int8 vpmaddubsw+vpmaddwd",
 };

@@ -127,4 +127,5 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,
+    .i8_what = "int8 vpdpbusd",
 };

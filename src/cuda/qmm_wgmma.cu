@@ -57,9 +57,11 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
   static constexpr int kSmem = kBarOff + STAGES * 8 + 1024; /* + alignment slack */
   static constexpr int kXPer = kTokMax * 16 / kThreads;
   /* MMAs go out in kGroups commit groups of kSteps k-steps (16 k each): two
-   * groups in flight hold 2 * MT * kSteps * 4 A registers, which 2/3-bit
-   * with wfmt's 4-step phases would overflow (ptxas then serializes). */
-  static constexpr int kSteps = 2, kGroups = kStageK / 16 / kSteps;
+   * groups in flight hold 2 * MT * kSteps * 4 A registers. One k-step per
+   * group: 16 such registers, not 32 (4-bit: 154 registers instead of the
+   * 168 cap), room that keeps the x copies' addresses live instead of
+   * recomputed every stage (issue below; perf-notes, session 4). */
+  static constexpr int kSteps = 1, kGroups = kStageK / 16 / kSteps;
   static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
 
   /* m16 tile of (warp, mt): the m64 tile's 16-row slice of this warp */
@@ -102,16 +104,17 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
       mbar_arrive_expect_tx(bar, (uint32_t)ls.pk_bytes);
       bulk_copy_g2s(st + kXStage, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar);
     }
-    const int c = tid & 15, kx = lk * kStageK + c * 8;
+    const int c = tid & 15, kx = lk * kStageK + c * 8, r0 = tid >> 4;
     const bool xin = kx < a.K;
     const uint8_t *xst = opaque((const uint8_t *)a.x + (xin ? (size_t)kx * 2 : 0));
     const uint32_t xstride = (uint32_t)a.K * 2u;
+    /* rows r0 + 8 i share r % 8: one place + 1 KB steps */
+    const uint32_t dst = st + (c >> 3) * kXHalf + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
 #pragma unroll
-    for (int i = 0; i < kXPer; i++) {
-      const int r = (tid + i * kThreads) >> 4;
-      const uint32_t dst = st + (c >> 3) * kXHalf + r * 128 + (((c & 7) ^ (r & 7)) << 4);
-      if (ls.has[i]) cp_async<16>(dst, xst + (uint64_t)ls.xr[i] * xstride, xin ? 16 : 0);
-    }
+    for (int i = 0; i < kXPer; i++)
+      if (ls.has[i])
+        cp_async<16>(dst + i * (kThreads / 16) * 128, xst + (uint64_t)ls.xr[i] * xstride,
+                     xin ? 16 : 0);
   }
 
   /* One stage: dequantize the thread's weights k-step by k-step and issue

@@ -74,11 +74,12 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
     return a.pk_half_last && u.ntile == a.pk_tiles - 1;
   }
 
+  /* kNoRow: chunk row i of this thread is past the unit's tokens */
+  static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
   struct lstate {
-    const uint8_t *pk; /* the unit's first stage block */
-    int pk_bytes;      /* bytes of its stage blocks */
-    uint32_t xr[kXPer];
-    int has[kXPer];
+    const uint8_t *pk;  /* the unit's first stage block */
+    int pk_bytes;       /* bytes of its stage blocks */
+    uint32_t xr[kXPer]; /* x rows of the thread's chunk rows tid / 16 + 8 i, or kNoRow */
   };
 
   static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
@@ -86,9 +87,8 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
     ls.pk_bytes = a.pk_stage_bytes >> half_tile(a, lu);
 #pragma unroll
     for (int i = 0; i < kXPer; i++) {
-      const int r = (threadIdx.x + i * kThreads) >> 4;
-      ls.has[i] = r < lu.cnt;
-      ls.xr[i] = ls.has[i] ? (uint32_t)__ldg(a.plan.rows_x + lu.r0 + r) : 0u;
+      const int r = (threadIdx.x >> 4) + i * (kThreads / 16);
+      ls.xr[i] = r < lu.cnt ? (uint32_t)__ldg(a.plan.rows_x + lu.r0 + r) : kNoRow;
     }
   }
 
@@ -112,7 +112,7 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
     const uint32_t dst = st + (c >> 3) * kXHalf + r0 * 128 + (((c & 7) ^ (r0 & 7)) << 4);
 #pragma unroll
     for (int i = 0; i < kXPer; i++)
-      if (ls.has[i])
+      if (ls.xr[i] != kNoRow)
         cp_async<16>(dst + i * (kThreads / 16) * 128, xst + (uint64_t)ls.xr[i] * xstride,
                      xin ? 16 : 0);
   }

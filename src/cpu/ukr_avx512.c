@@ -56,6 +56,23 @@ static inline float ukr_f16_to_f32(uint16_t h) {
 }
 static inline __attribute__((always_inline)) void unpack32(const uint8_t *src, int bits,
                                                            ukr_vf q[2]) {
+  if (bits == 4) {
+    /* The AVX2 lane order, one zmm per 8 bytes: lane j holds byte j % 8 (of
+     * bytes 0-7, then 8-15) zero-extended, shifted by 0 (j < 8: low nibble)
+     * or 4 (high), masked. The 16 bytes go to all four 128-bit blocks in one
+     * load, so an in-block vpshufb reaches every byte: 4 instructions per
+     * zmm instead of the 5 of two widened ymm halves joined by vinserti64x4. */
+    const __m512i raw = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)src));
+    const __m512i j = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i pick = _mm512_or_si512(j, _mm512_set1_epi32((int)0x80808000u));
+    const __m512i sh = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+    for (int i = 0; i < 2; i++) {
+      const __m512i b = _mm512_shuffle_epi8(raw, _mm512_add_epi32(pick, _mm512_set1_epi32(8 * i)));
+      q[i] =
+          _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, sh), _mm512_set1_epi32(0x0f)));
+    }
+    return;
+  }
   __m256i v[4];
   ukr_unpack32_i32(src, bits, v);
   for (int i = 0; i < 2; i++)

@@ -1,7 +1,8 @@
 /*
  * ukr_unpack_x86.h - AVX2 unpacking of one 32-value chunk of MLX-packed
  * weights into 4 vectors of 8 int32, shared by the AVX2 and AVX-512 kernels
- * (the AVX-512 file pairs the vectors up, which keeps the same lane order).
+ * (the AVX-512 file pairs the vectors up, which keeps the same lane order;
+ * for 4 bits it builds the same pairs directly, see ukr_avx512.c).
  *
  * Lane order (perm) per width, j = 8 * vector + lane:
  *   4-bit: bytes 0-7 widen to vectors 0 (low nibbles: even values) and 1
@@ -30,7 +31,11 @@ static inline __attribute__((always_inline)) int32_t ukr_load32(const uint8_t *p
 
 static inline __attribute__((always_inline)) void ukr_unpack32_i32(const uint8_t *src, int bits,
                                                                    __m256i v[4]) {
-  if (bits == 4) { /* each byte widened to a lane, then its two nibbles */
+  if (bits == 4) {
+    /* each byte widened to a lane, then its two nibbles: 10 instructions with
+     * the converts, the floor for this lane order; a broadcast + 2 vpshufb
+     * placement, or fewer shifts by converts with exact float fix-ups, measured
+     * 2-11% slower (docs/perf-notes.md, "CPU exact qmv unpack") */
     const __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src));
     const __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + 8)));
     const __m256i m = _mm256_set1_epi32(0x0f);

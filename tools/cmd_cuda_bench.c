@@ -216,17 +216,20 @@ static gqmm_packed *pack_weights(bench *b, const dweights *dw, int dense) {
   return pk;
 }
 
-/* measure() on every tensor-core config the backend offers for pa (packed:
- * its packed configs); returns the failures. */
-static int measure_configs(bench *b, const gqmm__backend *be, const gqmm__qmm_args *pa,
-                           const char *op, const char *shape, const dweights *dw, int64_t rows,
-                           const int32_t *rhs) {
+/* measure() on every tensor-core config the backend offers for dw's weights
+ * (pk: its gqmm_pack copy, so the packed configs); returns the failures. */
+static int measure_configs(bench *b, const gqmm__backend *be, const char *op, const char *shape,
+                           const dweights *dw, int64_t rows, const int32_t *rhs,
+                           const gqmm_packed *pk) {
+  const gqmm__qmm_args pa = {.dtype = GQMM_BF16, .q = dw->q, .transpose = 1,
+                             .device = GQMM_DEVICE_CUDA, .M = 1, .N = dw->N, .K = dw->K,
+                             .x = dw->w, .w = dw->w, .packed = pk};
   gqmm__tile_config cfgs[16];
-  const int ncfg = be->configs(b->ctx, pa, cfgs, 16);
+  const int ncfg = be->configs(b->ctx, &pa, cfgs, 16);
   int fails = 0;
   for (int c = 0; c < ncfg; c++)
     if (strcmp(cfgs[c].name, "generic"))
-      fails += measure(b, op, shape, dw, rows, rhs, cfgs[c].id, cfgs[c].name, pa->packed) != 0;
+      fails += measure(b, op, shape, dw, rows, rhs, cfgs[c].id, cfgs[c].name, pk) != 0;
   return fails;
 }
 
@@ -287,7 +290,8 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   int fails = 0;
   if (only) {
     gqmm_packed *pk = NULL;
-    if (make_weights(&b, &dw, 128, 1408, 2816, (gqmm_quant){4, 64}) || !(pk = pack_weights(&b, &dw, 0)))
+    if (make_weights(&b, &dw, 128, 1408, 2816, (gqmm_quant){4, 64}) ||
+        !(pk = pack_weights(&b, &dw, 0)))
       goto out;
     for (const char *p = only; *p;) {
       char *end;
@@ -299,9 +303,7 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
       }
       for (int i = 0; i < 128 * r; i++) rhs[i] = i / (int)r;
       fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, "packed-auto", pk) != 0;
-      gqmm__qmm_args pa = {.dtype = GQMM_BF16, .q = dw.q, .transpose = 1, .device = GQMM_DEVICE_CUDA,
-                           .M = 1, .N = dw.N, .K = dw.K, .x = dw.w, .w = dw.w, .packed = pk};
-      if (cfgs) fails += measure_configs(&b, be, &pa, "sweep", "gate_up", &dw, 128 * r, rhs);
+      if (cfgs) fails += measure_configs(&b, be, "sweep", "gate_up", &dw, 128 * r, rhs, pk);
       p = *end == ',' ? end + 1 : end;
     }
     gqmm_packed_free(b.ctx, pk);
@@ -310,31 +312,26 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
     for (int si = 0; si < 3; si++) {
       if (make_weights(&b, &dw, 128, shapes[si].N, shapes[si].K, (gqmm_quant){bitsv[bi], 64})) goto out;
       random_routing(&b, 256, 8, 128, rhs);
-      gqmm__qmm_args pa;
-      memset(&pa, 0, sizeof pa);
-      pa.dtype = GQMM_BF16, pa.q = dw.q, pa.transpose = 1, pa.device = GQMM_DEVICE_CUDA;
-      pa.M = 1, pa.N = dw.N, pa.K = dw.K, pa.x = dw.w, pa.w = dw.w;
       gqmm_packed *pk = pack_weights(&b, &dw, 0);
       fails += !pk;
       /* MLX layout, then the packed copy: the built-in choice, every config */
       for (int packed = 0; packed < (pk ? 2 : 1); packed++) {
-        pa.packed = packed ? pk : NULL;
+        const gqmm_packed *use = packed ? pk : NULL;
         fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, -1,
-                         packed ? "packed-auto" : "auto", pa.packed) != 0;
-        fails += measure_configs(&b, be, &pa, "gather", shapes[si].name, &dw, 2048, rhs);
+                         packed ? "packed-auto" : "auto", use) != 0;
+        fails += measure_configs(&b, be, "gather", shapes[si].name, &dw, 2048, rhs, use);
       }
       if (si == 0 && bi == 0) { /* the sweep, on the gate_up weights */
         gqmm_packed *pk2 = pack_weights(&b, &dw, 1);
         fails += !pk2;
         for (int packed = 0; packed < (pk && pk2 ? 2 : 1); packed++) {
           const char *name = packed ? "packed-auto" : "auto";
+          const gqmm_packed *use = packed ? pk : NULL;
           for (int r = 1; r <= 128; r *= 2) {
             for (int i = 0; i < 128 * r; i++) rhs[i] = i / r;
-            fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, name,
-                             packed ? pk : NULL) != 0;
+            fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, name, use) != 0;
             /* where the work unit's row count starts to matter: every config */
-            pa.packed = packed ? pk : NULL;
-            if (r >= 32) fails += measure_configs(&b, be, &pa, "sweep", "gate_up", &dw, 128 * r, rhs);
+            if (r >= 32) fails += measure_configs(&b, be, "sweep", "gate_up", &dw, 128 * r, rhs, use);
           }
           for (int m = 1; m <= 128; m *= 2) /* same bytes as one dense [E*N, K] */
             fails += measure(&b, "dense", "E*N_x_K", &dw, m, NULL, -1, name,

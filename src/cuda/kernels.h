@@ -100,6 +100,10 @@ static inline int64_t gqmm__cu_pack_stage_bytes(int bits, int group_size) {
   return (int64_t)GQMM__CU_PACK_TILE_N * GQMM__CU_PACK_STAGE_K * bits / 8 +
          (int64_t)GQMM__CU_PACK_TILE_N * (GQMM__CU_PACK_STAGE_K / group_size) * 4;
 }
+/* Stages of a packed row of K values (the last may be partial). */
+static inline int64_t gqmm__cu_pack_stages(int64_t K) {
+  return (K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K;
+}
 /*
  * GLU packs (gqmm_pack_glu) of a gate_up tensor [E, 2I, ...] (gate rows
  * [0, I), up rows [I, 2I)) pair the rows the activation combines: row
@@ -123,7 +127,7 @@ static inline int gqmm__cu_pack_half_last(int64_t N, int glu) {
 static inline int64_t gqmm__cu_pack_expert_bytes(int64_t N, int64_t K, int bits, int group_size,
                                                  int glu) {
   const int64_t tiles = gqmm__cu_pack_tiles(N, glu);
-  const int64_t stages = (K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K;
+  const int64_t stages = gqmm__cu_pack_stages(K);
   const int64_t full = gqmm__cu_pack_stage_bytes(bits, group_size);
   return stages * (full * tiles - (gqmm__cu_pack_half_last(N, glu) ? full / 2 : 0));
 }

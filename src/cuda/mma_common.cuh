@@ -204,7 +204,7 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
   k.pk = a->packed;
   if (a->packed) {
     k.pk_tiles = (int)gqmm__cu_pack_tiles(a->N, a->glu);
-    k.pk_stages = (int)((a->K + GQMM__CU_PACK_STAGE_K - 1) / GQMM__CU_PACK_STAGE_K);
+    k.pk_stages = (int)gqmm__cu_pack_stages(a->K);
     k.pk_stage_bytes = (int)gqmm__cu_pack_stage_bytes(a->bits, a->group_size);
     k.pk_half_last = gqmm__cu_pack_half_last(a->N, a->glu);
     k.pk_expert_bytes = gqmm__cu_pack_expert_bytes(a->N, a->K, a->bits, a->group_size, a->glu);

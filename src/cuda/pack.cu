@@ -114,7 +114,7 @@ extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *
       (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
       K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX || (glu && N % 2))
     return (int)cudaErrorInvalidValue;
-  const int64_t tiles = gqmm__cu_pack_tiles(N, glu), stages = (K + kStage - 1) / kStage;
+  const int64_t tiles = gqmm__cu_pack_tiles(N, glu), stages = gqmm__cu_pack_stages(K);
   const int64_t blocks = E * tiles * stages;
   if (blocks > INT32_MAX) return (int)cudaErrorInvalidValue;
   pack_kernel<<<(unsigned)blocks, 256>>>(reinterpret_cast<const uint8_t *>(w),

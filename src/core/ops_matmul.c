@@ -75,7 +75,6 @@ static int64_t bcast_offset(const int64_t *idx, int nfull, const int64_t *s, int
   return off;
 }
 
-/* Checks shared by both ops: tensors, dtypes, K/N, scales/biases shapes. */
 /* The checks of a quantized weight set (internal.h), shared with gqmm_pack;
  * check_common runs them in this order with the x checks in between. */
 int gqmm__check_qweight_tensors(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
@@ -138,6 +137,7 @@ int gqmm__check_qweight_shapes(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_t
   return GQMM_OK;
 }
 
+/* Checks shared by both ops: tensors, dtypes, K/N, scales/biases shapes. */
 static int check_common(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tensor *w,
                         const gqmm_tensor *scales, const gqmm_tensor *biases, int transpose,
                         gqmm_quant q, qmm_plan *p) {

@@ -30,7 +30,8 @@ static int pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   *out = NULL;
   int st;
   int64_t K;
-  if ((st = gqmm__check_quant(ctx, q)) || (st = gqmm__check_qweight_tensors(ctx, w, scales, biases)))
+  if ((st = gqmm__check_quant(ctx, q)) ||
+      (st = gqmm__check_qweight_tensors(ctx, w, scales, biases)))
     return st;
   if ((st = gqmm__check_same_device(ctx, scales, "scales", w->device)) ||
       (st = gqmm__check_same_device(ctx, biases, "biases", w->device)) ||

@@ -181,8 +181,9 @@ static int layer_make(bench_env *env, const gqmm_moe_model *m, gqmm_quant q, uin
    * with its gate and up rows paired (the activation then runs in its
    * epilogue); formats without one, e.g. 5/6-bit, stay unpacked. */
   for (int part = 0; env->pack && part < 2; part++) {
-    const int st = (part || !env->glu ? gqmm_pack : gqmm_pack_glu)(env->ctx, &L->t[3 * part], &L->t[3 * part + 1],
-                                                      &L->t[3 * part + 2], q, &L->pk[part]);
+    const gqmm_tensor *t = &L->t[3 * part];
+    const int st = (part || !env->glu ? gqmm_pack : gqmm_pack_glu)(env->ctx, &t[0], &t[1], &t[2],
+                                                                    q, &L->pk[part]);
     if (st && st != GQMM_ERR_UNSUPPORTED) {
       layer_free(env, L);
       return -1;
@@ -464,7 +465,9 @@ static void json_record(FILE *f, const bench_env *env, const bench_opts *o, cons
           first ? "" : ",\n", gqmm_last_backend(env->ctx), env->have_ceil ? env->ceil.device_name : "",
           o->m.name, o->m.layers, r->layers_run, o->m.experts, o->m.top_k, (long long)o->m.hidden,
           (long long)o->m.inter, rows, rows / o->m.experts, o->tokens, r->canvases, r->bits,
-          o->m.q.group_size, env->pack ? env->glu ? "auto-packed" : "auto-packed-plain" : "auto", r->step_med_s * 1e6, r->step_min_s * 1e6,
+          o->m.q.group_size,
+          !env->pack ? "auto" : env->glu ? "auto-packed" : "auto-packed-plain",
+          r->step_med_s * 1e6, r->step_min_s * 1e6,
           r->step_med_s * 1e6 / r->canvases, r->weight_bytes, gbps);
   if (env->have_ceil)
     fprintf(f, ", \"ceiling_copy_GBps\": %.3f, \"ceiling_read_GBps\": %.3f, "

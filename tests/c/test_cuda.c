@@ -172,51 +172,51 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
    * row count) */
   const bool packable = c->transpose && dt != GQMM_F32 && q.bits != 5 && q.bits != 6;
   for (int packed = 0; packed < 1 + 2 * c->transpose; packed++) {
-  gqmm_packed *pk = NULL;
-  if (packed) {
-    st = packed == 1 ? gqmm_pack(gpu, &gq, &gs, &gb, q, &pk)
-                     : gqmm_pack_glu(gpu, &gq, &gs, &gb, q, &pk);
-    const int want = !packable ? GQMM_ERR_UNSUPPORTED
-                     : packed == 2 && N % 2 ? GQMM_ERR_SHAPE
-                                            : GQMM_OK;
-    if (st != want) {
-      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: %s status %d (%s)\n", c->name, q.bits,
-              q.group_size, gqmm_dtype_name(dt), packed == 1 ? "gqmm_pack" : "gqmm_pack_glu", st,
-              gqmm_last_error(gpu));
-      fails++;
+    gqmm_packed *pk = NULL;
+    if (packed) {
+      st = packed == 1 ? gqmm_pack(gpu, &gq, &gs, &gb, q, &pk)
+                       : gqmm_pack_glu(gpu, &gq, &gs, &gb, q, &pk);
+      const int want = !packable ? GQMM_ERR_UNSUPPORTED
+                       : packed == 2 && N % 2 ? GQMM_ERR_SHAPE
+                                              : GQMM_OK;
+      if (st != want) {
+        fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: %s status %d (%s)\n", c->name, q.bits,
+                q.group_size, gqmm_dtype_name(dt), packed == 1 ? "gqmm_pack" : "gqmm_pack_glu", st,
+                gqmm_last_error(gpu));
+        fails++;
+      }
+      if (!pk) continue;
     }
-    if (!pk) continue;
-  }
-  gqmm__qmm_args probe_args;
-  memset(&probe_args, 0, sizeof probe_args);
-  probe_args.dtype = dt, probe_args.q = q, probe_args.transpose = c->transpose;
-  probe_args.device = GQMM_DEVICE_CUDA, probe_args.M = M, probe_args.N = N, probe_args.K = K;
-  probe_args.x = dx.d, probe_args.w = dw.d;
-  probe_args.packed = packed ? pk : NULL;
-  gqmm__tile_config cfgs[16];
-  const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe_args, cfgs, 16);
-  const double tol = dt == GQMM_F32 ? 1e-5 : dt == GQMM_F16 ? 4e-3 : 1.2e-2;
-  for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in heuristic */
-    gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
-    gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
-    if (packed)
-      st = gqmm_gather_qmm_packed(gpu, &gx, pk, dense ? NULL : &tl, dense ? NULL : &tr,
-                                  c->routing != 1, &go);
-    else
-      st = dense ? gqmm_quantized_matmul(gpu, &gx, &gq, &gs, &gb, c->transpose, q, &go)
-                 : gqmm_gather_qmm(gpu, &gx, &gq, &gs, &gb, &tl, &tr, c->transpose, q,
-                                   c->routing != 1, &go);
-    if (!st) st = gqmm_device_sync(gpu);
-    if (!st) st = gqmm_device_copy(gpu, ogpu, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
-    double err = st ? INFINITY : test_rel_err(ogpu, dt, oref, dt, nb * M * N);
-    if (st || !(err <= tol)) {
-      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s config=%s%s: status %d (%s) rel_err=%.3g tol=%.1g\n",
-              c->name, q.bits, q.group_size, gqmm_dtype_name(dt), ci < 0 ? "auto" : cfgs[ci].name,
-              packed == 2 ? " (glu pack)" : "", st, st ? gqmm_last_error(gpu) : "", err, tol);
-      fails++;
+    gqmm__qmm_args probe_args;
+    memset(&probe_args, 0, sizeof probe_args);
+    probe_args.dtype = dt, probe_args.q = q, probe_args.transpose = c->transpose;
+    probe_args.device = GQMM_DEVICE_CUDA, probe_args.M = M, probe_args.N = N, probe_args.K = K;
+    probe_args.x = dx.d, probe_args.w = dw.d;
+    probe_args.packed = packed ? pk : NULL;
+    gqmm__tile_config cfgs[16];
+    const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe_args, cfgs, 16);
+    const double tol = dt == GQMM_F32 ? 1e-5 : dt == GQMM_F16 ? 4e-3 : 1.2e-2;
+    for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in heuristic */
+      gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
+      gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
+      if (packed)
+        st = gqmm_gather_qmm_packed(gpu, &gx, pk, dense ? NULL : &tl, dense ? NULL : &tr,
+                                    c->routing != 1, &go);
+      else
+        st = dense ? gqmm_quantized_matmul(gpu, &gx, &gq, &gs, &gb, c->transpose, q, &go)
+                   : gqmm_gather_qmm(gpu, &gx, &gq, &gs, &gb, &tl, &tr, c->transpose, q,
+                                     c->routing != 1, &go);
+      if (!st) st = gqmm_device_sync(gpu);
+      if (!st) st = gqmm_device_copy(gpu, ogpu, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
+      double err = st ? INFINITY : test_rel_err(ogpu, dt, oref, dt, nb * M * N);
+      if (st || !(err <= tol)) {
+        fprintf(stderr, "  FAIL %s bits=%d gs=%d %s config=%s%s: status %d (%s) rel_err=%.3g tol=%.1g\n",
+                c->name, q.bits, q.group_size, gqmm_dtype_name(dt), ci < 0 ? "auto" : cfgs[ci].name,
+                packed == 2 ? " (glu pack)" : "", st, st ? gqmm_last_error(gpu) : "", err, tol);
+        fails++;
+      }
     }
-  }
-  gqmm_packed_free(gpu, pk);
+    gqmm_packed_free(gpu, pk);
   }
   gpu->forced_config = -1;
 done:

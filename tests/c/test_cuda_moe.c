@@ -239,12 +239,9 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
       goto done;
     }
   const double tol = L->dt == GQMM_F32 ? 1e-5 : L->dt == GQMM_F16 ? 4e-3 : 1.2e-2;
-  for (int pkd = 0; pkd < 1 + 2 * packable; pkd++) {
-  gqmm__tile_config cfgs[16];
-  gqmm__qmm_args probe = {.dtype = L->dt, .q = L->q, .transpose = 1, .device = GQMM_DEVICE_CUDA,
-                          .M = 1, .N = L->I, .K = L->H, .x = L->d[X], .w = L->d[G],
-                          .packed = pkd ? L->pk[1] : NULL};
-  const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe, cfgs, 16);
+  /* the reference once per activation; then the layer unpacked (pkd 0), on
+   * gqmm_pack copies (1) and with gate_up's gqmm_pack_glu copy (2: of the
+   * fused tensor only; separate gate and up run as in 1) */
   for (int a = 0; a < 2; a++) {
     const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
     gqmm_moe_weights wr = weights(L->th, L->q, 0);
@@ -255,29 +252,35 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
       fails++;
       continue;
     }
-    for (int f = 0; f < 2; f++)
-      for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in choice */
-        gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
-        st = gpu_run(gpu, L, f, pkd, act, poison, got);
-        double err = st ? INFINITY : test_rel_err(got, L->dt, want, L->dt, L->T * L->H);
-        /* determinism: the built-in choice run again gives the same bits */
-        int same = 1;
-        if (!st && ci < 0) {
-          st = gpu_run(gpu, L, f, pkd, act, poison, again);
-          same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
+    for (int pkd = 0; pkd < 1 + 2 * packable; pkd++) {
+      gqmm__tile_config cfgs[16];
+      gqmm__qmm_args probe = {.dtype = L->dt, .q = L->q, .transpose = 1,
+                              .device = GQMM_DEVICE_CUDA, .M = 1, .N = L->I, .K = L->H,
+                              .x = L->d[X], .w = L->d[G], .packed = pkd ? L->pk[1] : NULL};
+      const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe, cfgs, 16);
+      for (int f = pkd == 2; f < 2; f++)
+        for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in choice */
+          gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
+          st = gpu_run(gpu, L, f, pkd, act, poison, got);
+          double err = st ? INFINITY : test_rel_err(got, L->dt, want, L->dt, L->T * L->H);
+          /* determinism: the built-in choice run again gives the same bits */
+          int same = 1;
+          if (!st && ci < 0) {
+            st = gpu_run(gpu, L, f, pkd, act, poison, again);
+            same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
+          }
+          if (st || !(err <= tol) || !same) {
+            fprintf(stderr,
+                    "  FAIL T=%lld k=%lld E=%lld H=%lld I=%lld routing %d bits %d gs %d %s act %d "
+                    "fused %d packed %d config %s: status %d (%s) rel_err %.3g (tol %.1g)%s\n",
+                    (long long)L->T, (long long)L->k, (long long)L->E, (long long)L->H,
+                    (long long)L->I, routing, L->q.bits, L->q.group_size, gqmm_dtype_name(L->dt), a,
+                    f, pkd, ci < 0 ? "auto" : cfgs[ci].name, st, st ? gqmm_last_error(gpu) : "",
+                    err, tol, same ? "" : " NOT DETERMINISTIC");
+            fails++;
+          }
         }
-        if (st || !(err <= tol) || !same) {
-          fprintf(stderr,
-                  "  FAIL T=%lld k=%lld E=%lld H=%lld I=%lld routing %d bits %d gs %d %s act %d "
-                  "fused %d packed %d config %s: status %d (%s) rel_err %.3g (tol %.1g)%s\n",
-                  (long long)L->T, (long long)L->k, (long long)L->E, (long long)L->H,
-                  (long long)L->I, routing, L->q.bits, L->q.group_size, gqmm_dtype_name(L->dt), a,
-                  f, pkd, ci < 0 ? "auto" : cfgs[ci].name, st, st ? gqmm_last_error(gpu) : "", err, tol,
-                  same ? "" : " NOT DETERMINISTIC");
-          fails++;
-        }
-      }
-  }
+    }
   }
   gpu->forced_config = -1;
 done:

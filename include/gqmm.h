@@ -227,6 +227,15 @@ void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p);
 /* Device bytes the packed copy occupies. */
 int64_t gqmm_packed_nbytes(const gqmm_packed *p);
 /*
+ * 1 if the pack dequantizes with one FMA per two weights (its scales stored
+ * pre-scaled by a power of two, exactly; src/cuda/wfmt.cuh), 0 if it takes
+ * the two-instruction path (same results, ~5% more kernel time on the
+ * seed's shapes). gqmm_pack chooses the first for 2-, 4- and 8-bit weights
+ * when every scale fits: |scale| < 2^-5 (4-, 8-bit) or 2^-1 (2-bit) for
+ * bfloat16, 2^-8 or 2^-4 for float16; 3-bit packs always take the second.
+ */
+int gqmm_packed_scaled(const gqmm_packed *p);
+/*
  * gather_qmm (transpose=1) over packed weights: the same semantics, shapes,
  * broadcasting and errors as gqmm_gather_qmm with the tensors w was packed
  * from; NULL indices give quantized_matmul. CUDA backend only: x and out

@@ -676,6 +676,14 @@ int gqmm_cmd_bench(int argc, char **argv) {
       rc = 1;
       break;
     }
+    if (env.pack) { /* the load-time choice the user would want to see */
+      int packs = 0, scaled = 0;
+      for (int l = 0; l < layers_run; l++)
+        for (int part = 0; part < 2; part++)
+          packs += layers[l].pk[part] != NULL, scaled += gqmm_packed_scaled(layers[l].pk[part]);
+      printf("%d-bit: %d of %d packed tensors dequantize with one FMA per two weights "
+             "(gqmm_packed_scaled)\n", q.bits, scaled, packs);
+    }
     if (bi == 0 || layers_run != res[nres - 1].layers_run)
       printf("%d-bit: %.1f MB per layer; ran %d distinct layer(s) of %d%s: step time = measured "
              "time x %d/%d\n", q.bits, layer_bytes(m, q, m->experts) / 1e6, layers_run, m->layers,

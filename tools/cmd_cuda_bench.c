@@ -210,9 +210,10 @@ static gqmm_packed *pack_weights(bench *b, const dweights *dw, int dense) {
     fprintf(stderr, "gqmm cuda-bench: pack: %s\n", gqmm_last_error(b->ctx));
     return NULL;
   }
-  printf("gqmm_pack %d-bit %lld x %lld x %lld: %.2f ms, %.1f MB\n", dw->q.bits, (long long)dw->E,
-         (long long)dw->N, (long long)dw->K, 1e3 * (gqmm__now_s() - t0),
-         (double)gqmm_packed_nbytes(pk) / 1e6);
+  printf("gqmm_pack %d-bit %lld x %lld x %lld: %.2f ms, %.1f MB, %s\n", dw->q.bits,
+         (long long)dw->E, (long long)dw->N, (long long)dw->K, 1e3 * (gqmm__now_s() - t0),
+         (double)gqmm_packed_nbytes(pk) / 1e6,
+         gqmm_packed_scaled(pk) ? "one-FMA dequantization" : "two-instruction dequantization");
   return pk;
 }
 

@@ -28,6 +28,9 @@ struct gqmm_ctx {
   void *cuda_state;
   void *tune_state;
   int cpu_int8; /* gqmm_ctx_options.cpu_int8_activations (CPU fast mode) */
+  /* Tests and A/B runs: gqmm_pack stores the scales as they are (CUDA: no
+   * linear dequantization, pack.cu), as it does where they do not fit. */
+  int pack_plain;
 };
 
 /* Record a formatted message on ctx (may be NULL) and return status. */
@@ -162,6 +165,7 @@ struct gqmm_packed {
   int64_t shape[GQMM_MAX_DIMS]; /* w's shape: [..., N, K*bits/32] */
   int64_t K;
   int glu; /* gqmm_pack_glu: gate and up rows paired (w is [..., 2I, ...]) */
+  int scaled; /* the backend stored the scales pre-scaled (CUDA: pack.cu's linear form) */
   const struct gqmm__backend *be;
   void *data;
   int64_t nbytes;

@@ -102,4 +102,6 @@ void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p) {
   free(p);
 }
 
+int gqmm_packed_scaled(const gqmm_packed *p) { return p ? p->scaled : 0; }
+
 int64_t gqmm_packed_nbytes(const gqmm_packed *p) { return p ? p->nbytes : 0; }

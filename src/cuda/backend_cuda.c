@@ -81,6 +81,7 @@ static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
   k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
   k.packed = a->packed ? (const uint8_t *)a->packed->data : NULL;
   k.glu = a->packed ? a->packed->glu : 0;
+  k.packed_lin = a->packed ? a->packed->scaled : 0;
   k.epilogue_act = 0;
   return k;
 }
@@ -334,14 +335,16 @@ static int cuda_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, co
   void *d = NULL;
   int st = cuda_mem_alloc(ctx, (size_t)bytes, &d);
   if (st) return st;
-  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, p->glu, d);
-  if (!err) err = (int)cudaDeviceSynchronize();
+  int lin = !ctx->pack_plain;
+  int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, p->glu,
+                          (int)p->dtype, &lin, d);
   if (err) {
     cudaFree(d);
     return cuda_fail(ctx, err, "pack kernel");
   }
   p->data = d;
   p->nbytes = bytes;
+  p->scaled = lin;
   return GQMM_OK;
 }
 

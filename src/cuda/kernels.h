@@ -80,6 +80,7 @@ typedef struct {
    * and biases are not read); only the packed (wgmma) configs run it. */
   const uint8_t *packed;
   int glu; /* packed is a GLU pack (N = 2I): out rows as the tensor's */
+  int packed_lin; /* packed holds pre-scaled scales (gqmm__cu_pack's *lin) */
   /* With a GLU pack, 1 + a gqmm_activation: out is [rows, I] of
    * act(gate, up) of the rounded gate and up values (the MoE layer's
    * activation in the epilogue); 0: the plain [rows, N] output. */
@@ -136,10 +137,14 @@ static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int b
   return E * gqmm__cu_pack_expert_bytes(N, K, bits, group_size, glu);
 }
 /* Pack E experts of w [E, N, K*bits/32] (MLX layout) with their scales and
- * biases (16-bit dtype) into out (gqmm__cu_pack_bytes). bits 2/3/4/8,
- * group size 32/64/128, K % 32 == 0; glu: a GLU pack (N even). */
+ * biases (dtype GQMM__CU_F16 or _BF16) into out (gqmm__cu_pack_bytes).
+ * bits 2/3/4/8, group size 32/64/128, K % 32 == 0; glu: a GLU pack (N
+ * even). *lin in: 1 to try linear dequantization (wfmt.cuh: the scales
+ * stored pre-scaled by a power of two); out: 1 if the pack has it, 0 if
+ * the width has no such form or some scale does not take the factor
+ * exactly (then the scales are stored as they are). Synchronizes. */
 int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
-                  int64_t K, int bits, int group_size, int glu, uint8_t *out);
+                  int64_t K, int bits, int group_size, int glu, int dtype, int *lin, uint8_t *out);
 /* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
 typedef struct {
   const char *name;

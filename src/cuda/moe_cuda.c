@@ -208,7 +208,8 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
                        .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
                        .x_index = x_index, .w_index = ids,
                        .packed = pk ? (const uint8_t *)pk->data : NULL,
-                       .glu = pk ? pk->glu : 0};
+                       .glu = pk ? pk->glu : 0,
+                       .packed_lin = pk ? pk->scaled : 0};
   g.pk = pk;
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;

@@ -17,7 +17,9 @@
  * wgmma A fragment, placed so that the shift-and-mask pair pi of wfmt is
  * (k-step pi / 2, k 2t (+1) for even pi, 2t + 8 (+1) for odd). x then stays
  * in its natural order. The scale part has one word per (row, group of the
- * stage): scale | bias << 16. Rows past N and k past K are 0; a last tile of
+ * stage): scale | bias << 16, the scale times 2^(D - lin_base) in a pack
+ * with linear dequantization (wfmt.cuh; when every scale takes the factor
+ * exactly, else as it is). Rows past N and k past K are 0; a last tile of
  * at most 64 rows keeps only those rows (half blocks, kernels.h). A GLU pack
  * (kernels.h) only takes its rows from other places of the tensor.
  */
@@ -52,9 +54,22 @@ __device__ __forceinline__ int src_row(int tile, int r, int N, int glu) {
   return n < N ? n : -1;
 }
 
+/* Scale bits s of a 16-bit float type times 2^e, or s itself for e = 0;
+ * *bad is set if the product is not exactly representable. */
+template <typename T> __device__ uint16_t scale_bits(uint16_t s, int e, int *bad) {
+  if (!e) return s;
+  const T v = *reinterpret_cast<const T *>(&s);
+  const float f = ldexpf(dtype_traits<T>::to_f(v), e);
+  const T r = dtype_traits<T>::from_f(f);
+  if (!(dtype_traits<T>::to_f(r) == f) || isinf(f)) atomicOr(bad, 1);
+  return *reinterpret_cast<const uint16_t *>(&r);
+}
+
+template <typename T>
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
-                            int stage_bytes, int64_t expert_bytes, int half_last, int glu) {
+                            int stage_bytes, int64_t expert_bytes, int half_last, int glu,
+                            int scale_exp, int *bad) {
   const int64_t blk = blockIdx.x; /* (e * tiles + tile) * stages + stage */
   const int stage = (int)(blk % stages), tile = (int)(blk / stages % tiles);
   const int64_t e = blk / stages / tiles;
@@ -99,30 +114,58 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
     uint32_t v = 0;
     if (n >= 0 && grp < groups) {
       const int64_t at = (e * N + n) * groups + grp;
-      v = (uint32_t)s[at] | (uint32_t)b[at] << 16;
+      v = (uint32_t)scale_bits<T>(s[at], scale_exp, bad) | (uint32_t)b[at] << 16;
     }
     dst[wwords + i] = v;
   }
 }
 
-} // namespace
+/* The power of two the scales take for linear dequantization (wfmt.cuh). */
+template <typename T> int lin_exp(int bits) {
+  const int base = bits == 2   ? wfmt<2>::lin_base
+                   : bits == 4 ? wfmt<4>::lin_base
+                               : wfmt<8>::lin_base;
+  return lin_denorm_exp<T>() - base;
+}
 
-extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E,
-                             int64_t N, int64_t K, int bits, int group_size, int glu,
-                             uint8_t *out) {
-  if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) ||
-      (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
-      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX || (glu && N % 2))
-    return (int)cudaErrorInvalidValue;
+template <typename T>
+int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
+            int64_t K, int bits, int gs, int glu, int *lin, uint8_t *out) {
   const int64_t tiles = gqmm__cu_pack_tiles(N, glu), stages = gqmm__cu_pack_stages(K);
   const int64_t blocks = E * tiles * stages;
   if (blocks > INT32_MAX) return (int)cudaErrorInvalidValue;
-  pack_kernel<<<(unsigned)blocks, 256>>>(reinterpret_cast<const uint8_t *>(w),
-                                         static_cast<const uint16_t *>(scales),
-                                         static_cast<const uint16_t *>(biases), out, (int)N,
-                                         (int)K, bits, group_size, (int)tiles, (int)stages,
-                                         (int)gqmm__cu_pack_stage_bytes(bits, group_size),
-                                         gqmm__cu_pack_expert_bytes(N, K, bits, group_size, glu),
-                                         gqmm__cu_pack_half_last(N, glu), glu);
-  return (int)cudaGetLastError();
+  int *bad = nullptr;
+  cudaError_t err = cudaMallocManaged(&bad, sizeof *bad);
+  if (err) return (int)err;
+  *lin = *lin && bits != 3;
+  for (;;) {
+    *bad = 0;
+    pack_kernel<T><<<(unsigned)blocks, 256>>>(
+        reinterpret_cast<const uint8_t *>(w), static_cast<const uint16_t *>(scales),
+        static_cast<const uint16_t *>(biases), out, (int)N, (int)K, bits, gs, (int)tiles,
+        (int)stages, (int)gqmm__cu_pack_stage_bytes(bits, gs),
+        gqmm__cu_pack_expert_bytes(N, K, bits, gs, glu), gqmm__cu_pack_half_last(N, glu), glu,
+        *lin ? lin_exp<T>(bits) : 0, bad);
+    err = cudaGetLastError();
+    if (!err) err = cudaDeviceSynchronize();
+    if (err || !*lin || !*bad) break;
+    *lin = 0; /* a scale too large (or NaN) for the factor: pack them as they are */
+  }
+  cudaFree(bad);
+  return (int)err;
+}
+
+} // namespace
+
+extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E,
+                             int64_t N, int64_t K, int bits, int group_size, int glu, int dtype,
+                             int *lin, uint8_t *out) {
+  if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) ||
+      (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
+      K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX || (glu && N % 2) ||
+      (dtype != GQMM__CU_BF16 && dtype != GQMM__CU_F16))
+    return (int)cudaErrorInvalidValue;
+  return dtype == GQMM__CU_BF16
+             ? pack_as<__nv_bfloat16>(w, scales, biases, E, N, K, bits, group_size, glu, lin, out)
+             : pack_as<__half>(w, scales, biases, E, N, K, bits, group_size, glu, lin, out);
 }

@@ -39,9 +39,13 @@ namespace {
  * the barrier; STAGES - 2 refills the slot of the stage before that, whose
  * MMAs every warp has already waited for (the wait inside compute_n) before
  * it reaches the barrier, so the MMAs overlap the barrier and the copies. */
-template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD> struct wg_kernel {
+template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD, bool LIN>
+struct wg_kernel {
   static_assert(AHEAD == STAGES - 1 || AHEAD == STAGES - 2, "ring slots");
   using F = wfmt<BITS>;
+  static_assert(!LIN || F::lin_ok, "no linear dequantization for this width");
+  /* scale registers per (row, group): one per lin_pos value */
+  static constexpr int kSPos = LIN && F::lin_step ? 2 : 1;
   static constexpr int kWarps = 4, kThreads = 128; /* one warpgroup */
   static constexpr int kBN = MT * 64;
   static_assert(kBN == GQMM__CU_PACK_TILE_N, "the packed layout is for 128-row tiles");
@@ -124,7 +128,7 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
                                                    float (&acc)[MT][NTMAX][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2;
     const uint8_t *ws = stp + kXStage;
-    uint32_t q[MT][2][BITS], sr[MT][2][kGps], br[MT][2][kGps];
+    uint32_t q[MT][2][BITS], sr[MT][2][kGps][kSPos], br[MT][2][kGps];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -138,7 +142,8 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
 #pragma unroll
         for (int j = 0; j < kGps; j++) {
           const uint32_t w = sw[j];
-          sr[mt][h][j] = prmt(w, w, 0x1010), br[mt][h][j] = prmt(w, w, 0x3232);
+          sr[mt][h][j][0] = prmt(w, w, 0x1010), br[mt][h][j] = prmt(w, w, 0x3232);
+          if constexpr (kSPos == 2) sr[mt][h][j][1] = lin_rescale<T>(sr[mt][h][j][0], F::lin_step);
         }
       }
     /* A fragments are read by the MMAs asynchronously: a phase's registers
@@ -158,8 +163,12 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
 #pragma unroll
           for (int r = 0; r < 4; r++) { /* a0: g,2t  a1: g+8,2t  a2: g,2t+8  a3: g+8,2t+8 */
             const int h = r & 1, pi = 2 * s + (r >> 1);
-            A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi, magic_of<T, BITS>()),
-                                            sr[mt][h][j], br[mt][h][j]);
+            if constexpr (LIN)
+              A[mt][sl][r] = lin_dequant<T>(F::pair_lin(q[mt][h], pi),
+                                            sr[mt][h][j][kSPos == 2 && (pi & 1)], br[mt][h][j]);
+            else
+              A[mt][sl][r] = dequant<T, BITS>(F::pair(q[mt][h], pi, magic_of<T, BITS>()),
+                                              sr[mt][h][j][0], br[mt][h][j]);
           }
         }
       wgmma_fence();
@@ -275,44 +284,56 @@ template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD
   }
 };
 
-template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX, int AHEAD>
+template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX, int AHEAD,
+          bool LIN>
 __global__ void __launch_bounds__(128, MINB) wg_kernel_fn(kargs a) {
-  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD>::run(a);
+  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD, LIN>::run(a);
 }
 
-template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH> launch_info info() {
-  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH>;
-  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH>, 128, K::kSmem};
+template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH, bool LIN>
+launch_info info() {
+  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH, LIN>;
+  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH, LIN>, 128, K::kSmem};
 }
 
 /* The wgmma configurations (qmm_mma.cu GQMM_WG_CONFIG_ROWS names them):
  * X(m64 tiles, stages, min CTAs per SM, n8 tiles, stages ahead). */
 #define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4, 2) X(2, 4, 3, 4, 3)
 
-template <typename T, int BITS, int GS> launch_info pick_cfg(int v) {
+template <typename T, int BITS, int GS, bool LIN> launch_info pick_cfg(int v) {
   int i = 0;
 #define GQMM__WG_CASE(m, s, b, nt, ah)                                                            \
-  if (v == i++) return info<T, BITS, GS, m, s, b, nt, ah>();
+  if (v == i++) return info<T, BITS, GS, m, s, b, nt, ah, LIN>();
   GQMM_WG_CONFIGS(GQMM__WG_CASE)
 #undef GQMM__WG_CASE
   return {nullptr, 0, 0};
 }
 
-template <typename T, int BITS> launch_info pick_gs(int gs, int v) {
+template <typename T, int BITS, bool LIN> launch_info pick_gs(int gs, int v) {
   switch (gs) {
-  case 32: return pick_cfg<T, BITS, 32>(v);
-  case 64: return pick_cfg<T, BITS, 64>(v);
-  case 128: return pick_cfg<T, BITS, 128>(v);
+  case 32: return pick_cfg<T, BITS, 32, LIN>(v);
+  case 64: return pick_cfg<T, BITS, 64, LIN>(v);
+  case 128: return pick_cfg<T, BITS, 128, LIN>(v);
   default: return {nullptr, 0, 0};
   }
 }
 
-template <typename T> launch_info pick_bits(int bits, int gs, int v) {
-  switch (bits) {
-  case 2: return pick_gs<T, 2>(gs, v);
-  case 3: return pick_gs<T, 3>(gs, v);
-  case 4: return pick_gs<T, 4>(gs, v);
-  case 8: return pick_gs<T, 8>(gs, v);
+/* lin: the pack's scales are pre-scaled for linear dequantization (wfmt.cuh;
+ * never for 3-bit). */
+template <typename T, int BITS> launch_info pick_lin(int gs, int lin, int v) {
+  if constexpr (wfmt<BITS>::lin_ok) {
+    if (lin) return pick_gs<T, BITS, true>(gs, v);
+  }
+  return lin ? launch_info{nullptr, 0, 0} : pick_gs<T, BITS, false>(gs, v);
+}
+
+template <typename T> launch_info pick_bits(const gqmm__cu_qmm *a, int v) {
+  const int gs = a->group_size, lin = a->packed_lin;
+  switch (a->bits) {
+  case 2: return pick_lin<T, 2>(gs, lin, v);
+  case 3: return pick_lin<T, 3>(gs, lin, v);
+  case 4: return pick_lin<T, 4>(gs, lin, v);
+  case 8: return pick_lin<T, 8>(gs, lin, v);
   default: return {nullptr, 0, 0};
   }
 }
@@ -321,8 +342,8 @@ template <typename T> launch_info pick_bits(int bits, int gs, int v) {
 
 namespace gqmm_cu {
 launch_info wg_launch_info(const gqmm__cu_qmm *a, int variant) {
-  if (a->dtype == GQMM__CU_BF16) return pick_bits<__nv_bfloat16>(a->bits, a->group_size, variant);
-  if (a->dtype == GQMM__CU_F16) return pick_bits<__half>(a->bits, a->group_size, variant);
+  if (a->dtype == GQMM__CU_BF16) return pick_bits<__nv_bfloat16>(a, variant);
+  if (a->dtype == GQMM__CU_F16) return pick_bits<__half>(a, variant);
   return {nullptr, 0, 0};
 }
 } // namespace gqmm_cu

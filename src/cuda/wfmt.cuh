@@ -38,6 +38,25 @@ template <int BITS> struct wfmt {
   static __host__ __device__ constexpr int ia(int sl) { return BITS == 8 ? 2 * sl : sl; }
   static __host__ __device__ constexpr int ib(int sl) { return BITS == 8 ? 2 * sl + 1 : BITS == 4 ? sl + 2 : sl + 4; }
 
+  /* Linear dequantization (lin_dequant below): pair j of a word (pi % per
+   * word) is masked in place at bit lin_pos(j) of its half-words, taken
+   * from the word shifted right by BITS j - lin_pos(j) (left if negative).
+   * 4-bit: nibbles 0/1 of each byte at bits 0 and 4, one shift by 8 a word
+   * (was 3); 2-bit: bits 4 and 6, shifts by -4, 4 and 8 (was 7); 8-bit:
+   * bit 0, as before. 3-bit (values cross the bytes) has no such form. */
+  static constexpr bool lin_ok = BITS != 3;
+  static constexpr int lin_base = BITS == 2 ? 4 : 0;
+  static constexpr int lin_step = BITS == 2 ? 2 : BITS == 4 ? 4 : 0;
+  static __host__ __device__ constexpr int lin_pos(int j) { return lin_base + lin_step * (j & 1); }
+  /* Pair pi's two values in place at bit lin_pos of each half (no magic). */
+  static __device__ __forceinline__ uint32_t pair_lin(const uint32_t *q, int pi) {
+    constexpr int per_word = 16 / BITS;
+    constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+    const int j = pi % per_word, p = lin_pos(j), sh = BITS * j - p;
+    const uint32_t w = q[pi / per_word];
+    return (sh >= 0 ? w >> sh : w << -sh) & (mask << p);
+  }
+
   /* 3-bit: regroup 96 bits so lane 0 of each word holds values 0..15's
    * stream and lane 1 values 16..31's (16 bits per lane per word). */
   static __device__ __forceinline__ void prep(uint32_t *q) {
@@ -88,6 +107,39 @@ __device__ __forceinline__ void load_lane_unit(const uint8_t *p, int u, uint32_t
   } else {
     q[u] = *reinterpret_cast<const uint32_t *>(p);
   }
+}
+
+/*
+ * Linear dequantization: a 16-bit float whose bits p are below
+ * 2^(mantissa bits + 1) has the value p * 2^-D (the subnormals and the
+ * lowest normal binade, where the bits count in steps of one: D = 133 for
+ * bf16, 24 for f16). A value q masked in place at bit P of a half-word is
+ * such a p = q << P, so ONE packed FMA, p * (s * 2^(D - P)) + b, is
+ * s q + b exactly, rounded once as MLX's dequantize: no magic constant to
+ * subtract (one instruction a pair instead of two), and values can be used
+ * at bit 4 or 6 of their byte, so fewer pairs need a shift (wfmt::pair_lin).
+ * The packer stores s * 2^(D - lin_base) in place of s where every scale of
+ * the tensor takes that factor exactly (pack.cu; else the magic path); pairs
+ * at lin_base + lin_step use that times 2^-lin_step, exact too.
+ */
+template <typename T> constexpr int lin_denorm_exp() {
+  return std::is_same<T, __nv_bfloat16>::value ? 133 : 24;
+}
+template <typename T>
+__device__ __forceinline__ uint32_t lin_dequant(uint32_t p, uint32_t s2, uint32_t b2) {
+  using P = typename dtype_traits<T>::pair;
+  P r = __hfma2(*reinterpret_cast<P *>(&p), *reinterpret_cast<P *>(&s2),
+                *reinterpret_cast<P *>(&b2));
+  return *reinterpret_cast<uint32_t *>(&r);
+}
+/* s2 * 2^-step (exact: a power of two, far from the subnormals). */
+template <typename T> __device__ __forceinline__ uint32_t lin_rescale(uint32_t s2, int step) {
+  using P = typename dtype_traits<T>::pair;
+  P f;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) f = __float2bfloat162_rn(1.f / (1 << step));
+  else f = __float2half2_rn(1.f / (1 << step));
+  P r = __hmul2(*reinterpret_cast<P *>(&s2), f);
+  return *reinterpret_cast<uint32_t *>(&r);
 }
 
 /* The magic constant OR-ed into a q pair: 128 + q is not exact in bf16 for

@@ -123,14 +123,18 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
   void *sc = malloc((size_t)(E * rows * groups) * es), *bi = malloc((size_t)(E * rows * groups) * es);
   void *x = malloc((size_t)(xb * M * K) * es);
   void *oref = malloc((size_t)(nb * M * N) * es), *ogpu = malloc((size_t)(nb * M * N) * es);
-  void *poison = malloc((size_t)(nb * M * N) * es);
+  void *poison = malloc((size_t)(nb * M * N) * es), *oplain = malloc((size_t)(nb * M * N) * es);
   int32_t *lhs = malloc((size_t)(nb + 1) * 4), *rhs = malloc((size_t)(nb + 1) * 4);
   dbuf dw = {0}, ds = {0}, db = {0}, dx = {0}, dout = {0};
-  if (!wf || !wq || !sc || !bi || !x || !oref || !ogpu || !poison || !lhs || !rhs) {
+  if (!wf || !wq || !sc || !bi || !x || !oref || !ogpu || !poison || !oplain || !lhs || !rhs) {
     fails = 1;
     goto done;
   }
-  test_fill(&r, wf, dt, E * rows * len, 0.5f);
+  /* Small weights (odd salts): every scale takes gqmm_pack's factor for
+   * linear dequantization (pack.cu; widths 2, 4, 8); large: none does, and
+   * the pack keeps them as they are. Both must give the same results. */
+  const bool small_w = salt & 1;
+  test_fill(&r, wf, dt, E * rows * len, small_w ? 0.002f : 4.0f);
   test_fill(&r, x, dt, xb * M * K, 1.0f);
   test_poison(poison, dt, nb * M * N);
   int64_t wshape[3] = {E, rows, len}, qshape[3] = {E, rows, words}, sshape[3] = {E, rows, groups};
@@ -186,6 +190,12 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
         fails++;
       }
       if (!pk) continue;
+      const int want_lin = small_w && q.bits != 3;
+      if (gqmm_packed_scaled(pk) != want_lin) {
+        fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: pack scaled=%d, expected %d\n", c->name, q.bits,
+                q.group_size, gqmm_dtype_name(dt), gqmm_packed_scaled(pk), want_lin);
+        fails++;
+      }
     }
     gqmm__qmm_args probe_args;
     memset(&probe_args, 0, sizeof probe_args);
@@ -214,6 +224,26 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
                 c->name, q.bits, q.group_size, gqmm_dtype_name(dt), ci < 0 ? "auto" : cfgs[ci].name,
                 packed == 2 ? " (glu pack)" : "", st, st ? gqmm_last_error(gpu) : "", err, tol);
         fails++;
+      } else if (ci < 0 && packed == 1 && gqmm_packed_scaled(pk)) {
+        /* linear dequantization gives the magic path's weights bit for bit,
+         * so the same MMAs give the same output bits */
+        gqmm_packed *plain = NULL;
+        gpu->pack_plain = 1;
+        st = gqmm_pack(gpu, &gq, &gs, &gb, q, &plain);
+        gpu->pack_plain = 0;
+        gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
+        if (!st) st = gqmm_packed_scaled(plain) ? GQMM_ERR_ARG : GQMM_OK;
+        if (!st)
+          st = gqmm_gather_qmm_packed(gpu, &gx, plain, dense ? NULL : &tl, dense ? NULL : &tr,
+                                      c->routing != 1, &go);
+        if (!st) st = gqmm_device_sync(gpu);
+        if (!st) st = gqmm_device_copy(gpu, oplain, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
+        if (st || memcmp(oplain, ogpu, dout.bytes)) {
+          fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: linear and plain packs differ (status %d)\n",
+                  c->name, q.bits, q.group_size, gqmm_dtype_name(dt), st);
+          fails++;
+        }
+        gqmm_packed_free(gpu, plain);
       }
     }
     gqmm_packed_free(gpu, pk);
@@ -223,6 +253,7 @@ done:
   gqmm_device_free(gpu, dw.d), gqmm_device_free(gpu, ds.d), gqmm_device_free(gpu, db.d);
   gqmm_device_free(gpu, dx.d), gqmm_device_free(gpu, dout.d);
   free(wf), free(wq), free(sc), free(bi), free(x), free(oref), free(ogpu), free(poison);
+  free(oplain);
   free(lhs), free(rhs);
   return fails;
 }
@@ -303,7 +334,7 @@ GQMM_TEST(cuda_pack_rejects_bad_input) {
   CHECK(gqmm_pack_glu(ctx, &tw3, &ts3, &ts3, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_SHAPE && pk == NULL);
   CHECK(strstr(gqmm_last_error(ctx), "gqmm_pack_glu") != NULL);
   CHECK(gqmm_gather_qmm_packed(ctx, &tx, NULL, NULL, NULL, 0, &to) == GQMM_ERR_NULL);
-  CHECK(gqmm_packed_nbytes(NULL) == 0);
+  CHECK(gqmm_packed_nbytes(NULL) == 0 && gqmm_packed_scaled(NULL) == 0);
   gqmm_packed_free(ctx, NULL);
   if (have_gpu(ctx)) {
     void *dw = NULL, *dsb = NULL;

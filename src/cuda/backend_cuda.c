@@ -136,9 +136,11 @@ static int config_named(const char *name) {
  * everywhere else config 0 leads. 8-bit was not measured per config after
  * session 1 and keeps its H100 rule: 8 warps of one m16 tile (config 1), the
  * 64-register variant (config 2) for short rows (K <= 1024). */
-static int heuristic(const gqmm__cu_qmm *k) {
-  if (k->packed) { /* the wgmma kernel: 2 stages ahead led on every seed shape */
-    const int c = config_named("wg_m2_s4_a2");
+static int heuristic(const gqmm__cu_qmm *k, int64_t experts) {
+  if (k->packed) { /* the wgmma kernel: 2 stages ahead led on every seed shape; */
+    /* more than 32 rows per expert: 64-token units ("Session 5") */
+    const int64_t rows = k->batch * k->M / (experts > 0 ? experts : 1);
+    const int c = config_named(rows > 32 ? "wg2_m1_s4_t64" : "wg_m2_s4_a2");
     return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
   }
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
@@ -175,7 +177,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                       "cuda: batch %lld x M %lld rows exceed the kernels' 32-bit row indices",
                       (long long)B, (long long)a->M);
   gqmm__cu_qmm probe_k = marshal(a, NULL);
-  if (cfg < 0) cfg = heuristic(&probe_k);
+  if (cfg < 0) cfg = heuristic(&probe_k, a->w_batches);
   if (a->packed && cfg < 0)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "w: packed weights need float16/bfloat16 x and 16-byte aligned rows of x");
@@ -256,7 +258,7 @@ int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
   const int cfg = gqmm__choose_config(ctx, &gqmm__cuda_backend, a);
   if (cfg >= 0) return cfg;
   const gqmm__cu_qmm k = marshal(a, NULL);
-  return heuristic(&k);
+  return heuristic(&k, a->w_batches);
 }
 
 static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {

@@ -88,44 +88,37 @@ __device__ __forceinline__ void with_nt(int nt, Fn &&f) {
   else with_nt<NTMAX, NT + 1>(nt, f);
 }
 
-/* The output rows (of `stride` elements) of the thread's two token columns
- * per n8 tile of a unit, loaded once (NULL: no token there). */
-template <typename T, int NTMAX>
-__device__ __forceinline__ void out_rows(const kargs &a, const unit_t &cu, int64_t stride,
-                                         T *(&orow)[NTMAX][2]) {
-  const int t = threadIdx.x & 3;
-#pragma unroll
-  for (int j = 0; j < NTMAX; j++)
-#pragma unroll
-    for (int c = 0; c < 2; c++) {
-      const int tok = j * 8 + 2 * t + c;
-      orow[j][c] = j < cu.nt && tok < cu.cnt
-                       ? (T *)a.out + (int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * stride
-                       : nullptr;
-    }
+/* The output row (of `stride` elements) of the thread's token column c of
+ * n8 tile j of a unit (NULL: no token there). Loaded per column as the
+ * store goes: all 2 NTMAX pointers at once cost 4 NTMAX registers, which
+ * the 64-token config does not have. */
+template <typename T>
+__device__ __forceinline__ T *out_row(const kargs &a, const unit_t &cu, int64_t stride, int j,
+                                      int c) {
+  const int tok = j * 8 + 2 * (threadIdx.x & 3) + c;
+  return tok < cu.cnt ? (T *)a.out + (int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * stride
+                      : nullptr;
 }
 
 /* Write a finished unit's accumulators to its rows' outputs and zero them.
  * Warp w owns m16 tiles w*MT .. w*MT + MT-1 of the N tile, or with
- * MT_MAJOR (a warpgroup's m64 tiles) tiles mt*WARPS + w. */
+ * MT_MAJOR (MT m64 tiles per warpgroup) tiles mt*WARPS + w. */
 template <typename T, int MT, int NTMAX, int BN, bool MT_MAJOR = false>
 __device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
                                            float (&acc)[MT][NTMAX][4]) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
-  T *orow[NTMAX][2];
-  out_rows<T, NTMAX>(a, cu, a.N, orow);
 #pragma unroll
-  for (int mt = 0; mt < MT; mt++)
+  for (int j = 0; j < NTMAX; j++)
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const int m16 = MT_MAJOR ? mt * (BN / (16 * MT)) + warp : warp * MT + mt;
-      const int n = cu.ntile * BN + m16 * 16 + g + h * 8;
-      const bool nin = n < a.N;
+    for (int c = 0; c < 2; c++) {
+      T *orow = j < cu.nt ? out_row<T>(a, cu, a.N, j, c) : nullptr;
 #pragma unroll
-      for (int j = 0; j < NTMAX; j++)
+      for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
-          if (nin && orow[j][c]) orow[j][c][n] = dtype_traits<T>::from_f(acc[mt][j][2 * h + c]);
+        for (int h = 0; h < 2; h++) {
+          const int m16 = MT_MAJOR ? mt * (BN / (16 * MT)) + warp : warp * MT + mt;
+          const int n = cu.ntile * BN + m16 * 16 + g + h * 8;
+          if (orow && n < a.N) orow[n] = dtype_traits<T>::from_f(acc[mt][j][2 * h + c]);
           acc[mt][j][2 * h + c] = 0.f;
         }
     }
@@ -139,29 +132,28 @@ template <typename T, int MT, int NTMAX, int BN>
 __device__ __forceinline__ void store_unit_glu(const kargs &a, const unit_t &cu,
                                                float (&acc)[MT][NTMAX][4]) {
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, I = a.glu_i;
-  T *orow[NTMAX][2];
-  out_rows<T, NTMAX>(a, cu, a.act ? I : a.N, orow);
 #pragma unroll
-  for (int mt = 0; mt < MT; mt++) {
-    const int col = cu.ntile * (BN / 2) + (mt * (BN / (16 * MT)) + warp) * 8 + g;
+  for (int j = 0; j < NTMAX; j++)
 #pragma unroll
-    for (int j = 0; j < NTMAX; j++)
+    for (int c = 0; c < 2; c++) {
+      T *orow = j < cu.nt ? out_row<T>(a, cu, a.act ? I : a.N, j, c) : nullptr;
 #pragma unroll
-      for (int c = 0; c < 2; c++) {
-        if (col < I && orow[j][c]) {
+      for (int mt = 0; mt < MT; mt++) {
+        const int col = cu.ntile * (BN / 2) + (mt * (BN / (16 * MT)) + warp) * 8 + g;
+        if (col < I && orow) {
           const T gt = dtype_traits<T>::from_f(acc[mt][j][c]);
           const T ut = dtype_traits<T>::from_f(acc[mt][j][2 + c]);
           if (a.act) {
-            orow[j][c][col] = dtype_traits<T>::from_f(
+            orow[col] = dtype_traits<T>::from_f(
                 act_f(a.act - 1, dtype_traits<T>::to_f(gt), dtype_traits<T>::to_f(ut)));
           } else {
-            orow[j][c][col] = gt;
-            orow[j][c][I + col] = ut;
+            orow[col] = gt;
+            orow[I + col] = ut;
           }
         }
         acc[mt][j][c] = acc[mt][j][2 + c] = 0.f;
       }
-  }
+    }
 }
 
 /* A compiled kernel instance and its launch shape. */

@@ -39,15 +39,16 @@ namespace {
  * the barrier; STAGES - 2 refills the slot of the stage before that, whose
  * MMAs every warp has already waited for (the wait inside compute_n) before
  * it reaches the barrier, so the MMAs overlap the barrier and the copies. */
-template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD, bool LIN>
+template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD, bool LIN, int WGS>
 struct wg_kernel {
   static_assert(AHEAD == STAGES - 1 || AHEAD == STAGES - 2, "ring slots");
   using F = wfmt<BITS>;
   static_assert(!LIN || F::lin_ok, "no linear dequantization for this width");
   /* scale registers per (row, group): one per lin_pos value */
   static constexpr int kSPos = LIN && F::lin_step ? 2 : 1;
-  static constexpr int kWarps = 4, kThreads = 128; /* one warpgroup */
-  static constexpr int kBN = MT * 64;
+  /* WGS warpgroups, each owning MT m64 tiles of the 128-row tile */
+  static constexpr int kWarps = 4 * WGS, kThreads = 128 * WGS;
+  static constexpr int kBN = MT * 64 * WGS;
   static_assert(kBN == GQMM__CU_PACK_TILE_N, "the packed layout is for 128-row tiles");
   static constexpr int kTokMax = 8 * NTMAX;
   static constexpr int kXHalf = kTokMax * 128; /* 64 k of every token: one swizzled region */
@@ -285,25 +286,28 @@ struct wg_kernel {
 };
 
 template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX, int AHEAD,
-          bool LIN>
-__global__ void __launch_bounds__(128, MINB) wg_kernel_fn(kargs a) {
-  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD, LIN>::run(a);
+          bool LIN, int WGS>
+__global__ void __launch_bounds__(128 * WGS, MINB) wg_kernel_fn(kargs a) {
+  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD, LIN, WGS>::run(a);
 }
 
-template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH, bool LIN>
+template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH, bool LIN, int WGS>
 launch_info info() {
-  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH, LIN>;
-  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH, LIN>, 128, K::kSmem};
+  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH, LIN, WGS>;
+  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH, LIN, WGS>, K::kThreads, K::kSmem};
 }
 
 /* The wgmma configurations (qmm_mma.cu GQMM_WG_CONFIG_ROWS names them):
- * X(m64 tiles, stages, min CTAs per SM, n8 tiles, stages ahead). */
-#define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4, 2) X(2, 4, 3, 4, 3)
+ * X(m64 tiles per warpgroup, stages, min CTAs per SM, n8 tiles, stages
+ * ahead, warpgroups). The third takes 64-token units: two warpgroups, one
+ * m64 tile each, so its 32 accumulator registers per thread cover 64
+ * tokens and an expert with 33..64 rows is dequantized once, not twice. */
+#define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4, 2, 1) X(2, 4, 3, 4, 3, 1) X(1, 4, 2, 8, 2, 2)
 
 template <typename T, int BITS, int GS, bool LIN> launch_info pick_cfg(int v) {
   int i = 0;
-#define GQMM__WG_CASE(m, s, b, nt, ah)                                                            \
-  if (v == i++) return info<T, BITS, GS, m, s, b, nt, ah, LIN>();
+#define GQMM__WG_CASE(m, s, b, nt, ah, wgs)                                                       \
+  if (v == i++) return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs>();
   GQMM_WG_CONFIGS(GQMM__WG_CASE)
 #undef GQMM__WG_CASE
   return {nullptr, 0, 0};

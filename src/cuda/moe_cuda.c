@@ -47,11 +47,11 @@ typedef struct {
   cudaEvent_t ev[NEV]; /* before plan, gate_up, act, down, combine, after */
   int timed;
   int64_t idx_rows, idx_k; /* the pair indices in the scratch are for these (0: none) */
-  /* persistent grid by (f16|bf16, bits, group size 32/64/128, config): each
-   * is its own kernel instance (the wgmma kernel's group size is a template
-   * parameter), and asking sets the instance's shared-memory attribute;
-   * 0: not asked */
-  int grid[2][9][3][GRID_CFGS];
+  /* persistent grid by (f16|bf16, bits, group size 32/64/128, linear
+   * dequantization or not, config): each is its own kernel instance (the
+   * wgmma kernel's group size and dequantization are template parameters),
+   * and asking sets the instance's shared-memory attribute; 0: not asked */
+  int grid[2][9][3][2][GRID_CFGS];
   volatile int32_t *err_h;   /* host-mapped bad-id record (kernels.h, gqmm__cu_moe_route) */
   int32_t *err_d;            /* its device view */
   uint32_t calls;            /* layer calls enqueued, to name the bad one */
@@ -256,7 +256,8 @@ static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__c
   } else {
     int *cached = g->cfg < GRID_CFGS && g->k.bits <= 8
                       ? &s->grid[g->k.dtype == GQMM__CU_BF16][g->k.bits]
-                                [g->k.group_size == 32 ? 0 : g->k.group_size == 64 ? 1 : 2][g->cfg]
+                                [g->k.group_size == 32 ? 0 : g->k.group_size == 64 ? 1 : 2]
+                                [g->k.packed_lin != 0][g->cfg]
                       : NULL;
     int grid = cached ? *cached : 0;
     if (grid <= 0 && (err = gqmm__cu_mma_grid(g->cfg, &g->k, s->sms, &grid)))

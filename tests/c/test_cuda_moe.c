@@ -82,7 +82,15 @@ static int layer_make(gqmm_ctx *ref, test_rng *r, layer *L, int routing) {
     const int b = part ? D : GU;
     void *w = malloc((size_t)n * es);
     if (!w) return GQMM_ERR_NOMEM;
-    test_fill(r, w, L->dt, n, 1.0f / sqrtf((float)K));
+    if (part) {
+      test_fill(r, w, L->dt, n, 1.0f / sqrtf((float)K));
+    } else { /* small gate rows, large up rows: see the pack check below */
+      const size_t half = (size_t)(I * K) * es;
+      for (int64_t e = 0; e < E; e++) {
+        test_fill(r, (char *)w + 2 * e * half, L->dt, I * K, 0.002f);
+        test_fill(r, (char *)w + (2 * e + 1) * half, L->dt, I * K, 4.0f);
+      }
+    }
     const int64_t ws[3] = {E, rows, K};
     gqmm_tensor tw = gqmm_tensor_make(w, L->dt, 3, ws);
     for (int j = 0; j < 3; j++) L->th[b + j].data = L->h[b + j];
@@ -238,6 +246,13 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
       fails = 1;
       goto done;
     }
+  /* gate's scales all take the one-FMA factor (2/4/8-bit), up's none: the
+   * layer then runs both kernel instances side by side */
+  if (packable && (gqmm_packed_scaled(L->pk[1]) != (L->q.bits != 3) || gqmm_packed_scaled(L->pk[2]))) {
+    fprintf(stderr, "  FAIL bits %d %s: gate pack scaled %d, up pack scaled %d\n", L->q.bits,
+            gqmm_dtype_name(L->dt), gqmm_packed_scaled(L->pk[1]), gqmm_packed_scaled(L->pk[2]));
+    fails++;
+  }
   const double tol = L->dt == GQMM_F32 ? 1e-5 : L->dt == GQMM_F16 ? 4e-3 : 1.2e-2;
   /* the reference once per activation; then the layer unpacked (pkd 0), on
    * gqmm_pack copies (1) and with gate_up's gqmm_pack_glu copy (2: of the

@@ -107,7 +107,8 @@ struct wg_kernel {
     const int tid = threadIdx.x;
     if (tid == 0) {
       mbar_arrive_expect_tx(bar, (uint32_t)ls.pk_bytes);
-      bulk_copy_g2s(st + kXStage, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar);
+      bulk_copy_g2s(st + kXStage, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar,
+                    l2_evict_first_policy());
     }
     const int c = tid & 15, kx = lk * kStageK + c * 8, r0 = tid >> 4;
     const bool xin = kx < a.K;

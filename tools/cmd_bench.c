@@ -642,6 +642,7 @@ int gqmm_cmd_bench(int argc, char **argv) {
   if (rc) return rc == 1 ? 0 : rc;
   bench_env env;
   if (pick_env(&o, &env)) return gqmm_ctx_destroy(env.ctx), 1;
+  env.ctx->moe_timing = o.breakdown; /* the phase events cost device time: only when shown */
   const gqmm_moe_model *m = &o.m;
   const int bits_levers[] = {8, 4, 3, 2}, canv_levers[] = {1, 2, 4, 8};
   const int nb = o.levers ? 4 : 1, nc = o.levers ? 4 : 1;

@@ -31,6 +31,9 @@ struct gqmm_ctx {
   /* Tests and A/B runs: gqmm_pack stores the scales as they are (CUDA: no
    * linear dequantization, pack.cu), as it does where they do not fit. */
   int pack_plain;
+  /* The MoE layer records its phases' device times (gqmm bench --breakdown;
+   * the backend's moe_phases hook), at some cost on the device. */
+  int moe_timing;
 };
 
 /* Record a formatted message on ctx (may be NULL) and return status. */

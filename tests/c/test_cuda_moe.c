@@ -284,6 +284,19 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
             st = gpu_run(gpu, L, f, pkd, act, poison, again);
             same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
           }
+          if (!st && ci < 0 && pkd == 0 && f == 0 && a == 0) {
+            /* phase times: only after a layer that recorded them */
+            const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
+            double ph[5] = {-1, -1, -1, -1, -1};
+            if (be->moe_phases(gpu, ph) == GQMM_OK) st = GQMM_ERR_BACKEND;
+            gpu->moe_timing = 1;
+            if (!st) st = gpu_run(gpu, L, f, pkd, act, poison, again);
+            gpu->moe_timing = 0;
+            if (!st) st = be->moe_phases(gpu, ph);
+            for (int i = 0; i < 5 && !st; i++)
+              if (!(ph[i] >= 0 && ph[i] < 10)) st = GQMM_ERR_BACKEND;
+            if (!st) same = memcmp(got, again, L->bytes[OUT]) == 0;
+          }
           if (st || !(err <= tol) || !same) {
             fprintf(stderr,
                     "  FAIL T=%lld k=%lld E=%lld H=%lld I=%lld routing %d bits %d gs %d %s act %d "

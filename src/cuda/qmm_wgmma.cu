@@ -5,13 +5,15 @@
  * Why: at 16+ rows per expert the mma.sync kernel (qmm_mma.cu) is bound by
  * its arithmetic, not by memory: each warp reads the unit's x tile from
  * shared memory itself and the m16n8k16 tensor-core path runs at ~65% of
- * the bf16 peak. Here the CTA is one warpgroup: its four warps dequantize
- * their 16-row slices of a 64-row weight tile into registers (the A operand,
- * same register layout as mma.sync), and one wgmma.m64nNk16 per 16 k
- * multiplies them with the unit's tokens (N = 8..32) read straight from
- * shared memory (the B operand, K-major with the 128-byte swizzle), once
- * per warpgroup. The MMAs run asynchronously while the next k-step's
- * weights are dequantized.
+ * the bf16 peak. Here each warpgroup's four warps dequantize their 16-row
+ * slices of a 64-row weight tile into registers (the A operand, same
+ * register layout as mma.sync; one FMA per two weights on a pack with
+ * pre-scaled scales, wfmt.cuh "linear dequantization"), and one
+ * wgmma.m64nNk16 per 16 k multiplies them with the unit's tokens (N = 8..64)
+ * read straight from shared memory (the B operand, K-major with the 128-byte
+ * swizzle). The MMAs run asynchronously while the next k-step's weights are
+ * dequantized. A CTA is one warpgroup with two m64 tiles (up to 32 tokens),
+ * or two warpgroups with one each (64 tokens: GQMM_WG_CONFIGS).
  *
  * The packed layout in k-step order: in the k-step s of a stage (16 k) a
  * wgmma wants lane (g, t) of warp w to hold k 2t, 2t+1, 2t+8, 2t+9 of rows
@@ -22,7 +24,8 @@
  * is a template parameter (the group of each k-step is then a constant).
  *
  * Pipeline and work walk as in qmm_mma.cu (mma_common.cuh), but: one bulk copy
- * per stage (weights + scale words), x rows by cp.async, an mbarrier per
+ * per stage (weights + scale words, L2 evict-first: read once, they must not
+ * push the reused x rows out of L2), x rows by cp.async, an mbarrier per
  * ring slot, units dealt round-robin over a persistent grid.
  */
 #include "mma_common.cuh"

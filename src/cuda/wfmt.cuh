@@ -7,7 +7,9 @@
  * ((w >> 4j) & 0x000F000F gives values j and j+4 of a 4-bit word); OR-ed
  * into the mantissa of a magic constant (bf16 128.0, f16 1024.0) in the
  * same lop3, minus the constant, times the scale plus the bias (one packed
- * FMA), it is two dequantized values, exact as MLX's dequantize.
+ * FMA), it is two dequantized values, exact as MLX's dequantize. Packs with
+ * pre-scaled scales skip the constant ("linear dequantization" below: one
+ * AND and one FMA per pair).
  */
 #ifndef GQMM_CUDA_WFMT_CUH
 #define GQMM_CUDA_WFMT_CUH

@@ -79,9 +79,7 @@ static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
   k.M = a->M, k.N = a->N, k.K = a->K, k.batch = a->batch;
   k.x = a->x, k.w = a->w, k.scales = a->scales, k.biases = a->biases, k.out = a->out;
   k.x_index = d_idx, k.w_index = d_idx ? d_idx + a->batch : NULL;
-  k.packed = a->packed ? (const uint8_t *)a->packed->data : NULL;
-  k.glu = a->packed ? a->packed->glu : 0;
-  k.packed_lin = a->packed ? a->packed->scaled : 0;
+  gqmm__cuda_set_packed(&k, a->packed);
   k.epilogue_act = 0;
   return k;
 }

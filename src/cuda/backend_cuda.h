@@ -25,4 +25,11 @@ int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
  * the generic kernel for weights in MLX's layout. */
 bool gqmm__cuda_config_valid(int cfg, const gqmm__cu_qmm *k);
 
+/* The kernel arguments a gqmm_pack copy sets (pk NULL: the MLX layout). */
+static inline void gqmm__cuda_set_packed(gqmm__cu_qmm *k, const struct gqmm_packed *pk) {
+  k->packed = pk ? (const uint8_t *)pk->data : NULL;
+  k->glu = pk ? pk->glu : 0;
+  k->packed_lin = pk ? pk->scaled : 0;
+}
+
 #endif

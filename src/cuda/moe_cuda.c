@@ -206,10 +206,8 @@ static gemm gemm_make(const gqmm__moe_args *a, int64_t N, int64_t K, const void 
   g.k = (gqmm__cu_qmm){.dtype = (int)a->dtype, .bits = a->q.bits, .group_size = a->q.group_size,
                        .transpose = 1, .M = 1, .N = N, .K = K, .batch = a->tokens * a->top_k,
                        .x = x, .w = w, .scales = sc, .biases = bi, .out = out,
-                       .x_index = x_index, .w_index = ids,
-                       .packed = pk ? (const uint8_t *)pk->data : NULL,
-                       .glu = pk ? pk->glu : 0,
-                       .packed_lin = pk ? pk->scaled : 0};
+                       .x_index = x_index, .w_index = ids};
+  gqmm__cuda_set_packed(&g.k, pk);
   g.pk = pk;
   g.cfg = gqmm__cu_mma_config_count();
   g.n_tiles = 0;

@@ -168,8 +168,13 @@ int gqmm__cu_mma_n_tiles(int cfg, const gqmm__cu_qmm *a);
 int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);
 /* 1 if config cfg runs these args: eligible, and packed iff the config is. */
 int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a);
-/* Persistent-grid size for config `cfg` on this device (CTAs). */
+/* Persistent-grid size for config `cfg` on this device (CTAs); also sets
+ * the kernel instance's shared-memory attribute, which a launch needs. */
 int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
+/* The kernel instance config cfg launches for these args (distinct per
+ * template instance: config, dtype, bits, group size, dequantization), or
+ * NULL: what a cache of gqmm__cu_mma_grid results is keyed by. */
+const void *gqmm__cu_mma_instance(int cfg, const gqmm__cu_qmm *a);
 /* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile. */
 int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
                      int grid);

@@ -421,6 +421,10 @@ extern "C" int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a) {
   return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed != nullptr);
 }
 
+extern "C" const void *gqmm__cu_mma_instance(int cfg, const gqmm__cu_qmm *a) {
+  return (const void *)pick(a, cfg).fn;
+}
+
 extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
   return grid_of(pick(a, cfg), sms, out_grid);
 }

@@ -120,12 +120,14 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
   }
 }
 
-/* The power of two the scales take for linear dequantization (wfmt.cuh). */
+/* The power of two the scales take for linear dequantization (wfmt.cuh),
+ * 0 for a width without it. */
+template <typename T, int BITS> int lin_exp_of() {
+  return wfmt<BITS>::lin_ok ? lin_denorm_exp<T>() - wfmt<BITS>::lin_base : 0;
+}
 template <typename T> int lin_exp(int bits) {
-  const int base = bits == 2   ? wfmt<2>::lin_base
-                   : bits == 4 ? wfmt<4>::lin_base
-                               : wfmt<8>::lin_base;
-  return lin_denorm_exp<T>() - base;
+  return bits == 2 ? lin_exp_of<T, 2>() : bits == 4 ? lin_exp_of<T, 4>()
+                                        : bits == 8 ? lin_exp_of<T, 8>() : lin_exp_of<T, 3>();
 }
 
 template <typename T>
@@ -137,7 +139,8 @@ int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E
   int *bad = nullptr;
   cudaError_t err = cudaMallocManaged(&bad, sizeof *bad);
   if (err) return (int)err;
-  *lin = *lin && bits != 3;
+  const int exp = lin_exp<T>(bits);
+  *lin = *lin && exp;
   for (;;) {
     *bad = 0;
     pack_kernel<T><<<(unsigned)blocks, 256>>>(
@@ -145,7 +148,7 @@ int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E
         static_cast<const uint16_t *>(biases), out, (int)N, (int)K, bits, gs, (int)tiles,
         (int)stages, (int)gqmm__cu_pack_stage_bytes(bits, gs),
         gqmm__cu_pack_expert_bytes(N, K, bits, gs, glu), gqmm__cu_pack_half_last(N, glu), glu,
-        *lin ? lin_exp<T>(bits) : 0, bad);
+        *lin ? exp : 0, bad);
     err = cudaGetLastError();
     if (!err) err = cudaDeviceSynchronize();
     if (err || !*lin || !*bad) break;

@@ -3,12 +3,18 @@
  * batched qmm -> rows grouped by expert and the list of work units of the
  * tensor-core kernel, in one small kernel (no host round trip).
  *
- * One CTA of 1024 threads does a counting sort of the entries by expert in
- * one pass over them: per-expert counters in shared memory (global memory
- * when E is too large for it), a warp-shuffle block scan over the experts,
- * then the scatter. The order of rows inside an expert depends on atomics,
- * but every output row is computed independently with the same reduction
- * order, so results are deterministic.
+ * Every CTA (1024 threads) counts the entries by expert in shared memory
+ * and scans the counts (a warp-shuffle block scan over the experts), so
+ * each knows every expert's first row and first units; then CTA c places
+ * the rows and unit descriptors of experts c, c + grid, ...: a CTA per
+ * expert, all at once. One CTA did it all before and took ~13 us of latency
+ * a layer, mostly the scatter's chain of global loads and shared atomics;
+ * here each CTA's chain is one expert long. A CTA places its expert's rows
+ * in entry order (each thread ranks a run of entries, one block scan), so
+ * the plan is the same every run. When E is too large for shared memory,
+ * one CTA keeps its counters in the plan's global arrays and places rows
+ * with atomics (their order inside an expert then varies, but every output
+ * row is computed alone with a fixed reduction order: the results do not).
  *
  * The MoE layer (gqmm__cu_moe_route) also checks its expert ids here, the
  * first kernel of the layer, so the host never reads them: an id outside
@@ -26,7 +32,7 @@
 namespace {
 
 constexpr int kThreads = 1024, kWarps = kThreads / 32;
-/* Experts whose five per-expert ints fit the default 48 KB of shared memory. */
+/* Experts whose four per-expert ints fit the default 48 KB of shared memory. */
 constexpr int kSharedExperts = 2048;
 
 struct route_args {
@@ -81,30 +87,52 @@ __device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
  * plan's outputs in global memory (a round trip per expert). */
 struct expert_state {
   int32_t *start; /* counts, then (after the scan) first rows */
-  int32_t *fill;  /* rows placed so far */
+  int32_t *fill;  /* rows placed so far (the one-CTA form only) */
   int32_t *count, *units0, *units1; /* count, first unit of each tiling */
 };
 
+/* Entry b's expert, an id outside [0, E) read as 0 (int32 < 0 or >= E;
+ * uint32 > INT32_MAX reads < 0). */
+__device__ __forceinline__ int32_t expert_of(const route_args &a, int b) {
+  const int32_t e = __ldg(a.w_index + b);
+  return (uint32_t)e < (uint32_t)a.experts ? e : 0;
+}
+
+/* Write the M rows of entry b at row `at` of the plan. */
+__device__ __forceinline__ void place(const route_args &a, int b, int32_t at) {
+  const int32_t xr = a.x_index ? __ldg(a.x_index + b) : b / a.x_div;
+  for (int32_t m = 0; m < a.M; m++) {
+    a.p.rows_x[at + m] = xr * a.M + m;
+    a.p.rows_o[at + m] = b * a.M + m;
+  }
+}
+
+/* ORDERED (shared-memory state, any grid): CTA c places the experts c,
+ * c + grid, ... in entry order. Else (one CTA, global state): rows placed
+ * with atomics. Only CTA 0 writes the per-expert arrays, ids_safe and the
+ * error record. */
+template <bool ORDERED>
 __device__ __forceinline__ void route_body(const route_args &a, const expert_state &es) {
   __shared__ int32_t ws[kWarps + 1][3];
   __shared__ int32_t first_bad;
   const int tid = threadIdx.x, E = a.experts;
+  const bool lead = blockIdx.x == 0;
   const gqmm__cu_plan &p = a.p;
   int32_t *start = es.start, *fill = es.fill;
-  for (int e = tid; e < E; e += kThreads) start[e] = 0, fill[e] = 0;
+  for (int e = tid; e < E; e += kThreads) {
+    start[e] = 0;
+    if (!ORDERED) fill[e] = 0;
+  }
   if (tid == 0) first_bad = INT_MAX;
   __syncthreads();
   for (int b = tid; b < a.batch; b += kThreads) {
-    int32_t e = __ldg(a.w_index + b);
-    if ((uint32_t)e >= (uint32_t)E) { /* int32 < 0 or >= E; uint32 > INT32_MAX reads < 0 */
-      atomicMin(&first_bad, b);
-      e = 0;
-    }
-    if (a.w_safe) a.w_safe[b] = e;
+    const int32_t e = expert_of(a, b);
+    if (lead && (uint32_t)__ldg(a.w_index + b) >= (uint32_t)E) atomicMin(&first_bad, b);
+    if (lead && a.w_safe) a.w_safe[b] = e;
     atomicAdd(&start[e], a.M);
   }
   __syncthreads();
-  if (tid == 0 && a.err && first_bad != INT_MAX) {
+  if (lead && tid == 0 && a.err && first_bad != INT_MAX) {
     /* Fields first, the call number last: the host reads the call number
      * and then trusts the rest. Plain stores: atomics on mapped host memory
      * are not guaranteed across PCIe. */
@@ -125,25 +153,28 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
     if (e < E) {
       const int32_t first = carry[0] + v[0] - own[0], u0 = carry[1] + v[1] - own[1],
                     u1 = carry[2] + v[2] - own[2];
-      p.count[e] = c;
-      p.row_start[e] = first;
-      p.unit_start[e] = u0;
-      if (a.n_tiles[1]) a.unit_start2[e] = u1;
+      if (lead) {
+        p.count[e] = c;
+        p.row_start[e] = first;
+        p.unit_start[e] = u0;
+        if (a.n_tiles[1]) a.unit_start2[e] = u1;
+      }
       start[e] = first; /* each thread rewrites only its own expert */
       es.count[e] = c, es.units0[e] = u0;
       if (a.n_tiles[1]) es.units1[e] = u1;
     }
     for (int i = 0; i < 3; i++) carry[i] += tot[i];
   }
-  if (tid == 0) {
+  if (lead && tid == 0) {
     p.unit_start[E] = carry[1];
     if (a.n_tiles[1]) a.unit_start2[E] = carry[2];
   }
   __syncthreads();
-  /* The unit descriptors (kernels.h): a warp per expert, its lanes over the
-   * expert's units (a dense call has one expert with thousands of them). */
-  const int lane = tid & 31;
-  for (int e = tid >> 5; e < E; e += kWarps) {
+  /* The unit descriptors (kernels.h) of this CTA's experts: a warp per
+   * expert, its lanes over the expert's units (a dense call has one expert
+   * with thousands of them). */
+  const int lane = tid & 31, step = (int)gridDim.x;
+  for (int e = (int)blockIdx.x + (tid >> 5) * step; e < E; e += kWarps * step) {
     const int32_t c = es.count[e], first = start[e];
     if (c == 0) continue;
     for (int i = 0; i < (a.n_tiles[1] ? 2 : 1); i++) {
@@ -156,36 +187,55 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
       }
     }
   }
-  for (int b = tid; b < a.batch; b += kThreads) {
-    /* the id again through the read-only cache (w_safe was only stored) */
-    int32_t e = __ldg(a.w_index + b);
-    if ((uint32_t)e >= (uint32_t)E) e = 0;
-    const int32_t at = start[e] + atomicAdd(&fill[e], a.M);
-    const int32_t xr = a.x_index ? __ldg(a.x_index + b) : b / a.x_div;
-    for (int32_t m = 0; m < a.M; m++) {
-      p.rows_x[at + m] = xr * a.M + m;
-      p.rows_o[at + m] = b * a.M + m;
+  if constexpr (ORDERED) {
+    /* The rows of each expert of this CTA in entry order: thread t ranks
+     * the run of entries [t * per, (t + 1) * per). */
+    const int per = (a.batch + kThreads - 1) / kThreads, b0 = min(tid * per, a.batch),
+              b1 = min(b0 + per, a.batch);
+    for (int e = (int)blockIdx.x; e < E; e += step) {
+      if (es.count[e] == 0) continue; /* the same for every thread */
+      int32_t v[3] = {0, 0, 0}, tot[3];
+      for (int b = b0; b < b1; b++) v[0] += expert_of(a, b) == e;
+      const int32_t mine = v[0];
+      block_scan3(v, tot, ws);
+      int32_t at = start[e] + (v[0] - mine) * a.M;
+      for (int b = b0; b < b1; b++)
+        if (expert_of(a, b) == e) place(a, b, at), at += a.M;
+    }
+  } else {
+    for (int b = tid; b < a.batch; b += kThreads) {
+      const int32_t e = expert_of(a, b);
+      place(a, b, start[e] + atomicAdd(&fill[e], a.M));
     }
   }
 }
 
 __global__ void __launch_bounds__(kThreads) route_kernel_shared(route_args a) {
-  extern __shared__ int32_t smem[]; /* 5E ints */
+  extern __shared__ int32_t smem[]; /* 4E ints */
   const int E = a.experts;
-  route_body(a, {smem, smem + E, smem + 2 * E, smem + 3 * E, smem + 4 * E});
+  route_body<true>(a, {smem, nullptr, smem + E, smem + 2 * E, smem + 3 * E});
 }
 
-/* E too large for shared memory: the plan's global scratch (count, fill,
- * unit_start and unit_start2 hold the same values the shared arrays would). */
+/* E too large for shared memory: one CTA, the plan's global scratch (count,
+ * fill, unit_start and unit_start2 hold the same values the shared arrays
+ * would). */
 __global__ void __launch_bounds__(kThreads) route_kernel_global(route_args a) {
-  route_body(a, {a.p.row_start, a.p.fill, a.p.count, a.p.unit_start, a.unit_start2});
+  route_body<false>(a, {a.p.row_start, a.p.fill, a.p.count, a.p.unit_start, a.unit_start2});
 }
 
+/* A CTA per expert up to two per multiprocessor (the seed layer: 128 CTAs,
+ * each places one expert); with more experts each CTA takes several. */
 int launch(const route_args &a) {
-  if (a.experts <= kSharedExperts)
-    route_kernel_shared<<<1, kThreads, 5 * (size_t)a.experts * sizeof(int32_t)>>>(a);
-  else
+  if (a.experts <= kSharedExperts) {
+    int dev = 0, sms = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+      return (int)cudaGetLastError();
+    const int grid = a.experts < 2 * sms ? a.experts : 2 * sms;
+    route_kernel_shared<<<grid, kThreads, 4 * (size_t)a.experts * sizeof(int32_t)>>>(a);
+  } else {
     route_kernel_global<<<1, kThreads>>>(a);
+  }
   return (int)cudaGetLastError();
 }
 

@@ -124,6 +124,16 @@ static inline int gqmm__cu_pack_half_last(int64_t N, int glu) {
   const int64_t r = N % GQMM__CU_PACK_TILE_N;
   return !glu && r > 0 && r <= GQMM__CU_PACK_TILE_N / 2;
 }
+/* The last stage holds at most 64 k (K % 128 in 1..64, e.g. down's K =
+ * 704): its blocks are half blocks too, the first half of a whole one:
+ * each lane's values of k-steps 0..3 (the first half of its 4*bits bytes),
+ * then the scale words of the stage's first half of groups; the second
+ * half is zeros and is neither copied nor computed. Not for 3-bit (a
+ * lane's first four k-steps are not its first bytes). */
+static inline int gqmm__cu_pack_half_k(int64_t K, int bits) {
+  const int64_t r = K % GQMM__CU_PACK_STAGE_K;
+  return bits != 3 && r > 0 && r <= GQMM__CU_PACK_STAGE_K / 2;
+}
 /* Bytes of one expert's blocks (its tiles in order, each tile's stages). */
 static inline int64_t gqmm__cu_pack_expert_bytes(int64_t N, int64_t K, int bits, int group_size,
                                                  int glu) {

@@ -29,6 +29,7 @@ struct kargs {
   const uint8_t *pk;
   int pk_tiles, pk_stages, pk_stage_bytes; /* N tiles, k stages, bytes of one stage block */
   int pk_half_last;                        /* the last tile's blocks are half blocks */
+  int pk_half_k;                           /* the last stage's blocks are half blocks */
   int64_t pk_expert_bytes;                 /* bytes of one expert's blocks */
   int glu_i, act; /* a GLU pack: I (else 0), and gqmm__cu_qmm.epilogue_act */
   gqmm__cu_plan plan;
@@ -199,6 +200,7 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
     k.pk_stages = (int)gqmm__cu_pack_stages(a->K);
     k.pk_stage_bytes = (int)gqmm__cu_pack_stage_bytes(a->bits, a->group_size);
     k.pk_half_last = gqmm__cu_pack_half_last(a->N, a->glu);
+    k.pk_half_k = gqmm__cu_pack_half_k(a->K, a->bits);
     k.pk_expert_bytes = gqmm__cu_pack_expert_bytes(a->N, a->K, a->bits, a->group_size, a->glu);
     k.glu_i = a->glu ? (int)(a->N / 2) : 0;
     k.act = a->glu ? a->epilogue_act : 0;

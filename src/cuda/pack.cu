@@ -20,7 +20,8 @@
  * stage): scale | bias << 16, the scale times 2^(D - lin_base) in a pack
  * with linear dequantization (wfmt.cuh; when every scale takes the factor
  * exactly, else as it is). Rows past N and k past K are 0; a last tile of
- * at most 64 rows keeps only those rows (half blocks, kernels.h). A GLU pack
+ * at most 64 rows keeps only those rows, and a last stage of at most 64 k
+ * only k-steps 0..3 (half blocks, kernels.h). A GLU pack
  * (kernels.h) only takes its rows from other places of the tensor.
  */
 #include "kernels.h"
@@ -68,17 +69,20 @@ template <typename T> __device__ uint16_t scale_bits(uint16_t s, int e, int *bad
 template <typename T>
 __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t *b, uint8_t *out,
                             int N, int K, int bits, int gs, int tiles, int stages,
-                            int stage_bytes, int64_t expert_bytes, int half_last, int glu,
-                            int scale_exp, int *bad) {
+                            int stage_bytes, int64_t expert_bytes, int half_last, int half_k,
+                            int glu, int scale_exp, int *bad) {
   const int64_t blk = blockIdx.x; /* (e * tiles + tile) * stages + stage */
   const int stage = (int)(blk % stages), tile = (int)(blk / stages % tiles);
   const int64_t e = blk / stages / tiles;
   const int64_t row_bytes = (int64_t)K * bits / 8, groups = K / gs;
-  const int lane_bytes = 4 * bits; /* 32 values */
-  const int unit = bits == 3 ? 4 : (lane_bytes < 16 ? lane_bytes : 16), units = lane_bytes / unit;
-  /* a half tile (kernels.h): rows 0..63 only, half the weight words */
+  /* a half tile (kernels.h): rows 0..63 only, half the weight words; a
+   * half stage: each lane's first half (k-steps 0..3), the first half of
+   * the groups */
   const int half = half_last && tile == tiles - 1, rows = half ? kTile / 2 : kTile;
-  const int wwords = rows * kStage * bits / 32, gps = kStage / gs;
+  const int hk = half_k && stage == stages - 1;
+  const int lane_bytes = 4 * bits >> hk; /* 32 values, or the first 16 */
+  const int unit = bits == 3 ? 4 : (lane_bytes < 16 ? lane_bytes : 16), units = lane_bytes / unit;
+  const int wwords = rows * kStage * bits / 32 >> hk, gps = kStage / gs >> hk;
   uint32_t *dst = reinterpret_cast<uint32_t *>(out + e * expert_bytes +
                                                ((int64_t)tile * stages + stage) * stage_bytes -
                                                (half ? (int64_t)stage * stage_bytes / 2 : 0));
@@ -103,14 +107,14 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
         if ((bit & 31) + bits > 32) stream[(bit >> 5) + 1] |= (uint32_t)(sh >> 32);
       }
     }
-    for (int wi = 0; wi < bits; wi++) { /* the lane's 4*bits bytes, split into copy units */
+    for (int wi = 0; wi < lane_bytes / 4; wi++) { /* the lane's bytes, split into copy units */
       const int byte = 4 * wi, u = byte / unit, within = byte % unit;
       dst[((((m16 * 2 + h) * units + u) * 32 + lane) * unit + within) / 4] = stream[wi];
     }
   }
   for (int i = threadIdx.x; i < rows * gps; i += blockDim.x) {
     const int n = src_row(tile, i / gps, N, glu);
-    const int64_t grp = (int64_t)stage * gps + i % gps;
+    const int64_t grp = (int64_t)stage * (kStage / gs) + i % gps;
     uint32_t v = 0;
     if (n >= 0 && grp < groups) {
       const int64_t at = (e * N + n) * groups + grp;
@@ -118,6 +122,9 @@ __global__ void pack_kernel(const uint8_t *w, const uint16_t *s, const uint16_t 
     }
     dst[wwords + i] = v;
   }
+  /* the unused second half of a half stage's block: zeros */
+  for (int i = threadIdx.x; hk && i < wwords + rows * gps; i += blockDim.x)
+    dst[wwords + rows * gps + i] = 0;
 }
 
 /* The power of two the scales take for linear dequantization (wfmt.cuh),
@@ -147,8 +154,8 @@ int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E
         reinterpret_cast<const uint8_t *>(w), static_cast<const uint16_t *>(scales),
         static_cast<const uint16_t *>(biases), out, (int)N, (int)K, bits, gs, (int)tiles,
         (int)stages, (int)gqmm__cu_pack_stage_bytes(bits, gs),
-        gqmm__cu_pack_expert_bytes(N, K, bits, gs, glu), gqmm__cu_pack_half_last(N, glu), glu,
-        *lin ? exp : 0, bad);
+        gqmm__cu_pack_expert_bytes(N, K, bits, gs, glu), gqmm__cu_pack_half_last(N, glu),
+        gqmm__cu_pack_half_k(K, bits), glu, *lin ? exp : 0, bad);
     err = cudaGetLastError();
     if (!err) err = cudaDeviceSynchronize();
     if (err || !*lin || !*bad) break;

@@ -71,12 +71,12 @@ struct wg_kernel {
    * recomputed every stage (issue below; perf-notes, session 4). */
   static constexpr int kSteps = 1, kGroups = kStageK / 16 / kSteps;
   static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
+  /* Half last stages (kernels.h gqmm__cu_pack_half_k): never 3-bit, and
+   * K % 128 <= 64 cannot happen with 128-k groups. */
+  static constexpr bool kHalfK = BITS != 3 && GS <= 64;
 
   /* m16 tile of (warp, mt): the m64 tile's 16-row slice of this warp */
   static __device__ __forceinline__ int m16_of(int mt) { return mt * kWarps + (threadIdx.x >> 5); }
-  static __device__ __forceinline__ int woff(int mt, int h, int u) {
-    return (((m16_of(mt) * 2 + h) * F::units + u) * 32 + (threadIdx.x & 31)) * F::unit;
-  }
   /* The unit's tile is a half tile: rows 0..63, scale words after them. */
   static __device__ __forceinline__ int half_tile(const kargs &a, const unit_t &u) {
     return a.pk_half_last && u.ntile == a.pk_tiles - 1;
@@ -105,12 +105,13 @@ struct wg_kernel {
    * layout (16-byte chunk c of token r: region c / 8, position
    * (c % 8) ^ (r % 8)). Rows past the unit's count are not copied: they feed
    * only MMA columns that are never stored. */
-  static __device__ __forceinline__ void issue(const kargs &a, const lstate &ls, int lk,
+  static __device__ __forceinline__ void issue(const kargs &a, const lstate &ls, int lk, int nk,
                                                uint32_t st, uint32_t bar) {
     const int tid = threadIdx.x;
-    if (tid == 0) {
-      mbar_arrive_expect_tx(bar, (uint32_t)ls.pk_bytes);
-      bulk_copy_g2s(st + kXStage, ls.pk + (int64_t)lk * ls.pk_bytes, (uint32_t)ls.pk_bytes, bar,
+    if (tid == 0) { /* a half last stage: the first half of its block */
+      const uint32_t bytes = (uint32_t)ls.pk_bytes >> (kHalfK && a.pk_half_k && lk == nk - 1);
+      mbar_arrive_expect_tx(bar, bytes);
+      bulk_copy_g2s(st + kXStage, ls.pk + (int64_t)lk * ls.pk_bytes, bytes, bar,
                     l2_evict_first_policy());
     }
     const int c = tid & 15, kx = lk * kStageK + c * 8, r0 = tid >> 4;
@@ -127,25 +128,34 @@ struct wg_kernel {
   }
 
   /* One stage: dequantize the thread's weights k-step by k-step and issue
-   * the warpgroup's MMAs for the unit's 8*NT tokens. */
-  template <int NT>
+   * the warpgroup's MMAs for the unit's 8*NT tokens. HK: a half block (the
+   * last stage of a ragged K): k-steps 0..3, each lane's first 2*BITS
+   * bytes, the first half of the groups. sadj: kWBytes / 2 for a half tile
+   * (its scale words follow 64 rows of weights), else 0. */
+  template <int NT, bool HK>
   static __device__ __forceinline__ void compute_n(const uint8_t *stp, uint32_t st, int sadj,
                                                    float (&acc)[MT][NTMAX][4]) {
     const int lane = threadIdx.x & 31, g = lane >> 2;
+    constexpr int kLaneB = F::bytes >> HK, kUnit = F::unit < kLaneB ? F::unit : kLaneB,
+                  kUnits = kLaneB / kUnit, kWB = kWBytes >> HK, kG = kGps >> HK,
+                  kGroupsH = kGroups >> HK;
+    static_assert(!HK || (kHalfK && kGroups % 2 == 0), "half stages");
     const uint8_t *ws = stp + kXStage;
-    uint32_t q[MT][2][BITS], sr[MT][2][kGps][kSPos], br[MT][2][kGps];
+    uint32_t q[MT][2][BITS], sr[MT][2][kG][kSPos], br[MT][2][kG];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
 #pragma unroll
       for (int h = 0; h < 2; h++) {
 #pragma unroll
-        for (int u = 0; u < F::units; u++) load_lane_unit<BITS>(ws + woff(mt, h, u), u, q[mt][h]);
+        for (int u = 0; u < kUnits; u++)
+          load_words<kUnit>(ws + (((m16_of(mt) * 2 + h) * kUnits + u) * 32 + lane) * kUnit,
+                            q[mt][h] + kUnit / 4 * u);
         F::prep(q[mt][h]);
         /* the row's scale words, one per group of the stage */
         const uint32_t *sw = reinterpret_cast<const uint32_t *>(
-            ws + kWBytes - sadj + ((m16_of(mt) * 16 + h * 8 + g) * kGps) * 4);
+            ws + kWB - (sadj >> HK) + ((m16_of(mt) * 16 + h * 8 + g) * kG) * 4);
 #pragma unroll
-        for (int j = 0; j < kGps; j++) {
+        for (int j = 0; j < kG; j++) {
           const uint32_t w = sw[j];
           sr[mt][h][j][0] = prmt(w, w, 0x1010), br[mt][h][j] = prmt(w, w, 0x3232);
           if constexpr (kSPos == 2) sr[mt][h][j][1] = lin_rescale<T>(sr[mt][h][j][0], F::lin_step);
@@ -158,7 +168,7 @@ struct wg_kernel {
     uint32_t Aprev[MT][kSteps][4];
     const uint64_t desc0 = wgmma_desc_sw128(st);
 #pragma unroll
-    for (int p = 0; p < kGroups; p++) {
+    for (int p = 0; p < kGroupsH; p++) {
       uint32_t A[MT][kSteps][4];
 #pragma unroll
       for (int mt = 0; mt < MT; mt++)
@@ -246,7 +256,7 @@ struct wg_kernel {
     lstate ls;
     load_unit(a, lw.u, ls);
     auto load_stage = [&](int slot) {
-      issue(a, ls, lw.k, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
+      issue(a, ls, lw.k, nk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
       if (lw.step(a, nunits, nk)) load_unit(a, lw.u, ls);
     };
 #pragma unroll
@@ -268,7 +278,14 @@ struct wg_kernel {
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
       with_nt<NTMAX>(cw.u.nt, [&](auto nt) {
-        compute_n<nt.value>(smem + slot * kStageBytes, sm + slot * kStageBytes, sadj, acc);
+        uint8_t *stp = smem + slot * kStageBytes;
+        const uint32_t st = sm + slot * kStageBytes;
+        if constexpr (kHalfK) {
+          if (a.pk_half_k && cw.k == nk - 1) compute_n<nt.value, true>(stp, st, sadj, acc);
+          else compute_n<nt.value, false>(stp, st, sadj, acc);
+        } else {
+          compute_n<nt.value, false>(stp, st, sadj, acc);
+        }
       });
       /* the unit's walk on, inside the rare branch (stepping it outside kept
        * the unit state live across the stage: 168 registers and spills) */

@@ -95,20 +95,25 @@ __device__ __forceinline__ uint32_t stream_value(const uint8_t *row, int bits, i
   return (v >> shift) & ((1u << bits) - 1u);
 }
 
+/* UNIT bytes (16, 8 or 4) from shared memory at p into q[0 .. UNIT / 4). */
+template <int UNIT> __device__ __forceinline__ void load_words(const uint8_t *p, uint32_t *q) {
+  static_assert(UNIT == 16 || UNIT == 8 || UNIT == 4, "a 16-, 8- or 4-byte load");
+  if constexpr (UNIT == 16) {
+    const uint4 v = *reinterpret_cast<const uint4 *>(p);
+    q[0] = v.x, q[1] = v.y, q[2] = v.z, q[3] = v.w;
+  } else if constexpr (UNIT == 8) {
+    const uint2 v = *reinterpret_cast<const uint2 *>(p);
+    q[0] = v.x, q[1] = v.y;
+  } else {
+    q[0] = *reinterpret_cast<const uint32_t *>(p);
+  }
+}
+
 /* The BITS words of copy unit u of a lane's 32 values from shared memory at
- * p, into q[F::unit / 4 * u ..] (16-, 8- or 4-byte loads). */
+ * p, into q[F::unit / 4 * u ..]. */
 template <int BITS>
 __device__ __forceinline__ void load_lane_unit(const uint8_t *p, int u, uint32_t *q) {
-  using F = wfmt<BITS>;
-  if constexpr (F::unit == 16) {
-    const uint4 v = *reinterpret_cast<const uint4 *>(p);
-    q[4 * u] = v.x, q[4 * u + 1] = v.y, q[4 * u + 2] = v.z, q[4 * u + 3] = v.w;
-  } else if constexpr (F::unit == 8) {
-    const uint2 v = *reinterpret_cast<const uint2 *>(p);
-    q[2 * u] = v.x, q[2 * u + 1] = v.y;
-  } else {
-    q[u] = *reinterpret_cast<const uint32_t *>(p);
-  }
+  load_words<wfmt<BITS>::unit>(p, q + wfmt<BITS>::unit / 4 * u);
 }
 
 /*

@@ -32,6 +32,7 @@ struct kargs {
   int pk_half_k;                           /* the last stage's blocks are half blocks */
   int64_t pk_expert_bytes;                 /* bytes of one expert's blocks */
   int glu_i, act; /* a GLU pack: I (else 0), and gqmm__cu_qmm.epilogue_act */
+  int balanced;   /* deal units to the fewest CTAs of equal rounds (units_of_cta) */
   gqmm__cu_plan plan;
 };
 
@@ -41,18 +42,34 @@ struct unit_t {
   int e, ntile, r0, cnt, nt;
 };
 
-/* Units are dealt round-robin: CTA b takes b, b + G, b + 2G, ... (G CTAs).
- * The chunks of one (expert, N tile), adjacent in the plan, so run at the
+/* Units are dealt round-robin: CTA b takes b, b + G, b + 2G, ... The
+ * chunks of one (expert, N tile), adjacent in the plan, so run at the
  * same time on neighbouring CTAs and read the same weight rows: the second
- * finds them in L2 instead of DRAM. This CTA's unit count: */
+ * finds them in L2 instead of DRAM. G is the grid, or with a.balanced the
+ * fewest CTAs of it that take as many rounds as all of them: 1408 units
+ * (gate_up) on 396 CTAs are 3.6 rounds, and the last one, with 220 CTAs
+ * left, streams weights slower than the memory can; 352 CTAs run 4 each
+ * (the other 44 none) and gate_up is 3% faster. Not for short units (down,
+ * K = 704: 5.5 stages a unit): with 352 of 396 CTAs, 88 multiprocessors
+ * keep three busy CTAs and 44 two, and down, bound per multiprocessor by
+ * its many unit ends, was 11% slower (perf-notes, session 6). */
+__device__ __forceinline__ int units_total(const kargs &a) {
+  return __ldg(a.plan.unit_start + a.experts);
+}
+__device__ __forceinline__ int deal_stride(const kargs &a, int total) {
+  const int rounds = (total + (int)gridDim.x - 1) / (int)gridDim.x;
+  return a.balanced && rounds > 0 ? (total + rounds - 1) / rounds : (int)gridDim.x;
+}
+/* This CTA's unit count. */
 __device__ __forceinline__ int units_of_cta(const kargs &a) {
-  const int total = __ldg(a.plan.unit_start + a.experts);
-  return (int)blockIdx.x < total ? (total - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+  const int total = units_total(a), g = deal_stride(a, total), b = (int)blockIdx.x;
+  return b < g && b < total ? (total - 1 - b) / g + 1 : 0;
 }
 
 /* The i-th unit of this CTA: one 16-byte load of its descriptor. */
 __device__ __forceinline__ int4 unit_desc(const kargs &a, int i) {
-  return __ldg(reinterpret_cast<const int4 *>(a.plan.units) + blockIdx.x + i * gridDim.x);
+  const int g = deal_stride(a, units_total(a));
+  return __ldg(reinterpret_cast<const int4 *>(a.plan.units) + blockIdx.x + i * g);
 }
 __device__ __forceinline__ unit_t unit_of(int4 d) { return {d.x, d.y, d.z, d.w, (d.w + 7) >> 3}; }
 
@@ -205,6 +222,9 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
     k.glu_i = a->glu ? (int)(a->N / 2) : 0;
     k.act = a->glu ? a->epilogue_act : 0;
   }
+  /* the wgmma kernel's long units only (units_of_cta): 16 stages or more;
+   * measured there, not on the MLX-layout kernel */
+  k.balanced = a->packed && a->K >= 16 * GQMM__CU_PACK_STAGE_K;
   k.plan = *plan;
   return k;
 }

@@ -229,7 +229,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     /* No more CTAs than units can exist. */
     if (grid > max_units) grid = (int)max_units;
     err = gqmm__cu_route(k.x_index, k.w_index, (int32_t)B, (int32_t)a->M, (int32_t)E, tok,
-                         n_tiles, p);
+                         n_tiles, p, s->sms);
     if (err) return cuda_fail(ctx, err, "routing plan launch");
     cudaEventRecord(s->ev_k0, 0);
     err = gqmm__cu_mma_run(cfg, &k, &p, (int)E, grid);

@@ -38,8 +38,10 @@ static inline int64_t gqmm__cu_units_bound(int64_t R, int64_t used, int64_t tok_
   return ((R + tok_max - 1) / tok_max + used) * n_tiles;
 }
 
+/* sms: the device's multiprocessors (the plan kernel's grid, route.cu). */
 int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch, int32_t M,
-                   int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan);
+                   int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan,
+                   int sms);
 
 /*
  * The MoE layer's plan (M = 1, entry p = t*top_k + j is pair p, x row
@@ -62,6 +64,7 @@ typedef struct {
   int32_t *ids_safe; /* [pairs] */
   int32_t *err;      /* device view of 5 host-mapped ints */
   int32_t call;
+  int sms; /* the device's multiprocessors */
 } gqmm__cu_moe_route_args;
 
 int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *a);

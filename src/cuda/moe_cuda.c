@@ -328,7 +328,7 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
       .tok_max = {g0->tok, down.tok}, .n_tiles = {g0->n_tiles, down.n_tiles},
       .unit_start2 = down_units, .units2 = down_descs, .plan = pg, .ids_safe = ids,
       .err = s->err_d,
-      .call = (int32_t)s->calls};
+      .call = (int32_t)s->calls, .sms = s->sms};
   gqmm__cu_plan pd = pg;
   pd.unit_start = down_units;
   pd.units = down_descs;

@@ -45,6 +45,7 @@ struct route_args {
   int32_t *w_safe;            /* NULL, or [batch]: w_index with bad ids -> 0 */
   int32_t *err;               /* NULL, or the error record (kernels.h) */
   int32_t call;
+  int sms; /* multiprocessors: the shared-memory form's grid (launch) */
   gqmm__cu_plan p;
 };
 
@@ -91,11 +92,14 @@ struct expert_state {
   int32_t *count, *units0, *units1; /* count, first unit of each tiling */
 };
 
-/* Entry b's expert, an id outside [0, E) read as 0 (int32 < 0 or >= E;
- * uint32 > INT32_MAX reads < 0). */
+/* An id outside [0, E) (int32 < 0 or >= E; uint32 > INT32_MAX reads < 0). */
+__device__ __forceinline__ bool bad_id(const route_args &a, int32_t id) {
+  return (uint32_t)id >= (uint32_t)a.experts;
+}
+/* Entry b's expert, a bad id read as 0. */
 __device__ __forceinline__ int32_t expert_of(const route_args &a, int b) {
-  const int32_t e = __ldg(a.w_index + b);
-  return (uint32_t)e < (uint32_t)a.experts ? e : 0;
+  const int32_t id = __ldg(a.w_index + b);
+  return bad_id(a, id) ? 0 : id;
 }
 
 /* Write the M rows of entry b at row `at` of the plan. */
@@ -126,8 +130,8 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
   if (tid == 0) first_bad = INT_MAX;
   __syncthreads();
   for (int b = tid; b < a.batch; b += kThreads) {
-    const int32_t e = expert_of(a, b);
-    if (lead && (uint32_t)__ldg(a.w_index + b) >= (uint32_t)E) atomicMin(&first_bad, b);
+    const int32_t id = __ldg(a.w_index + b), e = bad_id(a, id) ? 0 : id;
+    if (lead && bad_id(a, id)) atomicMin(&first_bad, b);
     if (lead && a.w_safe) a.w_safe[b] = e;
     atomicAdd(&start[e], a.M);
   }
@@ -227,11 +231,7 @@ __global__ void __launch_bounds__(kThreads) route_kernel_global(route_args a) {
  * each places one expert); with more experts each CTA takes several. */
 int launch(const route_args &a) {
   if (a.experts <= kSharedExperts) {
-    int dev = 0, sms = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
-      return (int)cudaGetLastError();
-    const int grid = a.experts < 2 * sms ? a.experts : 2 * sms;
+    const int grid = a.experts < 2 * a.sms ? a.experts : 2 * a.sms;
     route_kernel_shared<<<grid, kThreads, 4 * (size_t)a.experts * sizeof(int32_t)>>>(a);
   } else {
     route_kernel_global<<<1, kThreads>>>(a);
@@ -243,10 +243,11 @@ int launch(const route_args &a) {
 
 extern "C" int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch,
                               int32_t M, int32_t experts, int32_t tok_max, int32_t n_tiles,
-                              gqmm__cu_plan plan) {
+                              gqmm__cu_plan plan, int sms) {
   route_args a = {};
   a.x_index = x_index, a.w_index = w_index, a.batch = batch, a.M = M, a.experts = experts;
   a.x_div = 1, a.tok[0] = tok_max, a.n_tiles[0] = n_tiles, a.tok[1] = 1, a.p = plan;
+  a.sms = sms > 0 ? sms : 1;
   return launch(a);
 }
 
@@ -257,6 +258,7 @@ extern "C" int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *m) {
     a.tok[i] = m->tok_max[i] > 0 ? m->tok_max[i] : 1, a.n_tiles[i] = m->n_tiles[i];
   a.unit_start2 = m->unit_start2, a.units2 = m->units2, a.w_safe = m->ids_safe, a.err = m->err;
   a.call = m->call;
+  a.sms = m->sms > 0 ? m->sms : 1;
   a.p = m->plan;
   return launch(a);
 }

@@ -46,6 +46,26 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+/* Four 8x8 16-bit matrices from registers in the mma accumulator layout
+ * (thread (g, t) holds row g, columns 2t and 2t+1 of matrix i in ri, the
+ * lower column in the low half) to shared memory, transposed: column c of
+ * matrix i becomes the 16-byte row at the address lane 8i + c gives. */
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1,
+                                                  uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(
+                   addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+__device__ __forceinline__ uint4 lds_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+
 /* ---- bulk copies (the TMA engine, sm_90) tracked by an mbarrier ----------
  * One thread starts a contiguous global->shared copy of `bytes` (a multiple
  * of 16, both addresses 16-byte aligned); the copy counts its bytes against
@@ -118,6 +138,11 @@ template <> struct dtype_traits<__nv_bfloat16> {
   static constexpr uint32_t magic = 0x43004300u;
   static __device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_f(float v) { return __float2bfloat16_rn(v); }
+  /* lo in the low half: the lower address of a pair */
+  static __device__ __forceinline__ uint32_t from_f2(float lo, float hi) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&p);
+  }
 };
 template <> struct dtype_traits<__half> {
   using pair = __half2;
@@ -125,6 +150,10 @@ template <> struct dtype_traits<__half> {
   static constexpr uint32_t magic = 0x64006400u;
   static __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_f(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ uint32_t from_f2(float lo, float hi) {
+    const __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t *>(&p);
+  }
 };
 template <> struct dtype_traits<float> {
   static __device__ __forceinline__ float to_f(float v) { return v; }

@@ -211,6 +211,127 @@ struct wg_kernel {
     }
   }
 
+  /* A finished unit's output through shared memory (one-warpgroup configs;
+   * plain outputs and GLU outputs with their activation): the unit's last
+   * stage's x region is free once that stage's MMAs are waited for (the
+   * slot is refilled only after the next stage's barrier), so each warp
+   * stages its values there, transposed to token rows by stmatrix, and
+   * stores runs of 8 features in 16 bytes: per thread 4 (GLU: 2) row loads
+   * and stores instead of one two-byte store per value (32; GLU 16) and 8
+   * row loads. The row loads go out before the drain of the last MMAs,
+   * which hides their latency (perf-notes, session 7). */
+  static constexpr int kRuns = kTokMax * MT * 2 / 32; /* 16-byte runs a thread stores, at most */
+  /* A warp's staging rows: a token's CH 16-byte chunks, swizzled by the
+   * token so that the 8 rows of one stmatrix matrix, and the reads, fall
+   * in distinct banks. */
+  template <int CH>
+  static __device__ __forceinline__ uint32_t staged_at(uint32_t base, int tok, int q) {
+    return base + (tok * CH + (q ^ ((tok / (8 / CH)) & (CH - 1)))) * 16;
+  }
+  /* The output rows of the thread's runs, chunk lane % CH of tokens
+   * lane / CH + (32 / CH) i (-1: past the unit's tokens). */
+  template <int CH>
+  static __device__ __forceinline__ void staged_rows(const kargs &a, const unit_t &u,
+                                                     int32_t (&row)[kRuns]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int i = 0; i < kTokMax * CH / 32; i++) {
+      const int tok = lane / CH + i * (32 / CH);
+      row[i] = tok < u.cnt ? __ldg(a.plan.rows_o + u.r0 + tok) : -1;
+    }
+  }
+  /* The thread's runs from the staging rows at base: values n..n+7 of out
+   * rows row[i] of ld values. */
+  template <int CH>
+  static __device__ __forceinline__ void staged_store(const kargs &a, uint32_t base,
+                                                      const int32_t (&row)[kRuns], int n, int ld) {
+    const int lane = threadIdx.x & 31;
+    const bool vec = ((uintptr_t)a.out & 15) == 0 && (ld & 7) == 0 && n + 8 <= ld;
+#pragma unroll
+    for (int i = 0; i < kTokMax * CH / 32; i++) {
+      if (row[i] < 0 || n >= ld) continue;
+      const uint4 v = lds_v4(staged_at<CH>(base, lane / CH + i * (32 / CH), lane % CH));
+      T *o = (T *)a.out + (int64_t)row[i] * ld + n;
+      if (vec) {
+        *reinterpret_cast<uint4 *>(o) = v;
+      } else {
+        const T *e = reinterpret_cast<const T *>(&v);
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+          if (n + k < ld) o[k] = e[k];
+      }
+    }
+  }
+  /* Plain outputs: the thread's values of (m16 tile mt, n8 tile j) are rows
+   * g and g + 8 of tokens 2t and 2t + 1: two registers of two 8x8 (row,
+   * token) matrices. A staging row is a token's MT x 16 rows (4 chunks). */
+  static __device__ __forceinline__ void store_staged(const kargs &a, const unit_t &u,
+                                                      float (&acc)[MT][NTMAX][4], uint32_t st,
+                                                      const int32_t (&row)[kRuns]) {
+    constexpr int CH = 2 * MT;
+    static_assert(WGS == 1, "another warpgroup may still read the x region");
+    static_assert(kWarps * kTokMax * CH * 16 <= kXStage && NTMAX % 2 == 0, "staging");
+    using D = dtype_traits<T>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const uint32_t base = st + warp * (kTokMax * CH * 16);
+    /* lane 8i + r: row r of matrix i = (rows 8 (i & 1).., tokens 8 (j + i / 2)..) */
+    const int mi = lane >> 3, r8 = lane & 7;
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+      for (int j = 0; j < NTMAX; j += 2) {
+        stmatrix_x4_trans(staged_at<CH>(base, 8 * (j + (mi >> 1)) + r8, 2 * mt + (mi & 1)),
+                          D::from_f2(acc[mt][j][0], acc[mt][j][1]),
+                          D::from_f2(acc[mt][j][2], acc[mt][j][3]),
+                          D::from_f2(acc[mt][j + 1][0], acc[mt][j + 1][1]),
+                          D::from_f2(acc[mt][j + 1][2], acc[mt][j + 1][3]));
+#pragma unroll
+        for (int jj = j; jj < j + 2; jj++)
+#pragma unroll
+          for (int r = 0; r < 4; r++) acc[mt][jj][r] = 0.f;
+      }
+    __syncwarp();
+    const int q = lane % CH; /* the thread's chunk: m16 tile q / 2, rows 8 (q % 2).. */
+    staged_store<CH>(a, base, row,
+                     u.ntile * kBN + ((q >> 1) * (kBN / (16 * MT)) + warp) * 16 + (q & 1) * 8,
+                     a.N);
+  }
+  /* A GLU pack with its activation (store_unit_glu's values): the thread's
+   * (mt, j) values are gate and up of column g for tokens 2t and 2t + 1;
+   * act(gate, up) of both is one register of an 8x8 (column, token)
+   * matrix. A staging row is a token's MT x 8 columns (MT chunks). */
+  static __device__ __forceinline__ void store_staged_glu(const kargs &a, const unit_t &u,
+                                                          float (&acc)[MT][NTMAX][4],
+                                                          uint32_t st,
+                                                          const int32_t (&row)[kRuns]) {
+    constexpr int CH = MT;
+    static_assert(WGS == 1 && NTMAX == 4, "staging: four n8 tiles, one stmatrix per m16 tile");
+    using D = dtype_traits<T>;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const uint32_t base = st + warp * (kTokMax * CH * 16);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+      uint32_t v[4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        float h[2];
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+          h[c] = act_f(a.act - 1, D::to_f(D::from_f(acc[mt][j][c])),
+                       D::to_f(D::from_f(acc[mt][j][2 + c])));
+          acc[mt][j][c] = acc[mt][j][2 + c] = 0.f;
+        }
+        v[j] = D::from_f2(h[0], h[1]);
+      }
+      /* lane 8i + r: row r of matrix i = token 8i + r */
+      stmatrix_x4_trans(staged_at<CH>(base, lane, mt), v[0], v[1], v[2], v[3]);
+    }
+    __syncwarp();
+    const int q = lane % CH; /* the thread's chunk: m16 tile q */
+    staged_store<CH>(a, base, row, u.ntile * (kBN / 2) + (q * (kBN / (16 * MT)) + warp) * 8,
+                     a.glu_i);
+  }
+
   static __device__ __forceinline__ void keep_live(const uint32_t (&A)[MT][kSteps][4]) {
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -290,10 +411,22 @@ struct wg_kernel {
       /* the unit's walk on, inside the rare branch (stepping it outside kept
        * the unit state live across the stage: 168 registers and spills) */
       if (cw.k == nk - 1) {
-        wgmma_wait<0>();
-        pin_all(acc);
-        if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
-        else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
+        if constexpr (WGS == 1) {
+          int32_t row[kRuns];
+          if (!a.glu_i) staged_rows<2 * MT>(a, cw.u, row);
+          else if (a.act) staged_rows<MT>(a, cw.u, row);
+          wgmma_wait<0>();
+          pin_all(acc);
+          const uint32_t st = sm + slot * kStageBytes;
+          if (!a.glu_i) store_staged(a, cw.u, acc, st, row);
+          else if (a.act) store_staged_glu(a, cw.u, acc, st, row);
+          else store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
+        } else {
+          wgmma_wait<0>();
+          pin_all(acc);
+          if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
+          else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
+        }
         if (cw.step(a, nunits, nk)) sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
       } else {
         cw.k++;

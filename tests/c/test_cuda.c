@@ -273,6 +273,8 @@ GQMM_TEST(cuda_matches_reference) {
       {"moe_sorted_skewed", 8, 136, 0, 1, 90, 90, 1, 3},
       {"moe_unsorted", 6, 200, 0, 1, 64, 23, 1, 1},
       {"one_expert_70_rows", 5, 72, 0, 1, 70, 70, 1, 2},
+      /* rows of 100 values: no 16-byte output runs (the element-wise store) */
+      {"moe_n100", 7, 100, 0, 1, 50, 50, 1, 0},
       {"batched_M5", 8, 96, 0, 5, 6, 4, 1, 0},
       {"dense_M37", 1, 264, 0, 37, 0, 1, 1, 0},
       {"transpose_false", 4, 128, 0, 2, 7, 3, 0, 1},

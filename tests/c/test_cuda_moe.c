@@ -8,7 +8,8 @@
  * 2/3/4/8 (tensor cores) and 5/6 (generic kernel), group sizes 32/64/128,
  * bf16/f16/f32, experts with 0 rows, all pairs on one expert, every tile
  * config, aligned and misaligned out; outputs poisoned before each run;
- * two runs bit-identical.
+ * two runs bit-identical; a chain of calls enqueued with no synchronization
+ * identical to the same calls synced one by one.
  * GQMM_CUDA_TEST_QUICK=1 runs a subset (for compute-sanitizer).
  */
 #include "internal.h"
@@ -353,6 +354,123 @@ GQMM_TEST(cuda_moe_matches_reference) {
   runs++;
   fprintf(stderr, "  %d GPU layers (each: 2 activations x fused/separate x every config), %d failures\n",
           runs, fails);
+  gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
+  CHECK(fails == 0);
+}
+
+/* ---- chained calls: enqueued back to back vs one at a time --------------- */
+
+/* The weights of chain variant v: 0 a GLU pack of gate_up and a packed
+ * down (activation in gate_up's epilogue), 1 separate packed gate and up
+ * (two GEMMs and the activation kernel), 2 the MLX layout (the mma.sync
+ * kernel; the generic one for 5-bit). */
+static gqmm_moe_weights chain_weights(const layer *L, int v) {
+  gqmm_moe_weights w = weights(L->td, L->q, v != 1);
+  if (v == 0) w.gate_up_packed = L->pk[4], w.down_packed = L->pk[3];
+  if (v == 1) w.gate_packed = L->pk[1], w.up_packed = L->pk[2], w.down_packed = L->pk[3];
+  return w;
+}
+
+/* `calls` layer calls, a device sync after each one if `each`, else none
+ * between them: call c runs layer c % nl in variant (c / nl) % 3 (or 2 for
+ * unpackable layers), on the layer's own x (even c) or on the output of
+ * call c - 1 (odd c), into outs[c]; then copies every output to host[c]. */
+static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, int each,
+                     void **outs, void **host) {
+  int st = GQMM_OK;
+  gqmm_tensor prev = Ls[0].td[OUT];
+  for (int c = 0; c < calls && !st; c++) {
+    layer *L = &Ls[c % nl];
+    const int v = packable ? (c / nl) % 3 : 2;
+    gqmm_moe_weights w = chain_weights(L, v);
+    gqmm_tensor x = c % 2 ? prev : L->td[X], out = L->td[OUT];
+    out.data = outs[c];
+    st = gqmm_moe_forward(gpu, &w, &x, &L->td[IDS], &L->td[EW],
+                          c % 3 ? GQMM_ACT_SWIGLU : GQMM_ACT_GEGLU, &out);
+    prev = out;
+    if (!st && each) st = gqmm_device_sync(gpu);
+  }
+  if (!st) st = gqmm_device_sync(gpu);
+  for (int c = 0; c < calls && !st; c++)
+    st = gqmm_device_copy(gpu, host[c], outs[c], Ls[0].bytes[OUT], GQMM_COPY_DEVICE_TO_HOST);
+  return st;
+}
+
+/* A model enqueues its layers with no host synchronization: every call
+ * reuses the plan, gu, h and y scratch of the context, and x is often the
+ * output of the call before. The same calls with a sync after each give
+ * the expected bits (every kernel is deterministic): they must be
+ * identical. */
+static int chain_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype dt, uint64_t salt) {
+  enum { NL = 3, CALLS = 24 };
+  layer Ls[NL];
+  memset(Ls, 0, sizeof Ls);
+  void *outs[CALLS] = {0}, *got[2][CALLS] = {{0}};
+  int st = GQMM_OK;
+  const int packable = bits != 5 && bits != 6;
+  test_rng r = test_rng_make(salt);
+  for (int l = 0; l < NL && !st; l++) {
+    /* skewed routing, all pairs on one expert, skewed again */
+    Ls[l] = (layer){.T = 64, .k = 8, .E = 16, .H = 512, .I = 256, .q = {bits, 64}, .dt = dt};
+    st = layer_make(ref, &r, &Ls[l], l == 1);
+    if (!st) st = layer_upload(gpu, &Ls[l]);
+    const int part[4] = {GU, G, U, D};
+    for (int i = 0; packable && i < 5 && !st; i++)
+      st = (i < 4 ? gqmm_pack : gqmm_pack_glu)(gpu, &Ls[l].td[part[i % 4]],
+                                               &Ls[l].td[part[i % 4] + 1],
+                                               &Ls[l].td[part[i % 4] + 2], Ls[l].q, &Ls[l].pk[i]);
+  }
+  const size_t ob = Ls[0].bytes[OUT];
+  for (int c = 0; c < CALLS && !st; c++) {
+    st = gqmm_device_alloc(gpu, ob, &outs[c]);
+    for (int m = 0; m < 2 && !st; m++)
+      if (!(got[m][c] = malloc(ob))) st = GQMM_ERR_NOMEM;
+  }
+  /* one at a time, back to back, one at a time again (the scratch then
+   * holds what the back-to-back chain left) */
+  for (int m = 0; m < 3 && !st; m++) {
+    st = chain_run(gpu, Ls, NL, packable, CALLS, m != 1, outs, got[m == 1]);
+    for (int c = 0; c < CALLS && !st && m == 2; c++)
+      if (memcmp(got[0][c], got[1][c], ob)) {
+        fprintf(stderr, "  FAIL bits %d %s: call %d (layer %d, variant %d) differs when the "
+                "calls are enqueued back to back\n", bits, gqmm_dtype_name(dt), c, c % NL,
+                packable ? (c / NL) % 3 : 2);
+        st = GQMM_ERR_BACKEND;
+      }
+  }
+  /* the outputs are numbers, not a chain decayed to zeros */
+  int64_t finite = 0, nonzero = 0, n = Ls[0].T * Ls[0].H;
+  for (int c = 0; c < CALLS && !st; c++)
+    for (int64_t i = 0; i < n; i++) {
+      const float v = gqmm__load_f(got[1][c], dt, i);
+      finite += isfinite(v), nonzero += v != 0;
+    }
+  if (!st && (finite != CALLS * n || nonzero < CALLS * n * 9 / 10)) {
+    fprintf(stderr, "  FAIL bits %d: %lld of %lld outputs finite, %lld nonzero\n", bits,
+            (long long)finite, (long long)(CALLS * n), (long long)nonzero);
+    st = GQMM_ERR_BACKEND;
+  }
+  if (st) fprintf(stderr, "  chain bits %d %s: status %d (%s)\n", bits, gqmm_dtype_name(dt), st,
+                  gqmm_last_error(gpu));
+  for (int c = 0; c < CALLS; c++) {
+    if (outs[c]) gqmm_device_free(gpu, outs[c]);
+    free(got[0][c]), free(got[1][c]);
+  }
+  for (int l = 0; l < NL; l++) layer_free(gpu, &Ls[l]);
+  return st != GQMM_OK;
+}
+
+GQMM_TEST(cuda_moe_back_to_back_calls_match_synced_calls) {
+  gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
+  CHECK(gpu && ref);
+  if (!gpu_or_say(gpu, "no kernels to chain here (cuda_moe_declines_cleanly)")) {
+    gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
+    return;
+  }
+  int fails = 0;
+  fails += chain_case(gpu, ref, 4, GQMM_BF16, 7701); /* tensor cores, every variant */
+  fails += chain_case(gpu, ref, 2, GQMM_F16, 7702);
+  fails += chain_case(gpu, ref, 5, GQMM_BF16, 7703); /* the generic kernel between them */
   gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
   CHECK(fails == 0);
 }

@@ -205,15 +205,34 @@ static bool gpu_or_say(gqmm_ctx *gpu, const char *what) {
   return true;
 }
 
-/* Run on the GPU with out poisoned first; copy the result to host `got`. */
-static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, int packed, gqmm_activation act,
-                   const void *poison, void *got) {
+/* The gqmm_pack copies of gate_up, gate, up and down and the gqmm_pack_glu
+ * copy of gate_up, into L->pk. */
+static int layer_pack(gqmm_ctx *gpu, layer *L) {
+  const int part[4] = {GU, G, U, D};
+  int st = GQMM_OK;
+  for (int i = 0; i < 5 && !st; i++)
+    st = (i < 4 ? gqmm_pack : gqmm_pack_glu)(gpu, &L->td[part[i % 4]], &L->td[part[i % 4] + 1],
+                                             &L->td[part[i % 4] + 2], L->q, &L->pk[i]);
+  return st;
+}
+
+/* The layer's device weights, fused gate_up or separate gate and up: packed
+ * 0 the MLX layout, 1 the gqmm_pack copies, 2 gate_up's gqmm_pack_glu copy
+ * (fused only: the activation in the epilogue). */
+static gqmm_moe_weights device_weights(const layer *L, int fused, int packed) {
   gqmm_moe_weights w = weights(L->td, L->q, fused);
   if (packed) {
-    if (fused) w.gate_up_packed = L->pk[packed == 2 ? 4 : 0]; /* 2: activation in the epilogue */
+    if (fused) w.gate_up_packed = L->pk[packed == 2 ? 4 : 0];
     else w.gate_packed = L->pk[1], w.up_packed = L->pk[2];
     w.down_packed = L->pk[3];
   }
+  return w;
+}
+
+/* Run on the GPU with out poisoned first; copy the result to host `got`. */
+static int gpu_run(gqmm_ctx *gpu, layer *L, int fused, int packed, gqmm_activation act,
+                   const void *poison, void *got) {
+  gqmm_moe_weights w = device_weights(L, fused, packed);
   int st = gqmm_device_copy(gpu, L->td[OUT].data, poison, L->bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
   if (!st) st = gqmm_moe_forward(gpu, &w, &L->td[X], &L->td[IDS], &L->td[EW], act, &L->td[OUT]);
   if (!st) st = gqmm_device_sync(gpu);
@@ -239,14 +258,11 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
   test_poison(poison, L->dt, L->T * L->H);
   /* the layer again with gqmm_pack copies, where the format has them */
   const int packable = L->dt != GQMM_F32 && L->q.bits != 5 && L->q.bits != 6;
-  const int part[4] = {GU, G, U, D};
-  for (int i = 0; packable && i < 5; i++)
-    if ((st = (i < 4 ? gqmm_pack : gqmm_pack_glu)(gpu, &L->td[part[i % 4]], &L->td[part[i % 4] + 1],
-                                                  &L->td[part[i % 4] + 2], L->q, &L->pk[i]))) {
-      fprintf(stderr, "  pack: status %d (%s)\n", st, gqmm_last_error(gpu));
-      fails = 1;
-      goto done;
-    }
+  if (packable && (st = layer_pack(gpu, L))) {
+    fprintf(stderr, "  pack: status %d (%s)\n", st, gqmm_last_error(gpu));
+    fails = 1;
+    goto done;
+  }
   /* gate's scales all take the one-FMA factor (2/4/8-bit), up's none: the
    * layer then runs both kernel instances side by side */
   if (packable && (gqmm_packed_scaled(L->pk[1]) != (L->q.bits != 3) || gqmm_packed_scaled(L->pk[2]))) {
@@ -360,21 +376,14 @@ GQMM_TEST(cuda_moe_matches_reference) {
 
 /* ---- chained calls: enqueued back to back vs one at a time --------------- */
 
-/* The weights of chain variant v: 0 a GLU pack of gate_up and a packed
- * down (activation in gate_up's epilogue), 1 separate packed gate and up
- * (two GEMMs and the activation kernel), 2 the MLX layout (the mma.sync
- * kernel; the generic one for 5-bit). */
-static gqmm_moe_weights chain_weights(const layer *L, int v) {
-  gqmm_moe_weights w = weights(L->td, L->q, v != 1);
-  if (v == 0) w.gate_up_packed = L->pk[4], w.down_packed = L->pk[3];
-  if (v == 1) w.gate_packed = L->pk[1], w.up_packed = L->pk[2], w.down_packed = L->pk[3];
-  return w;
-}
-
 /* `calls` layer calls, a device sync after each one if `each`, else none
  * between them: call c runs layer c % nl in variant (c / nl) % 3 (or 2 for
  * unpackable layers), on the layer's own x (even c) or on the output of
- * call c - 1 (odd c), into outs[c]; then copies every output to host[c]. */
+ * call c - 1 (odd c), into outs[c]; then copies every output to host[c].
+ * Variant 0: a GLU pack of gate_up and a packed down (activation in
+ * gate_up's epilogue); 1: separate packed gate and up (two GEMMs and the
+ * activation kernel); 2: the MLX layout (the mma.sync kernel; the generic
+ * one for 5-bit). */
 static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, int each,
                      void **outs, void **host) {
   int st = GQMM_OK;
@@ -382,7 +391,7 @@ static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, 
   for (int c = 0; c < calls && !st; c++) {
     layer *L = &Ls[c % nl];
     const int v = packable ? (c / nl) % 3 : 2;
-    gqmm_moe_weights w = chain_weights(L, v);
+    gqmm_moe_weights w = device_weights(L, v != 1, v == 0 ? 2 : v == 1);
     gqmm_tensor x = c % 2 ? prev : L->td[X], out = L->td[OUT];
     out.data = outs[c];
     st = gqmm_moe_forward(gpu, &w, &x, &L->td[IDS], &L->td[EW],
@@ -414,11 +423,7 @@ static int chain_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype dt, uin
     Ls[l] = (layer){.T = 64, .k = 8, .E = 16, .H = 512, .I = 256, .q = {bits, 64}, .dt = dt};
     st = layer_make(ref, &r, &Ls[l], l == 1);
     if (!st) st = layer_upload(gpu, &Ls[l]);
-    const int part[4] = {GU, G, U, D};
-    for (int i = 0; packable && i < 5 && !st; i++)
-      st = (i < 4 ? gqmm_pack : gqmm_pack_glu)(gpu, &Ls[l].td[part[i % 4]],
-                                               &Ls[l].td[part[i % 4] + 1],
-                                               &Ls[l].td[part[i % 4] + 2], Ls[l].q, &Ls[l].pk[i]);
+    if (!st && packable) st = layer_pack(gpu, &Ls[l]);
   }
   const size_t ob = Ls[0].bytes[OUT];
   for (int c = 0; c < CALLS && !st; c++) {

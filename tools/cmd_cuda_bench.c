@@ -240,23 +240,40 @@ static const gqmm__backend *cuda_be(void) {
   return NULL;
 }
 
+/* The seed's three expert GEMM shapes. */
+static const struct {
+  const char *name;
+  int K, N;
+} kShapes[3] = {{"gate_up", 2816, 1408}, {"gate", 2816, 704}, {"down", 704, 2816}};
+
+static int shape_index(const char *name) {
+  for (int i = 0; i < 3; i++)
+    if (!strcmp(kShapes[i].name, name)) return i;
+  return -1;
+}
+
 int gqmm_cmd_cuda_bench(int argc, char **argv) {
   bench b = {.reps = 20, .rng = 0x9E3779B97F4A7C15ull};
   const char *json = NULL;
   int quick = 0;
   const char *only = NULL; /* --sweep LIST: the packed sweep at these rows per expert only */
   int cfgs = 0;            /* --configs: there, every packed config too */
+  int shape_i = 0;         /* --shape: which seed shape the sweep runs on (gate_up) */
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) b.reps = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--quick")) quick = 1;
     else if (!strcmp(argv[i], "--sweep") && i + 1 < argc) only = argv[++i];
     else if (!strcmp(argv[i], "--configs")) cfgs = 1;
+    else if (!strcmp(argv[i], "--shape") && i + 1 < argc && shape_index(argv[i + 1]) >= 0)
+      shape_i = shape_index(argv[++i]);
     else {
       printf("usage: gqmm cuda-bench [--json FILE] [--reps N (20)] [--quick]\n"
              "                       [--sweep R,R,... (1..128): only the packed gate_up sweep at\n"
              "                        these rows per expert, the built-in config (profiling)]\n"
-             "                       [--configs: with --sweep, every packed config as well]\n");
+             "                       [--configs: with --sweep, every packed config as well]\n"
+             "                       [--shape gate_up|gate|down: with --sweep, the seed shape\n"
+             "                        it runs on (gate_up)]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }
@@ -283,15 +300,11 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   if (b.json) fprintf(b.json, "[");
   printf("%-8s %-10s %4s %4s %5s %6s %6s %7s  %-14s %9s %9s %8s %7s\n", "op", "shape", "bits",
          "E", "K", "N", "rows", "rows/e", "config", "kern_us", "op_us", "GB/s", "ceil%");
-  const struct {
-    const char *name;
-    int K, N;
-  } shapes[3] = {{"gate_up", 2816, 1408}, {"gate", 2816, 704}, {"down", 704, 2816}};
   const int bitsv[3] = {4, 3, 2};
   int fails = 0;
   if (only) {
     gqmm_packed *pk = NULL;
-    if (make_weights(&b, &dw, 128, 1408, 2816, (gqmm_quant){4, 64}) ||
+    if (make_weights(&b, &dw, 128, kShapes[shape_i].N, kShapes[shape_i].K, (gqmm_quant){4, 64}) ||
         !(pk = pack_weights(&b, &dw, 0)))
       goto out;
     for (const char *p = only; *p;) {
@@ -303,24 +316,25 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
         break;
       }
       for (int i = 0; i < 128 * r; i++) rhs[i] = i / (int)r;
-      fails += measure(&b, "sweep", "gate_up", &dw, 128 * r, rhs, -1, "packed-auto", pk) != 0;
-      if (cfgs) fails += measure_configs(&b, be, "sweep", "gate_up", &dw, 128 * r, rhs, pk);
+      const char *sn = kShapes[shape_i].name;
+      fails += measure(&b, "sweep", sn, &dw, 128 * r, rhs, -1, "packed-auto", pk) != 0;
+      if (cfgs) fails += measure_configs(&b, be, "sweep", sn, &dw, 128 * r, rhs, pk);
       p = *end == ',' ? end + 1 : end;
     }
     gqmm_packed_free(b.ctx, pk);
   }
   for (int bi = 0; !only && bi < (quick ? 1 : 3); bi++) {
     for (int si = 0; si < 3; si++) {
-      if (make_weights(&b, &dw, 128, shapes[si].N, shapes[si].K, (gqmm_quant){bitsv[bi], 64})) goto out;
+      if (make_weights(&b, &dw, 128, kShapes[si].N, kShapes[si].K, (gqmm_quant){bitsv[bi], 64})) goto out;
       random_routing(&b, 256, 8, 128, rhs);
       gqmm_packed *pk = pack_weights(&b, &dw, 0);
       fails += !pk;
       /* MLX layout, then the packed copy: the built-in choice, every config */
       for (int packed = 0; packed < (pk ? 2 : 1); packed++) {
         const gqmm_packed *use = packed ? pk : NULL;
-        fails += measure(&b, "gather", shapes[si].name, &dw, 2048, rhs, -1,
+        fails += measure(&b, "gather", kShapes[si].name, &dw, 2048, rhs, -1,
                          packed ? "packed-auto" : "auto", use) != 0;
-        fails += measure_configs(&b, be, "gather", shapes[si].name, &dw, 2048, rhs, use);
+        fails += measure_configs(&b, be, "gather", kShapes[si].name, &dw, 2048, rhs, use);
       }
       if (si == 0 && bi == 0) { /* the sweep, on the gate_up weights */
         gqmm_packed *pk2 = pack_weights(&b, &dw, 1);

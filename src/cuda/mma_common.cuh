@@ -66,16 +66,20 @@ __device__ __forceinline__ int units_of_cta(const kargs &a) {
   return b < g && b < total ? (total - 1 - b) / g + 1 : 0;
 }
 
+/* The i-th unit of this CTA's descriptor, for deal stride g. */
+__device__ __forceinline__ const int4 *unit_desc_ptr(const kargs &a, int i, int g) {
+  return reinterpret_cast<const int4 *>(a.plan.units) + blockIdx.x + i * g;
+}
 /* The i-th unit of this CTA: one 16-byte load of its descriptor. */
 __device__ __forceinline__ int4 unit_desc(const kargs &a, int i) {
-  const int g = deal_stride(a, units_total(a));
-  return __ldg(reinterpret_cast<const int4 *>(a.plan.units) + blockIdx.x + i * g);
+  return __ldg(unit_desc_ptr(a, i, deal_stride(a, units_total(a))));
 }
 __device__ __forceinline__ unit_t unit_of(int4 d) { return {d.x, d.y, d.z, d.w, (d.w + 7) >> 3}; }
 
-/* A walk over this CTA's units, one k-stage at a time. The kernels keep two,
- * the load side and the compute side, a few stages apart; the next unit's
- * descriptor is loaded a unit ahead. */
+/* A walk over this CTA's units, one k-stage at a time. The mma.sync kernel
+ * keeps two, the load side and the compute side, a few stages apart; the
+ * next unit's descriptor is loaded a unit ahead. (The wgmma kernel keeps
+ * its descriptors in a shared-memory ring instead: qmm_wgmma.cu.) */
 struct unit_walk {
   int idx, k; /* unit of this CTA, k-stage in it */
   unit_t u;

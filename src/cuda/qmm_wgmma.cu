@@ -62,7 +62,11 @@ struct wg_kernel {
   /* stages keep the x regions 1024-byte aligned (the swizzle atom) */
   static constexpr int kStageBytes = (kXStage + kWStage + 1023) / 1024 * 1024;
   static constexpr int kBarOff = STAGES * kStageBytes;
-  static constexpr int kSmem = kBarOff + STAGES * 8 + 1024; /* + alignment slack */
+  /* The unit ring (below): slot i % kRing holds unit i's descriptor, then
+   * its output rows. */
+  static constexpr int kRing = 8, kRingAhead = 4, kRingSlot = 16 + 4 * kTokMax;
+  static constexpr int kRingOff = (kBarOff + STAGES * 8 + 15) / 16 * 16;
+  static constexpr int kSmem = kRingOff + kRing * kRingSlot + 1024; /* + alignment slack */
   static constexpr int kXPer = kTokMax * 16 / kThreads;
   /* MMAs go out in kGroups commit groups of kSteps k-steps (16 k each): two
    * groups in flight hold 2 * MT * kSteps * 4 A registers. One k-step per
@@ -82,6 +86,44 @@ struct wg_kernel {
     return a.pk_half_last && u.ntile == a.pk_tiles - 1;
   }
 
+  /* The unit ring: the CTA's unit descriptors and each unit's output rows
+   * reach shared memory by cp.async, ahead of use. A dependent global load
+   * at a unit's start (its descriptor, then the addresses of its first
+   * copies) or end (the output rows, then the stores) waits out the L2's
+   * latency under the weight streams, ~1300 cycles: in down (a unit every
+   * 5.5 stages) those two waits were 17% of the warps' stall samples
+   * (perf-notes, session 8). The load side, entering unit i, reads i's
+   * descriptor from the ring, fetches the descriptor of unit i + kRingAhead
+   * and copies i's output rows; all travel in the copies' commit groups, so
+   * the ring waits and barriers that order the stages order them too:
+   * - a descriptor fetched when the load side enters unit i is read when it
+   *   enters unit i + kRingAhead, at least kRingAhead stages later (one unit
+   *   is one stage or more), so its group is complete (kRingAhead > AHEAD);
+   * - the compute side, at most AHEAD stages behind, reads unit i's
+   *   descriptor when it enters i and its rows at its end, before the load
+   *   side enters i + kRing - kRingAhead (slot reused for a descriptor) or
+   *   i + kRing (rows). */
+  static_assert(AHEAD < kRingAhead && kRingAhead + AHEAD < kRing, "unit ring");
+  struct walk {
+    int idx, k; /* unit of this CTA, k-stage in it */
+    unit_t u;
+    /* One stage on; true if that entered unit idx (u: the caller's to read). */
+    __device__ __forceinline__ bool step(int nunits, int nk) {
+      if (++k < nk) return false;
+      k = 0;
+      return ++idx < nunits;
+    }
+  };
+  static __device__ __forceinline__ int ring_slot(int i) { return kRingOff + (i % kRing) * kRingSlot; }
+  static __device__ __forceinline__ unit_t ring_unit(const uint8_t *smem, int i) {
+    return unit_of(*reinterpret_cast<const int4 *>(smem + ring_slot(i)));
+  }
+  /* Unit i's descriptor into its slot (deal stride g), if there is a unit i. */
+  static __device__ __forceinline__ void ring_fetch(const kargs &a, uint32_t sm, int i, int nunits,
+                                                    int g) {
+    if (i < nunits) cp_async<16>(sm + ring_slot(i), unit_desc_ptr(a, i, g), 16);
+  }
+
   /* kNoRow: chunk row i of this thread is past the unit's tokens */
   static constexpr uint32_t kNoRow = 0xFFFFFFFFu;
   struct lstate {
@@ -90,7 +132,14 @@ struct wg_kernel {
     uint32_t xr[kXPer]; /* x rows of the thread's chunk rows tid / 16 + 8 i, or kNoRow */
   };
 
-  static __device__ __forceinline__ void load_unit(const kargs &a, const unit_t &lu, lstate &ls) {
+  /* The load side enters unit w.idx: its copies' state, and its output
+   * rows into the ring (read by its store). */
+  static __device__ __forceinline__ void load_unit(const kargs &a, const walk &w, uint32_t sm,
+                                                   lstate &ls) {
+    const unit_t &lu = w.u;
+    if ((int)threadIdx.x < lu.cnt)
+      cp_async<4>(sm + ring_slot(w.idx) + 16 + 4 * threadIdx.x,
+                  a.plan.rows_o + lu.r0 + threadIdx.x, 4);
     ls.pk = a.pk + lu.e * a.pk_expert_bytes + (int64_t)lu.ntile * a.pk_stages * a.pk_stage_bytes;
     ls.pk_bytes = a.pk_stage_bytes >> half_tile(a, lu);
 #pragma unroll
@@ -231,13 +280,14 @@ struct wg_kernel {
   /* The output rows of the thread's runs, chunk lane % CH of tokens
    * lane / CH + (32 / CH) i (-1: past the unit's tokens). */
   template <int CH>
-  static __device__ __forceinline__ void staged_rows(const kargs &a, const unit_t &u,
+  static __device__ __forceinline__ void staged_rows(const uint8_t *smem, const walk &w,
                                                      int32_t (&row)[kRuns]) {
     const int lane = threadIdx.x & 31;
+    const int32_t *rows = reinterpret_cast<const int32_t *>(smem + ring_slot(w.idx) + 16);
 #pragma unroll
     for (int i = 0; i < kTokMax * CH / 32; i++) {
       const int tok = lane / CH + i * (32 / CH);
-      row[i] = tok < u.cnt ? __ldg(a.plan.rows_o + u.r0 + tok) : -1;
+      row[i] = tok < w.u.cnt ? rows[tok] : -1;
     }
   }
   /* The thread's runs from the staging rows at base: values n..n+7 of out
@@ -366,19 +416,25 @@ struct wg_kernel {
       for (int j = 0; j < NTMAX; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
+    const int g = deal_stride(a, units_total(a));
+    if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, sm, threadIdx.x, nunits, g);
+    cp_async_commit();
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
       mbar_init_fence();
     }
+    cp_async_wait<0>();
     __syncthreads();
-    unit_walk lw, cw; /* load side, compute side */
-    lw.start(a, nunits);
-    cw = lw;
+    walk lw = {0, 0, ring_unit(smem, 0)}, cw = lw; /* load side, compute side */
     lstate ls;
-    load_unit(a, lw.u, ls);
+    load_unit(a, lw, sm, ls);
     auto load_stage = [&](int slot) {
       issue(a, ls, lw.k, nk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
-      if (lw.step(a, nunits, nk)) load_unit(a, lw.u, ls);
+      if (lw.step(nunits, nk)) {
+        lw.u = ring_unit(smem, lw.idx);
+        if (threadIdx.x == 0) ring_fetch(a, sm, lw.idx + kRingAhead, nunits, g);
+        load_unit(a, lw, sm, ls);
+      }
     };
 #pragma unroll
     for (int s = 0; s < AHEAD; s++) {
@@ -413,8 +469,8 @@ struct wg_kernel {
       if (cw.k == nk - 1) {
         if constexpr (WGS == 1) {
           int32_t row[kRuns];
-          if (!a.glu_i) staged_rows<2 * MT>(a, cw.u, row);
-          else if (a.act) staged_rows<MT>(a, cw.u, row);
+          if (!a.glu_i) staged_rows<2 * MT>(smem, cw, row);
+          else if (a.act) staged_rows<MT>(smem, cw, row);
           wgmma_wait<0>();
           pin_all(acc);
           const uint32_t st = sm + slot * kStageBytes;
@@ -427,7 +483,10 @@ struct wg_kernel {
           if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
           else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
         }
-        if (cw.step(a, nunits, nk)) sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
+        if (cw.step(nunits, nk)) {
+          cw.u = ring_unit(smem, cw.idx);
+          sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
+        }
       } else {
         cw.k++;
       }

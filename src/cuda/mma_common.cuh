@@ -100,26 +100,39 @@ struct unit_walk {
   }
 };
 
-/* f(std::integral_constant<int, NT>{}) for a unit's nt (1..NTMAX) n8 token
- * tiles: a stage's compute is instantiated per count, so it is one basic
- * block with no branch per token tile. */
-template <int NTMAX, int NT = 1, typename Fn>
-__device__ __forceinline__ void with_nt(int nt, Fn &&f) {
-  if constexpr (NT == NTMAX) f(std::integral_constant<int, NT>{});
-  else if (nt == NT) f(std::integral_constant<int, NT>{});
-  else with_nt<NTMAX, NT + 1>(nt, f);
+/* f(std::integral_constant<int, NT>{}) for a unit's nt (1..NTMAX <= 8) n8
+ * token tiles: a stage's compute is instantiated per count, so it is one
+ * basic block with no branch per token tile. A switch, not a chain of
+ * tests: a full 64-token unit took seven compares and branches a stage. */
+template <int NTMAX, typename Fn> __device__ __forceinline__ void with_nt(int nt, Fn &&f) {
+  static_assert(NTMAX >= 1 && NTMAX <= 8, "n8 token tiles");
+#define GQMM__NT_CASE(n)                                                                          \
+  case n:                                                                                          \
+    if constexpr (n <= NTMAX) {                                                                    \
+      f(std::integral_constant<int, n>{});                                                         \
+      break;                                                                                       \
+    } else {                                                                                       \
+      __builtin_unreachable();                                                                     \
+    }
+  switch (nt >= 1 && nt <= NTMAX ? nt : NTMAX) {
+    GQMM__NT_CASE(1) GQMM__NT_CASE(2) GQMM__NT_CASE(3) GQMM__NT_CASE(4)
+    GQMM__NT_CASE(5) GQMM__NT_CASE(6) GQMM__NT_CASE(7) GQMM__NT_CASE(8)
+  default: __builtin_unreachable();
+  }
+#undef GQMM__NT_CASE
 }
 
 /* The output row (of `stride` elements) of the thread's token column c of
  * n8 tile j of a unit (NULL: no token there). Loaded per column as the
  * store goes: all 2 NTMAX pointers at once cost 4 NTMAX registers, which
- * the 64-token config does not have. */
+ * the 64-token config does not have. rows: the unit's output rows in
+ * shared memory (the wgmma kernel's unit ring), or NULL: the plan's. */
 template <typename T>
 __device__ __forceinline__ T *out_row(const kargs &a, const unit_t &cu, int64_t stride, int j,
-                                      int c) {
+                                      int c, const int32_t *rows) {
   const int tok = j * 8 + 2 * (threadIdx.x & 3) + c;
-  return tok < cu.cnt ? (T *)a.out + (int64_t)__ldg(a.plan.rows_o + cu.r0 + tok) * stride
-                      : nullptr;
+  if (tok >= cu.cnt) return nullptr;
+  return (T *)a.out + (int64_t)(rows ? rows[tok] : __ldg(a.plan.rows_o + cu.r0 + tok)) * stride;
 }
 
 /* Write a finished unit's accumulators to its rows' outputs and zero them.
@@ -127,13 +140,14 @@ __device__ __forceinline__ T *out_row(const kargs &a, const unit_t &cu, int64_t 
  * MT_MAJOR (MT m64 tiles per warpgroup) tiles mt*WARPS + w. */
 template <typename T, int MT, int NTMAX, int BN, bool MT_MAJOR = false>
 __device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
-                                           float (&acc)[MT][NTMAX][4]) {
+                                           float (&acc)[MT][NTMAX][4],
+                                           const int32_t *rows = nullptr) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
 #pragma unroll
   for (int j = 0; j < NTMAX; j++)
 #pragma unroll
     for (int c = 0; c < 2; c++) {
-      T *orow = j < cu.nt ? out_row<T>(a, cu, a.N, j, c) : nullptr;
+      T *orow = j < cu.nt ? out_row<T>(a, cu, a.N, j, c, rows) : nullptr;
 #pragma unroll
       for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -152,13 +166,13 @@ __device__ __forceinline__ void store_unit(const kargs &a, const unit_t &cu,
  * the values rounded to T, as the unfused layer's activation reads them. */
 template <typename T, int MT, int NTMAX, int BN>
 __device__ __forceinline__ void store_unit_glu(const kargs &a, const unit_t &cu,
-                                               float (&acc)[MT][NTMAX][4]) {
+                                               float (&acc)[MT][NTMAX][4], const int32_t *rows) {
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, I = a.glu_i;
 #pragma unroll
   for (int j = 0; j < NTMAX; j++)
 #pragma unroll
     for (int c = 0; c < 2; c++) {
-      T *orow = j < cu.nt ? out_row<T>(a, cu, a.act ? I : a.N, j, c) : nullptr;
+      T *orow = j < cu.nt ? out_row<T>(a, cu, a.act ? I : a.N, j, c, rows) : nullptr;
 #pragma unroll
       for (int mt = 0; mt < MT; mt++) {
         const int col = cu.ntile * (BN / 2) + (mt * (BN / (16 * MT)) + warp) * 8 + g;

@@ -118,6 +118,9 @@ struct wg_kernel {
   static __device__ __forceinline__ unit_t ring_unit(const uint8_t *smem, int i) {
     return unit_of(*reinterpret_cast<const int4 *>(smem + ring_slot(i)));
   }
+  static __device__ __forceinline__ const int32_t *ring_rows(const uint8_t *smem, int i) {
+    return reinterpret_cast<const int32_t *>(smem + ring_slot(i) + 16);
+  }
   /* Unit i's descriptor into its slot (deal stride g), if there is a unit i. */
   static __device__ __forceinline__ void ring_fetch(const kargs &a, uint32_t sm, int i, int nunits,
                                                     int g) {
@@ -283,7 +286,7 @@ struct wg_kernel {
   static __device__ __forceinline__ void staged_rows(const uint8_t *smem, const walk &w,
                                                      int32_t (&row)[kRuns]) {
     const int lane = threadIdx.x & 31;
-    const int32_t *rows = reinterpret_cast<const int32_t *>(smem + ring_slot(w.idx) + 16);
+    const int32_t *rows = ring_rows(smem, w.idx);
 #pragma unroll
     for (int i = 0; i < kTokMax * CH / 32; i++) {
       const int tok = lane / CH + i * (32 / CH);
@@ -476,12 +479,13 @@ struct wg_kernel {
           const uint32_t st = sm + slot * kStageBytes;
           if (!a.glu_i) store_staged(a, cw.u, acc, st, row);
           else if (a.act) store_staged_glu(a, cw.u, acc, st, row);
-          else store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
+          else store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc, ring_rows(smem, cw.idx));
         } else {
           wgmma_wait<0>();
           pin_all(acc);
-          if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc);
-          else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc);
+          const int32_t *rows = ring_rows(smem, cw.idx);
+          if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc, rows);
+          else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc, rows);
         }
         if (cw.step(nunits, nk)) {
           cw.u = ring_unit(smem, cw.idx);

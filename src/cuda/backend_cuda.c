@@ -136,9 +136,16 @@ static int config_named(const char *name) {
  * 64-register variant (config 2) for short rows (K <= 1024). */
 static int heuristic(const gqmm__cu_qmm *k, int64_t experts) {
   if (k->packed) { /* the wgmma kernel: 2 stages ahead led on every seed shape; */
-    /* more than 32 rows per expert: 64-token units ("Session 5") */
+    /* more than 32 rows per expert: 64-token units ("Session 5"), on one
+     * warpgroup of two m64 tiles since session 8 (3-10% faster than two
+     * warpgroups of one at 64 and 128 rows per expert), except 8-bit
+     * weights, whose 32 registers of a stage's codes leave that config at
+     * 242-252 registers: there two warpgroups stay 2-4% faster */
     const int64_t rows = k->batch * k->M / (experts > 0 ? experts : 1);
-    const int c = config_named(rows > 32 ? "wg2_m1_s4_t64" : "wg_m2_s4_a2");
+    const char *name = rows <= 32     ? "wg_m2_s4_a2"
+                       : k->bits == 8 ? "wg2_m1_s4_t64"
+                                      : "wg_m2_s4_t64";
+    const int c = config_named(name);
     return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
   }
   if (!gqmm__cu_mma_eligible(k)) return generic_id();

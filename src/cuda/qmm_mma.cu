@@ -336,7 +336,8 @@ mma_kernel(kargs a) {
 #define GQMM_WG_CONFIG_ROWS(X)                                                                    \
   X("wg_m2_s4_a2", 4, 2, 4, 4)                                                                    \
   X("wg_m2_s4", 4, 2, 4, 4)                                                                       \
-  X("wg2_m1_s4_t64", 8, 1, 4, 8)
+  X("wg2_m1_s4_t64", 8, 1, 4, 8)                                                                  \
+  X("wg_m2_s4_t64", 4, 2, 4, 8)
 
 const gqmm__cu_mma_config kConfigs[] = {
 #define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt, 0},

@@ -12,8 +12,8 @@
  * wgmma.m64nNk16 per 16 k multiplies them with the unit's tokens (N = 8..64)
  * read straight from shared memory (the B operand, K-major with the 128-byte
  * swizzle). The MMAs run asynchronously while the next k-step's weights are
- * dequantized. A CTA is one warpgroup with two m64 tiles (up to 32 tokens),
- * or two warpgroups with one each (64 tokens: GQMM_WG_CONFIGS).
+ * dequantized. A CTA is one warpgroup with two m64 tiles (up to 32 or 64
+ * tokens), or two warpgroups with one each (64 tokens: GQMM_WG_CONFIGS).
  *
  * The packed layout in k-step order: in the k-step s of a stage (16 k) a
  * wgmma wants lane (g, t) of warp w to hold k 2t, 2t+1, 2t+8, 2t+9 of rows
@@ -352,33 +352,36 @@ struct wg_kernel {
   /* A GLU pack with its activation (store_unit_glu's values): the thread's
    * (mt, j) values are gate and up of column g for tokens 2t and 2t + 1;
    * act(gate, up) of both is one register of an 8x8 (column, token)
-   * matrix. A staging row is a token's MT x 8 columns (MT chunks). */
+   * matrix (four n8 tiles: 32 tokens, one stmatrix). A staging row is a
+   * token's MT x 8 columns (MT chunks). */
   static __device__ __forceinline__ void store_staged_glu(const kargs &a, const unit_t &u,
                                                           float (&acc)[MT][NTMAX][4],
                                                           uint32_t st,
                                                           const int32_t (&row)[kRuns]) {
     constexpr int CH = MT;
-    static_assert(WGS == 1 && NTMAX == 4, "staging: four n8 tiles, one stmatrix per m16 tile");
+    static_assert(WGS == 1 && NTMAX % 4 == 0, "staging: four n8 tiles a stmatrix");
     using D = dtype_traits<T>;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const uint32_t base = st + warp * (kTokMax * CH * 16);
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-      uint32_t v[4];
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-      for (int j = 0; j < 4; j++) {
-        float h[2];
+      for (int j0 = 0; j0 < NTMAX; j0 += 4) {
+        uint32_t v[4];
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
-          h[c] = act_f(a.act - 1, D::to_f(D::from_f(acc[mt][j][c])),
-                       D::to_f(D::from_f(acc[mt][j][2 + c])));
-          acc[mt][j][c] = acc[mt][j][2 + c] = 0.f;
+        for (int j = 0; j < 4; j++) {
+          float h[2];
+#pragma unroll
+          for (int c = 0; c < 2; c++) {
+            h[c] = act_f(a.act - 1, D::to_f(D::from_f(acc[mt][j0 + j][c])),
+                         D::to_f(D::from_f(acc[mt][j0 + j][2 + c])));
+            acc[mt][j0 + j][c] = acc[mt][j0 + j][2 + c] = 0.f;
+          }
+          v[j] = D::from_f2(h[0], h[1]);
         }
-        v[j] = D::from_f2(h[0], h[1]);
+        /* lane 8i + r: row r of matrix i = token 8 (j0 + i) + r */
+        stmatrix_x4_trans(staged_at<CH>(base, 8 * j0 + lane, mt), v[0], v[1], v[2], v[3]);
       }
-      /* lane 8i + r: row r of matrix i = token 8i + r */
-      stmatrix_x4_trans(staged_at<CH>(base, lane, mt), v[0], v[1], v[2], v[3]);
-    }
     __syncwarp();
     const int q = lane % CH; /* the thread's chunk: m16 tile q */
     staged_store<CH>(a, base, row, u.ntile * (kBN / 2) + (q * (kBN / (16 * MT)) + warp) * 8,
@@ -516,10 +519,15 @@ launch_info info() {
 
 /* The wgmma configurations (qmm_mma.cu GQMM_WG_CONFIG_ROWS names them):
  * X(m64 tiles per warpgroup, stages, min CTAs per SM, n8 tiles, stages
- * ahead, warpgroups). The third takes 64-token units: two warpgroups, one
- * m64 tile each, so its 32 accumulator registers per thread cover 64
- * tokens and an expert with 33..64 rows is dequantized once, not twice. */
-#define GQMM_WG_CONFIGS(X) X(2, 4, 3, 4, 2, 1) X(2, 4, 3, 4, 3, 1) X(1, 4, 2, 8, 2, 2)
+ * ahead, warpgroups). The last two take 64-token units, so an expert with
+ * 33..64 rows is dequantized once, not twice: two warpgroups of one m64
+ * tile each (32 accumulator registers per thread, 2 CTAs of 8 warps per
+ * SM), or one warpgroup of two (64 accumulators, 232 registers, 2 CTAs of 4
+ * warps). The second form issues ~1.6x fewer instructions per weight (the
+ * per-k-step work covers two m64 tiles) and led at 64 and 128 rows per
+ * expert by 3-10% (perf-notes, session 8). */
+#define GQMM_WG_CONFIGS(X)                                                                        \
+  X(2, 4, 3, 4, 2, 1) X(2, 4, 3, 4, 3, 1) X(1, 4, 2, 8, 2, 2) X(2, 4, 2, 8, 2, 1)
 
 template <typename T, int BITS, int GS, bool LIN> launch_info pick_cfg(int v) {
   int i = 0;

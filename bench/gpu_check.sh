@@ -5,7 +5,8 @@
 # (gqmm cuda-bench), the torch peers and the plot. Logs and JSON go to $OUT.
 #
 #   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu|profile]...
-# profile (not in "all"): ncu sections of the kernels matching PROFILE_KERNELS. moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
+# profile (not in "all"): ncu sections and per-instruction stalls of the gather kernel at
+# PROFILE_POINTS (bench/ncu_stalls.py). moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
 # on the seed shapes; cpu: the CPU backend's tests and sweep on this host's
 # CPU with every ISA it has (the GPU hosts have AVX-512 BF16/VNNI).
 # Env: OUT (default ./out), BUILD (default build-gpu), PREBUILT (a folder with
@@ -67,16 +68,23 @@ if want plot; then
     status=1
 fi
 if printf "%s\n" "${steps[@]}" | grep -qx profile; then # diagnostic: not part of "all"
-  # ncu sections for the first gate_up launch of each kernel named in
-  # PROFILE_KERNELS (regexes on mangled names), from `gqmm cuda-bench --quick`.
-  for k in ${PROFILE_KERNELS:-mma_kernelI13__nv_bfloat16Li4ELi4ELi2ELi3 mma_kernelI13__nv_bfloat16Li4ELi4ELi2ELi4}; do
-    note "ncu $k"
-    ncu --kernel-name-base mangled -k "regex:$k" --launch-count 1 --cache-control all --clock-control base --section SpeedOfLight \
-      --section Occupancy --section SchedulerStats --section WarpStateStats \
-      --section MemoryWorkloadAnalysis --section LaunchStats --section InstructionStats \
-      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
-      "$BIN/gqmm" cuda-bench --quick --reps 1 > "$OUT/ncu_$(echo "$k" | tr -c 'A-Za-z0-9_' _).txt" 2>&1 ||
+  # For each SHAPE:ROWS of PROFILE_POINTS (the packed sweep of `gqmm cuda-bench --sweep ROWS
+  # --shape SHAPE`, exactly ROWS rows on every expert): ncu's throughput and stall sections
+  # of the gather kernel at real clocks, and where its warps wait per SASS instruction
+  # (SourceCounters, summarized by bench/ncu_stalls.py).
+  for point in ${PROFILE_POINTS:-gate_up:16 down:16 gate_up:64}; do
+    shape=${point%:*} rows=${point#*:} name=ncu_${point/:/_}
+    note "ncu $shape, $rows rows per expert"
+    ncu --kernel-name-base demangled -k regex:wg_kernel_fn --launch-count 1 --cache-control all \
+      --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section SchedulerStats --section WarpStateStats --section SourceCounters -o "$OUT/$name" \
+      "$BIN/gqmm" cuda-bench --shape "$shape" --sweep "$rows" --reps 1 > "$OUT/$name.log" 2>&1 &&
+      ncu --import "$OUT/$name.ncu-rep" > "$OUT/$name.txt" 2>&1 &&
+      ncu --import "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.csv" &&
+      python3 bench/ncu_stalls.py "$OUT/$name.csv" --top 20 > "$OUT/${name}_stalls.txt" ||
       status=1
+    head -3 "$OUT/${name}_stalls.txt"
+    rm -f "$OUT/$name.ncu-rep"
   done
 fi
 if want moe; then

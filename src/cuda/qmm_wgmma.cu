@@ -268,10 +268,10 @@ struct wg_kernel {
    * stage's x region is free once that stage's MMAs are waited for (the
    * slot is refilled only after the next stage's barrier), so each warp
    * stages its values there, transposed to token rows by stmatrix, and
-   * stores runs of 8 features in 16 bytes: per thread 4 (GLU: 2) row loads
-   * and stores instead of one two-byte store per value (32; GLU 16) and 8
-   * row loads. The row loads go out before the drain of the last MMAs,
-   * which hides their latency (perf-notes, session 7). */
+   * stores runs of 8 features in 16 bytes: at 32 tokens, per thread 4
+   * (GLU: 2) row reads and stores instead of one two-byte store per value
+   * (32; GLU 16) and 8 row loads (perf-notes, session 7). The rows are read
+   * from the unit ring (shared memory), before the drain of the last MMAs. */
   static constexpr int kRuns = kTokMax * MT * 2 / 32; /* 16-byte runs a thread stores, at most */
   /* A warp's staging rows: a token's CH 16-byte chunks, swizzled by the
    * token so that the 8 rows of one stmatrix matrix, and the reads, fall

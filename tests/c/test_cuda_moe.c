@@ -194,11 +194,13 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
 
 /* ---- with a GPU ---------------------------------------------------------- */
 
-/* true if gpu can allocate device memory; else says why the test stops. */
-static bool gpu_or_say(gqmm_ctx *gpu, const char *what) {
+/* true if gpu can allocate device memory; else says why the test stops
+ * and destroys both of the test's contexts. */
+static bool gpu_or_say(gqmm_ctx *gpu, gqmm_ctx *ref, const char *what) {
   void *probe = NULL;
   if (gqmm_device_alloc(gpu, 64, &probe) != GQMM_OK) {
     fprintf(stderr, "  no GPU: %s\n", what);
+    gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
     return false;
   }
   gqmm_device_free(gpu, probe);
@@ -337,10 +339,7 @@ done:
 GQMM_TEST(cuda_moe_matches_reference) {
   gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
-  if (!gpu_or_say(gpu, "only the decline path is checked (cuda_moe_declines_cleanly)")) {
-    gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
-    return;
-  }
+  if (!gpu_or_say(gpu, ref, "only the decline path is checked (cuda_moe_declines_cleanly)")) return;
   const char *quick_env = getenv("GQMM_CUDA_TEST_QUICK");
   const bool quick = quick_env && quick_env[0] == '1';
   const int bits[] = {4, 5, 3, 2, 8, 6}, gsz[] = {64, 32, 128};
@@ -468,10 +467,7 @@ static int chain_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype dt, uin
 GQMM_TEST(cuda_moe_back_to_back_calls_match_synced_calls) {
   gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
-  if (!gpu_or_say(gpu, "no kernels to chain here (cuda_moe_declines_cleanly)")) {
-    gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
-    return;
-  }
+  if (!gpu_or_say(gpu, ref, "no kernels to chain here (cuda_moe_declines_cleanly)")) return;
   int fails = 0;
   fails += chain_case(gpu, ref, 4, GQMM_BF16, 7701); /* tensor cores, every variant */
   fails += chain_case(gpu, ref, 2, GQMM_F16, 7702);
@@ -593,10 +589,8 @@ done:
 GQMM_TEST(cuda_moe_bad_device_ids_are_deferred_errors) {
   gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
   CHECK(gpu && ref);
-  if (!gpu_or_say(gpu, "device ids cannot be checked here (cuda_moe_declines_cleanly)")) {
-    gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
+  if (!gpu_or_say(gpu, ref, "device ids cannot be checked here (cuda_moe_declines_cleanly)"))
     return;
-  }
   /* tensor cores (4-bit) and the generic kernel (5-bit); id == E, -1, and
    * a uint32 above INT32_MAX; first, middle and last pair */
   int fails = 0;

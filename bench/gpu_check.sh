@@ -68,17 +68,18 @@ if want plot; then
     status=1
 fi
 if printf "%s\n" "${steps[@]}" | grep -qx profile; then # diagnostic: not part of "all"
-  # For each SHAPE:ROWS of PROFILE_POINTS (the packed sweep of `gqmm cuda-bench --sweep ROWS
-  # --shape SHAPE`, exactly ROWS rows on every expert): ncu's throughput and stall sections
-  # of the gather kernel at real clocks, and where its warps wait per SASS instruction
-  # (SourceCounters, summarized by bench/ncu_stalls.py).
+  # For each SHAPE:ROWS[:BITS] of PROFILE_POINTS (the packed sweep of `gqmm cuda-bench --sweep
+  # ROWS --shape SHAPE --bits BITS`, exactly ROWS rows on every expert, 4-bit unless BITS):
+  # ncu's throughput and stall sections of the gather kernel at real clocks, and where its
+  # warps wait per SASS instruction (SourceCounters, summarized by bench/ncu_stalls.py).
   for point in ${PROFILE_POINTS:-gate_up:16 down:16 gate_up:64}; do
-    shape=${point%:*} rows=${point#*:} name=ncu_${point/:/_}
-    note "ncu $shape, $rows rows per expert"
+    shape=${point%%:*} rest=${point#*:} rows=${rest%%:*} bits=4 name=ncu_${point//:/_}
+    [[ $rest == *:* ]] && bits=${rest#*:}
+    note "ncu $shape, $rows rows per expert, $bits-bit"
     ncu --kernel-name-base demangled -k regex:wg_kernel_fn --launch-count 1 --cache-control all \
       --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
       --section SchedulerStats --section WarpStateStats --section SourceCounters -o "$OUT/$name" \
-      "$BIN/gqmm" cuda-bench --shape "$shape" --sweep "$rows" --reps 1 > "$OUT/$name.log" 2>&1 &&
+      "$BIN/gqmm" cuda-bench --shape "$shape" --sweep "$rows" --bits "$bits" --reps 1 > "$OUT/$name.log" 2>&1 &&
       ncu --import "$OUT/$name.ncu-rep" > "$OUT/$name.txt" 2>&1 &&
       ncu --import "$OUT/$name.ncu-rep" --page source --csv --print-source sass > "$OUT/$name.csv" &&
       python3 bench/ncu_stalls.py "$OUT/$name.csv" --top 20 > "$OUT/${name}_stalls.txt" ||

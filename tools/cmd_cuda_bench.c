@@ -259,6 +259,7 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   const char *only = NULL; /* --sweep LIST: the packed sweep at these rows per expert only */
   int cfgs = 0;            /* --configs: there, every packed config too */
   int shape_i = 0;         /* --shape: which seed shape the sweep runs on (gate_up) */
+  int sweep_bits = 4;      /* --bits: the sweep's weight width (4) */
   for (int i = 1; i < argc; i++) {
     if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
     else if (!strcmp(argv[i], "--reps") && i + 1 < argc) b.reps = atoi(argv[++i]);
@@ -267,13 +268,17 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
     else if (!strcmp(argv[i], "--configs")) cfgs = 1;
     else if (!strcmp(argv[i], "--shape") && i + 1 < argc && shape_index(argv[i + 1]) >= 0)
       shape_i = shape_index(argv[++i]);
+    else if (!strcmp(argv[i], "--bits") && i + 1 < argc &&
+             strchr("2348", argv[i + 1][0]) && !argv[i + 1][1])
+      sweep_bits = atoi(argv[++i]);
     else {
       printf("usage: gqmm cuda-bench [--json FILE] [--reps N (20)] [--quick]\n"
              "                       [--sweep R,R,... (1..128): only the packed gate_up sweep at\n"
              "                        these rows per expert, the built-in config (profiling)]\n"
              "                       [--configs: with --sweep, every packed config as well]\n"
              "                       [--shape gate_up|gate|down: with --sweep, the seed shape\n"
-             "                        it runs on (gate_up)]\n");
+             "                        it runs on (gate_up)]\n"
+             "                       [--bits 2|3|4|8: with --sweep, the weight width (4)]\n");
       return strcmp(argv[i], "--help") ? 2 : 0;
     }
   }
@@ -304,7 +309,8 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
   int fails = 0;
   if (only) {
     gqmm_packed *pk = NULL;
-    if (make_weights(&b, &dw, 128, kShapes[shape_i].N, kShapes[shape_i].K, (gqmm_quant){4, 64}) ||
+    if (make_weights(&b, &dw, 128, kShapes[shape_i].N, kShapes[shape_i].K,
+                     (gqmm_quant){sweep_bits, 64}) ||
         !(pk = pack_weights(&b, &dw, 0)))
       goto out;
     for (const char *p = only; *p;) {

@@ -15,6 +15,7 @@
 #include "kernels.h"
 
 #include <cuda_runtime_api.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -134,19 +135,43 @@ static int config_named(const char *name) {
  * everywhere else config 0 leads. 8-bit was not measured per config after
  * session 1 and keeps its H100 rule: 8 warps of one m16 tile (config 1), the
  * 64-register variant (config 2) for short rows (K <= 1024). */
-static int heuristic(const gqmm__cu_qmm *k, int64_t experts) {
+/* The share of a config's CTA slots busy over the rounds of a balanced deal
+ * of `experts` x N tiles units (one unit an expert up to 32 rows; experts is
+ * an upper bound for gather). */
+static double deal_fill(int cfg, const gqmm__cu_qmm *k, int64_t experts, int sms) {
+  int grid = 0;
+  if (cfg < 0 || gqmm__cu_mma_grid(cfg, k, sms, &grid) || grid <= 0) {
+    cudaGetLastError();
+    return 0;
+  }
+  const double units = (double)(experts > 0 ? experts : 1) * gqmm__cu_mma_n_tiles(cfg, k);
+  return units / (ceil(units / grid) * grid);
+}
+
+static int heuristic(const gqmm__cu_qmm *k, int64_t experts, int sms) {
   if (k->packed) { /* the wgmma kernel: 2 stages ahead led on every seed shape; */
     /* more than 32 rows per expert: 64-token units ("Session 5"), on one
      * warpgroup of two m64 tiles since session 8 (3-10% faster than two
      * warpgroups of one at 64 and 128 rows per expert), except 8-bit
      * weights, whose 32 registers of a stage's codes leave that config at
-     * 242-252 registers: there two warpgroups stay 2-4% faster */
+     * 242-252 registers: there two warpgroups stay 2-4% faster. 2-bit up to
+     * 32 rows: the default shape at 4 CTAs an SM (128 registers, no spills;
+     * its 13 KB stages fit four rings), 2-5% faster (2-bit is bound by the
+     * issue of its instruction stream, not by bytes in flight), unless its
+     * units fill fewer of its slots: gate, 6 N tiles, 768 units, 73% of two
+     * rounds of 528 CTAs against 97% of 396, ran 57.3 against 47.8 us
+     * ("Session 9") */
     const int64_t rows = k->batch * k->M / (experts > 0 ? experts : 1);
     const char *name = rows <= 32     ? "wg_m2_s4_a2"
                        : k->bits == 8 ? "wg2_m1_s4_t64"
                                       : "wg_m2_s4_t64";
-    const int c = config_named(name);
-    return c >= 0 && gqmm__cu_mma_config_ok(c, k) ? c : -1;
+    int c = config_named(name);
+    if (c < 0 || !gqmm__cu_mma_config_ok(c, k)) return -1;
+    const int c4 = config_named("wg_m2_s4_b4");
+    if (rows <= 32 && k->bits == 2 && c4 >= 0 && gqmm__cu_mma_config_ok(c4, k) &&
+        deal_fill(c4, k, experts, sms) >= deal_fill(c, k, experts, sms) - 0.02)
+      c = c4;
+    return c;
   }
   if (!gqmm__cu_mma_eligible(k)) return generic_id();
   if (k->bits == 8) return k->K <= 1024 ? 2 : 1;
@@ -182,7 +207,7 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                       "cuda: batch %lld x M %lld rows exceed the kernels' 32-bit row indices",
                       (long long)B, (long long)a->M);
   gqmm__cu_qmm probe_k = marshal(a, NULL);
-  if (cfg < 0) cfg = heuristic(&probe_k, a->w_batches);
+  if (cfg < 0) cfg = heuristic(&probe_k, a->w_batches, s->sms);
   if (a->packed && cfg < 0)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "w: packed weights need float16/bfloat16 x and 16-byte aligned rows of x");
@@ -263,7 +288,8 @@ int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
   const int cfg = gqmm__choose_config(ctx, &gqmm__cuda_backend, a);
   if (cfg >= 0) return cfg;
   const gqmm__cu_qmm k = marshal(a, NULL);
-  return heuristic(&k, a->w_batches);
+  const cuda_state *s = probe(ctx) == 1 ? ctx->cuda_state : NULL;
+  return heuristic(&k, a->w_batches, s ? s->sms : 132);
 }
 
 static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {

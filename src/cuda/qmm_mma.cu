@@ -337,7 +337,8 @@ mma_kernel(kargs a) {
   X("wg_m2_s4_a2", 4, 2, 4, 4)                                                                    \
   X("wg_m2_s4", 4, 2, 4, 4)                                                                       \
   X("wg2_m1_s4_t64", 8, 1, 4, 8)                                                                  \
-  X("wg_m2_s4_t64", 4, 2, 4, 8)
+  X("wg_m2_s4_t64", 4, 2, 4, 8)                                                                   \
+  X("wg_m2_s4_b4", 4, 2, 4, 4)
 
 const gqmm__cu_mma_config kConfigs[] = {
 #define GQMM__CFG_ROW(name, w, m, s, b, nt) {name, w, m, s, 8 * nt, 0},
@@ -417,9 +418,11 @@ extern "C" int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a) {
   return 1;
 }
 
+/* A packed config may be compiled for some widths only (qmm_wgmma.cu). */
 extern "C" int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a) {
   const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
-  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed != nullptr);
+  return c && gqmm__cu_mma_eligible(a) && c->packed == (a->packed != nullptr) &&
+         (!c->packed || pick(a, cfg).fn);
 }
 
 extern "C" const void *gqmm__cu_mma_instance(int cfg, const gqmm__cu_qmm *a) {

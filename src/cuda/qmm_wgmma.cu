@@ -525,14 +525,25 @@ launch_info info() {
  * SM), or one warpgroup of two (64 accumulators, 232 registers, 2 CTAs of 4
  * warps). The second form issues ~1.6x fewer instructions per weight (the
  * per-k-step work covers two m64 tiles) and led at 64 and 128 rows per
- * expert by 3-10% (perf-notes, session 8). */
+ * expert by 3-10% (perf-notes, session 8). The last column: the widths
+ * compiled (below). */
 #define GQMM_WG_CONFIGS(X)                                                                        \
-  X(2, 4, 3, 4, 2, 1) X(2, 4, 3, 4, 3, 1) X(1, 4, 2, 8, 2, 2) X(2, 4, 2, 8, 2, 1)
+  X(2, 4, 3, 4, 2, 1, kAllBits) X(2, 4, 3, 4, 3, 1, kAllBits) X(1, 4, 2, 8, 2, 2, kAllBits)       \
+  X(2, 4, 2, 8, 2, 1, kAllBits) X(2, 4, 4, 4, 2, 1, k2Bit)
+
+/* The widths a config is compiled for (bit b: b-bit weights); other widths
+ * get no instance, so gqmm__cu_mma_config_ok refuses the config for them.
+ * Only 2-bit stages are small enough (13 KB with x) for four CTAs of the
+ * default shape an SM. */
+constexpr unsigned kAllBits = 1u << 2 | 1u << 3 | 1u << 4 | 1u << 8, k2Bit = 1u << 2;
 
 template <typename T, int BITS, int GS, bool LIN> launch_info pick_cfg(int v) {
   int i = 0;
-#define GQMM__WG_CASE(m, s, b, nt, ah, wgs)                                                       \
-  if (v == i++) return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs>();
+#define GQMM__WG_CASE(m, s, b, nt, ah, wgs, bits)                                                 \
+  if (v == i++) {                                                                                 \
+    if constexpr (((bits) >> BITS) & 1u) return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs>();   \
+    else return {nullptr, 0, 0};                                                                  \
+  }
   GQMM_WG_CONFIGS(GQMM__WG_CASE)
 #undef GQMM__WG_CASE
   return {nullptr, 0, 0};

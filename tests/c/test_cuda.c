@@ -206,6 +206,15 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
     gqmm__tile_config cfgs[16];
     const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe_args, cfgs, 16);
     const double tol = dt == GQMM_F32 ? 1e-5 : dt == GQMM_F16 ? 4e-3 : 1.2e-2;
+    /* some packed configs are compiled for some widths only (qmm_wgmma.cu):
+     * the four-CTA one for 2-bit, whose stages are small enough */
+    int four_cta = 0;
+    for (int ci = 0; ci < ncfg; ci++) four_cta |= !strcmp(cfgs[ci].name, "mma_wg_m2_s4_b4");
+    if (packed && four_cta != (q.bits == 2)) {
+      fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: config mma_wg_m2_s4_b4 %s\n", c->name, q.bits,
+              q.group_size, gqmm_dtype_name(dt), four_cta ? "offered" : "missing");
+      fails++;
+    }
     for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in heuristic */
       gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
       gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);

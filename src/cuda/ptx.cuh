@@ -143,6 +143,9 @@ template <> struct dtype_traits<__nv_bfloat16> {
     const __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<const uint32_t *>(&p);
   }
+  /* the low (high) half of w in both halves (see bcast_lo below) */
+  static __device__ __forceinline__ pair lo2(pair w) { return __low2bfloat162(w); }
+  static __device__ __forceinline__ pair hi2(pair w) { return __high2bfloat162(w); }
 };
 template <> struct dtype_traits<__half> {
   using pair = __half2;
@@ -154,11 +157,29 @@ template <> struct dtype_traits<__half> {
     const __half2 p = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t *>(&p);
   }
+  static __device__ __forceinline__ pair lo2(pair w) { return __low2half2(w); }
+  static __device__ __forceinline__ pair hi2(pair w) { return __high2half2(w); }
 };
 template <> struct dtype_traits<float> {
   static __device__ __forceinline__ float to_f(float v) { return v; }
   static __device__ __forceinline__ float from_f(float v) { return v; }
 };
+
+/* A scale word s | b << 16 as the pair (s, s) or (b, b) of the dequantizing
+ * FMA. Written with the type's broadcast intrinsics, not a PRMT: ptxas folds
+ * them into the FMA's operand selectors (R.H0_H0, R.H1_H1), so the broadcast
+ * costs no instruction and one register holds both (a PRMT each before:
+ * 16 of ~300 instructions of a 4-bit stage; perf-notes, session 9). */
+template <typename T> __device__ __forceinline__ uint32_t bcast_lo(uint32_t w) {
+  using P = typename dtype_traits<T>::pair;
+  const P r = dtype_traits<T>::lo2(*reinterpret_cast<const P *>(&w));
+  return *reinterpret_cast<const uint32_t *>(&r);
+}
+template <typename T> __device__ __forceinline__ uint32_t bcast_hi(uint32_t w) {
+  using P = typename dtype_traits<T>::pair;
+  const P r = dtype_traits<T>::hi2(*reinterpret_cast<const P *>(&w));
+  return *reinterpret_cast<const uint32_t *>(&r);
+}
 
 /* d += a (16x16, row) * b (16x8, col), f32 accumulators; one
  * specialization per 16-bit input type. Not volatile: a pure function of

@@ -186,8 +186,8 @@ template <typename T, int BITS, int WARPS, int MT, int STAGES, int NTMAX> struct
 #pragma unroll
         for (int u = 0; u < F::units; u++) load_lane_unit<BITS>(ws + woff(mt, h, u, tid), u, q[mt][h]);
         F::prep(q[mt][h]);
-        sr[mt][h] = prmt(sb[mt][h], sb[mt][h], 0x1010); /* s | s << 16 */
-        br[mt][h] = prmt(sb[mt][h], sb[mt][h], 0x3232); /* b | b << 16 */
+        sr[mt][h] = bcast_lo<T>(sb[mt][h]); /* s | s << 16 */
+        br[mt][h] = bcast_hi<T>(sb[mt][h]); /* b | b << 16 */
       }
 #pragma unroll
     for (int p = 0; p < F::phases; p++) {

@@ -209,7 +209,7 @@ struct wg_kernel {
 #pragma unroll
         for (int j = 0; j < kG; j++) {
           const uint32_t w = sw[j];
-          sr[mt][h][j][0] = prmt(w, w, 0x1010), br[mt][h][j] = prmt(w, w, 0x3232);
+          sr[mt][h][j][0] = bcast_lo<T>(w), br[mt][h][j] = bcast_hi<T>(w);
           if constexpr (kSPos == 2) sr[mt][h][j][1] = lin_rescale<T>(sr[mt][h][j][0], F::lin_step);
         }
       }

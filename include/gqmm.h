@@ -230,9 +230,9 @@ int64_t gqmm_packed_nbytes(const gqmm_packed *p);
  * 1 if the pack dequantizes with one FMA per two weights (its scales stored
  * pre-scaled by a power of two, exactly; src/cuda/wfmt.cuh), 0 if it takes
  * the two-instruction path (same results, ~5% more kernel time on the
- * seed's shapes). gqmm_pack chooses the first for 2-, 4- and 8-bit weights
- * when every scale fits: |scale| < 2^-5 (4-, 8-bit) or 2^-1 (2-bit) for
- * bfloat16, 2^-8 or 2^-4 for float16; 3-bit packs always take the second.
+ * seed's shapes). gqmm_pack chooses the first when every scale fits:
+ * |scale| < 2^-5 (3-, 4-, 8-bit) or 2^-1 (2-bit) for bfloat16, 2^-8 or 2^-4
+ * for float16.
  */
 int gqmm_packed_scaled(const gqmm_packed *p);
 /*

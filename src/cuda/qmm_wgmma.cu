@@ -558,8 +558,7 @@ template <typename T, int BITS, bool LIN> launch_info pick_gs(int gs, int v) {
   }
 }
 
-/* lin: the pack's scales are pre-scaled for linear dequantization (wfmt.cuh;
- * never for 3-bit). */
+/* lin: the pack's scales are pre-scaled for linear dequantization (wfmt.cuh). */
 template <typename T, int BITS> launch_info pick_lin(int gs, int lin, int v) {
   if constexpr (wfmt<BITS>::lin_ok) {
     if (lin) return pick_gs<T, BITS, true>(gs, v);

@@ -45,18 +45,23 @@ template <int BITS> struct wfmt {
    * from the word shifted right by BITS j - lin_pos(j) (left if negative).
    * 4-bit: nibbles 0/1 of each byte at bits 0 and 4, one shift by 8 a word
    * (was 3); 2-bit: bits 4 and 6, shifts by -4, 4 and 8 (was 7); 8-bit:
-   * bit 0, as before. 3-bit (values cross the bytes) has no such form. */
-  static constexpr bool lin_ok = BITS != 3;
+   * bit 0, as before. 3-bit: bit 0, shifted there as pair() does, minus the
+   * magic constant (so minus its subtraction: one instruction a pair). */
+  static constexpr bool lin_ok = true;
   static constexpr int lin_base = BITS == 2 ? 4 : 0;
   static constexpr int lin_step = BITS == 2 ? 2 : BITS == 4 ? 4 : 0;
   static __host__ __device__ constexpr int lin_pos(int j) { return lin_base + lin_step * (j & 1); }
   /* Pair pi's two values in place at bit lin_pos of each half (no magic). */
   static __device__ __forceinline__ uint32_t pair_lin(const uint32_t *q, int pi) {
-    constexpr int per_word = 16 / BITS;
-    constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
-    const int j = pi % per_word, p = lin_pos(j), sh = BITS * j - p;
-    const uint32_t w = q[pi / per_word];
-    return (sh >= 0 ? w >> sh : w << -sh) & (mask << p);
+    if constexpr (BITS == 3) {
+      return pair(q, pi, 0u);
+    } else {
+      constexpr int per_word = 16 / BITS;
+      constexpr uint32_t mask = ((1u << BITS) - 1u) * 0x00010001u;
+      const int j = pi % per_word, p = lin_pos(j), sh = BITS * j - p;
+      const uint32_t w = q[pi / per_word];
+      return (sh >= 0 ? w >> sh : w << -sh) & (mask << p);
+    }
   }
 
   /* 3-bit: regroup 96 bits so lane 0 of each word holds values 0..15's

@@ -190,7 +190,7 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
         fails++;
       }
       if (!pk) continue;
-      const int want_lin = small_w && q.bits != 3;
+      const int want_lin = small_w;
       if (gqmm_packed_scaled(pk) != want_lin) {
         fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: pack scaled=%d, expected %d\n", c->name, q.bits,
                 q.group_size, gqmm_dtype_name(dt), gqmm_packed_scaled(pk), want_lin);

@@ -268,7 +268,7 @@ int gqmm_cmd_cuda_bench(int argc, char **argv) {
     else if (!strcmp(argv[i], "--configs")) cfgs = 1;
     else if (!strcmp(argv[i], "--shape") && i + 1 < argc && shape_index(argv[i + 1]) >= 0)
       shape_i = shape_index(argv[++i]);
-    else if (!strcmp(argv[i], "--bits") && i + 1 < argc &&
+    else if (!strcmp(argv[i], "--bits") && i + 1 < argc && argv[i + 1][0] &&
              strchr("2348", argv[i + 1][0]) && !argv[i + 1][1])
       sweep_bits = atoi(argv[++i]);
     else {

@@ -21,6 +21,10 @@ int gqmm__cuda_moe_take_error(gqmm_ctx *ctx);
  * (forced, tuned, else the heuristic). */
 void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
 int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
+/* The persistent grid of tensor-core config cfg's kernel instance for k (its
+ * occupancy times the SMs), asked of the runtime once per instance and
+ * context; a cudaError_t. */
+int gqmm__cuda_grid(gqmm_ctx *ctx, int cfg, const gqmm__cu_qmm *k, int *grid);
 /* Whether config id cfg can run k: a tensor-core config that fits it, or
  * the generic kernel for weights in MLX's layout. */
 bool gqmm__cuda_config_valid(int cfg, const gqmm__cu_qmm *k);

@@ -38,7 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-enum { NEV = 6, GRID_SLOTS = 32 };
+enum { NEV = 6 };
 
 typedef struct {
   int sms;
@@ -47,12 +47,6 @@ typedef struct {
   cudaEvent_t ev[NEV]; /* before plan, gate_up, act, down, combine, after */
   int timed;
   int64_t idx_rows, idx_k; /* the pair indices in the scratch are for these (0: none) */
-  /* persistent grids already asked for, by kernel instance (asking also
-   * sets the instance's shared-memory attribute; gqmm__cu_mma_instance) */
-  struct {
-    const void *fn;
-    int grid;
-  } grids[GRID_SLOTS];
   volatile int32_t *err_h;   /* host-mapped bad-id record (kernels.h, gqmm__cu_moe_route) */
   int32_t *err_d;            /* its device view */
   uint32_t calls;            /* layer calls enqueued, to name the bad one */
@@ -253,15 +247,9 @@ static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__c
   if (g->cfg == gqmm__cu_mma_config_count()) {
     err = gqmm__cu_generic_run(&g->k);
   } else {
-    const void *fn = gqmm__cu_mma_instance(g->cfg, &g->k);
-    int slot = 0;
-    while (slot < GRID_SLOTS && s->grids[slot].fn && s->grids[slot].fn != fn) slot++;
-    int grid = slot < GRID_SLOTS && s->grids[slot].fn ? s->grids[slot].grid : 0;
-    if (grid <= 0) { /* first use of this instance (a full table just asks every time) */
-      if ((err = gqmm__cu_mma_grid(g->cfg, &g->k, s->sms, &grid)))
-        return moe_fail(ctx, err, "occupancy query");
-      if (slot < GRID_SLOTS) s->grids[slot].fn = fn, s->grids[slot].grid = grid;
-    }
+    int grid = 0;
+    if ((err = gqmm__cuda_grid(ctx, g->cfg, &g->k, &grid)))
+      return moe_fail(ctx, err, "occupancy query");
     /* No more CTAs than units: each expert with rows adds at most one
      * partial chunk of tok_max rows. */
     const int64_t R = g->k.batch, used = R < E ? R : E;

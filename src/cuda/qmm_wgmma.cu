@@ -75,6 +75,17 @@ struct wg_kernel {
    * recomputed every stage (issue below; perf-notes, session 4). */
   static constexpr int kSteps = 1, kGroups = kStageK / 16 / kSteps;
   static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
+  /* The 64-token configs run all 8 n8 token tiles whatever the unit's
+   * count: an MMA column reads its own x row only, so the columns past the
+   * count (stale x rows of earlier stages, never copied here) are garbage
+   * that is never stored. One instance of the stage loop instead of one per
+   * count: the default 4-bit instance 226 -> 196 registers, and 5% faster
+   * at 64 rows per expert, 6% at 96-128, seed step at 4 canvases 3%; the
+   * short units it pays for (an expert's rows past a multiple of 64) are
+   * few where these configs run (more than 32 rows per expert). The 32-token
+   * configs keep the dispatch: at 1-16 rows per expert their partial tiles
+   * are the rule (perf-notes, session 10). */
+  static constexpr bool kAllTiles = NTMAX == 8;
   /* Half last stages (kernels.h gqmm__cu_pack_half_k): never 3-bit, and
    * K % 128 <= 64 cannot happen with 128-k groups. */
   static constexpr bool kHalfK = BITS != 3 && GS <= 64;
@@ -460,7 +471,7 @@ struct wg_kernel {
       const int nslot = (slot + AHEAD) % STAGES;
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
-      with_nt<NTMAX>(cw.u.nt, [&](auto nt) {
+      with_nt<NTMAX>(kAllTiles ? NTMAX : cw.u.nt, [&](auto nt) {
         uint8_t *stp = smem + slot * kStageBytes;
         const uint32_t st = sm + slot * kStageBytes;
         if constexpr (kHalfK) {

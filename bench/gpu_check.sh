@@ -4,13 +4,14 @@
 # compute-sanitizer memcheck + racecheck on the CUDA tests, the benchmarks
 # (gqmm cuda-bench), the torch peers and the plot. Logs and JSON go to $OUT.
 #
-#   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu|profile]...
+#   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu|profile|probe]...
 # profile (not in "all"): ncu sections and per-instruction stalls of the gather kernel at
-# PROFILE_POINTS (bench/ncu_stalls.py). moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
+# PROFILE_POINTS (bench/ncu_stalls.py). probe (not in "all"): the tensor cores' rate under the
+# wgmma kernel's issue pattern, no memory traffic (bench/wgmma_probe.cu). moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
 # on the seed shapes; cpu: the CPU backend's tests and sweep on this host's
 # CPU with every ISA it has (the GPU hosts have AVX-512 BF16/VNNI).
 # Env: OUT (default ./out), BUILD (default build-gpu), PREBUILT (a folder with
-# gqmm and gqmm_tests built elsewhere: skips the build), REPS (default 20).
+# gqmm, gqmm_tests (and gqmm_wgmma_probe) built elsewhere: skips the build), REPS (default 20).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -87,6 +88,13 @@ if printf "%s\n" "${steps[@]}" | grep -qx profile; then # diagnostic: not part o
     head -3 "$OUT/${name}_stalls.txt"
     rm -f "$OUT/$name.ncu-rep"
   done
+fi
+if printf "%s\n" "${steps[@]}" | grep -qx probe; then # diagnostic: not part of "all"
+  note "wgmma probe"
+  "$BIN/gqmm_wgmma_probe" > "$OUT/wgmma_probe.json" 2> "$OUT/wgmma_probe.log" &&
+    python3 -c 'import json,sys; [print("%-32s %d CTAs/SM  tensor busy %.2f" % (r["variant"], r["cps"],
+      r["tensor_busy"])) for r in json.load(open(sys.argv[1]))["rows"]]' "$OUT/wgmma_probe.json" ||
+    status=1
 fi
 if want moe; then
   note "gqmm bench (seed model step on CUDA, levers, breakdown)"

@@ -44,16 +44,12 @@ __global__ void __launch_bounds__(128) probe(int iters, float *out, long long *c
   for (int i = threadIdx.x; i < (2 * kXHalf + 4096) / 4; i += 128) /* small bf16 pairs */
     reinterpret_cast<uint32_t *>(smem)[i] = 0x3C003C00u ^ (i & 0x00FF00FFu);
   __syncthreads();
+  constexpr int kAcc = SPLIT * MT * N / 8 * 4;
   float acc[SPLIT][MT][N / 8][4];
+  float *accf = &acc[0][0][0][0]; /* unrolled loops: constant indices, registers */
 #pragma unroll
-  for (int s = 0; s < SPLIT; s++)
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int j = 0; j < N / 8; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-          acc[s][m][j][r] = 0.f;
+  for (int i = 0; i < kAcc; i++)
+    accf[i] = 0.f;
   uint32_t q[MT][2];
 #pragma unroll
   for (int m = 0; m < MT; m++)
@@ -135,14 +131,8 @@ __global__ void __launch_bounds__(128) probe(int iters, float *out, long long *c
   const long long t1 = clock64();
   float sum = 0.f;
 #pragma unroll
-  for (int s = 0; s < SPLIT; s++)
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int j = 0; j < N / 8; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-          sum += acc[s][m][j][r];
+  for (int i = 0; i < kAcc; i++)
+    sum += accf[i];
   out[blockIdx.x * 128 + threadIdx.x] = sum;
   if (threadIdx.x == 0) { /* the SM's clock: spans of one SM's CTAs compare */
     uint32_t sm;

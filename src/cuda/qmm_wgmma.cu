@@ -77,14 +77,14 @@ struct wg_kernel {
   static_assert(kXPer * kThreads == kTokMax * 16, "x chunks must split evenly over threads");
   /* The 64-token configs run all 8 n8 token tiles whatever the unit's
    * count: an MMA column reads its own x row only, so the columns past the
-   * count (stale x rows of earlier stages, never copied here) are garbage
-   * that is never stored. One instance of the stage loop instead of one per
-   * count: the default 4-bit instance 226 -> 196 registers, and 5% faster
-   * at 64 rows per expert, 6% at 96-128, seed step at 4 canvases 3%; the
-   * short units it pays for (an expert's rows past a multiple of 64) are
-   * few where these configs run (more than 32 rows per expert). The 32-token
-   * configs keep the dispatch: at 1-16 rows per expert their partial tiles
-   * are the rule (perf-notes, session 10). */
+   * count (x rows of earlier units, or never written) are garbage that is
+   * never stored. One instance of the stage loop instead of one per count:
+   * the one-warpgroup 4-bit bf16 instance 226 -> 196 registers, 5% faster
+   * at 64 rows per expert, 6% at 96-128, the seed step at 4 canvases 3%
+   * (H100); the short units it pays for (an expert's rows past a multiple
+   * of 64) are few where these configs run (more than 32 rows per expert).
+   * The 32-token configs keep the dispatch: at 1-16 rows per expert their
+   * partial tiles are the rule (perf-notes, session 10). */
   static constexpr bool kAllTiles = NTMAX == 8;
   /* Half last stages (kernels.h gqmm__cu_pack_half_k): never 3-bit, and
    * K % 128 <= 64 cannot happen with 128-k groups. */

@@ -471,7 +471,7 @@ struct wg_kernel {
       const int nslot = (slot + AHEAD) % STAGES;
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
-      with_nt<NTMAX>(kAllTiles ? NTMAX : cw.u.nt, [&](auto nt) {
+      auto stage = [&](auto nt) {
         uint8_t *stp = smem + slot * kStageBytes;
         const uint32_t st = sm + slot * kStageBytes;
         if constexpr (kHalfK) {
@@ -480,7 +480,9 @@ struct wg_kernel {
         } else {
           compute_n<nt.value, false>(stp, st, sadj, acc);
         }
-      });
+      };
+      if constexpr (kAllTiles) stage(std::integral_constant<int, NTMAX>{});
+      else with_nt<NTMAX>(cw.u.nt, stage);
       /* the unit's walk on, inside the rare branch (stepping it outside kept
        * the unit state live across the stage: 168 registers and spills) */
       if (cw.k == nk - 1) {

@@ -3,7 +3,7 @@
  * batched qmm -> rows grouped by expert and the list of work units of the
  * tensor-core kernel, in one small kernel (no host round trip).
  *
- * Every CTA (1024 threads) counts the entries by expert in shared memory
+ * Every CTA (256 or 1024 threads) counts the entries by expert in shared memory
  * and scans the counts (a warp-shuffle block scan over the experts), so
  * each knows every expert's first row and first units; then CTA c places
  * the rows and unit descriptors of experts c, c + grid, ...: a CTA per
@@ -31,7 +31,16 @@
 
 namespace {
 
-constexpr int kThreads = 1024, kWarps = kThreads / 32;
+/* Threads of the loop form's CTAs. */
+constexpr int kThreads = 1024;
+/* The register form (route_body's P > 0), up to kSmallThreads * kPer
+ * entries (the seed layer's 2048 pairs): CTAs of kSmallThreads, each thread
+ * holding kPer entries, so the ids are loaded once, in one round trip, and
+ * ranked from registers, and the barriers and scans are short. Larger
+ * batches take the loop form: at 1024 threads the register form measured
+ * no faster at 4096 pairs and slower at 16384 (16 entries a thread; H100,
+ * perf-notes session 11). */
+constexpr int kPer = 8, kSmallThreads = 256;
 /* Experts whose four per-expert ints fit the default 48 KB of shared memory. */
 constexpr int kSharedExperts = 2048;
 
@@ -51,9 +60,10 @@ struct route_args {
 
 /* Inclusive scan of v over the CTA's threads, three values at once; tot gets
  * the CTA totals. Two levels of warp shuffles (lanes, then the warp totals
- * in warp 0): no loop over the warps. Uses ws (kWarps + 1 rows of 3 ints);
+ * in warp 0): no loop over the warps. Uses ws (NT / 32 + 1 rows of 3 ints);
  * ends with a barrier. */
-__device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
+template <int NT> __device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
+  constexpr int kWarps = NT / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int off = 1; off < 32; off <<= 1)
     for (int i = 0; i < 3; i++) {
@@ -64,15 +74,15 @@ __device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
     for (int i = 0; i < 3; i++) ws[warp][i] = v[i];
   __syncthreads();
   if (warp == 0) { /* exclusive prefix of the warp totals, and the total */
-    static_assert(kWarps == 32, "one warp scans the warp totals");
+    static_assert(kWarps <= 32 && NT % 32 == 0, "one warp scans the warp totals");
     for (int i = 0; i < 3; i++) {
-      const int32_t t = ws[lane][i];
+      const int32_t t = lane < kWarps ? ws[lane][i] : 0;
       int32_t x = t;
       for (int off = 1; off < 32; off <<= 1) {
         const int32_t o = __shfl_up_sync(0xffffffffu, x, off);
         if (lane >= off) x += o;
       }
-      ws[lane][i] = x - t;
+      if (lane < kWarps) ws[lane][i] = x - t;
       if (lane == 31) ws[kWarps][i] = x;
     }
   }
@@ -114,26 +124,50 @@ __device__ __forceinline__ void place(const route_args &a, int b, int32_t at) {
 /* ORDERED (shared-memory state, any grid): CTA c places the experts c,
  * c + grid, ... in entry order. Else (one CTA, global state): rows placed
  * with atomics. Only CTA 0 writes the per-expert arrays, ids_safe and the
- * error record. */
-template <bool ORDERED>
+ * error record. NT threads a CTA. P > 0 (ORDERED, batch <= NT * P): thread
+ * t holds the experts of entries [t P, t P + P) in registers from the count
+ * to the ranking; P = 0: entries read in loops, as often as needed (the
+ * ranking re-reads them). The register form exists for latency: the seed
+ * layer's plan (2048 pairs) took 7.1 us in the loop form at 1024 threads
+ * and takes 6.5 here (H100, ncu at real clocks: 1.8 M warp instructions
+ * then, 0.67 M now). What is left is latency: barriers, the ids' loads. */
+template <bool ORDERED, int NT, int P>
 __device__ __forceinline__ void route_body(const route_args &a, const expert_state &es) {
+  static_assert(P == 0 || ORDERED, "the register form places rows in entry order");
+  constexpr int kWarps = NT / 32;
   __shared__ int32_t ws[kWarps + 1][3];
   __shared__ int32_t first_bad;
   const int tid = threadIdx.x, E = a.experts;
   const bool lead = blockIdx.x == 0;
   const gqmm__cu_plan &p = a.p;
   int32_t *start = es.start, *fill = es.fill;
-  for (int e = tid; e < E; e += kThreads) {
+  for (int e = tid; e < E; e += NT) {
     start[e] = 0;
     if (!ORDERED) fill[e] = 0;
   }
   if (tid == 0) first_bad = INT_MAX;
+  /* the register form: the thread's entries' experts (-1 past the batch),
+   * all P loads in flight at once, before the barrier */
+  int32_t mine[P > 0 ? P : 1];
+#pragma unroll
+  for (int i = 0; i < P; i++) {
+    const int b = tid * P + i;
+    mine[i] = b < a.batch ? __ldg(a.w_index + b) : -1;
+  }
   __syncthreads();
-  for (int b = tid; b < a.batch; b += kThreads) {
-    const int32_t id = __ldg(a.w_index + b), e = bad_id(a, id) ? 0 : id;
+  auto count = [&](int b, int32_t id) { /* returns the expert (bad ids: 0) */
+    const int32_t e = bad_id(a, id) ? 0 : id;
     if (lead && bad_id(a, id)) atomicMin(&first_bad, b);
     if (lead && a.w_safe) a.w_safe[b] = e;
     atomicAdd(&start[e], a.M);
+    return e;
+  };
+  if constexpr (P > 0) {
+#pragma unroll
+    for (int i = 0; i < P; i++)
+      if (tid * P + i < a.batch) mine[i] = count(tid * P + i, mine[i]);
+  } else {
+    for (int b = tid; b < a.batch; b += NT) count(b, __ldg(a.w_index + b));
   }
   __syncthreads();
   if (lead && tid == 0 && a.err && first_bad != INT_MAX) {
@@ -147,13 +181,13 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
   }
   /* Exclusive prefix over experts of rows and of both tilings' units. */
   int32_t carry[3] = {0, 0, 0};
-  for (int base = 0; base < E; base += kThreads) {
+  for (int base = 0; base < E; base += NT) {
     const int e = base + tid;
     const int32_t c = e < E ? start[e] : 0;
     int32_t v[3] = {c, 0, 0}, tot[3];
     for (int i = 0; i < 2; i++) v[i + 1] = (c + a.tok[i] - 1) / a.tok[i] * a.n_tiles[i];
     const int32_t own[3] = {v[0], v[1], v[2]};
-    block_scan3(v, tot, ws);
+    block_scan3<NT>(v, tot, ws);
     if (e < E) {
       const int32_t first = carry[0] + v[0] - own[0], u0 = carry[1] + v[1] - own[1],
                     u1 = carry[2] + v[2] - own[2];
@@ -194,37 +228,49 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
   if constexpr (ORDERED) {
     /* The rows of each expert of this CTA in entry order: thread t ranks
      * the run of entries [t * per, (t + 1) * per). */
-    const int per = (a.batch + kThreads - 1) / kThreads, b0 = min(tid * per, a.batch),
+    const int per = P > 0 ? P : (a.batch + NT - 1) / NT, b0 = min(tid * per, a.batch),
               b1 = min(b0 + per, a.batch);
     for (int e = (int)blockIdx.x; e < E; e += step) {
       if (es.count[e] == 0) continue; /* the same for every thread */
       int32_t v[3] = {0, 0, 0}, tot[3];
-      for (int b = b0; b < b1; b++) v[0] += expert_of(a, b) == e;
-      const int32_t mine = v[0];
-      block_scan3(v, tot, ws);
-      int32_t at = start[e] + (v[0] - mine) * a.M;
-      for (int b = b0; b < b1; b++)
-        if (expert_of(a, b) == e) place(a, b, at), at += a.M;
+      if constexpr (P > 0) {
+#pragma unroll
+        for (int i = 0; i < P; i++) v[0] += mine[i] == e;
+      } else {
+        for (int b = b0; b < b1; b++) v[0] += expert_of(a, b) == e;
+      }
+      const int32_t own = v[0];
+      block_scan3<NT>(v, tot, ws);
+      int32_t at = start[e] + (v[0] - own) * a.M;
+      if constexpr (P > 0) {
+#pragma unroll
+        for (int i = 0; i < P; i++)
+          if (mine[i] == e) place(a, b0 + i, at), at += a.M;
+      } else {
+        for (int b = b0; b < b1; b++)
+          if (expert_of(a, b) == e) place(a, b, at), at += a.M;
+      }
     }
   } else {
-    for (int b = tid; b < a.batch; b += kThreads) {
+    for (int b = tid; b < a.batch; b += NT) {
       const int32_t e = expert_of(a, b);
       place(a, b, start[e] + atomicAdd(&fill[e], a.M));
     }
   }
 }
 
-__global__ void __launch_bounds__(kThreads) route_kernel_shared(route_args a) {
+template <int NT, int P> __global__ void __launch_bounds__(NT) route_kernel_shared(route_args a) {
   extern __shared__ int32_t smem[]; /* 4E ints */
   const int E = a.experts;
-  route_body<true>(a, {smem, nullptr, smem + E, smem + 2 * E, smem + 3 * E});
+  route_body<true, NT, P>(a, {smem, nullptr, smem + E, smem + 2 * E, smem + 3 * E});
 }
 
 /* E too large for shared memory: one CTA, the plan's global scratch (count,
  * fill, unit_start and unit_start2 hold the same values the shared arrays
  * would). */
 __global__ void __launch_bounds__(kThreads) route_kernel_global(route_args a) {
-  route_body<false>(a, {a.p.row_start, a.p.fill, a.p.count, a.p.unit_start, a.unit_start2});
+  route_body<false, kThreads, 0>(
+      a, {a.p.row_start, a.p.fill, a.p.count, a.p.unit_start, a.unit_start2});
 }
 
 /* A CTA per expert up to two per multiprocessor (the seed layer: 128 CTAs,
@@ -232,7 +278,11 @@ __global__ void __launch_bounds__(kThreads) route_kernel_global(route_args a) {
 int launch(const route_args &a) {
   if (a.experts <= kSharedExperts) {
     const int grid = a.experts < 2 * a.sms ? a.experts : 2 * a.sms;
-    route_kernel_shared<<<grid, kThreads, 4 * (size_t)a.experts * sizeof(int32_t)>>>(a);
+    const size_t sh = 4 * (size_t)a.experts * sizeof(int32_t);
+    if (a.batch <= kSmallThreads * kPer)
+      route_kernel_shared<kSmallThreads, kPer><<<grid, kSmallThreads, sh>>>(a);
+    else
+      route_kernel_shared<kThreads, 0><<<grid, kThreads, sh>>>(a);
   } else {
     route_kernel_global<<<1, kThreads>>>(a);
   }

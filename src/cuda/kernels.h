@@ -211,7 +211,9 @@ int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo,
 /* out[t, n] = sum over j < k ascending of w[t, j] * y[t*k + j, n] in float32,
  * rounded once; one thread per output element (deterministic). A token with
  * an id outside [0, E) in ids[t*k .. t*k+k) gets NaN (its y rows were
- * computed with expert 0 in place of the bad id, see gqmm__cu_moe_route). */
+ * computed with expert 0 in place of the bad id, see gqmm__cu_moe_route).
+ * y is consumed: where its rows are 128-byte aligned its L2 lines are
+ * discarded once read (never written back; its contents become undefined). */
 int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids, int32_t E,
                          void *out, int64_t T, int64_t k, int64_t H);
 

@@ -63,18 +63,15 @@ __global__ void act_kernel(int act, const T *__restrict__ gu, int64_t gs, int64_
   *(P *)(h + r * I + i) = o;
 }
 
-/* V columns per thread; V > 1 needs H a multiple of V and y, out 16-byte
+/* out[t, n..n+V) = sum_j w[t, j] y[t k + j, n..n+V), ascending j.
+ * V columns per thread; V > 1 needs H a multiple of V and y, out 16-byte
  * aligned. A token with a bad id is all NaN: its sum starts at NaN (the ids
  * are the same few words for the CTA's few tokens). */
-/* KC: top_k known at compile time (0: the run-time k), so the k loads of a
- * thread are unrolled and all in flight at once. */
-template <typename T, int V, int KC>
-__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
-                               const int32_t *__restrict__ ids, uint32_t E, T *__restrict__ out,
-                               int64_t T_, int64_t k_rt, int64_t H) {
-  const int64_t k = KC ? KC : k_rt;
-  int64_t t, n;
-  if (!flat_at<V>(T_, H, &t, &n)) return;
+template <typename T, int V>
+__device__ __forceinline__ void combine_cols(const T *__restrict__ y, const T *__restrict__ w,
+                                             const int32_t *__restrict__ ids, uint32_t E,
+                                             T *__restrict__ out, int64_t t, int64_t k,
+                                             int64_t H, int64_t n) {
   using P = pack<T, V>;
   bool bad = false;
 #pragma unroll
@@ -94,6 +91,31 @@ __global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
 #pragma unroll
   for (int v = 0; v < V; v++) o.v[v] = dtype_traits<T>::from_f(acc[v]);
   *(P *)(out + t * H + n) = o;
+}
+
+/* KC: top_k known at compile time (0: the run-time k), so the k loads of a
+ * thread are unrolled and all in flight at once. DROP (16 bytes a thread,
+ * y and its rows 128-byte aligned): y is dead once read, so its lines are
+ * dropped from L2 instead of written back to memory, where they went while
+ * the next layer's gate_up streamed its weights (the seed layer's y is
+ * 11.5 MB). The 8 lanes of a line meet at the warp barrier first; every
+ * 8-lane group is wholly inside or past the end (rows of H / V threads, a
+ * multiple of 8). */
+template <typename T, int V, int KC, bool DROP>
+__global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
+                               const int32_t *__restrict__ ids, uint32_t E, T *__restrict__ out,
+                               int64_t T_, int64_t k_rt, int64_t H) {
+  const int64_t k = KC ? KC : k_rt;
+  int64_t t, n;
+  const bool in = flat_at<V>(T_, H, &t, &n);
+  if (in) combine_cols<T, V>(y, w, ids, E, out, t, k, H, n);
+  if constexpr (DROP) {
+    static_assert(V * sizeof(T) == 16, "8 lanes a 128-byte line");
+    __syncwarp();
+    if (in && (n / V) % 8 == 0)
+#pragma unroll
+      for (int64_t j = 0; j < k; j++) discard_l2_line(y + (t * k + j) * H + n);
+  }
 }
 
 /* CTAs of kThreads for rows x cols at V columns per thread (flat_at);
@@ -138,12 +160,16 @@ int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, 
   if (!grid_flat(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
   const uint32_t e = (uint32_t)E;
   const T *yt = (const T *)y, *wt = (const T *)w;
-  if (V == VW && k == 8) /* the common top-8 */
-    combine_kernel<T, VW, 8><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+  /* y's lines dropped after use (combine_kernel DROP) */
+  const bool drop = V == VW && (H * (int64_t)sizeof(T)) % 128 == 0 && (uintptr_t)y % 128 == 0;
+  if (drop && k == 8) /* the common top-8 */
+    combine_kernel<T, VW, 8, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+  else if (drop)
+    combine_kernel<T, VW, 0, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
   else if (V == VW)
-    combine_kernel<T, VW, 0><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+    combine_kernel<T, VW, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
   else
-    combine_kernel<T, 1, 0><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+    combine_kernel<T, 1, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
   return (int)cudaGetLastError();
 }
 

@@ -97,6 +97,11 @@ __device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void *src, uin
                "l"(src), "r"(bytes), "r"(bar), "l"(policy)
                : "memory");
 }
+/* Drop the 128-byte L2 line at p (128-byte aligned) without writing it
+ * back to memory; its bytes become undefined. For scratch that is dead. */
+__device__ __forceinline__ void discard_l2_line(const void *p) {
+  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(p) : "memory");
+}
 /* Spin until the barrier's phase with this parity has completed. */
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;

@@ -213,9 +213,12 @@ int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo,
  * an id outside [0, E) in ids[t*k .. t*k+k) gets NaN (its y rows were
  * computed with expert 0 in place of the bad id, see gqmm__cu_moe_route).
  * y is consumed: where its rows are 128-byte aligned its L2 lines are
- * discarded once read (never written back; its contents become undefined). */
+ * discarded once read (never written back; its contents become undefined).
+ * So are the whole lines of [dead, dead + dead_bytes) (NULL, 0: none): the
+ * layer's other scratch that no later kernel reads. */
 int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids, int32_t E,
-                         void *out, int64_t T, int64_t k, int64_t H);
+                         void *out, int64_t T, int64_t k, int64_t H, const void *dead,
+                         int64_t dead_bytes);
 
 #ifdef __cplusplus
 }

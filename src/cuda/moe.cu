@@ -104,11 +104,15 @@ __device__ __forceinline__ void combine_cols(const T *__restrict__ y, const T *_
 template <typename T, int V, int KC, bool DROP>
 __global__ void combine_kernel(const T *__restrict__ y, const T *__restrict__ w,
                                const int32_t *__restrict__ ids, uint32_t E, T *__restrict__ out,
-                               int64_t T_, int64_t k_rt, int64_t H) {
+                               int64_t T_, int64_t k_rt, int64_t H, const uint8_t *dead,
+                               int64_t dead_lines) {
   const int64_t k = KC ? KC : k_rt;
   int64_t t, n;
   const bool in = flat_at<V>(T_, H, &t, &n);
   if (in) combine_cols<T, V>(y, w, ids, E, out, t, k, H, n);
+  /* the layer's other dead scratch (see gqmm__cu_moe_combine), a line or so a thread */
+  const int64_t g = (int64_t)blockIdx.x * kThreads + threadIdx.x, G = (int64_t)gridDim.x * kThreads;
+  for (int64_t l = g; l < dead_lines; l += G) discard_l2_line(dead + l * 128);
   if constexpr (DROP) {
     static_assert(V * sizeof(T) == 16, "8 lanes a 128-byte line");
     __syncwarp();
@@ -153,23 +157,29 @@ int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t
 
 template <typename T>
 int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, void *out,
-                   int64_t T_, int64_t k, int64_t H) {
+                   int64_t T_, int64_t k, int64_t H, const void *dead, int64_t dead_bytes) {
   constexpr int VW = 16 / sizeof(T);
   const int V = vec_width<T>({H}, {y, out});
   unsigned g;
   if (!grid_flat(T_, H, V, &g)) return (int)cudaErrorInvalidConfiguration;
   const uint32_t e = (uint32_t)E;
   const T *yt = (const T *)y, *wt = (const T *)w;
+  /* the whole 128-byte lines of the dead region */
+  const uintptr_t d0 = ((uintptr_t)dead + 127) / 128 * 128;
+  const int64_t nl = dead && dead_bytes > (int64_t)(d0 - (uintptr_t)dead)
+                         ? (dead_bytes - (int64_t)(d0 - (uintptr_t)dead)) / 128
+                         : 0;
+  const uint8_t *dl = (const uint8_t *)d0;
   /* y's lines dropped after use (combine_kernel DROP) */
   const bool drop = V == VW && (H * (int64_t)sizeof(T)) % 128 == 0 && (uintptr_t)y % 128 == 0;
   if (drop && k == 8) /* the common top-8 */
-    combine_kernel<T, VW, 8, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+    combine_kernel<T, VW, 8, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   else if (drop)
-    combine_kernel<T, VW, 0, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+    combine_kernel<T, VW, 0, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   else if (V == VW)
-    combine_kernel<T, VW, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+    combine_kernel<T, VW, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   else
-    combine_kernel<T, 1, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H);
+    combine_kernel<T, 1, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   return (int)cudaGetLastError();
 }
 
@@ -196,6 +206,7 @@ extern "C" int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, 
 }
 
 extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids,
-                                    int32_t E, void *out, int64_t T, int64_t k, int64_t H) {
-  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, ids, E, out, T, k, H)
+                                    int32_t E, void *out, int64_t T, int64_t k, int64_t H,
+                                    const void *dead, int64_t dead_bytes) {
+  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, ids, E, out, T, k, H, dead, dead_bytes)
 }

@@ -351,8 +351,11 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   MARK(3);
   if ((st = launch_gemm(ctx, s, &down, &pd, E, "down GEMM"))) return st;
   MARK(4);
+  /* gu and h (adjacent in the scratch) are dead once down has run: the
+   * combine drops their L2 lines, as it does y's, so they are never written
+   * back to memory during the next layer's weight streams */
   STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E,
-                            a->out, T, k, H),
+                            a->out, T, k, H, gu, (int64_t)(off[S_Y] - off[S_GU])),
        "combine");
   MARK(5);
 #undef MARK

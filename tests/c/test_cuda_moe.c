@@ -7,7 +7,8 @@
  * With a GPU: both activations, fused and separate gate/up, bits
  * 2/3/4/8 (tensor cores) and 5/6 (generic kernel), group sizes 32/64/128,
  * bf16/f16/f32, experts with 0 rows, all pairs on one expert, every tile
- * config, aligned and misaligned out; outputs poisoned before each run;
+ * config, aligned and misaligned out, a hidden size whose rows are not
+ * whole 128-byte lines; outputs poisoned before each run;
  * two runs bit-identical; a chain of calls enqueued with no synchronization
  * identical to the same calls synced one by one.
  * GQMM_CUDA_TEST_QUICK=1 runs a subset (for compute-sanitizer).
@@ -361,6 +362,11 @@ GQMM_TEST(cuda_moe_matches_reference) {
   /* a seed-like slice: 64 tokens x top-8 over 16 experts, 4-bit group 64 */
   layer big = {.T = 64, .k = 8, .E = 16, .H = 512, .I = 256, .q = {4, 64}, .dt = GQMM_BF16};
   fails += run_layer(gpu, ref, &big, 0, salt++);
+  runs++;
+  /* hidden 96: y's rows are 192 bytes, not whole 128-byte lines, so the
+   * combine keeps y in L2 (moe.cu's 16-byte path without DROP) */
+  layer ragged_h = {.T = 24, .k = 8, .E = 12, .H = 96, .I = 64, .q = {4, 32}, .dt = GQMM_BF16};
+  fails += run_layer(gpu, ref, &ragged_h, 0, salt++);
   runs++;
   /* more experts than the plan kernel counts in shared memory (route.cu's
    * global-memory counters); almost every expert gets 0 or 1 rows */

@@ -95,7 +95,7 @@ static bool cuda_supports(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
 }
 
 static gqmm__cu_qmm marshal(const gqmm__qmm_args *a, const int32_t *d_idx) {
-  gqmm__cu_qmm k;
+  gqmm__cu_qmm k = {0};
   k.dtype = (int)a->dtype; /* GQMM__CU_* mirror gqmm_dtype */
   k.bits = a->q.bits, k.group_size = a->q.group_size, k.transpose = a->transpose;
   k.M = a->M, k.N = a->N, k.K = a->K, k.batch = a->batch;

@@ -351,11 +351,12 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   MARK(3);
   if ((st = launch_gemm(ctx, s, &down, &pd, E, "down GEMM"))) return st;
   MARK(4);
-  /* gu and h (adjacent in the scratch) are dead once down has run: the
-   * combine drops their L2 lines, as it does y's, so they are never written
-   * back to memory during the next layer's weight streams */
+  /* h (and gu, before it in the scratch, when a GEMM wrote it) is dead once
+   * down has run: the combine drops their L2 lines, as it does y's, so they
+   * are never written back to memory during the next layer's weight streams */
+  char *dead = act_fused ? h : gu;
   STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E,
-                            a->out, T, k, H, gu, (int64_t)(off[S_Y] - off[S_GU])),
+                            a->out, T, k, H, dead, (int64_t)(s->buf + off[S_Y] - dead)),
        "combine");
   MARK(5);
 #undef MARK

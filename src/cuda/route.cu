@@ -229,27 +229,20 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
     /* The rows of each expert of this CTA in entry order: thread t ranks
      * the run of entries [t * per, (t + 1) * per). */
     const int per = P > 0 ? P : (a.batch + NT - 1) / NT, b0 = min(tid * per, a.batch),
-              b1 = min(b0 + per, a.batch);
+              n = P > 0 ? P : min(b0 + per, a.batch) - b0;
+    /* entry b0 + i's expert: held (P > 0: -1 past the batch) or reloaded */
+    auto expert_at = [&](int i) { return P > 0 ? mine[i] : expert_of(a, b0 + i); };
     for (int e = (int)blockIdx.x; e < E; e += step) {
       if (es.count[e] == 0) continue; /* the same for every thread */
       int32_t v[3] = {0, 0, 0}, tot[3];
-      if constexpr (P > 0) {
 #pragma unroll
-        for (int i = 0; i < P; i++) v[0] += mine[i] == e;
-      } else {
-        for (int b = b0; b < b1; b++) v[0] += expert_of(a, b) == e;
-      }
+      for (int i = 0; i < n; i++) v[0] += expert_at(i) == e;
       const int32_t own = v[0];
       block_scan3<NT>(v, tot, ws);
       int32_t at = start[e] + (v[0] - own) * a.M;
-      if constexpr (P > 0) {
 #pragma unroll
-        for (int i = 0; i < P; i++)
-          if (mine[i] == e) place(a, b0 + i, at), at += a.M;
-      } else {
-        for (int b = b0; b < b1; b++)
-          if (expert_of(a, b) == e) place(a, b, at), at += a.M;
-      }
+      for (int i = 0; i < n; i++)
+        if (expert_at(i) == e) place(a, b0 + i, at), at += a.M;
     }
   } else {
     for (int b = tid; b < a.batch; b += NT) {

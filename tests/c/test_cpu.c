@@ -187,6 +187,87 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
   }
 }
 
+/* An integer-valued problem: random q values packed by the bit-stream rule,
+ * scales powers of two, biases and x small integers. Every product and
+ * every partial sum is then an integer below 2^24, exact in float32 as in
+ * the reference's float64, so both round the same value to the output
+ * dtype, whatever the order of the sums. */
+static int problem_make_int(problem *p, test_rng *r) {
+  const int64_t wrows = p->transpose ? p->N : p->K, wlen = p->transpose ? p->K : p->N;
+  const int64_t words = gqmm_packed_words(p->q, wlen), n_sb = p->E * wrows * (wlen / p->q.group_size);
+  const int64_t n_x = (int64_t)p->batch * p->M * p->K;
+  const size_t es = gqmm_dtype_size(p->dt);
+  float *f = malloc((size_t)(n_x > n_sb ? n_x : n_sb) * 4);
+  p->x = malloc((size_t)n_x * es), p->sc = malloc((size_t)n_sb * es);
+  p->bi = malloc((size_t)n_sb * es), p->idx = malloc((size_t)p->batch * 4);
+  p->wq = calloc((size_t)(p->E * wrows * words), 4);
+  if (!f || !p->x || !p->sc || !p->bi || !p->wq || !p->idx) return free(f), GQMM_ERR_NOMEM;
+  for (int64_t row = 0; row < p->E * wrows; row++) {
+    uint8_t *w = (uint8_t *)(p->wq + row * words);
+    for (int64_t j = 0; j < wlen; j++) {
+      const uint32_t q = test_rng_u32(r) & ((1u << p->q.bits) - 1);
+      const int64_t bit = j * p->q.bits;
+      w[bit >> 3] |= (uint8_t)(q << (bit & 7));
+      if ((bit & 7) + p->q.bits > 8) w[(bit >> 3) + 1] |= (uint8_t)(q >> (8 - (bit & 7)));
+    }
+  }
+  for (int64_t i = 0; i < n_sb; i++) f[i] = (float)(1 << (test_rng_u32(r) % 3)) * 0.5f;
+  gqmm__convert(p->sc, p->dt, f, GQMM_F32, n_sb);
+  for (int64_t i = 0; i < n_sb; i++) f[i] = (float)((int)(test_rng_u32(r) % 9) - 4);
+  gqmm__convert(p->bi, p->dt, f, GQMM_F32, n_sb);
+  for (int64_t i = 0; i < n_x; i++) f[i] = (float)((int)(test_rng_u32(r) % 7) - 3);
+  gqmm__convert(p->x, p->dt, f, GQMM_F32, n_x);
+  for (int i = 0; i < p->batch; i++) p->idx[i] = (int32_t)(test_rng_u32(r) % (uint32_t)p->E);
+  free(f);
+  return GQMM_OK;
+}
+
+/* Integer-valued problems must match the reference bit for bit on every ISA,
+ * width, group size, dtype and path (qmv at 1-4 rows, the split qmv at 6
+ * and 8, the panel at 13, transpose=0): the relative-error checks cannot
+ * see a wrong lane or table entry that moves a bf16 result by less than
+ * their tolerance (1e-2); this one sees any. */
+GQMM_TEST(cpu_integer_problems_match_reference_bitwise) {
+  test_rng r = test_rng_make(716);
+  static const int Ms[] = {1, 2, 3, 4, 6, 8, 13};
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 6; bi++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int di = 0; di < 3; di++)
+          for (int mi = 0; mi < 7; mi++) {
+            const int gs = all_groups[gi], T = mi % 3 != 2;
+            problem p = {.E = 3, .M = Ms[mi], .N = 37, .K = gs * (gs == 128 ? 3 : 5),
+                         .batch = 4, .transpose = T, .q = {all_bits[bi], gs},
+                         .dt = all_dtypes[di]};
+            if (!T) p.N = 2 * gs; /* transpose=0: N is the packed length */
+            CHECK_OK(problem_make_int(&p, &r));
+            const int64_t n = (int64_t)p.batch * p.M * p.N;
+            const size_t bytes = (size_t)n * gqmm_dtype_size(p.dt);
+            void *ref = malloc(bytes), *got = malloc(bytes);
+            char err[256] = "";
+            CHECK(ref && got);
+            int st = problem_run(&p, (runner){0}, ref, err, sizeof err);
+            if (!st) st = problem_run(&p, (runner){isas[ii], 2, -1, 0}, got, err, sizeof err);
+            CHECK_MSG(!st, "isa %s bits %d gs %d M %d transpose %d: %s", isas[ii], p.q.bits, gs,
+                      p.M, T, err);
+            int64_t bad = 0;
+            while (bad < n && !memcmp((char *)got + bad * (int64_t)gqmm_dtype_size(p.dt),
+                                      (char *)ref + bad * (int64_t)gqmm_dtype_size(p.dt),
+                                      gqmm_dtype_size(p.dt)))
+              bad++;
+            CHECK_MSG(bad == n,
+                      "isa %s bits %d gs %d %s M %d transpose %d: element %lld is %g, "
+                      "the reference %g",
+                      isas[ii], p.q.bits, gs, gqmm_dtype_name(p.dt), p.M, T, (long long)bad,
+                      bad < n ? gqmm__load_f(got, p.dt, bad) : 0.0,
+                      bad < n ? gqmm__load_f(ref, p.dt, bad) : 0.0);
+            free(ref), free(got);
+            problem_free(&p);
+          }
+  }
+}
+
 /* The small-M path blocks K at 3 and 4 rows per expert (4096 / R floats of
  * x per block, rounded to groups): K = 2816 gives 2-3 blocks, the last one
  * ragged; blocks of 6-8 rows run the qmv kernel as two halves (3+3, 4+3,

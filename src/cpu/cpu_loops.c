@@ -33,8 +33,19 @@
  * reads the expert's weights again, but such a call is compute bound). */
 #define ROWS_MAX_BYTES ((int64_t)4 << 20)
 #define ROWS_MAX_COUNT 512
-/* Floats of x the small-M path keeps in L1 per K block (16 KB, half of L1). */
-#define QMV_KBLOCK_FLOATS 4096
+/* Bytes of x the small-M path keeps in L1 per K block (half of Zen 3's
+ * L1), and the most it runs unblocked (see qmv_kblock). */
+#define QMV_KBLOCK_BYTES (16 << 10)
+#define QMV_WHOLE_K_BYTES (24 << 10)
+/* Weight rows per unit when every block takes the small-M path. Such a unit
+ * streams its rows once, a stretch of memory the hardware prefetchers must
+ * ramp up on at every unit start: 256 rows (360 KB of 4-bit rows at K =
+ * 2816) instead of the panel path's nt = 32 took qmm M = 1 from 23-24 to
+ * 31-32 GB/s on the 2-core AVX-512 EPYC (docs/perf-notes.md, session 12;
+ * 128 rows: 29-31, 512: 31-32). At least SMALL_UNITS_PER_THREAD units per
+ * thread are kept, so the shared counter still balances the cores. */
+#define SMALL_UNIT_ROWS 256
+#define SMALL_UNITS_PER_THREAD 4
 
 typedef struct {
   const gqmm__qmm_args *a;
@@ -51,6 +62,7 @@ typedef struct {
   int64_t *out_off;                      /* [rows] element offset of its output row */
   int64_t *blk_first, *blk_rows, *blk_e; /* [nblocks] */
   int64_t nblocks, tiles, rows_max;
+  bool small_only; /* every block takes the small-M path (no panel scratch) */
   int perm[32];     /* chunk order of the x block */
   int col_perm[32]; /* transpose=0: column order of a dequantized chunk */
   atomic_llong next;
@@ -141,9 +153,12 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
                o_xsum = carve(&off, (size_t)(R * (K / 32 + 1)) * 4);
   const size_t o_xs = carve(&off, (size_t)(R * (K / 32 + 1)) * 4),
                o_tmp = carve(&off, (size_t)K * 4);
-  const size_t o_panel = carve(&off, (size_t)(nt * (j->a->transpose ? j->cfg->kc : 1)) * 4);
+  const bool panel = !j->small_only;
+  const size_t o_panel =
+      carve(&off, panel ? (size_t)(nt * (j->a->transpose ? j->cfg->kc : 1)) * 4 : 0);
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
-  const size_t o_Cv = carve(&off, j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
+  const size_t o_Cv =
+      carve(&off, panel && j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
   const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
   const size_t o_xt = carve(&off, j->int8 ? (size_t)(rows8(R) * (K / 32 + 1)) * 4 : 0);
   const size_t o_sf = carve(&off, j->int8 ? (size_t)(2 * nt * (K / 32 + 1)) * 4 : 0);
@@ -208,12 +223,22 @@ static int64_t qmv_first(const job *j, int64_t R) {
   return (R1 <= 2) == (R - R1 <= 2) ? R1 : 0;
 }
 
+/* Whether a block of R rows runs without a panel (qmv, or int8's qmv_i8). */
+static bool small_path(const job *j, int64_t R) {
+  return j->int8 ? R <= j->cfg->i8_rows : qmv_first(j, R) > 0;
+}
+
 /* K block of a qmv pass whose largest sub-block has R1 rows: keeps the rows'
- * slice of x in L1 (4 x 2816 floats is 45 KB, more than Zen 3's 32 KB); at
- * R1 <= 2 blocking measured slower. Both halves of a split block use it. */
+ * slice of x in L1 (4 x 2816 floats is 45 KB, more than Zen 3's 32 KB). At
+ * R1 <= 2 blocking measured slower, and so did it for a slice of up to
+ * QMV_WHOLE_K_BYTES: 4 rows of 2816 bf16 (22.5 KB) ran the seed's M = 4 at
+ * 21 GB/s whole and 13 blocked (AVX-512 EPYC, 48 KB L1; perf-notes session
+ * 12). Both halves of a split block use it. */
 static int64_t qmv_kblock(const job *j, int64_t R1) {
   const int gs = j->a->q.group_size;
-  return R1 <= 2 ? j->a->K : QMV_KBLOCK_FLOATS / R1 / gs * gs;
+  const int64_t K = j->a->K, xb = j->xbf ? 2 : 4; /* bytes of an x value in the block */
+  if (R1 <= 2 || R1 * K * xb <= QMV_WHOLE_K_BYTES) return K;
+  return QMV_KBLOCK_BYTES / xb / R1 / gs * gs;
 }
 
 /* Step 1: the block's x rows, float32 in chunk order, group sums, or int8
@@ -440,8 +465,7 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
  * core's cache or on the way. */
 static void prefetch_unit(const job *j, int64_t u) {
   if (u >= j->nblocks * j->tiles) return;
-  const int64_t R = j->blk_rows[u / j->tiles];
-  if (j->int8 ? R <= j->cfg->i8_rows : qmv_first(j, R) > 0) return; /* not a panel unit */
+  if (small_path(j, j->blk_rows[u / j->tiles])) return; /* not a panel unit */
   const int64_t n0 = (u % j->tiles) * j->nt, nn = j->a->N - n0 < j->nt ? j->a->N - n0 : j->nt;
   const int64_t first = j->blk_e[u / j->tiles] * j->nw + n0;
   const int64_t head = gqmm__cpu_chunk_offset(j->sh.bits, j->int8 ? i8_kc(j) : j->cfg->kc),
@@ -502,7 +526,6 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
   if (j.rows_max < 8) j.rows_max = 8;
   if (j.rows_max > ROWS_MAX_COUNT) j.rows_max = ROWS_MAX_COUNT;
-  j.tiles = (a->N + j.nt - 1) / j.nt;
   if (a->transpose) {
     st->isa->perm(a->q.bits, j.perm);
   } else { /* x stays in natural order; the weights' chunk order is undone at the store */
@@ -511,6 +534,15 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
     st->isa->perm(a->q.bits, j.col_perm);
   }
   int status = build_blocks(ctx, &j);
+  if (!status && a->transpose) { /* small-M jobs stream long units (SMALL_UNIT_ROWS) */
+    j.small_only = true;
+    for (int64_t b = 0; b < j.nblocks; b++) j.small_only &= small_path(&j, j.blk_rows[b]);
+    const int64_t units = SMALL_UNITS_PER_THREAD * (int64_t)st->threads;
+    int64_t nt = j.nblocks * a->N / (units > 0 ? units : 1);
+    if (nt > SMALL_UNIT_ROWS) nt = SMALL_UNIT_ROWS;
+    if (j.small_only && nt > j.nt) j.nt = nt;
+  }
+  j.tiles = (a->N + j.nt - 1) / j.nt;
   if (!status) status = reserve_scratch(ctx, &j);
   if (!status) {
     atomic_init(&j.next, 0);

@@ -7,8 +7,7 @@
  * int8 mode uses VNNI's vpdpbusd (u8 x s8 -> s32 in one instruction); bf16
  * activations take vdpbf16ps on CPUs with AVX-512 BF16 (checked at run time:
  * this file is compiled with -mavx512bf16, only that kernel uses it).
- * Not measured on the development machine (no AVX-512 there): run
- * GQMM_CPU_ISA=avx512 build/gqmm_tests and `gqmm sweep --backend cpu` on one.
+ * Measured on a 2-core AVX-512 EPYC (docs/perf-notes.md, session 12).
  */
 #include "cpu_isa.h"
 #include "ukr_unpack_x86.h"
@@ -90,6 +89,56 @@ static inline __attribute__((always_inline)) ukr_vbf ukr_q_to_bf16(const ukr_vf 
 static inline __attribute__((always_inline)) ukr_vf ukr_bf16_dot(ukr_vf acc, ukr_vbf qb,
                                                                  const uint16_t *xb) {
   return _mm512_dpbf16_ps(acc, qb, (ukr_vbf)_mm512_loadu_si512((const void *)xb));
+}
+/* 4- and 2-bit chunks go to bf16 directly, without float vectors: the
+ * chunk's bytes in every 128-bit block (one broadcast load), vpshufb puts
+ * word L's byte in its low half (high half zero), vpsrlvw brings word L's
+ * field to the bottom, and vpermw maps the word's low 5 bits through a
+ * 32-entry table to the bf16 of the field (entry i = bf16(i & mask), so the
+ * bits above the field need no mask): 4 instructions for 32 values, where
+ * unpack32 and vcvtne2ps2bf16 take 9. Same lanes as ukr_q_to_bf16 of
+ * unpack32's vectors (ukr_x86_perm):
+ *   4-bit: word L of block b (L = 8b + w) is byte 8(b >> 1) + w, shifted by
+ *          4(b & 1) (blocks: low nibbles of bytes 0-7, their high nibbles,
+ *          then bytes 8-15 likewise);
+ *   2-bit: word L is byte w shifted by 2b (the chunk is 8 bytes, broadcast
+ *          as one 64-bit word: nothing past the chunk is read). */
+static inline bool ukr_bf16_direct(int bits) {
+  return bits == 4 || bits == 2;
+}
+static inline __attribute__((always_inline)) ukr_vbf ukr_unpack32_bf16(const uint8_t *src,
+                                                                      int bits) {
+  /* bf16 of the integers 0..15, then again (index bit 4 is above a 4-bit field) */
+#define UKR_BF16_0_15                                                                             \
+  0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, \
+      0x4140, 0x4150, 0x4160, 0x4170
+  static const uint16_t t4[32] = {UKR_BF16_0_15, UKR_BF16_0_15};
+  static const uint16_t t2[32] = {0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040,
+                                  0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040,
+                                  0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040,
+                                  0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040};
+#undef UKR_BF16_0_15
+  /* pick: per 128-bit block, word w takes byte base + w; -128 zeroes the high byte */
+#define UKR_PICK(base)                                                                            \
+  base, -128, base + 1, -128, base + 2, -128, base + 3, -128, base + 4, -128, base + 5, -128,     \
+      base + 6, -128, base + 7, -128
+  static const int8_t pick4[64] = {UKR_PICK(0), UKR_PICK(0), UKR_PICK(8), UKR_PICK(8)};
+  static const int8_t pick2[64] = {UKR_PICK(0), UKR_PICK(0), UKR_PICK(0), UKR_PICK(0)};
+#undef UKR_PICK
+  static const uint16_t sh4[32] = {0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4,
+                                   0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4};
+  static const uint16_t sh2[32] = {0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2,
+                                   4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6};
+  uint64_t w8;
+  memcpy(&w8, src, 8);
+  const __m512i raw = bits == 4
+                          ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)src))
+                          : _mm512_set1_epi64((long long)w8);
+  const __m512i pick = _mm512_loadu_si512(bits == 4 ? (const void *)pick4 : (const void *)pick2);
+  const __m512i sh = _mm512_loadu_si512(bits == 4 ? (const void *)sh4 : (const void *)sh2);
+  const __m512i tab = _mm512_loadu_si512(bits == 4 ? (const void *)t4 : (const void *)t2);
+  const __m512i field = _mm512_srlv_epi16(_mm512_shuffle_epi8(raw, pick), sh);
+  return (ukr_vbf)_mm512_permutexvar_epi16(field, tab);
 }
 
 #include "ukr_template.h"

@@ -18,9 +18,11 @@
  *
  * optionally (bf16 activations, AVX-512 BF16): UKR_HAVE_BF16DOT, the bf16
  * vector type ukr_vbf, ukr_q_to_bf16(q) (a chunk's exact small integers as
- * one bf16 vector, lane j = value j of the chunk's float vectors in order)
- * and ukr_bf16_dot(acc, qb, xb) (acc += pairwise products with the 32 bf16
- * at xb), which add <isa>_qmv_bf16;
+ * one bf16 vector, lane j = value j of the chunk's float vectors in order),
+ * ukr_bf16_direct(bits) and ukr_unpack32_bf16(src, bits) (the same vector
+ * straight from the packed chunk, for the widths where direct is true) and
+ * ukr_bf16_dot(acc, qb, xb) (acc += pairwise products with the 32 bf16 at
+ * xb), which add <isa>_qmv_bf16;
  *
  * and then UKR_DEFINE_KERNELS() emits static functions <isa>_qmv,
  * <isa>_dequant and <isa>_gemm with the signatures of gqmm__cpu_isa.
@@ -85,15 +87,21 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
         acc[r][a] = vf_zero();
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
       ukr_vf q[UKR_NV];
-      ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
 #ifdef UKR_HAVE_BF16DOT
       if (xbf) { /* x as bf16 pairs: the chunk is one bf16 vector, one dot per row */
-        const ukr_vbf qb = ukr_q_to_bf16(q);
+        ukr_vbf qb;
+        if (ukr_bf16_direct(bits)) {
+          qb = ukr_unpack32_bf16(rw->w + gqmm__cpu_chunk_offset(bits, k), bits);
+        } else {
+          ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+          qb = ukr_q_to_bf16(q);
+        }
         for (int r = 0; r < R; r++)
           acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + k * R + r * 32);
         continue;
       }
 #endif
+      ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
       for (int v = 0; v < UKR_NV; v++)
         for (int r = 0; r < R; r++)
           acc[r][v % NA] = vf_fma(vf_load(x + k * R + r * 32 + v * UKR_VW), q[v], acc[r][v % NA]);

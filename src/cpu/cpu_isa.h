@@ -21,6 +21,12 @@
 
 #include <string.h>
 
+/* How far ahead the bf16 qmv kernel prefetches: it walks weight rows in
+ * pairs, two interleaved streams that the hardware prefetchers follow badly
+ * (one thread 10.5 GB/s from memory, 27 from cache); 12 KB ahead (9 rows at
+ * K = 2816, 4-bit) took two threads to 50-52 GB/s at M = 1 (4 rows: 49-50,
+ * 16 rows: 50-51; AVX-512 EPYC, perf-notes session 12). */
+#define GQMM__CPU_QMV_PREFETCH 12288
 /* Weight rows handled by one qmv call and the most rows of x it accepts. */
 #define GQMM__CPU_QMV_MAX_ROWS 4
 /* gemm phases: the first kc block starts from zero, the last stores dot products. */
@@ -48,6 +54,9 @@ typedef struct {
   gqmm_dtype dtype;  /* of scales and biases */
   int64_t K;         /* values per weight row (the reduction) */
   int64_t row_bytes; /* packed bytes per weight row */
+  /* From a weight row to the one the bf16 qmv kernel prefetches: whole rows,
+   * at least GQMM__CPU_QMV_PREFETCH bytes (cpu_loops.c). */
+  int64_t pf_ahead;
 } gqmm__cpu_shape;
 
 typedef struct {

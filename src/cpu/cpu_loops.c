@@ -522,7 +522,11 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.nw = a->transpose ? a->N : a->K;
   j.G = wlen / a->q.group_size;
   j.sh = (gqmm__cpu_shape){a->q.bits, a->q.group_size, a->dtype, wlen,
-                           gqmm_packed_words(a->q, wlen) * 4};
+                           gqmm_packed_words(a->q, wlen) * 4, 0};
+  /* whole rows ahead (the next pair at least), GQMM__CPU_QMV_PREFETCH bytes or more */
+  j.sh.pf_ahead = (GQMM__CPU_QMV_PREFETCH + j.sh.row_bytes - 1) / j.sh.row_bytes;
+  if (j.sh.pf_ahead < 2) j.sh.pf_ahead = 2;
+  j.sh.pf_ahead *= j.sh.row_bytes;
   j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
   if (j.rows_max < 8) j.rows_max = 8;
   if (j.rows_max > ROWS_MAX_COUNT) j.rows_max = ROWS_MAX_COUNT;

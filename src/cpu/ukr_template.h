@@ -55,66 +55,15 @@ UKR_INLINE void ukr_chunk(const uint8_t *w, int64_t off, int bits, bool last, uk
   }
 }
 
-/*
- * One weight row against R rows of x, the whole K, with the per-group
- * identity: acc holds sum x*q (q an exact small integer in float), the group
- * end folds s in with one FMA per accumulator into tot, and b*sum(x) into a
- * scalar. acc restarts every group, so out-of-order execution overlaps
- * consecutive groups' chains: 2 chains per row at R <= 2 (1 beyond) are
- * enough, and fewer chains mean fewer group-end FMAs (R = 1 with 2 chains
- * measured 2.5% faster than with 4; 4 chains per row at R = 2..4 slower).
- */
-UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const void *xv,
-                            const float *xsum, const int R, const int bits, const int xbf,
-                            int64_t k0, int64_t kc, float *C, int64_t ldc) {
-  const float *x = (const float *)xv;
-  enum { NA_MAX = UKR_NV };
-  const int NA = UKR_NV >= 2 && R <= 2 ? 2 : 1;
-  /* gs is 32, 64 or 128: shifts, not a 64-bit division per row (~40 cycles) */
-  const int gs = sh->group_size, lg = __builtin_ctz((unsigned)gs);
-  const int64_t K = sh->K, G = K >> lg, last_k = K - 32;
-  ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
-  for (int r = 0; r < R; r++)
-    for (int a = 0; a < NA; a++)
-      tot[r][a] = vf_zero();
-  /* K-blocked (the loops block K at R >= 3): the row's next block comes a pass later */
-  const bool ahead = R >= 3 && k0 + kc < K;
-  for (int64_t g = k0 >> lg; g < (k0 + kc) >> lg; g++) {
-    if (ahead) __builtin_prefetch(rw->w + gqmm__cpu_chunk_offset(bits, g * gs + kc), 0, 2);
-    ukr_vf acc[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
-    for (int r = 0; r < R; r++)
-      for (int a = 0; a < NA; a++)
-        acc[r][a] = vf_zero();
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
-      ukr_vf q[UKR_NV];
-#ifdef UKR_HAVE_BF16DOT
-      if (xbf) { /* x as bf16 pairs: the chunk is one bf16 vector, one dot per row */
-        ukr_vbf qb;
-        if (ukr_bf16_direct(bits)) {
-          qb = ukr_unpack32_bf16(rw->w + gqmm__cpu_chunk_offset(bits, k), bits);
-        } else {
-          ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
-          qb = ukr_q_to_bf16(q);
-        }
-        for (int r = 0; r < R; r++)
-          acc[r][0] = ukr_bf16_dot(acc[r][0], qb, (const uint16_t *)xv + k * R + r * 32);
-        continue;
-      }
-#endif
-      ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
-      for (int v = 0; v < UKR_NV; v++)
-        for (int r = 0; r < R; r++)
-          acc[r][v % NA] = vf_fma(vf_load(x + k * R + r * 32 + v * UKR_VW), q[v], acc[r][v % NA]);
-    }
-    const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
-    for (int r = 0; r < R; r++)
-      for (int a = 0; a < NA; a++)
-        tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
-  }
-  /* sum_g b_g * sum(x)_g, off the group loop: UKR_VW groups per vector FMA
-   * instead of a scalar conversion, multiply and add per (group, row) in it
-   * (the group loop is instruction bound; see docs/perf-notes.md) */
-  const int64_t g0 = k0 >> lg, g1 = (k0 + kc) >> lg;
+/* The end of a qmv row: sum_g b_g * sum(x)_g off the group loop (UKR_VW
+ * groups per vector FMA instead of a scalar conversion, multiply and add per
+ * (group, row) in it: the group loop is instruction bound; see
+ * docs/perf-notes.md), plus the rows' dot products `sum`, into C (the first
+ * K block stores, later ones add). */
+UKR_INLINE void ukr_qmv_store(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
+                              const float *xsum, const int R, const int lg, int64_t k0,
+                              int64_t kc, const ukr_vf *sum, float *C, int64_t ldc) {
+  const int64_t G = sh->K >> lg, g0 = k0 >> lg, g1 = (k0 + kc) >> lg;
   ukr_vf bv[GQMM__CPU_QMV_MAX_ROWS];
   float bsum[GQMM__CPU_QMV_MAX_ROWS];
   for (int r = 0; r < R; r++)
@@ -132,13 +81,123 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
     for (int r = 0; r < R; r++)
       bsum[r] += b * xsum[r * G + g];
   }
+  for (int r = 0; r < R; r++)
+    C[r * ldc] = (k0 ? C[r * ldc] : 0.0f) + (vf_hsum(sum[r]) + bsum[r]); /* first block: store */
+}
+
+/*
+ * One weight row against R rows of x, the whole K, with the per-group
+ * identity: acc holds sum x*q (q an exact small integer in float), the group
+ * end folds s in with one FMA per accumulator into tot, and b*sum(x) into a
+ * scalar. acc restarts every group, so out-of-order execution overlaps
+ * consecutive groups' chains: 2 chains per row at R <= 2 (1 beyond) are
+ * enough, and fewer chains mean fewer group-end FMAs (R = 1 with 2 chains
+ * measured 2.5% faster than with 4; 4 chains per row at R = 2..4 slower).
+ */
+UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const float *x,
+                            const float *xsum, const int R, const int bits, int64_t k0,
+                            int64_t kc, float *C, int64_t ldc) {
+  enum { NA_MAX = UKR_NV };
+  const int NA = UKR_NV >= 2 && R <= 2 ? 2 : 1;
+  /* gs is 32, 64 or 128: shifts, not a 64-bit division per row (~40 cycles) */
+  const int gs = sh->group_size, lg = __builtin_ctz((unsigned)gs);
+  const int64_t K = sh->K, last_k = K - 32;
+  ukr_vf tot[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
+  for (int r = 0; r < R; r++)
+    for (int a = 0; a < NA; a++)
+      tot[r][a] = vf_zero();
+  /* K-blocked (the loops block K at R >= 3): the row's next block comes a pass later */
+  const bool ahead = R >= 3 && k0 + kc < K;
+  for (int64_t g = k0 >> lg; g < (k0 + kc) >> lg; g++) {
+    if (ahead) __builtin_prefetch(rw->w + gqmm__cpu_chunk_offset(bits, g * gs + kc), 0, 2);
+    ukr_vf acc[GQMM__CPU_QMV_MAX_ROWS][NA_MAX];
+    for (int r = 0; r < R; r++)
+      for (int a = 0; a < NA; a++)
+        acc[r][a] = vf_zero();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      ukr_vf q[UKR_NV];
+      ukr_chunk(rw->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+      for (int v = 0; v < UKR_NV; v++)
+        for (int r = 0; r < R; r++)
+          acc[r][v % NA] = vf_fma(vf_load(x + k * R + r * 32 + v * UKR_VW), q[v], acc[r][v % NA]);
+    }
+    const ukr_vf s = vf_set1(UKR_PARAM(rw->s, sh->dtype, g));
+    for (int r = 0; r < R; r++)
+      for (int a = 0; a < NA; a++)
+        tot[r][a] = vf_fma(acc[r][a], s, tot[r][a]);
+  }
+  ukr_vf sum[GQMM__CPU_QMV_MAX_ROWS];
   for (int r = 0; r < R; r++) {
-    ukr_vf sum = tot[r][0];
+    sum[r] = tot[r][0];
     for (int a = 1; a < NA; a++)
-      sum = vf_add(sum, tot[r][a]);
-    C[r * ldc] = (k0 ? C[r * ldc] : 0.0f) + (vf_hsum(sum) + bsum[r]); /* first block: store */
+      sum[r] = vf_add(sum[r], tot[r][a]);
+  }
+  ukr_qmv_store(sh, rw, xsum, R, lg, k0, kc, sum, C, ldc);
+}
+
+#ifdef UKR_HAVE_BF16DOT
+/*
+ * The bf16-dot form (bf16 x, scales and biases): W weight rows (1 or 2) at
+ * once against R rows of x (bf16 pairs in chunk order), the group size GS a
+ * constant. Each chunk is one bf16 vector of its exact q values and one dot
+ * per (weight row, x row); a group's dot goes into its row's total with one
+ * FMA by the group's scale, into two total chains in turn (one chain is an
+ * FMA latency per group). Two weight rows share the x loads and the loop,
+ * and double the independent chains: W = 2 is for R <= 2 (registers).
+ */
+UKR_INLINE void ukr_qmv_bf16_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
+                                  const int W, const uint16_t *xb, const float *xsum,
+                                  const int R, const int bits, const int GS, int64_t k0,
+                                  int64_t kc, float *C, int64_t ldc) {
+  const int lg = __builtin_ctz((unsigned)GS);
+  const int64_t K = sh->K, last_k = K - 32;
+  ukr_vf tot[2][GQMM__CPU_QMV_MAX_ROWS][2];
+  for (int w = 0; w < W; w++)
+    for (int r = 0; r < R; r++)
+      tot[w][r][0] = tot[w][r][1] = vf_zero();
+  const bool ahead = R >= 3 && k0 + kc < K; /* as in ukr_qmv_row */
+  for (int64_t g = k0 >> lg; g < (k0 + kc) >> lg; g++) {
+    for (int w = 0; w < W; w++) {
+      const int64_t off = gqmm__cpu_chunk_offset(bits, g * GS);
+      if (ahead) __builtin_prefetch(rw[w].w + gqmm__cpu_chunk_offset(bits, g * GS + kc), 0, 2);
+      __builtin_prefetch(rw[w].w + sh->pf_ahead + off, 0, 0); /* a later row, same place */
+    }
+    ukr_vf acc[2][GQMM__CPU_QMV_MAX_ROWS];
+    for (int w = 0; w < W; w++)
+      for (int r = 0; r < R; r++)
+        acc[w][r] = vf_zero();
+    for (int c = 0; c < GS / 32; c++) {
+      const int64_t k = g * GS + 32 * c;
+      ukr_vbf qb[2];
+      for (int w = 0; w < W; w++) {
+        if (ukr_bf16_direct(bits)) {
+          qb[w] = ukr_unpack32_bf16(rw[w].w + gqmm__cpu_chunk_offset(bits, k), bits);
+        } else {
+          ukr_vf q[UKR_NV];
+          ukr_chunk(rw[w].w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+          qb[w] = ukr_q_to_bf16(q);
+        }
+      }
+      for (int r = 0; r < R; r++)
+        for (int w = 0; w < W; w++)
+          acc[w][r] = ukr_bf16_dot(acc[w][r], qb[w], xb + k * R + r * 32);
+    }
+    for (int w = 0; w < W; w++) {
+      const ukr_vf s = vf_set1(UKR_PARAM(rw[w].s, GQMM_BF16, g));
+      for (int r = 0; r < R; r++) { /* the chains swap places: no run-time index */
+        const ukr_vf t = vf_fma(acc[w][r], s, tot[w][r][0]);
+        tot[w][r][0] = tot[w][r][1], tot[w][r][1] = t;
+      }
+    }
+  }
+  for (int w = 0; w < W; w++) {
+    ukr_vf sum[GQMM__CPU_QMV_MAX_ROWS];
+    for (int r = 0; r < R; r++)
+      sum[r] = vf_add(tot[w][r][0], tot[w][r][1]);
+    ukr_qmv_store(sh, &rw[w], xsum, R, lg, k0, kc, sum, C + w, ldc);
   }
 }
+#endif
 
 /* Dequantize [k0, k0+kc) of one row to float: w = s*q + b (one rounding).
  * Group-major with the group size a constant, so a whole group's chunks run
@@ -227,12 +286,30 @@ UKR_INLINE void ukr_gemm_rows(const int mr, const int nr, int rows, int64_t kc, 
   UKR_FOR_NR(X, 1)    \
   UKR_FOR_NR(X, 2) UKR_FOR_NR(X, 3) UKR_FOR_NR(X, 4) UKR_FOR_NR(X, 5) UKR_FOR_NR(X, 6)
 
-#define UKR_QMV_CASE(b, r)                                               \
-  case (b)*8 + (r):                                                      \
-    for (int n = 0; n < nrows; n++)                                      \
-      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, xbf, k0, kc, C + n, ldc); \
+#define UKR_QMV_CASE(b, r)                                          \
+  case (b)*8 + (r):                                                 \
+    for (int n = 0; n < nrows; n++)                                 \
+      ukr_qmv_row(sh, &rows[n], x, xsum, r, b, k0, kc, C + n, ldc); \
     break;
 #define UKR_QMV_BITS(b) UKR_FOR_R(UKR_QMV_CASE, b)
+/* bf16: weight rows in pairs at R <= 2, the group size a constant */
+#define UKR_QMV_BF16_GS(b, r, gs)                                                           \
+  case gs: {                                                                                \
+    int n = 0;                                                                              \
+    if ((r) <= 2)                                                                           \
+      for (; n + 2 <= nrows; n += 2)                                                        \
+        ukr_qmv_bf16_rows(sh, &rows[n], 2, x, xsum, r, b, gs, k0, kc, C + n, ldc);          \
+    for (; n < nrows; n++)                                                                  \
+      ukr_qmv_bf16_rows(sh, &rows[n], 1, x, xsum, r, b, gs, k0, kc, C + n, ldc);            \
+  } break;
+#define UKR_QMV_BF16_CASE(b, r)                                                             \
+  case (b)*8 + (r):                                                                         \
+    switch (sh->group_size) {                                                               \
+      UKR_QMV_BF16_GS(b, r, 32) UKR_QMV_BF16_GS(b, r, 64) UKR_QMV_BF16_GS(b, r, 128) default \
+          : break;                                                                          \
+    }                                                                                       \
+    break;
+#define UKR_QMV_BF16_BITS(b) UKR_FOR_R(UKR_QMV_BF16_CASE, b)
 /* the parameter dtype and the group size constants too (3 x 3 per width) */
 #define UKR_DEQ_CALL(b, dt, gs)                       \
   case ((b)*4 + (dt)) * 4 + (gs) / 32 - 1:            \
@@ -245,22 +322,21 @@ UKR_INLINE void ukr_gemm_rows(const int mr, const int nr, int rows, int64_t kc, 
     ukr_gemm_rows(m, n, rows, kc, x, ldx, P, ldp, Cv, ldc, phase, C); \
     break;
 
-/* The qmv entry point: xbf = 1 takes x as bf16 (only where the ISA defines
- * UKR_HAVE_BF16DOT), 0 as float32. */
-#define UKR_QMV_FN(fn, xbf_, xtype)                                                                \
+/* The qmv entry points: x as float32, and (only where the ISA defines
+ * UKR_HAVE_BF16DOT) as bf16 with bf16 scales and biases. */
+#define UKR_QMV_FN(fn, xtype, CASES)                                                               \
   static void fn(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rows, int nrows, const xtype *x, \
                  const float *xsum, int R, int64_t k0, int64_t kc, float *C, int64_t ldc) {        \
-    const int xbf = xbf_;                                                                          \
-    switch (sh->bits * 8 + R) { UKR_FOR_BITS(UKR_QMV_BITS) default : break; }                      \
+    switch (sh->bits * 8 + R) { UKR_FOR_BITS(CASES) default : break; }                             \
   }
 #ifdef UKR_HAVE_BF16DOT
-#define UKR_QMV_BF16_FN(isa) UKR_QMV_FN(isa##_qmv_bf16, 1, uint16_t)
+#define UKR_QMV_BF16_FN(isa) UKR_QMV_FN(isa##_qmv_bf16, uint16_t, UKR_QMV_BF16_BITS)
 #else
 #define UKR_QMV_BF16_FN(isa)
 #endif
 
 #define UKR_DEFINE_KERNELS(isa)                                                               \
-  UKR_QMV_FN(isa##_qmv, 0, float)                                                             \
+  UKR_QMV_FN(isa##_qmv, float, UKR_QMV_BITS)                                                  \
   UKR_QMV_BF16_FN(isa)                                                                        \
   static void isa##_dequant(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, \
                             int64_t kc, float *dst) {                                         \

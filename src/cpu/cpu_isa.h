@@ -35,6 +35,11 @@
 /* Groups in one kc block of the int8 panel kernel (its scale products live
  * on the stack). */
 #define GQMM__CPU_I8_MAX_GROUPS 64
+/* Weight rows of one bf16 panel micro-kernel call (gemm_bf16), and the most
+ * values of a row in one K block of its panel, also the panel's row stride
+ * (a constant, so the kernel addresses every row from one register). */
+#define GQMM__CPU_BF16_NR 12
+#define GQMM__CPU_BF16_KC 512
 /* Register-blocking limits of the gemm micro-kernel (MR x NR accumulators). */
 #define GQMM__CPU_MAX_MR 6
 #define GQMM__CPU_MAX_NR 4
@@ -102,6 +107,26 @@ typedef struct {
                int64_t ldp, float *Cv, int64_t ldc, int phase, float *C);
   int vw; /* float lanes of the gemm accumulators */
   /*
+   * Weight reuse for bf16 data on a bf16 dot (NULL where none; used where
+   * qmv_bf16_supported()): lanes along the block's rows, 16 at a time.
+   * dequant_bf16 writes values [k0, k0 + kc) of one row (kc whole groups,
+   * at most GQMM__CPU_BF16_KC) as exact bf16 q values in the chunk order (32
+   * a chunk), and the block's scales and biases as float (kc / gs each).
+   * gemm_bf16 runs nr <= GQMM__CPU_BF16_NR such rows (P, stride
+   * GQMM__CPU_BF16_KC; their s and b at stride GQMM__CPU_BF16_KC / 32)
+   * against a slab of 16 rows of x given as xT, pairs of bf16 in chunk order
+   * transposed ([kc / 2][16] 32-bit words), with the slab's group sums of x
+   * xsT ([kc / gs][16]): the 16-lane vector at Cv + 16 n holds outputs
+   * (slab row, n), accumulating sum_g s_g sum_{k in g} x q + b_g xsum_g,
+   * from zero with GQMM__CPU_GEMM_FIRST; with GQMM__CPU_GEMM_LAST the first
+   * `rows` lanes go to C[m * ldc + n] instead.
+   */
+  void (*dequant_bf16)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,
+                       int64_t kc, uint16_t *dst, float *s, float *b);
+  void (*gemm_bf16)(int nr, int64_t kc, int gs, const uint32_t *xT, const uint16_t *P,
+                    const float *s, const float *b, const float *xsT, float *Cv, int phase,
+                    float *C, int64_t ldc, int rows);
+  /*
    * Opt-in int8 mode (NULL where the ISA has none): 4-bit weights only.
    * quant_i8 turns one row of float x (natural order, K values) into codes
    * in the ISA's chunk order (xq) and per-group scales (xs): symmetric,
@@ -140,6 +165,10 @@ typedef struct {
    * i8_what names the int8 mode's instruction (NULL: no int8 mode). */
   double (*peak_macs)(bool int8);
   const char *i8_what;
+  /* Multiply-adds per second of one thread's bf16 dot (vdpbf16ps: 32 an
+   * instruction), the exact mode's instruction for bf16 data where
+   * qmv_bf16_supported(); NULL without one. */
+  double (*peak_bf16)(void);
 } gqmm__cpu_isa;
 
 extern const gqmm__cpu_isa gqmm__cpu_isa_avx512;

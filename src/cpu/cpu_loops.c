@@ -54,6 +54,7 @@ typedef struct {
   gqmm__cpu_state *st;
   bool int8;
   bool xbf;   /* bf16 activations on an ISA with a bf16 dot kernel: x block also as bf16 */
+  bool bf16_panel; /* xbf, and weight reuse through gemm_bf16 (x also transposed) */
   int64_t nt; /* weight rows (transpose=1) or columns (transpose=0) per unit */
   gqmm__cpu_shape sh;
   int64_t G;                             /* groups per weight row */
@@ -131,6 +132,9 @@ typedef struct {
   float *xsum_t;  /* int8 panel path: xsum transposed, [groups][rows8(R)] */
   float *sf, *bf; /* int8 panel path: the unit's scales and biases as float, [nt][groups] */
   uint16_t *xb;   /* the x block as bf16 (xbf) */
+  uint32_t *xT;   /* bf16_panel: slabs of 16 rows, pairs transposed ([slab][K / 2][16]) */
+  float *xsT;     /* bf16_panel: their group sums ([slab][groups][16]) */
+  float *sb;      /* bf16_panel: the panel rows' scales, then biases, as float */
   gqmm__cpu_wrow *wrows;
 } scratch_view;
 
@@ -154,8 +158,10 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
   const size_t o_xs = carve(&off, (size_t)(R * (K / 32 + 1)) * 4),
                o_tmp = carve(&off, (size_t)K * 4);
   const bool panel = !j->small_only;
-  const size_t o_panel =
-      carve(&off, panel ? (size_t)(nt * (j->a->transpose ? j->cfg->kc : 1)) * 4 : 0);
+  /* floats of a panel row: kc of them, or a bf16 panel's fixed row stride */
+  int64_t pk = j->a->transpose ? j->cfg->kc : 1;
+  if (j->bf16_panel && pk < GQMM__CPU_BF16_KC / 2) pk = GQMM__CPU_BF16_KC / 2;
+  const size_t o_panel = carve(&off, panel ? (size_t)(nt * pk) * 4 : 0);
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
   const size_t o_Cv =
       carve(&off, panel && j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
@@ -163,6 +169,10 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
   const size_t o_xt = carve(&off, j->int8 ? (size_t)(rows8(R) * (K / 32 + 1)) * 4 : 0);
   const size_t o_sf = carve(&off, j->int8 ? (size_t)(2 * nt * (K / 32 + 1)) * 4 : 0);
   const size_t o_xb = carve(&off, j->xbf ? (size_t)(R * K) * 2 : 0);
+  const int64_t R16 = (R + 15) / 16 * 16, bp = j->bf16_panel && panel;
+  const size_t o_xT = carve(&off, bp ? (size_t)(R16 * K) * 2 : 0);
+  const size_t o_xsT = carve(&off, bp ? (size_t)(R16 * (K / 32 + 1)) * 4 : 0);
+  const size_t o_sb = carve(&off, bp ? (size_t)(2 * nt * (GQMM__CPU_BF16_KC / 32)) * 4 : 0);
   const size_t o_wr = carve(&off, (size_t)nt * sizeof(gqmm__cpu_wrow));
   if (base) {
     v->xf = (float *)(base + o_xf);
@@ -177,6 +187,9 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
     v->sf = (float *)(base + o_sf);
     v->bf = v->sf + nt * (K / 32 + 1);
     v->xb = (uint16_t *)(base + o_xb);
+    v->xT = (uint32_t *)(base + o_xT);
+    v->xsT = (float *)(base + o_xsT);
+    v->sb = (float *)(base + o_sb);
     v->wrows = (gqmm__cpu_wrow *)(base + o_wr);
   }
   return off;
@@ -285,6 +298,21 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
       memcpy(&u, &v->xf[i], 4);
       v->xb[i] = (uint16_t)(u >> 16);
     }
+  if (!j->bf16_panel || R1) return;
+  /* the bf16 panel's slabs: row-major pairs (chunk order) transposed, zero past R */
+  for (int64_t sl = 0; sl * 16 < R; sl++)
+    for (int64_t m = 0; m < 16; m++) {
+      const int64_t r = 16 * sl + m;
+      uint32_t *xt = v->xT + sl * (K / 2) * 16 + m;
+      float *xs = v->xsT + sl * G * 16 + m;
+      for (int64_t p = 0; p < K / 2; p++) {
+        uint32_t u = 0;
+        if (r < R) memcpy(&u, v->xb + r * K + 2 * p, 4);
+        xt[16 * p] = u;
+      }
+      for (int64_t g = 0; g < G; g++)
+        xs[16 * g] = r < R ? v->xsum[r * G + g] : 0.0f;
+    }
 }
 
 /* The int8 panel path's kc: the exact path's blocking in bytes (kc floats
@@ -365,6 +393,36 @@ static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
   }
 }
 
+/* Weight reuse for bf16 data (isa->gemm_bf16): per kc block, the unit's rows
+ * as exact bf16 q values, then each slab of 16 block rows against micro-
+ * panels of GQMM__CPU_BF16_NR rows (the slab's x block stays in L1 across
+ * them). */
+static void unit_bf16(const job *j, const scratch_view *v, int64_t R, int nn) {
+  const gqmm__cpu_isa *isa = j->isa;
+  const int64_t K = j->a->K, G = j->G, nt = j->nt, gs = j->sh.group_size;
+  const int64_t kb = j->cfg->kc < GQMM__CPU_BF16_KC ? j->cfg->kc : GQMM__CPU_BF16_KC;
+  enum { ld = GQMM__CPU_BF16_KC, ldg = GQMM__CPU_BF16_KC / 32 };
+  uint16_t *panel = (uint16_t *)v->panel;
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kc = K - k0 < kb ? K - k0 : kb;
+    const int phase =
+        (k0 == 0 ? GQMM__CPU_GEMM_FIRST : 0) | (k0 + kc == K ? GQMM__CPU_GEMM_LAST : 0);
+    float *s = v->sb, *b = v->sb + nt * ldg;
+    for (int i = 0; i < nn; i++)
+      isa->dequant_bf16(&j->sh, &v->wrows[i], k0, kc, panel + i * ld, s + i * ldg, b + i * ldg);
+    for (int64_t sl = 0; sl * 16 < R; sl++) {
+      const int rows = R - 16 * sl < 16 ? (int)(R - 16 * sl) : 16;
+      const uint32_t *xT = v->xT + (sl * (K / 2) + k0 / 2) * 16;
+      const float *xsT = v->xsT + (sl * G + k0 / gs) * 16;
+      for (int n = 0; n < nn; n += GQMM__CPU_BF16_NR) {
+        const int nb = nn - n < GQMM__CPU_BF16_NR ? nn - n : GQMM__CPU_BF16_NR;
+        isa->gemm_bf16(nb, kc, (int)gs, xT, panel + n * ld, s + n * ldg, b + n * ldg, xsT,
+                       v->Cv + (sl * nt + n) * 16, phase, v->C + 16 * sl * nt + n, nt, rows);
+      }
+    }
+  }
+}
+
 /* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
 static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
   const gqmm__qmm_args *a = j->a;
@@ -393,6 +451,10 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     }
   }
   if (R1) return;
+  if (j->bf16_panel) {
+    unit_bf16(j, v, R, nn);
+    return;
+  }
   const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {
     const int64_t kc = K - k0 < j->cfg->kc ? K - k0 : j->cfg->kc;
@@ -517,6 +579,7 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.int8 = int8 && a->transpose && a->q.bits == 4 && st->isa->qmv_i8;
   j.xbf = !j.int8 && a->transpose && a->dtype == GQMM_BF16 && st->isa->qmv_bf16 &&
           st->isa->qmv_bf16_supported();
+  j.bf16_panel = j.xbf && st->isa->gemm_bf16 && st->isa->dequant_bf16;
   j.nt = a->transpose ? cfg->nt : 64; /* transpose=0 units are whole 32-column chunks */
   const int64_t wlen = a->transpose ? a->K : a->N;
   j.nw = a->transpose ? a->N : a->K;

@@ -143,6 +143,91 @@ static inline __attribute__((always_inline)) ukr_vbf ukr_unpack32_bf16(const uin
 
 #include "ukr_template.h"
 UKR_DEFINE_KERNELS(avx512)
+
+/* ---- weight reuse for bf16 data (AVX-512 BF16): cpu_isa.h gemm_bf16 ----
+ * The accumulators' lanes are 16 rows of x, so one output per lane and no
+ * horizontal sums; each step is one 64-byte load of x pairs (16 rows) and
+ * one vdpbf16ps per weight row against that row's pair broadcast from the
+ * panel (a 32-bit broadcast operand). At a group's end one FMA folds in the
+ * row's scale and one its bias times the rows' group sums. The panel is the
+ * rows' exact bf16 q values, the qmv kernel's unpack stored instead of
+ * used. */
+static void avx512_dequant_bf16(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,
+                                int64_t kc, uint16_t *dst, float *s, float *b) {
+  const int bits = sh->bits, gs = sh->group_size;
+  const int64_t last_k = sh->K - 32;
+  for (int64_t k = k0; k < k0 + kc; k += 32) {
+    /* the panel walks many rows kc values at a time, a stride the hardware
+     * prefetchers miss: each chunk asks for the row's next block */
+    if (k + kc < sh->K) __builtin_prefetch(row->w + gqmm__cpu_chunk_offset(bits, k + kc), 0, 3);
+    ukr_vbf qb;
+    if (ukr_bf16_direct(bits)) {
+      qb = ukr_unpack32_bf16(row->w + gqmm__cpu_chunk_offset(bits, k), bits);
+    } else {
+      ukr_vf q[UKR_NV];
+      ukr_chunk(row->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
+      qb = ukr_q_to_bf16(q);
+    }
+    _mm512_storeu_si512(dst + (k - k0), (__m512i)qb);
+  }
+  for (int64_t g = k0 / gs; g < (k0 + kc) / gs; g++) {
+    s[g - k0 / gs] = UKR_PARAM(row->s, sh->dtype, g);
+    b[g - k0 / gs] = UKR_PARAM(row->b, sh->dtype, g);
+  }
+}
+
+static inline __attribute__((always_inline)) void
+ukr_gemm_bf16_tile(const int nr, int64_t kc, const int gs, const uint32_t *xT, const uint16_t *P,
+                   const float *s, const float *b, const float *xsT, float *Cv, int phase,
+                   float *C, int64_t ldc, int rows) {
+  enum { ldp = GQMM__CPU_BF16_KC, ldg = GQMM__CPU_BF16_KC / 32 };
+  ukr_vf acc[GQMM__CPU_BF16_NR], tot[GQMM__CPU_BF16_NR];
+  for (int n = 0; n < nr; n++)
+    tot[n] = phase & GQMM__CPU_GEMM_FIRST ? vf_zero() : vf_load(Cv + 16 * n);
+  const int pairs = gs / 2;
+  for (int64_t g = 0; g < kc / gs; g++) {
+    for (int n = 0; n < nr; n++)
+      acc[n] = vf_zero();
+    for (int64_t st = g * pairs; st < (g + 1) * pairs; st++) {
+      const ukr_vbf xv = (ukr_vbf)_mm512_loadu_si512(xT + 16 * st);
+      for (int n = 0; n < nr; n++) {
+        int32_t qp;
+        memcpy(&qp, P + n * ldp + 2 * st, 4);
+        acc[n] = _mm512_dpbf16_ps(acc[n], xv, (ukr_vbf)_mm512_set1_epi32(qp));
+      }
+    }
+    const ukr_vf xs = vf_load(xsT + 16 * g);
+    for (int n = 0; n < nr; n++) {
+      tot[n] = vf_fma(acc[n], vf_set1(s[n * ldg + g]), tot[n]);
+      tot[n] = vf_fma(vf_set1(b[n * ldg + g]), xs, tot[n]);
+    }
+  }
+  for (int n = 0; n < nr; n++) {
+    if (!(phase & GQMM__CPU_GEMM_LAST)) {
+      vf_store(Cv + 16 * n, tot[n]);
+      continue;
+    }
+    float t[16];
+    vf_store(t, tot[n]);
+    for (int m = 0; m < rows; m++)
+      C[m * ldc + n] = t[m];
+  }
+}
+
+#define UKR_BF16_NR(n)                                                                     \
+  case n:                                                                                  \
+    ukr_gemm_bf16_tile(n, kc, gs, xT, P, s, b, xsT, Cv, phase, C, ldc, rows);            \
+    break;
+static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, const uint16_t *P,
+                             const float *s, const float *b, const float *xsT, float *Cv,
+                             int phase, float *C, int64_t ldc, int rows) {
+  switch (nr) {
+    UKR_BF16_NR(1) UKR_BF16_NR(2) UKR_BF16_NR(3) UKR_BF16_NR(4) UKR_BF16_NR(5) UKR_BF16_NR(6)
+    UKR_BF16_NR(7) UKR_BF16_NR(8) UKR_BF16_NR(9) UKR_BF16_NR(10) UKR_BF16_NR(11)
+    UKR_BF16_NR(12) default : break;
+  }
+}
+#undef UKR_BF16_NR
 /* VNNI: four u8 x s8 products summed into each int32 lane in one
  * instruction, so the kernels' group sums are int32 from the start. The
  * 256-bit form keeps the AVX2 lanes (same bits as there) and, with AVX-512VL,
@@ -165,6 +250,27 @@ static inline __m256i ukr_i8_finish(__m256i acc) {
 #define UKR_I8_NR 3
 #define UKR_I8_PEAK_CHAINS 12 /* vpdpbusd: 5 cycles latency, 2 per cycle */
 #include "ukr_x86_common.h"
+
+/* vdpbf16ps in 12 independent chains, as ukr_peak_fma (run only where
+ * avx512_bf16_supported()). */
+static double ukr_peak_dp(long iters) {
+  ukr_vf acc[12];
+  ukr_vbf a = (ukr_vbf)_mm512_set1_epi16(0x3f80), b = (ukr_vbf)_mm512_set1_epi16(0x3380);
+  for (int i = 0; i < 12; i++)
+    acc[i] = vf_set1((float)i);
+  for (long it = 0; it < iters; it++) {
+    for (int i = 0; i < 12; i++)
+      acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a), "+v"(b));
+  }
+  float sink = 0;
+  for (int i = 0; i < 12; i++)
+    sink += vf_hsum(acc[i]);
+  return (double)sink;
+}
+static double avx512_peak_bf16(void) {
+  return gqmm__cpu_time_peak(ukr_peak_dp, 32.0 * 12);
+}
 
 static bool avx512_supported(void) {
   __builtin_cpu_init();
@@ -190,8 +296,11 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .qmv_bf16_supported = avx512_bf16_supported,
     .dequant = avx512_dequant,
     .gemm = avx512_gemm,
+    .dequant_bf16 = avx512_dequant_bf16,
+    .gemm_bf16 = avx512_gemm_bf16,
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,
     .i8_what = "int8 vpdpbusd",
+    .peak_bf16 = avx512_peak_bf16,
 };

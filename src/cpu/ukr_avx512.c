@@ -34,12 +34,13 @@ static inline ukr_vf vf_param(const void *p, gqmm_dtype t, int64_t i) {
   return t == GQMM_F16 ? _mm512_cvtph_ps(v)
                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
-/* p[i] of dtype t broadcast (a 16-bit broadcast load, then a shift or vcvtph2ps) */
+/* p[i] of dtype t broadcast: a 16-bit broadcast load, then vcvtph2ps, or
+ * for bf16 a shift of each 32-bit lane (h << 16 | h) by 16 */
 static inline ukr_vf vf_bcast_param(const void *p, gqmm_dtype t, int64_t i) {
   if (t == GQMM_F32) return _mm512_set1_ps(((const float *)p)[i]);
-  const __m256i h = _mm256_set1_epi16((short)((const uint16_t *)p)[i]);
-  return t == GQMM_F16 ? _mm512_cvtph_ps(h)
-                       : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  const short v = (short)((const uint16_t *)p)[i];
+  return t == GQMM_F16 ? _mm512_cvtph_ps(_mm256_set1_epi16(v))
+                       : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi16(v), 16));
 }
 static inline ukr_vf vf_fma(ukr_vf a, ukr_vf b, ukr_vf c) {
   return _mm512_fmadd_ps(a, b, c);

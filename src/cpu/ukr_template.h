@@ -184,7 +184,7 @@ UKR_INLINE void ukr_qmv_bf16_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wro
           acc[w][r] = ukr_bf16_dot(acc[w][r], qb[w], xb + k * R + r * 32);
     }
     for (int w = 0; w < W; w++) {
-      const ukr_vf s = vf_set1(UKR_PARAM(rw[w].s, GQMM_BF16, g));
+      const ukr_vf s = vf_bcast_param(rw[w].s, GQMM_BF16, g);
       for (int r = 0; r < R; r++) { /* the chains swap places: no run-time index */
         const ukr_vf t = vf_fma(acc[w][r], s, tot[w][r][0]);
         tot[w][r][0] = tot[w][r][1], tot[w][r][1] = t;

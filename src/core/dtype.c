@@ -130,6 +130,26 @@ void gqmm__convert(void *dst, gqmm_dtype dt, const void *src, gqmm_dtype st, int
     memcpy(dst, src, (size_t)n * gqmm_dtype_size(dt));
     return;
   }
+  /* bf16 <-> f32, the layer's elementwise steps' conversions: branch-free
+   * loops the compiler vectorizes (the same bits as gqmm_f32_to_bf16 and
+   * gqmm_bf16_to_f32), instead of a dtype switch per element */
+  if (st == GQMM_BF16 && dt == GQMM_F32) {
+    const uint16_t *h = src;
+    float *f = dst;
+    for (int64_t i = 0; i < n; i++)
+      f[i] = bits_f32((uint32_t)h[i] << 16);
+    return;
+  }
+  if (st == GQMM_F32 && dt == GQMM_BF16) {
+    const float *f = src;
+    uint16_t *h = dst;
+    for (int64_t i = 0; i < n; i++) {
+      const uint32_t u = f32_bits(f[i]);
+      const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+      h[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
+    }
+    return;
+  }
   for (int64_t i = 0; i < n; i++)
     gqmm__store_f(dst, dt, i, gqmm__load_f(src, st, i));
 }

@@ -236,6 +236,22 @@ static int64_t qmv_first(const job *j, int64_t R) {
   return (R1 <= 2) == (R - R1 <= 2) ? R1 : 0;
 }
 
+/* How a block of R rows runs: rows [0, P) on a panel, rows [P, R) in qmv
+ * passes of at most S rows. A qmv block (qmv_first) has P = 0; on the bf16
+ * panel, whose slabs cost 16 lanes whatever they hold, the last R % 16 rows
+ * take qmv passes when they would fill at most half a slab (the unit's
+ * weights are in cache by then): 17-24 rows cost one slab and a qmv pass or
+ * two instead of two slabs. */
+typedef struct {
+  int64_t P, S;
+} row_split;
+static row_split split_rows(const job *j, int64_t R) {
+  const int64_t R1 = qmv_first(j, R), T = R % 16, q = j->cfg->qmv_rows;
+  if (R1) return (row_split){0, R1};
+  if (!j->bf16_panel || T == 0 || T > 2 * q) return (row_split){R, 0};
+  return (row_split){R - T, T <= q ? T : (T + 1) / 2};
+}
+
 /* Whether a block of R rows runs without a panel (qmv, or int8's qmv_i8). */
 static bool small_path(const job *j, int64_t R) {
   return j->int8 ? R <= j->cfg->i8_rows : qmv_first(j, R) > 0;
@@ -263,23 +279,26 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   const size_t esz = gqmm_dtype_size(a->dtype);
   const int64_t K = a->K, G = j->G, R = j->blk_rows[blk], first = j->blk_first[blk];
   const int gs = j->sh.group_size;
-  const int64_t R1 = qmv_first(j, R);
-  const int64_t R8 = rows8(R);
-  /* the bf16 panel reads x only as xT: pairs of the row's bf16 values in
-   * chunk order, slab r / 16, lane r % 16 (zero past R) */
-  const bool panel_bf = j->bf16_panel && !R1;
-  for (int64_t r = 0; panel_bf && r < (R + 15) / 16 * 16; r++) {
+  const row_split sp = split_rows(j, R);
+  const int64_t R8 = rows8(R), P = sp.P;
+  /* the bf16 panel reads its rows only as xT: pairs of the row's bf16
+   * values in chunk order, slab r / 16, lane r % 16 (zero past P) */
+  const bool panel_bf = j->bf16_panel && P > 0;
+  for (int64_t r = 0; panel_bf && r < (P + 15) / 16 * 16; r++) {
     uint32_t *xt = v->xT + (r / 16) * (K / 2) * 16 + r % 16;
-    const uint16_t *xr = r < R ? (const uint16_t *)elem(a->x, j->x_off[first + r], esz) : NULL;
+    const uint16_t *xr = r < P ? (const uint16_t *)elem(a->x, j->x_off[first + r], esz) : NULL;
     for (int64_t c = 0; c < K; c += 32)
       for (int i = 0; i < 16; i++)
         xt[(c / 2 + i) * 16] = xr ? xr[c + j->perm[2 * i]] | (uint32_t)xr[c + j->perm[2 * i + 1]] << 16 : 0;
   }
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
-    const int64_t r0 = r < R1 ? 0 : R1, Rh = r < R1 ? R1 : R - R1; /* its sub-block */
-    for (int64_t c = 0; !j->int8 && !panel_bf && c < K; c += 32) { /* int8: codes only */
-      float *dst = v->xf + (R1 ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
+    /* a qmv row's sub-block [r0, r0 + Rh) (chunk-interleaved), else row-major */
+    const bool qmv_row = r >= P;
+    const int64_t r0 = qmv_row ? P + (r - P) / sp.S * sp.S : r;
+    const int64_t Rh = qmv_row ? (R - r0 < sp.S ? R - r0 : sp.S) : 1;
+    for (int64_t c = 0; !j->int8 && !(panel_bf && !qmv_row) && c < K; c += 32) {
+      float *dst = v->xf + (qmv_row ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
         dst[l] = v->tmp[c + j->perm[l]];
     }
@@ -303,15 +322,15 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
   for (int64_t g = 0; j->int8 && g < G; g++) /* padding lanes of the bias pass */
     for (int64_t r = R; r < R8; r++)
       v->xsum_t[g * R8 + r] = 0.0f;
-  if (j->xbf && !panel_bf) /* bf16 inputs: the top half of each float is the value, exactly */
-    for (int64_t i = 0; i < R * K; i++) {
+  if (j->xbf) /* bf16 inputs (qmv rows): the top half of each float is the value, exactly */
+    for (int64_t i = (panel_bf ? P : 0) * K; i < R * K; i++) {
       uint32_t u;
       memcpy(&u, &v->xf[i], 4);
       v->xb[i] = (uint16_t)(u >> 16);
     }
-  for (int64_t r = 0; panel_bf && r < (R + 15) / 16 * 16; r++) /* the slabs' group sums */
+  for (int64_t r = 0; panel_bf && r < (P + 15) / 16 * 16; r++) /* the slabs' group sums */
     for (int64_t g = 0; g < G; g++)
-      v->xsT[((r / 16) * G + g) * 16 + r % 16] = r < R ? v->xsum[r * G + g] : 0.0f;
+      v->xsT[((r / 16) * G + g) * 16 + r % 16] = r < P ? v->xsum[r * G + g] : 0.0f;
 }
 
 /* The int8 panel path's kc: the exact path's blocking in bytes (kc floats
@@ -422,38 +441,9 @@ static void unit_bf16(const job *j, const scratch_view *v, int64_t R, int nn) {
   }
 }
 
-/* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
-static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
-  const gqmm__qmm_args *a = j->a;
-  const size_t esz = gqmm_dtype_size(a->dtype);
-  const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], K = a->K, G = j->G, nt = j->nt;
-  for (int i = 0; i < nn; i++) {
-    const int64_t wr = e * j->nw + n0 + i;
-    v->wrows[i] = (gqmm__cpu_wrow){(const uint8_t *)a->w + wr * j->sh.row_bytes,
-                                   elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
-  }
-  if (j->int8) {
-    unit_i8(j, v, R, nn);
-    return;
-  }
-  const int64_t R1 = qmv_first(j, R);
-  for (int64_t r0 = 0; R1 && r0 < R; r0 += R1) {
-    const int64_t Rh = R - r0 < R1 ? R - r0 : R1, kb = qmv_kblock(j, R1);
-    for (int64_t k0 = 0; k0 < K; k0 += kb) {
-      const int64_t kc = K - k0 < kb ? K - k0 : kb;
-      if (j->xbf)
-        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
-                         v->C + r0 * nt, nt);
-      else
-        j->isa->qmv(&j->sh, v->wrows, nn, v->xf + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
-                    v->C + r0 * nt, nt);
-    }
-  }
-  if (R1) return;
-  if (j->bf16_panel) {
-    unit_bf16(j, v, R, nn);
-    return;
-  }
+/* The FMA panel (float32 weights, lanes along k) over the block's R rows. */
+static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int nn) {
+  const int64_t K = j->a->K, nt = j->nt;
   const int mr = j->cfg->mr, nr = j->cfg->nr, vw = j->isa->vw;
   for (int64_t k0 = 0; k0 < K; k0 += j->cfg->kc) {
     const int64_t kc = K - k0 < j->cfg->kc ? K - k0 : j->cfg->kc;
@@ -479,6 +469,38 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     }
   }
 }
+
+/* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
+static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
+  const gqmm__qmm_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], K = a->K, G = j->G, nt = j->nt;
+  for (int i = 0; i < nn; i++) {
+    const int64_t wr = e * j->nw + n0 + i;
+    v->wrows[i] = (gqmm__cpu_wrow){(const uint8_t *)a->w + wr * j->sh.row_bytes,
+                                   elem(a->scales, wr * G, esz), elem(a->biases, wr * G, esz)};
+  }
+  if (j->int8) {
+    unit_i8(j, v, R, nn);
+    return;
+  }
+  const row_split sp = split_rows(j, R);
+  if (sp.P && j->bf16_panel) unit_bf16(j, v, sp.P, nn);
+  else if (sp.P) unit_fma_panel(j, v, R, nn);
+  for (int64_t r0 = sp.P; r0 < R; r0 += sp.S) {
+    const int64_t Rh = R - r0 < sp.S ? R - r0 : sp.S, kb = qmv_kblock(j, sp.S);
+    for (int64_t k0 = 0; k0 < K; k0 += kb) {
+      const int64_t kc = K - k0 < kb ? K - k0 : kb;
+      if (j->xbf)
+        j->isa->qmv_bf16(&j->sh, v->wrows, nn, v->xb + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
+                         v->C + r0 * nt, nt);
+      else
+        j->isa->qmv(&j->sh, v->wrows, nn, v->xf + r0 * K, v->xsum + r0 * G, (int)Rh, k0, kc,
+                    v->C + r0 * nt, nt);
+    }
+  }
+}
+
 
 /* transpose=0 unit: output columns [n0, n0+nn) (nn a multiple of 32). W rows
  * run along n, so each k-row segment is dequantized (chunk order) and added

@@ -418,8 +418,7 @@ static void unit_i8(const job *j, const scratch_view *v, int64_t R, int nn) {
 static void unit_bf16(const job *j, const scratch_view *v, int64_t R, int nn) {
   const gqmm__cpu_isa *isa = j->isa;
   const int64_t K = j->a->K, G = j->G, nt = j->nt, gs = j->sh.group_size;
-  const int64_t kb = j->cfg->kc < GQMM__CPU_BF16_KC ? j->cfg->kc : GQMM__CPU_BF16_KC;
-  enum { ld = GQMM__CPU_BF16_KC, ldg = GQMM__CPU_BF16_KC / 32 };
+  enum { kb = GQMM__CPU_BF16_KC, ld = GQMM__CPU_BF16_KC, ldg = GQMM__CPU_BF16_KC / 32 };
   uint16_t *panel = (uint16_t *)v->panel;
   for (int64_t k0 = 0; k0 < K; k0 += kb) {
     const int64_t kc = K - k0 < kb ? K - k0 : kb;
@@ -629,6 +628,11 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
     int64_t nt = j.nblocks * a->N / (units > 0 ? units : 1);
     if (nt > SMALL_UNIT_ROWS) nt = SMALL_UNIT_ROWS;
     if (j.small_only && nt > j.nt) j.nt = nt;
+    /* the bf16 panel's micro-panels are GQMM__CPU_BF16_NR rows: whole ones
+     * (32 -> 36 rows a unit, and K blocks of GQMM__CPU_BF16_KC instead of
+     * the FMA path's kc: 3-6% on the seed shapes, AVX-512 EPYC) */
+    if (j.bf16_panel && !j.small_only)
+      j.nt = (j.nt + GQMM__CPU_BF16_NR - 1) / GQMM__CPU_BF16_NR * GQMM__CPU_BF16_NR;
   }
   j.tiles = (a->N + j.nt - 1) / j.nt;
   if (!status) status = reserve_scratch(ctx, &j);

@@ -252,23 +252,9 @@ static inline __m256i ukr_i8_finish(__m256i acc) {
 #define UKR_I8_PEAK_CHAINS 12 /* vpdpbusd: 5 cycles latency, 2 per cycle */
 #include "ukr_x86_common.h"
 
-/* vdpbf16ps in 12 independent chains, as ukr_peak_fma (run only where
- * avx512_bf16_supported()). */
-static double ukr_peak_dp(long iters) {
-  ukr_vf acc[12];
-  ukr_vbf a = (ukr_vbf)_mm512_set1_epi16(0x3f80), b = (ukr_vbf)_mm512_set1_epi16(0x3380);
-  for (int i = 0; i < 12; i++)
-    acc[i] = vf_set1((float)i);
-  for (long it = 0; it < iters; it++) {
-    for (int i = 0; i < 12; i++)
-      acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
-    __asm__ volatile("" : "+v"(a), "+v"(b));
-  }
-  float sink = 0;
-  for (int i = 0; i < 12; i++)
-    sink += vf_hsum(acc[i]);
-  return (double)sink;
-}
+/* vdpbf16ps (run only where avx512_bf16_supported()) */
+UKR_PEAK_LOOP(ukr_peak_dp, ukr_vbf, (ukr_vbf)_mm512_set1_epi16(0x3f80),
+              (ukr_vbf)_mm512_set1_epi16(0x3380), _mm512_dpbf16_ps)
 static double avx512_peak_bf16(void) {
   return gqmm__cpu_time_peak(ukr_peak_dp, 32.0 * 12);
 }

@@ -55,22 +55,29 @@ static void ukr_from_float(const float *src, gqmm_dtype t, int64_t n, void *dst)
     gqmm__store_f(dst, t, i, src[i]);
 }
 
-/* The exact path's instruction: vector FMA in 12 independent chains (more
- * than latency x throughput = 4 x 2), a loop the compiler cannot drop. */
-static double ukr_peak_fma(long iters) {
-  ukr_vf acc[12], a = vf_set1(1.0000001f), b = vf_set1(1e-7f);
-  for (int i = 0; i < 12; i++)
-    acc[i] = vf_set1((float)i);
-  for (long it = 0; it < iters; it++) {
-    for (int i = 0; i < 12; i++)
-      acc[i] = vf_fma(acc[i], a, b);
-    __asm__ volatile("" : "+x"(a), "+x"(b));
+/* A peak loop fn: acc = STEP(acc, a, b) on 12 independent float-vector
+ * chains (more than latency x throughput, 4 x 2 for the FMA), with a and b
+ * (of type AT) opaque to the compiler every iteration, so it cannot drop or
+ * fold the loop. */
+#define UKR_PEAK_LOOP(fn, AT, a0, b0, STEP)                                                      \
+  static double fn(long iters) {                                                                 \
+    ukr_vf acc[12];                                                                              \
+    AT a = a0, b = b0;                                                                           \
+    for (int i = 0; i < 12; i++)                                                                 \
+      acc[i] = vf_set1((float)i);                                                                \
+    for (long it = 0; it < iters; it++) {                                                        \
+      for (int i = 0; i < 12; i++)                                                               \
+        acc[i] = STEP(acc[i], a, b);                                                             \
+      __asm__ volatile("" : "+v"(a), "+v"(b));                                                   \
+    }                                                                                            \
+    float sink = 0;                                                                              \
+    for (int i = 0; i < 12; i++)                                                                 \
+      sink += vf_hsum(acc[i]);                                                                   \
+    return (double)sink;                                                                         \
   }
-  float sink = 0;
-  for (int i = 0; i < 12; i++)
-    sink += vf_hsum(acc[i]);
-  return (double)sink;
-}
+
+/* The exact path's instruction: vector FMA. */
+UKR_PEAK_LOOP(ukr_peak_fma, ukr_vf, vf_set1(1.0000001f), vf_set1(1e-7f), vf_fma)
 
 #include "ukr_i8_x86.h"
 

@@ -12,20 +12,61 @@
  */
 #include "moe.h"
 
-#include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
+
+/* e^x within ~1 ulp, in branch-free float arithmetic the compiler
+ * vectorizes (expf is a library call per element: the seed layer's
+ * activation took 3.0 of 80.6 ms a layer on the AVX-512 EPYC): x = n ln2 +
+ * r with |r| <= ln2 / 2 (n rounded by the 1.5 * 2^23 trick, ln2 in two
+ * parts), e^r by its Taylor polynomial to r^7 (remainder < 6e-9), 2^n
+ * through the exponent bits. x is clamped to [-87, 88], where e^x is a
+ * normal float; the activations below saturate well inside that (e^88 in
+ * a denominator reads as infinity, e^-87 as zero). NaN passes through. */
+static inline float clamp_bits(float x, float lo, float hi) { /* select by masks, no branch */
+  uint32_t xb, lb, hb;
+  memcpy(&xb, &x, 4), memcpy(&lb, &lo, 4), memcpy(&hb, &hi, 4);
+  const uint32_t above = 0u - (uint32_t)(x > hi), below = 0u - (uint32_t)(x < lo);
+  xb = (xb & ~(above | below)) | (hb & above) | (lb & below);
+  memcpy(&x, &xb, 4);
+  return x;
+}
+static inline float exp_vec(float x) {
+  x = clamp_bits(x, -87.0f, 88.0f); /* NaN stays NaN */
+  const float t = x * 1.4426950408889634f + 12582912.0f, n = t - 12582912.0f;
+  const float r = (x - n * 0.693145751953125f) - n * 1.4286068203094172e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t tb, sb;
+  memcpy(&tb, &t, 4);
+  sb = (tb - 0x4b400000u + 127u) << 23; /* n + 127 in the exponent field */
+  float scale;
+  memcpy(&scale, &sb, 4);
+  return p * scale;
+}
+
+/* gelu, tanh approximation (mlx.nn.gelu_approx, Gemma's gelu_pytorch_tanh),
+ * times up. 1 + tanh(z) = 2 - 2 / (exp(2z) + 1): one exp instead of tanhf,
+ * and exact at both saturations (exp large gives 2, exp -> 0 gives 0). */
+static inline float geglu(float gate, float up) {
+  const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
+  const float z = c * (gate + 0.044715f * gate * gate * gate);
+  return 0.5f * gate * (2.0f - 2.0f / (exp_vec(2.0f * z) + 1.0f)) * up;
+}
+static inline float swiglu(float gate, float up) {
+  return gate / (1.0f + exp_vec(-gate)) * up; /* silu(gate) * up */
+}
 
 float gqmm__moe_act(gqmm__activation act, float gate, float up) {
-  if (act == GQMM__ACT_GEGLU) {
-    /* gelu, tanh approximation (mlx.nn.gelu_approx, Gemma's gelu_pytorch_tanh) */
-    const float c = 0.7978845608028654f; /* sqrt(2 / pi) */
-    const float z = c * (gate + 0.044715f * gate * gate * gate);
-    /* 1 + tanh(z) = 2 - 2 / (exp(2z) + 1): one expf instead of tanhf, and
-     * exact at both saturations (exp -> inf gives 2, exp -> 0 gives 0). */
-    return 0.5f * gate * (2.0f - 2.0f / (expf(2.0f * z) + 1.0f)) * up;
-  }
-  return gate / (1.0f + expf(-gate)) * up; /* silu(gate) * up */
+  return act == GQMM__ACT_GEGLU ? geglu(gate, up) : swiglu(gate, up);
 }
 
 /* One gathered GEMM over the plan's rows: out[r] = x[x_index[r]] @ W[e_r]^T. */
@@ -79,7 +120,10 @@ static void act_rows(void *arg, int64_t begin, int64_t end) {
       const int64_t n = I - c < CHUNK ? I - c : CHUNK;
       gqmm__convert(g, GQMM_F32, j->gu + (size_t)(r * j->gs + c) * esz, dt, n);
       gqmm__convert(u, GQMM_F32, j->gu + (size_t)(r * j->gs + j->uo + c) * esz, dt, n);
-      for (int64_t i = 0; i < n; i++) g[i] = gqmm__moe_act(j->a->act, g[i], u[i]);
+      if (j->a->act == GQMM__ACT_GEGLU) /* one loop per activation: they vectorize */
+        for (int64_t i = 0; i < n; i++) g[i] = geglu(g[i], u[i]);
+      else
+        for (int64_t i = 0; i < n; i++) g[i] = swiglu(g[i], u[i]);
       gqmm__convert(j->h + (size_t)(r * I + c) * esz, dt, g, GQMM_F32, n);
     }
 }

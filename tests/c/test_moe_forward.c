@@ -4,10 +4,12 @@
  * out here in double), for both activations, fused and separate gate/up,
  * every bits x group size x dtype; determinism; argument checks.
  */
+#include "../../src/moe/moe.h" /* gqmm__moe_act */
 #include "test.h"
 
 #include <math.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -399,4 +401,32 @@ GQMM_TEST(moe_forward_zero_tokens_and_uint32_ids) {
   CHECK_OK(st);
   CHECK_OK(st0);
   CHECK_MSG(err <= tolerance(GQMM_F16), "err %.3g", err);
+}
+
+/* The CPU layer's activations (moe_compose.c, a vectorizable exp) against
+ * float64 over gate values from saturation to saturation: within a few
+ * float32 ulps, saturating the same way, NaN propagating. */
+GQMM_TEST(moe_activations_match_float64) {
+  for (int a = 0; a < 2; a++) {
+    const gqmm__activation act = a ? GQMM__ACT_GEGLU : GQMM__ACT_SWIGLU;
+    double worst = 0;
+    for (int i = -40000; i <= 40000; i++) {
+      const float g = (float)i * 2.5e-3f, u = 1.0f + (float)(i % 7) * 0.125f;
+      const double gd = g, sig = a ? 0.5 * (1.0 + tanh(0.7978845608028654 * (gd + 0.044715 * gd * gd * gd)))
+                                   : 1.0 / (1.0 + exp(-gd));
+      const double want = gd * sig * u, got = gqmm__moe_act(act, g, u);
+      /* relative to the result, or to gate * up where the result is orders
+       * smaller (GeGLU's 2 - 2 / (e^2z + 1) cancels for z << 0, as tanh's
+       * 1 + tanh(z) would: an absolute float32 error of the inputs' size) */
+      const double err = fabs(got - want), rel = want != 0 ? err / fabs(want) : err;
+      if (rel > worst && fabs(want) > 1e-3 * fabs(gd * u)) worst = rel;
+      CHECK_MSG(err <= 4e-6 * fabs(want) + 2.4e-7 * fabs(gd * u),
+                "act %d gate %.9g up %g: %.9g against %.9g", a, g, u, got, want);
+    }
+    printf("  act %s: worst relative error %.3g (results above 1e-3 gate x up)\n",
+           a ? "geglu" : "swiglu", worst);
+    CHECK(isnan(gqmm__moe_act(act, NAN, 1.0f)) && isnan(gqmm__moe_act(act, 1.0f, NAN)));
+    CHECK(gqmm__moe_act(act, 1e30f, 1.0f) == 1e30f); /* saturates to gate * up */
+    CHECK(fabs(gqmm__moe_act(act, -1e30f, 1.0f)) < 1e-6);
+  }
 }

@@ -14,7 +14,6 @@
 #define BUF_BYTES ((size_t)512 << 20) /* 16x a 32 MB LLC */
 #define PREFETCH_AHEAD GQMM__CPU_QMV_PREFETCH
 
-
 double gqmm__cpu_time_peak(double (*loop)(long iters), double macs_per_iter) {
   long iters = 1 << 14;
   for (;;) {
@@ -62,12 +61,15 @@ static void bench_task(void *arg, int t) {
     for (size_t i = 0; i + 8 <= h; i += 8) {
       __builtin_prefetch(p + i + PREFETCH_AHEAD / 8, 0, 0);
       __builtin_prefetch(p + h + i + PREFETCH_AHEAD / 8, 0, 0);
-      for (int k = 0; k < 4; k++) s[k] += p[i + k] + p[i + k + 4];
-      for (int k = 0; k < 4; k++) s[k + 4] += p[h + i + k] + p[h + i + k + 4];
+      for (int k = 0; k < 4; k++)
+        s[k] += p[i + k] + p[i + k + 4];
+      for (int k = 0; k < 4; k++)
+        s[k + 4] += p[h + i + k] + p[h + i + k + 4];
     }
   } else {
     for (size_t i = 0; i + 8 <= n; i += 8)
-      for (int k = 0; k < 8; k++) s[k] += p[i + k];
+      for (int k = 0; k < 8; k++)
+        s[k] += p[i + k];
   }
   b->sink[t % 256] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
 }
@@ -118,7 +120,9 @@ int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceil
     macs += b->rate[t];
   out->compute_GMACps = macs / 1e9;
   snprintf(out->compute_what, sizeof out->compute_what, "%s %s", st->isa->name,
-           b->int8 ? st->isa->i8_what : b->bf16 ? "vdpbf16ps (bf16 data)" : "fp32 fma");
+           b->int8   ? st->isa->i8_what
+           : b->bf16 ? "vdpbf16ps (bf16 data)"
+                     : "fp32 fma");
   char model[64] = "CPU";
   FILE *f = fopen("/proc/cpuinfo", "r"); /* "model name : AMD EPYC" on Linux */
   for (char line[256]; f && fgets(line, sizeof line, f);) {

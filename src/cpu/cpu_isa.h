@@ -121,8 +121,8 @@ typedef struct {
    * from zero with GQMM__CPU_GEMM_FIRST; with GQMM__CPU_GEMM_LAST the first
    * `rows` lanes go to C[m * ldc + n] instead.
    */
-  void (*dequant_bf16)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,
-                       int64_t kc, uint16_t *dst, float *s, float *b);
+  void (*dequant_bf16)(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0, int64_t kc,
+                       uint16_t *dst, float *s, float *b);
   void (*gemm_bf16)(int nr, int64_t kc, int gs, const uint32_t *xT, const uint16_t *P,
                     const float *s, const float *b, const float *xsT, float *Cv, int phase,
                     float *C, int64_t ldc, int rows);

@@ -63,7 +63,7 @@ typedef struct {
   int64_t *out_off;                      /* [rows] element offset of its output row */
   int64_t *blk_first, *blk_rows, *blk_e; /* [nblocks] */
   int64_t nblocks, tiles, rows_max;
-  bool small_only; /* every block takes the small-M path (no panel scratch) */
+  bool small_only;  /* every block takes the small-M path (no panel scratch) */
   int perm[32];     /* chunk order of the x block */
   int col_perm[32]; /* transpose=0: column order of a dequantized chunk */
   atomic_llong next;
@@ -163,8 +163,7 @@ static size_t layout(const job *j, char *base, scratch_view *v) {
   if (j->bf16_panel && pk < GQMM__CPU_BF16_KC / 2) pk = GQMM__CPU_BF16_KC / 2;
   const size_t o_panel = carve(&off, panel ? (size_t)(nt * pk) * 4 : 0);
   const size_t o_C = carve(&off, (size_t)(R * nt) * 4);
-  const size_t o_Cv =
-      carve(&off, panel && j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
+  const size_t o_Cv = carve(&off, panel && j->a->transpose ? (size_t)(R * nt * j->isa->vw) * 4 : 0);
   const size_t o_xq = carve(&off, j->int8 ? (size_t)(R * K) : 0);
   const size_t o_xt = carve(&off, j->int8 ? (size_t)(rows8(R) * (K / 32 + 1)) * 4 : 0);
   const size_t o_sf = carve(&off, j->int8 ? (size_t)(2 * nt * (K / 32 + 1)) * 4 : 0);
@@ -289,7 +288,8 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
     const uint16_t *xr = r < P ? (const uint16_t *)elem(a->x, j->x_off[first + r], esz) : NULL;
     for (int64_t c = 0; c < K; c += 32)
       for (int i = 0; i < 16; i++)
-        xt[(c / 2 + i) * 16] = xr ? xr[c + j->perm[2 * i]] | (uint32_t)xr[c + j->perm[2 * i + 1]] << 16 : 0;
+        xt[(c / 2 + i) * 16] =
+            xr ? xr[c + j->perm[2 * i]] | (uint32_t)xr[c + j->perm[2 * i + 1]] << 16 : 0;
   }
   for (int64_t r = 0; r < R; r++) {
     j->isa->to_float(elem(a->x, j->x_off[first + r], esz), a->dtype, K, v->tmp);
@@ -484,8 +484,10 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     return;
   }
   const row_split sp = split_rows(j, R);
-  if (sp.P && j->bf16_panel) unit_bf16(j, v, sp.P, nn);
-  else if (sp.P) unit_fma_panel(j, v, R, nn);
+  if (sp.P && j->bf16_panel)
+    unit_bf16(j, v, sp.P, nn);
+  else if (sp.P)
+    unit_fma_panel(j, v, R, nn);
   for (int64_t r0 = sp.P; r0 < R; r0 += sp.S) {
     const int64_t Rh = R - r0 < sp.S ? R - r0 : sp.S, kb = qmv_kblock(j, sp.S);
     for (int64_t k0 = 0; k0 < K; k0 += kb) {
@@ -499,7 +501,6 @@ static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, in
     }
   }
 }
-
 
 /* transpose=0 unit: output columns [n0, n0+nn) (nn a multiple of 32). W rows
  * run along n, so each k-row segment is dequantized (chunk order) and added
@@ -604,8 +605,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   const int64_t wlen = a->transpose ? a->K : a->N;
   j.nw = a->transpose ? a->N : a->K;
   j.G = wlen / a->q.group_size;
-  j.sh = (gqmm__cpu_shape){a->q.bits, a->q.group_size, a->dtype, wlen,
-                           gqmm_packed_words(a->q, wlen) * 4, 0};
+  j.sh = (gqmm__cpu_shape){
+      a->q.bits, a->q.group_size, a->dtype, wlen, gqmm_packed_words(a->q, wlen) * 4, 0};
   /* whole rows ahead (the next pair at least), GQMM__CPU_QMV_PREFETCH bytes or more */
   j.sh.pf_ahead = (GQMM__CPU_QMV_PREFETCH + j.sh.row_bytes - 1) / j.sh.row_bytes;
   if (j.sh.pf_ahead < 2) j.sh.pf_ahead = 2;
@@ -623,7 +624,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   int status = build_blocks(ctx, &j);
   if (!status && a->transpose) { /* small-M jobs stream long units (SMALL_UNIT_ROWS) */
     j.small_only = true;
-    for (int64_t b = 0; b < j.nblocks; b++) j.small_only &= small_path(&j, j.blk_rows[b]);
+    for (int64_t b = 0; b < j.nblocks; b++)
+      j.small_only &= small_path(&j, j.blk_rows[b]);
     const int64_t units = SMALL_UNITS_PER_THREAD * (int64_t)st->threads;
     int64_t nt = j.nblocks * a->N / (units > 0 ? units : 1);
     if (nt > SMALL_UNIT_ROWS) nt = SMALL_UNIT_ROWS;

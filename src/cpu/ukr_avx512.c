@@ -108,7 +108,7 @@ static inline bool ukr_bf16_direct(int bits) {
   return bits == 4 || bits == 2;
 }
 static inline __attribute__((always_inline)) ukr_vbf ukr_unpack32_bf16(const uint8_t *src,
-                                                                      int bits) {
+                                                                       int bits) {
   /* bf16 of the integers 0..15, then again (index bit 4 is above a 4-bit field) */
 #define UKR_BF16_0_15                                                                             \
   0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, \
@@ -120,8 +120,8 @@ static inline __attribute__((always_inline)) ukr_vbf ukr_unpack32_bf16(const uin
                                   0, 0x3f80, 0x4000, 0x4040, 0, 0x3f80, 0x4000, 0x4040};
 #undef UKR_BF16_0_15
   /* pick: per 128-bit block, word w takes byte base + w; -128 zeroes the high byte */
-#define UKR_PICK(base)                                                                            \
-  base, -128, base + 1, -128, base + 2, -128, base + 3, -128, base + 4, -128, base + 5, -128,     \
+#define UKR_PICK(base)                                                                        \
+  base, -128, base + 1, -128, base + 2, -128, base + 3, -128, base + 4, -128, base + 5, -128, \
       base + 6, -128, base + 7, -128
   static const int8_t pick4[64] = {UKR_PICK(0), UKR_PICK(0), UKR_PICK(8), UKR_PICK(8)};
   static const int8_t pick2[64] = {UKR_PICK(0), UKR_PICK(0), UKR_PICK(0), UKR_PICK(0)};
@@ -132,9 +132,8 @@ static inline __attribute__((always_inline)) ukr_vbf ukr_unpack32_bf16(const uin
                                    4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6};
   uint64_t w8;
   memcpy(&w8, src, 8);
-  const __m512i raw = bits == 4
-                          ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)src))
-                          : _mm512_set1_epi64((long long)w8);
+  const __m512i raw = bits == 4 ? _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)src))
+                                : _mm512_set1_epi64((long long)w8);
   const __m512i pick = _mm512_loadu_si512(bits == 4 ? (const void *)pick4 : (const void *)pick2);
   const __m512i sh = _mm512_loadu_si512(bits == 4 ? (const void *)sh4 : (const void *)sh2);
   const __m512i tab = _mm512_loadu_si512(bits == 4 ? (const void *)t4 : (const void *)t2);
@@ -179,8 +178,8 @@ static void avx512_dequant_bf16(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow 
 
 static inline __attribute__((always_inline)) void
 ukr_gemm_bf16_tile(const int nr, int64_t kc, const int gs, const uint32_t *xT, const uint16_t *P,
-                   const float *s, const float *b, const float *xsT, float *Cv, int phase,
-                   float *C, int64_t ldc, int rows) {
+                   const float *s, const float *b, const float *xsT, float *Cv, int phase, float *C,
+                   int64_t ldc, int rows) {
   enum { ldp = GQMM__CPU_BF16_KC, ldg = GQMM__CPU_BF16_KC / 32 };
   ukr_vf acc[GQMM__CPU_BF16_NR], tot[GQMM__CPU_BF16_NR];
   for (int n = 0; n < nr; n++)
@@ -215,17 +214,18 @@ ukr_gemm_bf16_tile(const int nr, int64_t kc, const int gs, const uint32_t *xT, c
   }
 }
 
-#define UKR_BF16_NR(n)                                                                     \
-  case n:                                                                                  \
-    ukr_gemm_bf16_tile(n, kc, gs, xT, P, s, b, xsT, Cv, phase, C, ldc, rows);            \
+#define UKR_BF16_NR(n)                                                        \
+  case n:                                                                     \
+    ukr_gemm_bf16_tile(n, kc, gs, xT, P, s, b, xsT, Cv, phase, C, ldc, rows); \
     break;
 static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, const uint16_t *P,
-                             const float *s, const float *b, const float *xsT, float *Cv,
-                             int phase, float *C, int64_t ldc, int rows) {
+                             const float *s, const float *b, const float *xsT, float *Cv, int phase,
+                             float *C, int64_t ldc, int rows) {
   switch (nr) {
-    UKR_BF16_NR(1) UKR_BF16_NR(2) UKR_BF16_NR(3) UKR_BF16_NR(4) UKR_BF16_NR(5) UKR_BF16_NR(6)
-    UKR_BF16_NR(7) UKR_BF16_NR(8) UKR_BF16_NR(9) UKR_BF16_NR(10) UKR_BF16_NR(11)
-    UKR_BF16_NR(12) default : break;
+    UKR_BF16_NR(1)
+    UKR_BF16_NR(2) UKR_BF16_NR(3) UKR_BF16_NR(4) UKR_BF16_NR(5) UKR_BF16_NR(6) UKR_BF16_NR(7)
+        UKR_BF16_NR(8) UKR_BF16_NR(9) UKR_BF16_NR(10) UKR_BF16_NR(11) UKR_BF16_NR(12) default
+        : break;
   }
 }
 #undef UKR_BF16_NR

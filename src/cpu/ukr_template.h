@@ -61,8 +61,8 @@ UKR_INLINE void ukr_chunk(const uint8_t *w, int64_t off, int bits, bool last, uk
  * docs/perf-notes.md), plus the rows' dot products `sum`, into C (the first
  * K block stores, later ones add). */
 UKR_INLINE void ukr_qmv_store(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
-                              const float *xsum, const int R, const int lg, int64_t k0,
-                              int64_t kc, const ukr_vf *sum, float *C, int64_t ldc) {
+                              const float *xsum, const int R, const int lg, int64_t k0, int64_t kc,
+                              const ukr_vf *sum, float *C, int64_t ldc) {
   const int64_t G = sh->K >> lg, g0 = k0 >> lg, g1 = (k0 + kc) >> lg;
   ukr_vf bv[GQMM__CPU_QMV_MAX_ROWS];
   float bsum[GQMM__CPU_QMV_MAX_ROWS];
@@ -95,8 +95,8 @@ UKR_INLINE void ukr_qmv_store(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *r
  * measured 2.5% faster than with 4; 4 chains per row at R = 2..4 slower).
  */
 UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const float *x,
-                            const float *xsum, const int R, const int bits, int64_t k0,
-                            int64_t kc, float *C, int64_t ldc) {
+                            const float *xsum, const int R, const int bits, int64_t k0, int64_t kc,
+                            float *C, int64_t ldc) {
   enum { NA_MAX = UKR_NV };
   const int NA = UKR_NV >= 2 && R <= 2 ? 2 : 1;
   /* gs is 32, 64 or 128: shifts, not a 64-bit division per row (~40 cycles) */
@@ -146,10 +146,10 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
  * and double the independent chains: at R = 4, 24 of the 32 registers hold
  * totals and dots (M = 4: -12% time against one row at a time).
  */
-UKR_INLINE void ukr_qmv_bf16_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
-                                  const int W, const uint16_t *xb, const float *xsum,
-                                  const int R, const int bits, const int GS, int64_t k0,
-                                  int64_t kc, float *C, int64_t ldc) {
+UKR_INLINE void ukr_qmv_bf16_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw, const int W,
+                                  const uint16_t *xb, const float *xsum, const int R,
+                                  const int bits, const int GS, int64_t k0, int64_t kc, float *C,
+                                  int64_t ldc) {
   const int lg = __builtin_ctz((unsigned)GS);
   const int64_t K = sh->K, last_k = K - 32;
   ukr_vf tot[2][GQMM__CPU_QMV_MAX_ROWS][2];
@@ -294,20 +294,20 @@ UKR_INLINE void ukr_gemm_rows(const int mr, const int nr, int rows, int64_t kc, 
     break;
 #define UKR_QMV_BITS(b) UKR_FOR_R(UKR_QMV_CASE, b)
 /* bf16: weight rows in pairs, the group size a constant */
-#define UKR_QMV_BF16_GS(b, r, gs)                                                           \
-  case gs: {                                                                                \
-    int n = 0;                                                                              \
-    for (; n + 2 <= nrows; n += 2)                                                          \
-      ukr_qmv_bf16_rows(sh, &rows[n], 2, x, xsum, r, b, gs, k0, kc, C + n, ldc);            \
-    for (; n < nrows; n++)                                                                  \
-      ukr_qmv_bf16_rows(sh, &rows[n], 1, x, xsum, r, b, gs, k0, kc, C + n, ldc);            \
+#define UKR_QMV_BF16_GS(b, r, gs)                                                \
+  case gs: {                                                                     \
+    int n = 0;                                                                   \
+    for (; n + 2 <= nrows; n += 2)                                               \
+      ukr_qmv_bf16_rows(sh, &rows[n], 2, x, xsum, r, b, gs, k0, kc, C + n, ldc); \
+    for (; n < nrows; n++)                                                       \
+      ukr_qmv_bf16_rows(sh, &rows[n], 1, x, xsum, r, b, gs, k0, kc, C + n, ldc); \
   } break;
-#define UKR_QMV_BF16_CASE(b, r)                                                             \
-  case (b)*8 + (r):                                                                         \
-    switch (sh->group_size) {                                                               \
-      UKR_QMV_BF16_GS(b, r, 32) UKR_QMV_BF16_GS(b, r, 64) UKR_QMV_BF16_GS(b, r, 128) default \
-          : break;                                                                          \
-    }                                                                                       \
+#define UKR_QMV_BF16_CASE(b, r)                                             \
+  case (b)*8 + (r):                                                         \
+    switch (sh->group_size) {                                               \
+      UKR_QMV_BF16_GS(b, r, 32)                                             \
+      UKR_QMV_BF16_GS(b, r, 64) UKR_QMV_BF16_GS(b, r, 128) default : break; \
+    }                                                                       \
     break;
 #define UKR_QMV_BF16_BITS(b) UKR_FOR_R(UKR_QMV_BF16_CASE, b)
 /* the parameter dtype and the group size constants too (3 x 3 per width) */

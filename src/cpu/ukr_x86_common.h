@@ -59,21 +59,21 @@ static void ukr_from_float(const float *src, gqmm_dtype t, int64_t n, void *dst)
  * chains (more than latency x throughput, 4 x 2 for the FMA), with a and b
  * (of type AT) opaque to the compiler every iteration, so it cannot drop or
  * fold the loop. */
-#define UKR_PEAK_LOOP(fn, AT, a0, b0, STEP)                                                      \
-  static double fn(long iters) {                                                                 \
-    ukr_vf acc[12];                                                                              \
-    AT a = a0, b = b0;                                                                           \
-    for (int i = 0; i < 12; i++)                                                                 \
-      acc[i] = vf_set1((float)i);                                                                \
-    for (long it = 0; it < iters; it++) {                                                        \
-      for (int i = 0; i < 12; i++)                                                               \
-        acc[i] = STEP(acc[i], a, b);                                                             \
-      __asm__ volatile("" : "+v"(a), "+v"(b));                                                   \
-    }                                                                                            \
-    float sink = 0;                                                                              \
-    for (int i = 0; i < 12; i++)                                                                 \
-      sink += vf_hsum(acc[i]);                                                                   \
-    return (double)sink;                                                                         \
+#define UKR_PEAK_LOOP(fn, AT, a0, b0, STEP)    \
+  static double fn(long iters) {               \
+    ukr_vf acc[12];                            \
+    AT a = a0, b = b0;                         \
+    for (int i = 0; i < 12; i++)               \
+      acc[i] = vf_set1((float)i);              \
+    for (long it = 0; it < iters; it++) {      \
+      for (int i = 0; i < 12; i++)             \
+        acc[i] = STEP(acc[i], a, b);           \
+      __asm__ volatile("" : "+v"(a), "+v"(b)); \
+    }                                          \
+    float sink = 0;                            \
+    for (int i = 0; i < 12; i++)               \
+      sink += vf_hsum(acc[i]);                 \
+    return (double)sink;                       \
   }
 
 /* The exact path's instruction: vector FMA. */

@@ -355,8 +355,8 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
    * down has run: the combine drops their L2 lines, as it does y's, so they
    * are never written back to memory during the next layer's weight streams */
   char *dead = act_fused ? h : gu;
-  STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E,
-                            a->out, T, k, H, dead, (int64_t)(s->buf + off[S_Y] - dead)),
+  STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E, a->out,
+                            T, k, H, dead, (int64_t)(s->buf + off[S_Y] - dead)),
        "combine");
   MARK(5);
 #undef MARK

@@ -236,7 +236,8 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
       if (es.count[e] == 0) continue; /* the same for every thread */
       int32_t v[3] = {0, 0, 0}, tot[3];
 #pragma unroll
-      for (int i = 0; i < n; i++) v[0] += expert_at(i) == e;
+      for (int i = 0; i < n; i++)
+        v[0] += expert_at(i) == e;
       const int32_t own = v[0];
       block_scan3<NT>(v, tot, ws);
       int32_t at = start[e] + (v[0] - own) * a.M;

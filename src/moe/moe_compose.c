@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-
 /* e^x within ~1 ulp, in branch-free float arithmetic the compiler
  * vectorizes (expf is a library call per element: the seed layer's
  * activation took 3.0 of 80.6 ms a layer on the AVX-512 EPYC): x = n ln2 +
@@ -121,9 +120,11 @@ static void act_rows(void *arg, int64_t begin, int64_t end) {
       gqmm__convert(g, GQMM_F32, j->gu + (size_t)(r * j->gs + c) * esz, dt, n);
       gqmm__convert(u, GQMM_F32, j->gu + (size_t)(r * j->gs + j->uo + c) * esz, dt, n);
       if (j->a->act == GQMM__ACT_GEGLU) /* one loop per activation: they vectorize */
-        for (int64_t i = 0; i < n; i++) g[i] = geglu(g[i], u[i]);
+        for (int64_t i = 0; i < n; i++)
+          g[i] = geglu(g[i], u[i]);
       else
-        for (int64_t i = 0; i < n; i++) g[i] = swiglu(g[i], u[i]);
+        for (int64_t i = 0; i < n; i++)
+          g[i] = swiglu(g[i], u[i]);
       gqmm__convert(j->h + (size_t)(r * I + c) * esz, dt, g, GQMM_F32, n);
     }
 }

@@ -194,7 +194,8 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
  * dtype, whatever the order of the sums. */
 static int problem_make_int(problem *p, test_rng *r) {
   const int64_t wrows = p->transpose ? p->N : p->K, wlen = p->transpose ? p->K : p->N;
-  const int64_t words = gqmm_packed_words(p->q, wlen), n_sb = p->E * wrows * (wlen / p->q.group_size);
+  const int64_t words = gqmm_packed_words(p->q, wlen),
+                n_sb = p->E * wrows * (wlen / p->q.group_size);
   const int64_t n_x = (int64_t)p->batch * p->M * p->K;
   const size_t es = gqmm_dtype_size(p->dt);
   float *f = malloc((size_t)(n_x > n_sb ? n_x : n_sb) * 4);
@@ -211,13 +212,17 @@ static int problem_make_int(problem *p, test_rng *r) {
       if ((bit & 7) + p->q.bits > 8) w[(bit >> 3) + 1] |= (uint8_t)(q >> (8 - (bit & 7)));
     }
   }
-  for (int64_t i = 0; i < n_sb; i++) f[i] = (float)(1 << (test_rng_u32(r) % 3)) * 0.5f;
+  for (int64_t i = 0; i < n_sb; i++)
+    f[i] = (float)(1 << (test_rng_u32(r) % 3)) * 0.5f;
   gqmm__convert(p->sc, p->dt, f, GQMM_F32, n_sb);
-  for (int64_t i = 0; i < n_sb; i++) f[i] = (float)((int)(test_rng_u32(r) % 9) - 4);
+  for (int64_t i = 0; i < n_sb; i++)
+    f[i] = (float)((int)(test_rng_u32(r) % 9) - 4);
   gqmm__convert(p->bi, p->dt, f, GQMM_F32, n_sb);
-  for (int64_t i = 0; i < n_x; i++) f[i] = (float)((int)(test_rng_u32(r) % 7) - 3);
+  for (int64_t i = 0; i < n_x; i++)
+    f[i] = (float)((int)(test_rng_u32(r) % 7) - 3);
   gqmm__convert(p->x, p->dt, f, GQMM_F32, n_x);
-  for (int i = 0; i < p->batch; i++) p->idx[i] = (int32_t)(test_rng_u32(r) % (uint32_t)p->E);
+  for (int i = 0; i < p->batch; i++)
+    p->idx[i] = (int32_t)(test_rng_u32(r) % (uint32_t)p->E);
   free(f);
   return GQMM_OK;
 }
@@ -239,8 +244,13 @@ GQMM_TEST(cpu_integer_problems_match_reference_bitwise) {
         for (int di = 0; di < 3; di++)
           for (int mi = 0; mi < 10; mi++) {
             const int gs = all_groups[gi], T = mi % 3 != 2;
-            problem p = {.E = 3, .M = Ms[mi], .N = 37, .K = gs * (gs == 128 ? 3 : 5),
-                         .batch = 4, .transpose = T, .q = {all_bits[bi], gs},
+            problem p = {.E = 3,
+                         .M = Ms[mi],
+                         .N = 37,
+                         .K = gs * (gs == 128 ? 3 : 5),
+                         .batch = 4,
+                         .transpose = T,
+                         .q = {all_bits[bi], gs},
                          .dt = all_dtypes[di]};
             if (!T) p.N = 2 * gs; /* transpose=0: N is the packed length */
             CHECK_OK(problem_make_int(&p, &r));

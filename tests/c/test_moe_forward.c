@@ -412,8 +412,9 @@ GQMM_TEST(moe_activations_match_float64) {
     double worst = 0;
     for (int i = -40000; i <= 40000; i++) {
       const float g = (float)i * 2.5e-3f, u = 1.0f + (float)(i % 7) * 0.125f;
-      const double gd = g, sig = a ? 0.5 * (1.0 + tanh(0.7978845608028654 * (gd + 0.044715 * gd * gd * gd)))
-                                   : 1.0 / (1.0 + exp(-gd));
+      const double gd = g,
+                   sig = a ? 0.5 * (1.0 + tanh(0.7978845608028654 * (gd + 0.044715 * gd * gd * gd)))
+                           : 1.0 / (1.0 + exp(-gd));
       const double want = gd * sig * u, got = gqmm__moe_act(act, g, u);
       /* relative to the result, or to gate * up where the result is orders
        * smaller (GeGLU's 2 - 2 / (e^2z + 1) cancels for z << 0, as tanh's

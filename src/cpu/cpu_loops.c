@@ -236,18 +236,23 @@ static int64_t qmv_first(const job *j, int64_t R) {
 }
 
 /* How a block of R rows runs: rows [0, P) on a panel, rows [P, R) in qmv
- * passes of at most S rows. A qmv block (qmv_first) has P = 0; on the bf16
- * panel, whose slabs cost 16 lanes whatever they hold, the last R % 16 rows
- * take qmv passes when they would fill at most half a slab (the unit's
- * weights are in cache by then): 17-24 rows cost one slab and a qmv pass or
- * two instead of two slabs. */
+ * passes of at most S rows. A qmv block (qmv_first) has P = 0. On the bf16
+ * panel a slab costs its 16 lanes whatever it holds, about four qmv passes
+ * of the unit's cached weights: blocks of up to 3 passes' rows (12) take
+ * qmv passes only (gather at 8 rows/expert 31.2-32.7 -> 26.7-27.0 ms; 4
+ * passes lost at 16 rows), and the last R % 16 rows past whole slabs take
+ * qmv passes when they would fill at most half a slab (17-24 rows: one slab
+ * and one or two passes, not two slabs; tails of 9-12 as three passes
+ * measured no better). AVX-512 EPYC, perf-notes session 12. */
 typedef struct {
   int64_t P, S;
 } row_split;
 static row_split split_rows(const job *j, int64_t R) {
   const int64_t R1 = qmv_first(j, R), T = R % 16, q = j->cfg->qmv_rows;
   if (R1) return (row_split){0, R1};
-  if (!j->bf16_panel || T == 0 || T > 2 * q) return (row_split){R, 0};
+  if (!j->bf16_panel) return (row_split){R, 0};
+  if (R <= 3 * q) return (row_split){0, q};
+  if (T == 0 || T > 2 * q) return (row_split){R, 0};
   return (row_split){R - T, T <= q ? T : (T + 1) / 2};
 }
 

@@ -229,20 +229,20 @@ static int problem_make_int(problem *p, test_rng *r) {
 
 /* Integer-valued problems must match the reference bit for bit on every ISA,
  * width, group size, dtype and path (qmv at 1-4 rows, the split qmv at 6
- * and 8, the panels at 13, 20 and 40 rows and their multiples: the bf16
- * panel's slabs of 16, a ragged last one or the last 1-8 rows in qmv
- * passes; transpose=0): the relative-error checks cannot
+ * and 8, qmv passes or panels from 9 rows up at 9, 13, 20 and 40 rows and
+ * their multiples: the bf16 panel's slabs of 16, a ragged last one or the
+ * last 1-8 rows in qmv passes; transpose=0): the relative-error checks cannot
  * see a wrong lane or table entry that moves a bf16 result by less than
  * their tolerance (1e-2); this one sees any. */
 GQMM_TEST(cpu_integer_problems_match_reference_bitwise) {
   test_rng r = test_rng_make(716);
-  static const int Ms[] = {1, 2, 3, 4, 6, 8, 13, 40, 7, 20}; /* transpose=0 at 3, 8, 7 */
+  static const int Ms[] = {1, 2, 3, 4, 6, 8, 13, 40, 7, 20, 9}; /* transpose=0 at 3, 8, 7 */
   for (size_t ii = 0; ii < 3; ii++) {
     if (!isa_available(isas[ii])) continue;
     for (int bi = 0; bi < 6; bi++)
       for (int gi = 0; gi < 3; gi++)
         for (int di = 0; di < 3; di++)
-          for (int mi = 0; mi < 10; mi++) {
+          for (int mi = 0; mi < 11; mi++) {
             const int gs = all_groups[gi], T = mi % 3 != 2;
             problem p = {.E = 3,
                          .M = Ms[mi],

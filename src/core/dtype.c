@@ -21,15 +21,24 @@ static float bits_f32(uint32_t u) {
   return f;
 }
 
-float gqmm_bf16_to_f32(uint16_t h) {
+/* The bf16 conversions, static so gqmm__convert's loops inline them (the
+ * exported functions may be interposed in a shared library, so calls to
+ * them stay calls) and branch-free so those loops vectorize. */
+static inline float bf16_to_f32(uint16_t h) {
   return bits_f32((uint32_t)h << 16);
+}
+/* Round to nearest even; NaN -> 0x7fc0. */
+static inline uint16_t f32_to_bf16(float f) {
+  const uint32_t u = f32_bits(f), r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
+}
+
+float gqmm_bf16_to_f32(uint16_t h) {
+  return bf16_to_f32(h);
 }
 
 uint16_t gqmm_f32_to_bf16(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0u;
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
+  return f32_to_bf16(f);
 }
 
 float gqmm_f16_to_f32(uint16_t h) {
@@ -105,7 +114,7 @@ float gqmm__load_f(const void *p, gqmm_dtype t, int64_t i) {
   case GQMM_F16:
     return gqmm_f16_to_f32(((const uint16_t *)p)[i]);
   case GQMM_BF16:
-    return gqmm_bf16_to_f32(((const uint16_t *)p)[i]);
+    return bf16_to_f32(((const uint16_t *)p)[i]);
   default:
     return ((const float *)p)[i];
   }
@@ -117,7 +126,7 @@ void gqmm__store_f(void *p, gqmm_dtype t, int64_t i, float v) {
     ((uint16_t *)p)[i] = gqmm_f32_to_f16(v);
     break;
   case GQMM_BF16:
-    ((uint16_t *)p)[i] = gqmm_f32_to_bf16(v);
+    ((uint16_t *)p)[i] = f32_to_bf16(v);
     break;
   default:
     ((float *)p)[i] = v;
@@ -130,24 +139,20 @@ void gqmm__convert(void *dst, gqmm_dtype dt, const void *src, gqmm_dtype st, int
     memcpy(dst, src, (size_t)n * gqmm_dtype_size(dt));
     return;
   }
-  /* bf16 <-> f32, the layer's elementwise steps' conversions: branch-free
-   * loops the compiler vectorizes (the same bits as gqmm_f32_to_bf16 and
-   * gqmm_bf16_to_f32), instead of a dtype switch per element */
+  /* bf16 <-> f32, the layer's elementwise steps' conversions: loops the
+   * compiler vectorizes, instead of a dtype switch per element */
   if (st == GQMM_BF16 && dt == GQMM_F32) {
     const uint16_t *h = src;
     float *f = dst;
     for (int64_t i = 0; i < n; i++)
-      f[i] = bits_f32((uint32_t)h[i] << 16);
+      f[i] = bf16_to_f32(h[i]);
     return;
   }
   if (st == GQMM_F32 && dt == GQMM_BF16) {
     const float *f = src;
     uint16_t *h = dst;
-    for (int64_t i = 0; i < n; i++) {
-      const uint32_t u = f32_bits(f[i]);
-      const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-      h[i] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r);
-    }
+    for (int64_t i = 0; i < n; i++)
+      h[i] = f32_to_bf16(f[i]);
     return;
   }
   for (int64_t i = 0; i < n; i++)

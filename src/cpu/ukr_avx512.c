@@ -152,22 +152,16 @@ UKR_DEFINE_KERNELS(avx512)
  * row's scale and one its bias times the rows' group sums. The panel is the
  * rows' exact bf16 q values, the qmv kernel's unpack stored instead of
  * used. */
-static void avx512_dequant_bf16(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,
-                                int64_t kc, uint16_t *dst, float *s, float *b) {
-  const int bits = sh->bits, gs = sh->group_size;
+static inline __attribute__((always_inline)) void
+ukr_dequant_bf16_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, const int bits,
+                     int64_t k0, int64_t kc, uint16_t *dst, float *s, float *b) {
+  const int gs = sh->group_size;
   const int64_t last_k = sh->K - 32;
   for (int64_t k = k0; k < k0 + kc; k += 32) {
     /* the panel walks many rows kc values at a time, a stride the hardware
      * prefetchers miss: each chunk asks for the row's next block */
     if (k + kc < sh->K) __builtin_prefetch(row->w + gqmm__cpu_chunk_offset(bits, k + kc), 0, 3);
-    ukr_vbf qb;
-    if (ukr_bf16_direct(bits)) {
-      qb = ukr_unpack32_bf16(row->w + gqmm__cpu_chunk_offset(bits, k), bits);
-    } else {
-      ukr_vf q[UKR_NV];
-      ukr_chunk(row->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
-      qb = ukr_q_to_bf16(q);
-    }
+    const ukr_vbf qb = ukr_chunk_bf16(row->w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k);
     _mm512_storeu_si512(dst + (k - k0), (__m512i)qb);
   }
   for (int64_t g = k0 / gs; g < (k0 + kc) / gs; g++) {
@@ -175,6 +169,20 @@ static void avx512_dequant_bf16(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow 
     b[g - k0 / gs] = UKR_PARAM(row->b, sh->dtype, g);
   }
 }
+/* one instantiation per width: the unpack's tables and shifts are constants */
+#define UKR_DEQ_BF16_CASE(b)                                 \
+  case b:                                                    \
+    ukr_dequant_bf16_row(sh, row, b, k0, kc, dst, s, bias); \
+    break;
+static void avx512_dequant_bf16(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *row, int64_t k0,
+                                int64_t kc, uint16_t *dst, float *s, float *bias) {
+  switch (sh->bits) {
+    UKR_FOR_BITS(UKR_DEQ_BF16_CASE)
+  default:
+    break;
+  }
+}
+#undef UKR_DEQ_BF16_CASE
 
 static inline __attribute__((always_inline)) void
 ukr_gemm_bf16_tile(const int nr, int64_t kc, const int gs, const uint32_t *xT, const uint16_t *P,

@@ -136,6 +136,16 @@ UKR_INLINE void ukr_qmv_row(const gqmm__cpu_shape *sh, const gqmm__cpu_wrow *rw,
 }
 
 #ifdef UKR_HAVE_BF16DOT
+/* The chunk at byte `off` of a row as one bf16 vector of its exact q values
+ * (ukr_chunk's lanes): straight from the bytes where the ISA can, else
+ * through the float unpack. */
+UKR_INLINE ukr_vbf ukr_chunk_bf16(const uint8_t *w, int64_t off, int bits, bool last) {
+  if (ukr_bf16_direct(bits)) return ukr_unpack32_bf16(w + off, bits);
+  ukr_vf q[UKR_NV];
+  ukr_chunk(w, off, bits, last, q);
+  return ukr_q_to_bf16(q);
+}
+
 /*
  * The bf16-dot form (bf16 x, scales and biases): W weight rows (1 or 2) at
  * once against R rows of x (bf16 pairs in chunk order), the group size GS a
@@ -170,15 +180,8 @@ UKR_INLINE void ukr_qmv_bf16_rows(const gqmm__cpu_shape *sh, const gqmm__cpu_wro
     for (int c = 0; c < GS / 32; c++) {
       const int64_t k = g * GS + 32 * c;
       ukr_vbf qb[2];
-      for (int w = 0; w < W; w++) {
-        if (ukr_bf16_direct(bits)) {
-          qb[w] = ukr_unpack32_bf16(rw[w].w + gqmm__cpu_chunk_offset(bits, k), bits);
-        } else {
-          ukr_vf q[UKR_NV];
-          ukr_chunk(rw[w].w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k, q);
-          qb[w] = ukr_q_to_bf16(q);
-        }
-      }
+      for (int w = 0; w < W; w++)
+        qb[w] = ukr_chunk_bf16(rw[w].w, gqmm__cpu_chunk_offset(bits, k), bits, k == last_k);
       for (int r = 0; r < R; r++)
         for (int w = 0; w < W; w++)
           acc[w][r] = ukr_bf16_dot(acc[w][r], qb[w], xb + k * R + r * 32);

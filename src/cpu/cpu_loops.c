@@ -256,9 +256,11 @@ static row_split split_rows(const job *j, int64_t R) {
   return (row_split){R - T, T <= q ? T : (T + 1) / 2};
 }
 
-/* Whether a block of R rows runs without a panel (qmv, or int8's qmv_i8). */
+/* Whether a block of R rows runs without a panel (qmv, or int8's qmv_i8):
+ * split_rows decides, so a job whose every block is small takes the long
+ * units of SMALL_UNIT_ROWS. */
 static bool small_path(const job *j, int64_t R) {
-  return j->int8 ? R <= j->cfg->i8_rows : qmv_first(j, R) > 0;
+  return j->int8 ? R <= j->cfg->i8_rows : split_rows(j, R).P == 0;
 }
 
 /* K block of a qmv pass whose largest sub-block has R1 rows: keeps the rows'

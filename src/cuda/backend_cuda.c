@@ -24,12 +24,10 @@ enum { GRID_SLOTS = 32 };
 
 typedef struct {
   int sms;
-  /* persistent grids already asked for, by kernel instance and the launch's
-   * shared memory (a launch that folds the MoE plan has more); asking also
-   * sets the instance's shared-memory attribute (gqmm__cuda_grid) */
+  /* persistent grids already asked for, by kernel instance (asking also
+   * sets the instance's shared-memory attribute; gqmm__cuda_grid) */
   struct {
     const void *fn;
-    int smem;
     int grid;
   } grids[GRID_SLOTS];
   char name[96];
@@ -52,16 +50,12 @@ int gqmm__cuda_grid(gqmm_ctx *ctx, int cfg, const gqmm__cu_qmm *k, int *grid) {
   cuda_state *s = ctx->cuda_state;
   if (!s) return (int)cudaErrorNoDevice;
   const void *fn = gqmm__cu_mma_instance(cfg, k);
-  const int smem = gqmm__cu_mma_smem(cfg, k);
   int slot = 0;
-  while (slot < GRID_SLOTS && s->grids[slot].fn &&
-         (s->grids[slot].fn != fn || s->grids[slot].smem != smem))
-    slot++;
+  while (slot < GRID_SLOTS && s->grids[slot].fn && s->grids[slot].fn != fn) slot++;
   if (fn && slot < GRID_SLOTS && s->grids[slot].fn) return *grid = s->grids[slot].grid, 0;
   /* first use of this instance (a full table just asks every time) */
   const int err = gqmm__cu_mma_grid(cfg, k, s->sms, grid);
-  if (!err && fn && slot < GRID_SLOTS)
-    s->grids[slot].fn = fn, s->grids[slot].smem = smem, s->grids[slot].grid = *grid;
+  if (!err && fn && slot < GRID_SLOTS) s->grids[slot].fn = fn, s->grids[slot].grid = *grid;
   return err;
 }
 

@@ -54,7 +54,7 @@ int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch
  * err[3] = E, err[4] = top_k, then err[0] = call (nonzero) after a system
  * fence. Nothing is written to err when every id is good.
  */
-typedef struct gqmm__cu_moe_route_args {
+typedef struct {
   const int32_t *ids; /* [pairs], int32 or uint32 bits */
   int32_t pairs, top_k, experts;
   int32_t tok_max[2], n_tiles[2];
@@ -88,14 +88,6 @@ typedef struct {
    * act(gate, up) of the rounded gate and up values (the MoE layer's
    * activation in the epilogue); 0: the plain [rows, N] output. */
   int epilogue_act;
-  /* Non-NULL (the MoE layer's gate_up on a packed config that
-   * gqmm__cu_mma_fold_ok takes): the kernel makes the layer's routing plan
-   * itself, in its prologue, instead of reading one (route.cuh "the fold"):
-   * it reads this struct's ids and writes what gqmm__cu_moe_route would
-   * have written (the plan argument's arrays, unit_start2, units2,
-   * ids_safe, err), except plan.rows_x and the units of its own tiling.
-   * tok_max[0] and n_tiles[0] must be this config's. */
-  const struct gqmm__cu_moe_route_args *fold;
 } gqmm__cu_qmm;
 
 /*
@@ -189,9 +181,6 @@ int gqmm__cu_mma_n_tiles(int cfg, const gqmm__cu_qmm *a);
 int gqmm__cu_mma_eligible(const gqmm__cu_qmm *a);
 /* 1 if config cfg runs these args: eligible, and packed iff the config is. */
 int gqmm__cu_mma_config_ok(int cfg, const gqmm__cu_qmm *a);
-/* Dynamic shared memory of config cfg's launch for these args (a->fold
- * included): with the instance, what a cache of grid sizes is keyed by. */
-int gqmm__cu_mma_smem(int cfg, const gqmm__cu_qmm *a);
 /* Persistent-grid size for config `cfg` on this device (CTAs); also sets
  * the kernel instance's shared-memory attribute, which a launch needs. */
 int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
@@ -199,13 +188,7 @@ int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
  * template instance: config, dtype, bits, group size, dequantization), or
  * NULL: what a cache of gqmm__cu_mma_grid results is keyed by. */
 const void *gqmm__cu_mma_instance(int cfg, const gqmm__cu_qmm *a);
-/* 1 if config cfg can make the MoE layer's plan itself (a->fold): a packed
- * config, at most 16 pairs a thread and 255 experts. Its grid
- * (gqmm__cu_mma_grid with a->fold set) may then be smaller: the fold's
- * shared memory may cost occupancy. */
-int gqmm__cu_mma_fold_ok(int cfg, const gqmm__cu_qmm *a, int pairs, int experts);
-/* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile
- * (or, with a->fold, one it makes: plan holds its outputs). */
+/* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile. */
 int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
                      int grid);
 

@@ -10,7 +10,6 @@
 #include "act.cuh"
 #include "kernels.h"
 #include "ptx.cuh"
-#include "route.cuh"
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -35,7 +34,6 @@ struct kargs {
   int glu_i, act; /* a GLU pack: I (else 0), and gqmm__cu_qmm.epilogue_act */
   int balanced;   /* deal units to the fewest CTAs of equal rounds (units_of_cta) */
   gqmm__cu_plan plan;
-  fold_args fold; /* fold.ids: the plan is made in this kernel (route.cuh) */
 };
 
 /* A work unit: rows [r0, r0 + cnt) of the plan (one expert e), N tile ntile;
@@ -62,13 +60,10 @@ __device__ __forceinline__ int deal_stride(const kargs &a, int total) {
   const int rounds = (total + (int)gridDim.x - 1) / (int)gridDim.x;
   return a.balanced && rounds > 0 ? (total + rounds - 1) / rounds : (int)gridDim.x;
 }
-/* This CTA's unit count, of `total` units. */
-__device__ __forceinline__ int units_of_cta(const kargs &a, int total) {
-  const int g = deal_stride(a, total), b = (int)blockIdx.x;
-  return b < g && b < total ? (total - 1 - b) / g + 1 : 0;
-}
+/* This CTA's unit count. */
 __device__ __forceinline__ int units_of_cta(const kargs &a) {
-  return units_of_cta(a, units_total(a));
+  const int total = units_total(a), g = deal_stride(a, total), b = (int)blockIdx.x;
+  return b < g && b < total ? (total - 1 - b) / g + 1 : 0;
 }
 
 /* The i-th unit of this CTA's descriptor, for deal stride g. */
@@ -207,16 +202,10 @@ struct launch_info {
 /* The wgmma kernel (qmm_wgmma.cu) of config variant v for these args. */
 launch_info wg_launch_info(const gqmm__cu_qmm *a, int v);
 
-/* Persistent-grid size: CTAs per SM the occupancy calculator allows x SMs;
- * also lets the instance launch with li.smem bytes of shared memory. */
+/* Persistent-grid size: CTAs per SM the occupancy calculator allows x SMs. */
 inline int grid_of(launch_info li, int sms, int *out_grid) {
   if (!li.fn) return (int)cudaErrorInvalidValue;
-  /* raised, never lowered: launches of one instance with and without the
-   * fold's shared memory (route.cuh) share the attribute */
-  cudaFuncAttributes fa;
-  cudaError_t e = cudaFuncGetAttributes(&fa, li.fn);
-  if (e == cudaSuccess && fa.maxDynamicSharedSizeBytes < li.smem)
-    e = cudaFuncSetAttribute(li.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, li.smem);
+  cudaError_t e = cudaFuncSetAttribute(li.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, li.smem);
   if (e != cudaSuccess) return (int)e;
   int per_sm = 0;
   e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, li.fn, li.threads, li.smem);
@@ -255,10 +244,6 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
    * measured there, not on the MLX-layout kernel */
   k.balanced = a->packed && a->K >= 16 * GQMM__CU_PACK_STAGE_K;
   k.plan = *plan;
-  if (const gqmm__cu_moe_route_args *f = a->fold) {
-    k.fold = {f->ids,   f->ids_safe, f->err,        f->unit_start2, f->units2,
-              f->pairs, f->top_k,    f->tok_max[1], f->n_tiles[1],  f->call};
-  }
   return k;
 }
 

@@ -6,9 +6,7 @@
  *   plan     the pairs p = t*top_k + j as batch entries (x row t, expert
  *            ids[p], M = 1) -> routing plan on the GPU (route.cu), built from
  *            the device ids in one kernel for both GEMMs' N tilings; the
- *            same kernel checks the ids (see "bad ids" below). With a GLU
- *            pack of gate_up, that GEMM makes the plan in its prologue
- *            instead, where it can ("the fold", route.cuh): no plan kernel
+ *            same kernel checks the ids (see "bad ids" below)
  *   gate_up  one gathered GEMM of N = 2*inter (fused tensor) or two of N = inter
  *   act      SwiGLU / GeGLU into h [R, inter] (moe.cu); with a gqmm_pack_glu
  *            copy of the fused gate_up, in the gate_up GEMM's epilogue instead
@@ -39,7 +37,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <string.h>
 
 enum { NEV = 6 };
 
@@ -320,22 +317,6 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
       .unit_start2 = down_units, .units2 = down_descs, .plan = pg, .ids_safe = ids,
       .err = s->err_d,
       .call = (int32_t)s->calls, .sms = s->sms};
-  /* The fold: gate_up makes the plan itself (route.cuh), no plan kernel.
-   * Where it fits: a packed gate_up of at most 16 pairs a thread, a
-   * tensor-core down (it reads the plan gate_up writes), ids 16-byte
-   * aligned (read as vectors), and no CTA per SM lost to the fold's
-   * shared memory. GQMM_CUDA_FOLD=0 turns it off
-   * (to measure it against the plan kernel). */
-  const char *fold_env = getenv("GQMM_CUDA_FOLD");
-  if (act_fused && down.cfg != generic && !(fold_env && strcmp(fold_env, "0") == 0) &&
-      (uintptr_t)a->expert_ids % 16 == 0 &&
-      gqmm__cu_mma_fold_ok(gate.cfg, &gate.k, (int32_t)R, (int32_t)E)) {
-    int grid = 0, grid_fold = 0, err = gqmm__cuda_grid(ctx, gate.cfg, &gate.k, &grid);
-    gate.k.fold = &ra;
-    if (!err) err = gqmm__cuda_grid(ctx, gate.cfg, &gate.k, &grid_fold);
-    if (err) return moe_fail(ctx, err, "occupancy query");
-    if (grid_fold < grid) gate.k.fold = NULL;
-  }
   gqmm__cu_plan pd = pg;
   pd.unit_start = down_units;
   pd.units = down_descs;
@@ -358,7 +339,7 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
     STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k), "pair indices");
     s->idx_rows = R, s->idx_k = k;
   }
-  if (!gate.k.fold) STEP(gqmm__cu_moe_route(&ra), "routing plan");
+  STEP(gqmm__cu_moe_route(&ra), "routing plan");
   MARK(1);
   if ((st = launch_gemm(ctx, s, &gate, &pg, E, "gate_up GEMM"))) return st;
   if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, "up GEMM"))) return st;

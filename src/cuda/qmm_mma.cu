@@ -429,34 +429,14 @@ extern "C" const void *gqmm__cu_mma_instance(int cfg, const gqmm__cu_qmm *a) {
   return (const void *)pick(a, cfg).fn;
 }
 
-extern "C" int gqmm__cu_mma_fold_ok(int cfg, const gqmm__cu_qmm *a, int pairs, int experts) {
-  const gqmm__cu_mma_config *c = gqmm__cu_mma_config_get(cfg);
-  return c && c->packed && gqmm__cu_mma_config_ok(cfg, a) && pairs >= 0 &&
-         pairs <= kFoldPer * 32 * c->warps && experts >= 1 && experts <= kFoldMaxExperts;
-}
-
-/* The launch of config cfg: a folded one (a->fold) has the fold's shared
- * memory too. */
-static launch_info pick_launch(const gqmm__cu_qmm *a, int cfg) {
-  launch_info li = pick(a, cfg);
-  if (li.fn && a->fold) li.smem += fold_smem_bytes(a->fold->experts, li.threads);
-  return li;
-}
-
-extern "C" int gqmm__cu_mma_smem(int cfg, const gqmm__cu_qmm *a) {
-  return pick_launch(a, cfg).smem;
-}
-
 extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid) {
-  return grid_of(pick_launch(a, cfg), sms, out_grid);
+  return grid_of(pick(a, cfg), sms, out_grid);
 }
 
 extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
                                 int experts, int grid) {
-  launch_info li = pick_launch(a, cfg);
+  launch_info li = pick(a, cfg);
   if (!li.fn || !gqmm__cu_mma_config_ok(cfg, a)) return (int)cudaErrorInvalidValue;
-  if (a->fold && !gqmm__cu_mma_fold_ok(cfg, a, a->fold->pairs, experts))
-    return (int)cudaErrorInvalidValue;
   li.fn<<<grid, li.threads, li.smem>>>(make_kargs(a, plan, experts));
   return (int)cudaGetLastError();
 }

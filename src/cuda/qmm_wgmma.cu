@@ -66,10 +66,7 @@ struct wg_kernel {
    * its output rows. */
   static constexpr int kRing = 8, kRingAhead = 4, kRingSlot = 16 + 4 * kTokMax;
   static constexpr int kRingOff = (kBarOff + STAGES * 8 + 15) / 16 * 16;
-  /* The fold's shared memory (route.cuh fold_smem) follows the ring; a
-   * folded launch adds fold_smem_bytes to kSmem. */
-  static constexpr int kFoldOff = kRingOff + kRing * kRingSlot;
-  static constexpr int kSmem = kFoldOff + 1024; /* + alignment slack */
+  static constexpr int kSmem = kRingOff + kRing * kRingSlot + 1024; /* + alignment slack */
   static constexpr int kXPer = kTokMax * 16 / kThreads;
   /* MMAs go out in kGroups commit groups of kSteps k-steps (16 k each): two
    * groups in flight hold 2 * MT * kSteps * 4 A registers. One k-step per
@@ -135,19 +132,10 @@ struct wg_kernel {
   static __device__ __forceinline__ const int32_t *ring_rows(const uint8_t *smem, int i) {
     return reinterpret_cast<const int32_t *>(smem + ring_slot(i) + 16);
   }
-  static __device__ __forceinline__ fold_smem fold_of(uint8_t *smem, const kargs &a) {
-    return fold_smem(smem + kFoldOff, a.experts, kThreads);
-  }
-  /* Unit i's descriptor into its slot (deal stride g), if there is a unit i;
-   * folded, made from the counts (its r0: the unit's first rank). */
-  static __device__ __forceinline__ void ring_fetch(const kargs &a, uint8_t *smem, int i,
-                                                    int nunits, int g) {
-    if (i >= nunits) return;
-    if (a.fold.ids)
-      *reinterpret_cast<int4 *>(smem + ring_slot(i)) =
-          fold_unit(fold_of(smem, a), a.experts, kTokMax, (int)blockIdx.x + i * g);
-    else
-      cp_async<16>(smem_u32(smem) + ring_slot(i), unit_desc_ptr(a, i, g), 16);
+  /* Unit i's descriptor into its slot (deal stride g), if there is a unit i. */
+  static __device__ __forceinline__ void ring_fetch(const kargs &a, uint32_t sm, int i, int nunits,
+                                                    int g) {
+    if (i < nunits) cp_async<16>(sm + ring_slot(i), unit_desc_ptr(a, i, g), 16);
   }
 
   /* kNoRow: chunk row i of this thread is past the unit's tokens */
@@ -159,31 +147,15 @@ struct wg_kernel {
   };
 
   /* The load side enters unit w.idx: its copies' state, and its output
-   * rows into the ring (read by its store). Folded (every thread calls it,
-   * in step: it has barriers), the rows are the unit's ranks of its
-   * expert's entries, found in the ids in shared memory. */
-  static __device__ __forceinline__ void load_unit(const kargs &a, const walk &w, uint8_t *smem,
+   * rows into the ring (read by its store). */
+  static __device__ __forceinline__ void load_unit(const kargs &a, const walk &w, uint32_t sm,
                                                    lstate &ls) {
     const unit_t &lu = w.u;
+    if ((int)threadIdx.x < lu.cnt)
+      cp_async<4>(sm + ring_slot(w.idx) + 16 + 4 * threadIdx.x,
+                  a.plan.rows_o + lu.r0 + threadIdx.x, 4);
     ls.pk = a.pk + lu.e * a.pk_expert_bytes + (int64_t)lu.ntile * a.pk_stages * a.pk_stage_bytes;
     ls.pk_bytes = a.pk_stage_bytes >> half_tile(a, lu);
-    if (a.fold.ids) {
-      int32_t *rows = reinterpret_cast<int32_t *>(smem + ring_slot(w.idx) + 16);
-      uint32_t mine;
-      int r = fold_rank<kThreads>(fold_of(smem, a), lu.e, &mine) - lu.r0;
-      for (; mine; mine &= mine - 1, r++)
-        if (r >= 0 && r < lu.cnt) rows[r] = kFoldPer * threadIdx.x + (__ffs(mine) - 1);
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kXPer; i++) {
-        const int rr = (threadIdx.x >> 4) + i * (kThreads / 16);
-        ls.xr[i] = rr < lu.cnt ? (uint32_t)(rows[rr] / a.fold.top_k) : kNoRow;
-      }
-      return;
-    }
-    if ((int)threadIdx.x < lu.cnt)
-      cp_async<4>(smem_u32(smem) + ring_slot(w.idx) + 16 + 4 * threadIdx.x,
-                  a.plan.rows_o + lu.r0 + threadIdx.x, 4);
 #pragma unroll
     for (int i = 0; i < kXPer; i++) {
       const int r = (threadIdx.x >> 4) + i * (kThreads / 16);
@@ -447,25 +419,13 @@ struct wg_kernel {
 
   static __device__ __forceinline__ void run(const kargs &a) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
+    const int nunits = units_of_cta(a);
+    const int nk = (a.K + kStageK - 1) / kStageK;
+    const int nflat = nunits * nk;
+    if (nflat <= 0) return;
     /* the swizzle atoms need 1024-byte aligned regions */
     uint8_t *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     const uint32_t sm = smem_u32(smem);
-    int total;
-    if (a.fold.ids) { /* the stage slots are the prologue's scratch */
-      const fold_smem fs = fold_of(smem, a);
-      fold_count<kThreads>(a.fold, a.plan, a.experts, kTokMax, a.pk_tiles, fs,
-                           reinterpret_cast<int32_t *>(smem));
-      total = fs.u0[a.experts];
-    } else {
-      total = units_total(a);
-    }
-    const int nunits = units_of_cta(a, total);
-    const int nk = (a.K + kStageK - 1) / kStageK;
-    const int nflat = nunits * nk;
-    if (nflat <= 0) {
-      if (a.fold.ids) fold_down_plan<kThreads>(a.fold, a.plan, a.experts, fold_of(smem, a));
-      return;
-    }
     float acc[MT][NTMAX][4];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -473,8 +433,8 @@ struct wg_kernel {
       for (int j = 0; j < NTMAX; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
-    const int g = deal_stride(a, total);
-    if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, smem, threadIdx.x, nunits, g);
+    const int g = deal_stride(a, units_total(a));
+    if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, sm, threadIdx.x, nunits, g);
     cp_async_commit();
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
@@ -484,13 +444,13 @@ struct wg_kernel {
     __syncthreads();
     walk lw = {0, 0, ring_unit(smem, 0)}, cw = lw; /* load side, compute side */
     lstate ls;
-    load_unit(a, lw, smem, ls);
+    load_unit(a, lw, sm, ls);
     auto load_stage = [&](int slot) {
       issue(a, ls, lw.k, nk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
       if (lw.step(nunits, nk)) {
         lw.u = ring_unit(smem, lw.idx);
-        if (threadIdx.x == 0) ring_fetch(a, smem, lw.idx + kRingAhead, nunits, g);
-        load_unit(a, lw, smem, ls);
+        if (threadIdx.x == 0) ring_fetch(a, sm, lw.idx + kRingAhead, nunits, g);
+        load_unit(a, lw, sm, ls);
       }
     };
 #pragma unroll
@@ -498,9 +458,6 @@ struct wg_kernel {
       if (s < nflat) load_stage(s);
       cp_async_commit();
     }
-    /* folded: down's plan, with the first weight copies in flight (a CTA
-     * with no units of its own writes it before its return, above) */
-    if (a.fold.ids) fold_down_plan<kThreads>(a.fold, a.plan, a.experts, fold_of(smem, a));
     int slot = 0;
     uint32_t parity = 0;
     int sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;

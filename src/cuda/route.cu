@@ -22,16 +22,12 @@
  * the token's output into NaN) and the first such pair is written to a
  * host-mapped error record that the host reads at its next sync. The same
  * kernel writes the unit lists of both GEMMs of the layer (gate_up and down
- * tile N differently; rows and counts are shared). Where the layer's
- * gate_up runs on a GLU pack, that GEMM makes the plan itself instead, in
- * its prologue, and no plan kernel runs (route.cuh, "the fold").
+ * tile N differently; rows and counts are shared).
  */
-#include "route.cuh"
+#include "kernels.h"
 
 #include <climits>
 #include <cuda_runtime.h>
-
-using gqmm_cu::block_scan3;
 
 namespace {
 
@@ -61,6 +57,39 @@ struct route_args {
   int sms; /* multiprocessors: the shared-memory form's grid (launch) */
   gqmm__cu_plan p;
 };
+
+/* Inclusive scan of v over the CTA's threads, three values at once; tot gets
+ * the CTA totals. Two levels of warp shuffles (lanes, then the warp totals
+ * in warp 0): no loop over the warps. Uses ws (NT / 32 + 1 rows of 3 ints);
+ * ends with a barrier. */
+template <int NT> __device__ void block_scan3(int32_t v[3], int32_t tot[3], int32_t (*ws)[3]) {
+  constexpr int kWarps = NT / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int off = 1; off < 32; off <<= 1)
+    for (int i = 0; i < 3; i++) {
+      const int32_t o = __shfl_up_sync(0xffffffffu, v[i], off);
+      if (lane >= off) v[i] += o;
+    }
+  if (lane == 31)
+    for (int i = 0; i < 3; i++) ws[warp][i] = v[i];
+  __syncthreads();
+  if (warp == 0) { /* exclusive prefix of the warp totals, and the total */
+    static_assert(kWarps <= 32 && NT % 32 == 0, "one warp scans the warp totals");
+    for (int i = 0; i < 3; i++) {
+      const int32_t t = lane < kWarps ? ws[lane][i] : 0;
+      int32_t x = t;
+      for (int off = 1; off < 32; off <<= 1) {
+        const int32_t o = __shfl_up_sync(0xffffffffu, x, off);
+        if (lane >= off) x += o;
+      }
+      if (lane < kWarps) ws[lane][i] = x - t;
+      if (lane == 31) ws[kWarps][i] = x;
+    }
+  }
+  __syncthreads();
+  for (int i = 0; i < 3; i++) v[i] += ws[warp][i], tot[i] = ws[kWarps][i];
+  __syncthreads(); /* ws may be reused */
+}
 
 /* Per-expert state: shared memory when E fits (route_body is inlined into
  * each kernel, so the compiler sees which memory the pointers address and

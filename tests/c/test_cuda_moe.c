@@ -293,58 +293,44 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
                               .device = GQMM_DEVICE_CUDA, .M = 1, .N = L->I, .K = L->H,
                               .x = L->d[X], .w = L->d[G], .packed = pkd ? L->pk[1] : NULL};
       const int ncfg = test_backend(GQMM_BACKEND_CUDA)->configs(gpu, &probe, cfgs, 16);
-      /* the GLU pack with the plan made in gate_up (fold 1, route.cuh;
-       * where the layer takes it) and by the plan kernel (fold 0): the same
-       * bits */
       for (int f = pkd == 2; f < 2; f++)
-        for (int fold = pkd == 2; fold >= 0; fold--)
-          for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in choice */
-            gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
-            setenv("GQMM_CUDA_FOLD", fold ? "1" : "0", 1);
-            st = gpu_run(gpu, L, f, pkd, act, poison, got);
-            double err = st ? INFINITY : test_rel_err(got, L->dt, want, L->dt, L->T * L->H);
-            /* determinism: the built-in choice run again gives the same bits,
-             * and with the other plan maker too */
-            int same = 1;
-            if (!st && ci < 0) {
-              st = gpu_run(gpu, L, f, pkd, act, poison, again);
-              same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
-              if (!st && pkd == 2) {
-                setenv("GQMM_CUDA_FOLD", fold ? "0" : "1", 1);
-                st = gpu_run(gpu, L, f, pkd, act, poison, again);
-                same = same && !st && memcmp(got, again, L->bytes[OUT]) == 0;
-              }
-            }
-            if (!st && ci < 0 && pkd == 0 && f == 0 && a == 0) {
-              /* phase times: only after a layer that recorded them */
-              const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
-              double ph[5] = {-1, -1, -1, -1, -1};
-              if (be->moe_phases(gpu, ph) == GQMM_OK) st = GQMM_ERR_BACKEND;
-              gpu->moe_timing = 1;
-              if (!st) st = gpu_run(gpu, L, f, pkd, act, poison, again);
-              gpu->moe_timing = 0;
-              if (!st) st = be->moe_phases(gpu, ph);
-              for (int i = 0; i < 5 && !st; i++)
-                if (!(ph[i] >= 0 && ph[i] < 10)) st = GQMM_ERR_BACKEND;
-              if (!st) same = memcmp(got, again, L->bytes[OUT]) == 0;
-            }
-            if (st || !(err <= tol) || !same) {
-              fprintf(
-                  stderr,
-                  "  FAIL T=%lld k=%lld E=%lld H=%lld I=%lld routing %d bits %d gs %d %s act %d "
-                  "fused %d packed %d fold %d config %s: status %d (%s) rel_err %.3g (tol "
-                  "%.1g)%s\n",
-                  (long long)L->T, (long long)L->k, (long long)L->E, (long long)L->H,
-                  (long long)L->I, routing, L->q.bits, L->q.group_size, gqmm_dtype_name(L->dt), a,
-                  f, pkd, fold, ci < 0 ? "auto" : cfgs[ci].name, st, st ? gqmm_last_error(gpu) : "",
-                  err, tol, same ? "" : " NOT DETERMINISTIC");
-              fails++;
-            }
+        for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in choice */
+          gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
+          st = gpu_run(gpu, L, f, pkd, act, poison, got);
+          double err = st ? INFINITY : test_rel_err(got, L->dt, want, L->dt, L->T * L->H);
+          /* determinism: the built-in choice run again gives the same bits */
+          int same = 1;
+          if (!st && ci < 0) {
+            st = gpu_run(gpu, L, f, pkd, act, poison, again);
+            same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
           }
+          if (!st && ci < 0 && pkd == 0 && f == 0 && a == 0) {
+            /* phase times: only after a layer that recorded them */
+            const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
+            double ph[5] = {-1, -1, -1, -1, -1};
+            if (be->moe_phases(gpu, ph) == GQMM_OK) st = GQMM_ERR_BACKEND;
+            gpu->moe_timing = 1;
+            if (!st) st = gpu_run(gpu, L, f, pkd, act, poison, again);
+            gpu->moe_timing = 0;
+            if (!st) st = be->moe_phases(gpu, ph);
+            for (int i = 0; i < 5 && !st; i++)
+              if (!(ph[i] >= 0 && ph[i] < 10)) st = GQMM_ERR_BACKEND;
+            if (!st) same = memcmp(got, again, L->bytes[OUT]) == 0;
+          }
+          if (st || !(err <= tol) || !same) {
+            fprintf(stderr,
+                    "  FAIL T=%lld k=%lld E=%lld H=%lld I=%lld routing %d bits %d gs %d %s act %d "
+                    "fused %d packed %d config %s: status %d (%s) rel_err %.3g (tol %.1g)%s\n",
+                    (long long)L->T, (long long)L->k, (long long)L->E, (long long)L->H,
+                    (long long)L->I, routing, L->q.bits, L->q.group_size, gqmm_dtype_name(L->dt), a,
+                    f, pkd, ci < 0 ? "auto" : cfgs[ci].name, st, st ? gqmm_last_error(gpu) : "",
+                    err, tol, same ? "" : " NOT DETERMINISTIC");
+            fails++;
+          }
+        }
     }
   }
   gpu->forced_config = -1;
-  unsetenv("GQMM_CUDA_FOLD");
 done:
   layer_free(gpu, L);
   free(want), free(got), free(again), free(poison);
@@ -378,8 +364,8 @@ GQMM_TEST(cuda_moe_matches_reference) {
   fails += run_layer(gpu, ref, &big, 0, salt++);
   runs++;
   /* the seed's routing, 256 tokens x top-8 over 128 experts: 2048 pairs,
-   * the most a 128-thread gate_up folds (route.cuh), then 8 more pairs (the
-   * plan kernel for those configs, the fold for the 256-thread ones) */
+   * the most the plan kernel's register form takes (route.cu), then 8 more
+   * pairs (its loop form) */
   for (int extra = 0; extra < 2; extra++) {
     layer seed = {
         .T = 256 + extra, .k = 8, .E = 128, .H = 128, .I = 64, .q = {4, 64}, .dt = GQMM_BF16};
@@ -555,8 +541,8 @@ static int bad_id_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype ids_dt
   L.th[IDS].dtype = ids_dt;
   if (!st) st = layer_upload(gpu, &L);
   if (!st && glu) st = layer_pack(gpu, &L);
-  /* glu: gate_up's GLU pack, whose GEMM makes the plan and checks the ids
-   * itself (route.cuh) */
+  /* glu: gate_up's GLU pack and a packed down (the activation in gate_up's
+   * epilogue), else the MLX layout */
   gqmm_moe_weights wr = weights(L.th, L.q, 0), wd = device_weights(&L, 1, glu ? 2 : 0);
   if (!st) {
     test_poison(want, L.dt, L.T * L.H);
@@ -626,7 +612,7 @@ GQMM_TEST(cuda_moe_bad_device_ids_are_deferred_errors) {
   /* tensor cores (4-bit) and the generic kernel (5-bit); id == E, -1, and
    * a uint32 above INT32_MAX; first, middle and last pair */
   int fails = 0;
-  for (int glu = 0; glu < 2; glu++) { /* glu 1: the fold checks them */
+  for (int glu = 0; glu < 2; glu++) { /* glu 1: the seed layer's packed form */
     fails += bad_id_case(gpu, ref, 4, GQMM_I32, 5, 0, glu, 7601);
     fails += bad_id_case(gpu, ref, 4, GQMM_I32, -1, 10, glu, 7602);
     fails += bad_id_case(gpu, ref, 4, GQMM_U32, (int32_t)0x80000001u, 20, glu, 7603);

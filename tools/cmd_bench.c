@@ -177,9 +177,10 @@ static int layer_make(bench_env *env, const gqmm_moe_model *m, gqmm_quant q, uin
   L->w = (gqmm_moe_weights){.q = q, .gate_up = &L->t[0], .gate_up_scales = &L->t[1],
                             .gate_up_biases = &L->t[2], .down = &L->t[3],
                             .down_scales = &L->t[4], .down_biases = &L->t[5]};
-  /* The load-time step a GPU user takes: the kernels' packed layout, gate_up
-   * with its gate and up rows paired (the activation then runs in its
-   * epilogue); formats without one, e.g. 5/6-bit, stay unpacked. */
+  /* The load-time step a user takes: the kernels' packed layout (the GPU's:
+   * gate_up with its gate and up rows paired, the activation then in its
+   * epilogue; the CPU's: panels of 64 rows, cpu_pack.c); formats without
+   * one (GPU: 5/6-bit; CPU: all but 2- and 4-bit) stay unpacked. */
   for (int part = 0; env->pack && part < 2; part++) {
     const gqmm_tensor *t = &L->t[3 * part];
     const int st = (part || !env->glu ? gqmm_pack : gqmm_pack_glu)(env->ctx, &t[0], &t[1], &t[2],
@@ -508,18 +509,19 @@ static int run_plot(const char *json, const char *png) {
 /* ---- the command ---------------------------------------------------------- */
 
 static void usage(FILE *f) {
-  fprintf(f,
-          "usage: gqmm bench [--model NAME | --layers L --experts E --topk K --hidden H --inter I]\n"
-          "                  [--act swiglu|geglu] [--bits B] [--group G] [--canvases B] [--tokens T]\n"
-          "                  [--levers] [--breakdown] [--json FILE] [--plot FILE.png]\n"
-          "                  [--backend auto|cpu|cuda|ref] [--reps N] [--max-layers N] [--no-pack]\n"
-          "                  [--no-glu]\n"
-          "Times the MoE expert layers of one denoising step (default: the seed's model,\n"
-          "one 256-token canvas). --levers: canvases 1,2,4,8 x expert bits 8,4,3,2.\n"
-          "On a GPU the weights are packed once at load (gqmm_pack_glu, gqmm_pack); --no-pack reads\n"
-          "the MLX layout instead; --no-glu packs gate_up with gqmm_pack (the activation then\n"
-          "runs as its own kernel).\n"
-          "models:");
+  fprintf(
+      f,
+      "usage: gqmm bench [--model NAME | --layers L --experts E --topk K --hidden H --inter I]\n"
+      "                  [--act swiglu|geglu] [--bits B] [--group G] [--canvases B] [--tokens T]\n"
+      "                  [--levers] [--breakdown] [--json FILE] [--plot FILE.png]\n"
+      "                  [--backend auto|cpu|cuda|ref] [--reps N] [--max-layers N] [--no-pack]\n"
+      "                  [--no-glu]\n"
+      "Times the MoE expert layers of one denoising step (default: the seed's model,\n"
+      "one 256-token canvas). --levers: canvases 1,2,4,8 x expert bits 8,4,3,2.\n"
+      "The weights are packed once at load (gqmm_pack_glu, gqmm_pack; on the CPU 2- and\n"
+      "4-bit only); --no-pack reads the MLX layout instead; --no-glu packs gate_up with\n"
+      "gqmm_pack (on a GPU the activation then runs as its own kernel).\n"
+      "models:");
   for (int i = 0; gqmm_moe_model_at(i); i++) fprintf(f, " %s", gqmm_moe_model_at(i)->name);
   fprintf(f, "\n");
 }
@@ -610,7 +612,7 @@ static int pick_env(bench_opts *o, bench_env *env) {
     return -1;
   }
   if (env->be->ceilings && env->be->ceilings(env->ctx, &env->ceil) == GQMM_OK) env->have_ceil = 1;
-  env->pack = !o->no_pack && env->be->pack && env->dev != GQMM_DEVICE_CPU;
+  env->pack = !o->no_pack && env->be->pack;
   env->glu = env->pack && !o->no_glu;
   const int is_ref = env->be->kind == GQMM_BACKEND_REF, dev = env->dev != GQMM_DEVICE_CPU;
   if (o->reps < 0) o->reps = is_ref ? 1 : dev ? 20 : 3;
@@ -682,8 +684,13 @@ int gqmm_cmd_bench(int argc, char **argv) {
       for (int l = 0; l < layers_run; l++)
         for (int part = 0; part < 2; part++)
           packs += layers[l].pk[part] != NULL, scaled += gqmm_packed_scaled(layers[l].pk[part]);
-      printf("%d-bit: %d of %d packed tensors dequantize with one FMA per two weights "
-             "(gqmm_packed_scaled)\n", q.bits, scaled, packs);
+      if (env.dev != GQMM_DEVICE_CPU) /* the GPU layout's choice; the CPU's has one form */
+        printf("%d-bit: %d of %d packed tensors dequantize with one FMA per two weights "
+               "(gqmm_packed_scaled)\n",
+               q.bits, scaled, packs);
+      else
+        printf("%d-bit: %d of %d tensors packed (gqmm_pack: the CPU layout holds 2- and 4-bit)\n",
+               q.bits, packs, 2 * layers_run);
     }
     if (bi == 0 || layers_run != res[nres - 1].layers_run)
       printf("%d-bit: %.1f MB per layer; ran %d distinct layer(s) of %d%s: step time = measured "

@@ -15,7 +15,9 @@
  * warm-up runs, then the median of >= 20 timed runs (fewer, printed, when one
  * run is slower than 0.25 s), with the input set rotated among enough copies
  * that a run never finds its weights in the cache, and outputs poisoned
- * (NaN) before every run.
+ * (NaN) before every run. With --packed each copy of the weights is first
+ * packed by gqmm_pack (a load-time step, not timed) and the points run
+ * gqmm_gather_qmm_packed ("qmm_pk", "gather_pk").
  */
 #include "cli.h"
 #include "internal.h"
@@ -36,7 +38,8 @@ typedef struct {
   int min_runs;
   double llc_bytes;
   uint64_t rng;
-  int even; /* gather: --routing even, every expert exactly rows/e rows */
+  int even;   /* gather: --routing even, every expert exactly rows/e rows */
+  int packed; /* --packed: the weights through gqmm_pack (untimed), then the packed op */
 } sweep;
 
 typedef struct {
@@ -102,7 +105,7 @@ static void print_row(sweep *s, const point *p, double med, double mn, int runs)
   const double mem = fmax(s->ceil.copy_GBps, s->ceil.read_GBps);
   const double compute = s->ceil.compute_GMACps * p->weight_bytes / p->macs;
   const double roof = fmin(mem, compute);
-  printf("%-7s %4d %5d %6d %4d %7.1f %11.1f %11.1f %6d %9.2f %9.2f %6.1f%%\n", p->op, p->E, p->K,
+  printf("%-9s %4d %5d %6d %4d %7.1f %11.1f %11.1f %6d %9.2f %9.2f %6.1f%%\n", p->op, p->E, p->K,
          p->N, p->M, p->rows_per_expert, med * 1e6, mn * 1e6, runs, gbps, roof,
          100.0 * gbps / roof);
   fflush(stdout);
@@ -137,6 +140,7 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
   if (copies < 1) copies = 1;
   if (copies > 8) copies = 8;
   buffers set[8];
+  gqmm_packed *pk[8] = {NULL};
   memset(set, 0, sizeof set);
   int st = GQMM_OK;
   void *zero = calloc(1, no), *out = zero ? dev_put(s, zero, no) : NULL;
@@ -153,6 +157,16 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
   int64_t xshape[3] = {rows, 1, p->K}, wshape[3] = {p->E, p->N, words};
   int64_t sshape[3] = {p->E, p->N, groups}, ishape[1] = {rows}, oshape[3] = {rows, 1, p->N};
   int64_t qx[2] = {p->M, p->K}, qw[2] = {p->N, words}, qs[2] = {p->N, groups}, qo[2] = {p->M, p->N};
+  for (int c = 0; s->packed && !st && c < copies; c++) {
+    gqmm_tensor tw = idx ? gqmm_tensor_make(set[c].p[1], GQMM_U32, 3, wshape)
+                         : gqmm_tensor_make(set[c].p[1], GQMM_U32, 2, qw);
+    gqmm_tensor ts = idx ? gqmm_tensor_make(set[c].p[2], GQMM_BF16, 3, sshape)
+                         : gqmm_tensor_make(set[c].p[2], GQMM_BF16, 2, qs);
+    gqmm_tensor tb = idx ? gqmm_tensor_make(set[c].p[3], GQMM_BF16, 3, sshape)
+                         : gqmm_tensor_make(set[c].p[3], GQMM_BF16, 2, qs);
+    tw.device = ts.device = tb.device = dev;
+    st = gqmm_pack(s->ctx, &tw, &ts, &tb, q, &pk[c]);
+  }
   double *times = NULL;
   int runs = 0, max_runs = s->min_runs;
   for (int r = -2; !st && r < max_runs; r++) {
@@ -178,8 +192,12 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
     poison(s, out, no);
     if (s->be->sync) s->be->sync(s->ctx);
     const double t0 = gqmm__now_s();
-    st = idx ? gqmm_gather_qmm(s->ctx, &tx, &tw, &ts, &tb, NULL, &ti, 1, q, 1, &to)
-             : gqmm_quantized_matmul(s->ctx, &tx, &tw, &ts, &tb, 1, q, &to);
+    if (s->packed)
+      st =
+          gqmm_gather_qmm_packed(s->ctx, &tx, pk[(r + 2) % copies], NULL, idx ? &ti : NULL, 1, &to);
+    else
+      st = idx ? gqmm_gather_qmm(s->ctx, &tx, &tw, &ts, &tb, NULL, &ti, 1, q, 1, &to)
+               : gqmm_quantized_matmul(s->ctx, &tx, &tw, &ts, &tb, 1, q, &to);
     if (!st && s->be->sync) st = s->be->sync(s->ctx);
     const double t = gqmm__now_s() - t0;
     if (st) break;
@@ -198,6 +216,8 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
     fprintf(stderr, "gqmm sweep: %s: %s\n", p->op, gqmm_last_error(s->ctx));
   }
   free(times);
+  for (int c = 0; c < copies; c++)
+    gqmm_packed_free(s->ctx, pk[c]);
   for (int c = 0; c < copies; c++)
     for (int i = 0; i < 4; i++)
       dev_free(s, set[c].p[i]);
@@ -264,7 +284,7 @@ static int sweep_qmm(sweep *s, gqmm_quant q, int K) {
   uint16_t *sc = NULL, *bi = NULL, *x = make_x(s, (int64_t)128 * K);
   int st = x ? make_weights(s, 1, N, K, q, &w, &sc, &bi) : GQMM_ERR_NOMEM;
   for (int i = 0; !st && i < N_MS; i++) {
-    point p = {"qmm",
+    point p = {s->packed ? "qmm_pk" : "qmm",
                1,
                K,
                N,
@@ -314,7 +334,7 @@ static int sweep_gather(sweep *s, gqmm_quant q, int E, int K, int N, int topk) {
         idx[r++] = e;
     }
     if (!st) {
-      point p = {"gather",
+      point p = {s->packed ? "gather_pk" : "gather",
                  E,
                  K,
                  N,
@@ -359,6 +379,8 @@ int gqmm_cmd_sweep(int argc, char **argv) {
       threads = atoi(argv[++i]);
     else if (!strcmp(argv[i], "--int8"))
       int8 = 1;
+    else if (!strcmp(argv[i], "--packed"))
+      s.packed = 1;
     else if (!strcmp(argv[i], "--seed") && i + 1 < argc)
       s.rng = 0x9E3779B97F4A7C15ull ^ strtoull(argv[++i], NULL, 10);
     else if (!strcmp(argv[i], "--routing") && i + 1 < argc) {
@@ -381,6 +403,7 @@ int gqmm_cmd_sweep(int argc, char **argv) {
              "                  [--m 1,2,...  subset of M / rows per expert]\n"
              "                  [--llc-mb MB  cache size the shapes must exceed (default: sysfs)]\n"
              "                  [--int8  FAST MODE: int8-quantized activations, not exact]\n"
+             "                  [--packed  weights packed at load by gqmm_pack (not timed)]\n"
              "                  [--routing random|even  gather: random top-8 (default) or\n"
              "                   exactly rows/e rows on every expert]\n"
              "                  [--seed N  inputs and routing (default: the time)]\n");
@@ -434,7 +457,7 @@ int gqmm_cmd_sweep(int argc, char **argv) {
          "LLC %.0f MB\n",
          s.ceil.copy_GBps, s.ceil.read_GBps, s.ceil.compute_GMACps, s.ceil.compute_what,
          s.llc_bytes / 1e6);
-  printf("%-7s %4s %5s %6s %4s %7s %11s %11s %6s %9s %9s %7s\n", "op", "E", "K", "N", "M", "rows/e",
+  printf("%-9s %4s %5s %6s %4s %7s %11s %11s %6s %9s %9s %7s\n", "op", "E", "K", "N", "M", "rows/e",
          "median_us", "min_us", "runs", "wGB/s", "roof", "frac");
   if (s.json) fprintf(s.json, "[");
   const gqmm_quant q = {4, 64};

@@ -169,6 +169,7 @@ struct gqmm_packed {
   int64_t K;
   int glu; /* gqmm_pack_glu: gate and up rows paired (w is [..., 2I, ...]) */
   int scaled; /* the backend stored the scales pre-scaled (CUDA: pack.cu's linear form) */
+  gqmm_device device; /* where data lives: the CUDA device, or host memory (the CPU's layout) */
   const struct gqmm__backend *be;
   void *data;
   int64_t nbytes;
@@ -274,7 +275,8 @@ typedef struct gqmm__backend {
   int (*moe_phases)(gqmm_ctx *ctx, double phase_s[5]);
   /* Optional: the packed copy of E experts of w/scales/biases (validated:
    * transpose layout, [E, N, ...] on the backend's device) for gqmm_pack;
-   * fills p->data and p->nbytes, allocated with mem_alloc. */
+   * fills p->data and p->nbytes, allocated with mem_alloc (host memory from
+   * aligned_alloc for the CPU backend, freed with free). */
   int (*pack)(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
               const void *biases, int64_t E, int64_t N);
 } gqmm__backend;

@@ -440,7 +440,7 @@ int gqmm_gather_qmm_packed(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_packe
   memcpy(sshape, w->shape, sizeof sshape);
   sshape[w->ndim - 1] = w->K / w->q.group_size;
   gqmm_tensor ts = gqmm_tensor_make(w->data, w->dtype, w->ndim, sshape);
-  tw.device = ts.device = GQMM_DEVICE_CUDA;
+  tw.device = ts.device = w->device;
   return run_op(ctx, x, &tw, &ts, &ts, lhs_indices, rhs_indices, 1, w->q, w, out);
 }
 

@@ -1,9 +1,9 @@
 /*
  * pack.c - gqmm_pack: the load-time copy of quantized weights in a backend's
- * kernel layout (today the CUDA tensor-core kernels' stage layout, see
- * src/cuda/pack.cu), and its release. The copy keeps the shapes and format
- * of the tensors it came from, so gqmm_gather_qmm_packed checks its inputs
- * exactly as gqmm_gather_qmm does.
+ * kernel layout (the CUDA tensor-core kernels' stage layout, src/cuda/pack.cu,
+ * or the CPU kernels' panels, src/cpu/cpu_pack.c), and its release. The copy keeps the shapes and
+ * format of the tensors it came from, so gqmm_gather_qmm_packed checks its inputs exactly as
+ * gqmm_gather_qmm does.
  */
 #include "internal.h"
 
@@ -11,12 +11,14 @@
 #include <string.h>
 
 /* The backend that packs for tensors on `dev` under ctx's backend choice:
- * only the CUDA backend has a `pack` hook, for its device's tensors. */
+ * the CUDA backend for its device's tensors, the CPU backend for host ones
+ * (each has a `pack` hook and its own layout). */
 static const gqmm__backend *packer(gqmm_ctx *ctx, gqmm_device dev) {
   for (const gqmm__backend *const *b = gqmm__backends(); *b; b++) {
     const gqmm__backend *be = *b;
     if (ctx->backend_kind != GQMM_BACKEND_AUTO && be->kind != ctx->backend_kind) continue;
-    if (be->pack && dev == GQMM_DEVICE_CUDA) return be;
+    const bool host = be->kind == GQMM_BACKEND_CPU;
+    if (be->pack && host == (dev == GQMM_DEVICE_CPU)) return be;
   }
   return NULL;
 }
@@ -64,7 +66,7 @@ static int pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   if (!be)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "gqmm_pack: no backend packs %s tensors under this context's backend "
-                      "choice (the packed layout is for CUDA device tensors)",
+                      "choice (the CUDA backend packs device tensors, the CPU backend host ones)",
                       w->device == GQMM_DEVICE_CUDA ? "cuda" : "cpu");
   gqmm_packed *p = calloc(1, sizeof *p);
   if (!p) return gqmm__fail(ctx, GQMM_ERR_NOMEM, "gqmm_pack: out of host memory");
@@ -74,6 +76,7 @@ static int pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
   memcpy(p->shape, w->shape, sizeof p->shape);
   p->K = K;
   p->glu = glu;
+  p->device = w->device;
   p->be = be;
   const int64_t N = w->shape[w->ndim - 2];
   int64_t E = 1;
@@ -98,7 +101,10 @@ int gqmm_pack_glu(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales
 
 void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p) {
   if (!p) return;
-  if (p->data && ctx && p->be->mem_free) p->be->mem_free(ctx, p->data);
+  if (p->data && p->device == GQMM_DEVICE_CPU)
+    free(p->data);
+  else if (p->data && ctx && p->be->mem_free)
+    p->be->mem_free(ctx, p->data);
   free(p);
 }
 

@@ -226,4 +226,5 @@ const gqmm__backend gqmm__cpu_backend = {
     .qmm_config = cpu_qmm_config,
     .ceilings = cpu_ceilings,
     .release = cpu_release,
+    .pack = gqmm__cpu_pack,
 };

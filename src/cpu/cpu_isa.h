@@ -64,6 +64,27 @@ typedef struct {
   int64_t pf_ahead;
 } gqmm__cpu_shape;
 
+/* A gqmm_pack copy for the CPU (cpu_pack.c has the layout): panels of
+ * GQMM__CPU_PANEL weight rows, each K / group_size records of rec bytes. */
+#define GQMM__CPU_PANEL 64
+/* Rows of x in one packed_bf16 call, and its tile's vectors of 16 weight
+ * rows by rows: 1-2 rows take two panels, 3-4 one, 5-8 half of one. */
+#define GQMM__CPU_PK_MAX_ROWS 8
+#define GQMM__CPU_PK_VECTORS(mr) ((mr) <= 2 ? 8 : (mr) <= 4 ? 4 : 2)
+typedef struct {
+  int bits, group_size;
+  gqmm_dtype dtype;    /* of the scales and biases (f16 or bf16) */
+  int64_t G;           /* groups (records) per panel */
+  int64_t rec;         /* bytes of one record */
+  int64_t panel_bytes; /* G * rec */
+} gqmm__cpu_pkshape;
+
+/* Bytes of one record: the panel's slots (gs * bits / 32 uint32 words a
+ * row), then its 64 scales and 64 biases (2 bytes each). */
+static inline int64_t gqmm__cpu_pk_rec(int bits, int group_size) {
+  return (int64_t)group_size * bits * GQMM__CPU_PANEL / 8 + 4 * GQMM__CPU_PANEL;
+}
+
 typedef struct {
   const char *name; /* "avx512", "avx2", "portable" */
   bool (*supported)(void);
@@ -161,6 +182,18 @@ typedef struct {
                   const uint8_t *P, int64_t ldp, const float *xs, const float *s, int64_t ldg,
                   float *Cv, int64_t ldc, int phase, float *C);
   int mr_i8, nr_i8;
+  /*
+   * Packed weights (NULL where none; used where qmv_bf16_supported()), bf16
+   * x: mr <= GQMM__CPU_PK_MAX_ROWS rows of x, row m at x[m] (bf16, natural
+   * order, K values), its group sums at xsum + m * G, against nv x 16 weight
+   * rows from row 16 v0 of the panel at pk on (vectors past the panel's 4
+   * are the next panel's), nv = GQMM__CPU_PK_VECTORS(mr) or 4 where that is
+   * 8 and there is no next panel:
+   *   C[m * ldc + n] = sum_g s_ng * (sum_{k in g} x_mk q_nk) + b_ng * xsum_mg
+   * for n < 16 nv (rows in the lanes).
+   */
+  void (*packed_bf16)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                      const uint16_t *const *x, int mr, const float *xsum, float *C, int64_t ldc);
   /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread;
    * i8_what names the int8 mode's instruction (NULL: no int8 mode). */
   double (*peak_macs)(bool int8);

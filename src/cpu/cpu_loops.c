@@ -46,6 +46,9 @@
  * thread are kept, so the shared counter still balances the cores. */
 #define SMALL_UNIT_ROWS 256
 #define SMALL_UNITS_PER_THREAD 4
+/* Weight rows per unit of packed weights: two panels (cpu_pack.c), the pair
+ * the kernel takes at once for 1-2 rows. */
+#define PK_UNIT_ROWS (2 * GQMM__CPU_PANEL)
 
 typedef struct {
   const gqmm__qmm_args *a;
@@ -66,6 +69,9 @@ typedef struct {
   bool small_only;  /* every block takes the small-M path (no panel scratch) */
   int perm[32];     /* chunk order of the x block */
   int col_perm[32]; /* transpose=0: column order of a dequantized chunk */
+  const struct gqmm_packed *pk; /* a CPU gqmm_pack copy (cpu_pack.c), or NULL */
+  gqmm__cpu_pkshape ps;
+  bool pk_bf16; /* pk with bf16 x on an ISA with packed_bf16 (else the portable kernel) */
   atomic_llong next;
 } job;
 
@@ -230,7 +236,7 @@ static const char *elem(const void *base, int64_t i, size_t esz) {
  * dequantize-then-FMA path at every M. */
 static int64_t qmv_first(const job *j, int64_t R) {
   const int64_t q = j->cfg->qmv_rows, R1 = (R + 1) / 2;
-  if (!j->a->transpose || j->int8 || j->a->dtype == GQMM_F32 || R > 2 * q) return 0;
+  if (!j->a->transpose || j->int8 || j->pk || j->a->dtype == GQMM_F32 || R > 2 * q) return 0;
   if (R <= q) return R;
   return (R1 <= 2) == (R - R1 <= 2) ? R1 : 0;
 }
@@ -476,8 +482,53 @@ static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int n
   }
 }
 
+/* Packed weights (cpu_pack.c), rows [n0, n0 + nn) of expert e (n0 a whole
+ * number of panels): panels in pairs against the block's rows in tiles of
+ * at most GQMM__CPU_PK_MAX_ROWS, of near-equal heights (13 rows: 7 + 6, not
+ * 8 + 5: the unpacking is per tile), each covering the pair in calls of its
+ * width (GQMM__CPU_PK_VECTORS), so a pair is read from memory by the first
+ * tile and from L2 by the rest. bf16 x is read in place (natural order);
+ * other dtypes and ISAs without the kernel take the portable one on the
+ * float rows. */
+static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
+  const gqmm__qmm_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], first = j->blk_first[blk];
+  const int64_t K = a->K, G = j->G, nt = j->nt, pb = j->ps.panel_bytes;
+  const int64_t panels = (a->N + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL,
+                np = (nn + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL;
+  const uint8_t *base = (const uint8_t *)j->pk->data + (e * panels + n0 / GQMM__CPU_PANEL) * pb;
+  const int64_t tiles = (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
+  for (int64_t p = 0; p < np; p += 2) {
+    const int pair = np - p < 2 ? 1 : 2;
+    for (int64_t t = 0, r0 = 0; t < tiles; t++) {
+      const int mr = (int)((R - r0) / (tiles - t)); /* near-equal heights */
+      float *Ct = v->C + r0 * nt + p * GQMM__CPU_PANEL;
+      if (!j->pk_bf16) {
+        const float *xr[GQMM__CPU_PK_MAX_ROWS];
+        for (int m = 0; m < mr; m++)
+          xr[m] = v->xf + (r0 + m) * K;
+        gqmm__cpu_packed_portable(&j->ps, base + p * pb, pair, xr, mr, Ct, nt);
+      } else {
+        const uint16_t *xr[GQMM__CPU_PK_MAX_ROWS];
+        for (int m = 0; m < mr; m++)
+          xr[m] = (const uint16_t *)elem(a->x, j->x_off[first + r0 + m], esz);
+        const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
+        for (int v0 = 0; v0 < 4 * pair; v0 += nv)
+          j->isa->packed_bf16(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
+                              v->xsum + r0 * G, Ct + 16 * v0, nt);
+      }
+      r0 += mr;
+    }
+  }
+}
+
 /* transpose=1 unit: weight rows [n0, n0+nn) of expert e against the block. */
 static void unit_transposed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
+  if (j->pk) {
+    unit_packed(j, v, blk, n0, nn);
+    return;
+  }
   const gqmm__qmm_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);
   const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], K = a->K, G = j->G, nt = j->nt;
@@ -554,7 +605,7 @@ static void store_rows(const job *j, const scratch_view *v, int64_t blk, int64_t
  * -10%, docs/perf-notes.md). Whichever thread takes u finds them in this
  * core's cache or on the way. */
 static void prefetch_unit(const job *j, int64_t u) {
-  if (u >= j->nblocks * j->tiles) return;
+  if (u >= j->nblocks * j->tiles || j->pk) return;      /* packed kernels prefetch their stream */
   if (small_path(j, j->blk_rows[u / j->tiles])) return; /* not a panel unit */
   const int64_t n0 = (u % j->tiles) * j->nt, nn = j->a->N - n0 < j->nt ? j->a->N - n0 : j->nt;
   const int64_t first = j->blk_e[u / j->tiles] * j->nw + n0;
@@ -604,10 +655,16 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.isa = st->isa;
   j.cfg = cfg;
   j.st = st;
-  j.int8 = int8 && a->transpose && a->q.bits == 4 && st->isa->qmv_i8;
-  j.xbf = !j.int8 && a->transpose && a->dtype == GQMM_BF16 && st->isa->qmv_bf16 &&
+  j.pk = a->packed;
+  j.int8 = int8 && !j.pk && a->transpose && a->q.bits == 4 && st->isa->qmv_i8;
+  j.xbf = !j.int8 && !j.pk && a->transpose && a->dtype == GQMM_BF16 && st->isa->qmv_bf16 &&
           st->isa->qmv_bf16_supported();
   j.bf16_panel = j.xbf && st->isa->gemm_bf16 && st->isa->dequant_bf16;
+  if (j.pk) {
+    const int64_t G = a->K / a->q.group_size, rec = gqmm__cpu_pk_rec(a->q.bits, a->q.group_size);
+    j.ps = (gqmm__cpu_pkshape){a->q.bits, a->q.group_size, j.pk->dtype, G, rec, G * rec};
+    j.pk_bf16 = a->dtype == GQMM_BF16 && st->isa->packed_bf16 && st->isa->qmv_bf16_supported();
+  }
   j.nt = a->transpose ? cfg->nt : 64; /* transpose=0 units are whole 32-column chunks */
   const int64_t wlen = a->transpose ? a->K : a->N;
   j.nw = a->transpose ? a->N : a->K;
@@ -621,15 +678,26 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
   if (j.rows_max < 8) j.rows_max = 8;
   if (j.rows_max > ROWS_MAX_COUNT) j.rows_max = ROWS_MAX_COUNT;
-  if (a->transpose) {
+  if (a->transpose && !j.pk) {
     st->isa->perm(a->q.bits, j.perm);
+  } else if (a->transpose) { /* packed kernels read x in natural order */
+    for (int l = 0; l < 32; l++)
+      j.perm[l] = l;
   } else { /* x stays in natural order; the weights' chunk order is undone at the store */
     for (int l = 0; l < 32; l++)
       j.perm[l] = l;
     st->isa->perm(a->q.bits, j.col_perm);
   }
   int status = build_blocks(ctx, &j);
-  if (!status && a->transpose) { /* small-M jobs stream long units (SMALL_UNIT_ROWS) */
+  if (!status && j.pk) { /* whole panels: PK_UNIT_ROWS, more where every block is small */
+    int64_t nt = PK_UNIT_ROWS, most = 0;
+    for (int64_t b = 0; b < j.nblocks; b++)
+      most = j.blk_rows[b] > most ? j.blk_rows[b] : most;
+    const int64_t units = SMALL_UNITS_PER_THREAD * (int64_t)st->threads;
+    const int64_t longer = j.nblocks * a->N / (units > 0 ? units : 1) / GQMM__CPU_PANEL;
+    if (most <= 4 && longer * GQMM__CPU_PANEL > nt) nt = longer * GQMM__CPU_PANEL;
+    j.nt = nt < SMALL_UNIT_ROWS ? nt : SMALL_UNIT_ROWS;
+  } else if (!status && a->transpose) { /* small-M jobs stream long units (SMALL_UNIT_ROWS) */
     j.small_only = true;
     for (int64_t b = 0; b < j.nblocks; b++)
       j.small_only &= small_path(&j, j.blk_rows[b]);

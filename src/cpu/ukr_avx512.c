@@ -237,6 +237,121 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
   }
 }
 #undef UKR_BF16_NR
+/* ---- packed weights for bf16 data (AVX-512 BF16): cpu_isa.h packed_bf16 ----
+ * Lanes along weight rows: a slot vector (one 64-byte load) is 16 rows'
+ * 32-bit slots, and pair j of every lane, (q[2j], q[2j+1]) as two bf16, is
+ * one shift and one vpermw: the slot keeps the even values in its low half
+ * and the odd ones in its high half (cpu_pack.c), so shifting both 16-bit
+ * halves by bits * j brings the pair's fields to the bottom of each half,
+ * and the table maps the low 5 bits of each half to the bf16 of the field
+ * (entry i = bf16(i & mask)). Each pair then feeds one vdpbf16ps per row
+ * of x against the row's pair (k, k + 1) broadcast from its natural order:
+ * 2 instructions of unpacking per 32 weights, shared by every row of the
+ * tile, and no horizontal sums. At a group's end every accumulator takes
+ * its rows' scales and biases (a vector of 16 rows each) in two FMAs.
+ * Tiles: mr rows x nv vectors (16 rows each) from vector v0 of the panel
+ * at pk on (vectors 4-7 are the next panel's 0-3): 1-2 rows x 8 (two
+ * panels), so even one row has 8 independent accumulator chains
+ * (vdpbf16ps: ~6 cycles of latency, 2 instructions a cycle); 3-4 rows x 4;
+ * 5-8 rows x 2 (half a panel: each pair's 2 unpacks feed 16 FMAs). A row's
+ * operations do not depend on the tile it is in. */
+#define UKR_PK_PREFETCH 4 /* records ahead (2304 bytes each at 4-bit, g64) */
+static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *p, gqmm_dtype t) {
+  const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+  return t == GQMM_F16 ? _mm512_cvtph_ps(h)
+                       : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+static inline __attribute__((always_inline)) void
+ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, int v0,
+                const uint16_t *const *x, const int mr, const float *xsum, float *C, int64_t ldc,
+                const int bits) {
+#define UKR_BF16_0_15                                                                             \
+  0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, \
+      0x4140, 0x4150, 0x4160, 0x4170
+#define UKR_BF16_0_3 0, 0x3f80, 0x4000, 0x4040
+  static const uint16_t t4[32] = {UKR_BF16_0_15, UKR_BF16_0_15};
+  static const uint16_t t2[32] = {UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3,
+                                  UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3};
+#undef UKR_BF16_0_15
+#undef UKR_BF16_0_3
+  const __m512i tab = _mm512_loadu_si512(bits == 4 ? (const void *)t4 : (const void *)t2);
+  const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
+  const int64_t G = ps->G, rec = ps->rec;
+  const bool two = nv == 8; /* a second panel */
+  ukr_vf tot[8][8];
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++)
+      tot[m][v] = vf_zero();
+  for (int64_t g = 0; g < G; g++) {
+    const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
+    if (g + UKR_PK_PREFETCH < G)
+      for (int64_t l = 0; l < rec; l += 64) {
+        __builtin_prefetch(r0 + UKR_PK_PREFETCH * rec + l, 0, 3);
+        if (two) __builtin_prefetch(r1 + UKR_PK_PREFETCH * rec + l, 0, 3);
+      }
+    ukr_vf acc[8][8];
+    for (int m = 0; m < mr; m++)
+      for (int v = 0; v < nv; v++)
+        acc[m][v] = vf_zero();
+    for (int d = 0; d < slots; d++) {
+      __m512i T[8];
+      for (int v = 0; v < nv; v++)
+        T[v] =
+            _mm512_loadu_si512((v < 4 ? r0 : r1) + (d * GQMM__CPU_PANEL + 16 * ((v0 + v) & 3)) * 4);
+      const int64_t k = g * gs + d * per;
+      for (int j = 0; j < per / 2; j++) {
+        ukr_vbf w[8];
+        for (int v = 0; v < nv; v++)
+          w[v] =
+              (ukr_vbf)_mm512_permutexvar_epi16(_mm512_srli_epi16(T[v], (unsigned)(bits * j)), tab);
+        for (int m = 0; m < mr; m++) {
+          int32_t xp;
+          memcpy(&xp, x[m] + k + 2 * j, 4);
+          const ukr_vbf xb = (ukr_vbf)_mm512_set1_epi32(xp);
+          for (int v = 0; v < nv; v++)
+            acc[m][v] = _mm512_dpbf16_ps(acc[m][v], w[v], xb);
+        }
+      }
+    }
+    const int64_t sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
+    for (int v = 0; v < nv; v++) {
+      const uint8_t *sb = (v < 4 ? r0 : r1) + sbo + 32 * ((v0 + v) & 3);
+      const ukr_vf s = ukr_pk_param(sb, ps->dtype),
+                   b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
+      for (int m = 0; m < mr; m++) {
+        tot[m][v] = vf_fma(acc[m][v], s, tot[m][v]);
+        tot[m][v] = vf_fma(b, vf_set1(xsum[m * G + g]), tot[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++)
+      vf_store(C + m * ldc + 16 * v, tot[m][v]);
+}
+/* one instantiation per (bits, rows, vectors): the loops' bounds are constants */
+#define UKR_PK_CASE(b, m, n)                               \
+  case ((b)*10 + (m)) * 10 + (n):                          \
+    ukr_packed_tile(ps, pk, n, v0, x, m, xsum, C, ldc, b); \
+    break;
+#define UKR_PK_BITS(b)                                                                \
+  UKR_PK_CASE(b, 1, 8)                                                                \
+  UKR_PK_CASE(b, 1, 4)                                                                \
+  UKR_PK_CASE(b, 2, 8) UKR_PK_CASE(b, 2, 4) UKR_PK_CASE(b, 3, 4) UKR_PK_CASE(b, 4, 4) \
+      UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) UKR_PK_CASE(b, 7, 2) UKR_PK_CASE(b, 8, 2)
+static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                               const uint16_t *const *x, int mr, const float *xsum, float *C,
+                               int64_t ldc) {
+  switch ((ps->bits * 10 + mr) * 10 + nv) {
+    UKR_PK_BITS(4)
+    UKR_PK_BITS(2)
+  default:
+    break;
+  }
+}
+#undef UKR_PK_BITS
+#undef UKR_PK_ROWS
+#undef UKR_PK_CASE
+
 /* VNNI: four u8 x s8 products summed into each int32 lane in one
  * instruction, so the kernels' group sums are int32 from the start. The
  * 256-bit form keeps the AVX2 lanes (same bits as there) and, with AVX-512VL,
@@ -293,6 +408,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .gemm = avx512_gemm,
     .dequant_bf16 = avx512_dequant_bf16,
     .gemm_bf16 = avx512_gemm_bf16,
+    .packed_bf16 = avx512_packed_bf16,
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,
     .peak_macs = ukr_peak_macs,

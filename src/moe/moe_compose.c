@@ -68,11 +68,13 @@ float gqmm__moe_act(gqmm__activation act, float gate, float up) {
   return act == GQMM__ACT_GEGLU ? geglu(gate, up) : swiglu(gate, up);
 }
 
-/* One gathered GEMM over the plan's rows: out[r] = x[x_index[r]] @ W[e_r]^T. */
+/* One gathered GEMM over the plan's rows: out[r] = x[x_index[r]] @ W[e_r]^T,
+ * through the gqmm_pack copy pk where it is this backend's (the CPU's
+ * layout keeps the rows' order, so a gqmm_pack_glu copy gives gate | up). */
 static int gathered_qmm(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_args *a,
                         const void *x, int64_t x_batches, const int64_t *x_index, int64_t K,
-                        const uint32_t *w, const void *s, const void *b, int64_t N,
-                        const gqmm__moe_plan *plan, void *out) {
+                        const uint32_t *w, const void *s, const void *b, const gqmm_packed *pk,
+                        int64_t N, const gqmm__moe_plan *plan, void *out) {
   gqmm__qmm_args q = {
       .dtype = a->dtype,
       .q = a->q,
@@ -92,6 +94,7 @@ static int gathered_qmm(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_
       .x_index = x_index,
       .w_index = plan->row_expert,
       .w_sorted = true,
+      .packed = pk && pk->be == be ? pk : NULL,
   };
   return be->qmm(ctx, &q);
 }
@@ -186,13 +189,13 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   /* gate_up: fused weights give [R, 2I] rows (gate then up) in one pass. */
   if (fused) {
     st = gathered_qmm(ctx, be, a, a->x, T, token_of_row, H, a->gate_w, a->gate_s, a->gate_b,
-                      2 * I, &plan, gu);
+                      a->gate_pk, 2 * I, &plan, gu);
   } else {
-    st = gathered_qmm(ctx, be, a, a->x, T, token_of_row, H, a->gate_w, a->gate_s, a->gate_b, I,
-                      &plan, gu);
+    st = gathered_qmm(ctx, be, a, a->x, T, token_of_row, H, a->gate_w, a->gate_s, a->gate_b,
+                      a->gate_pk, I, &plan, gu);
     if (!st)
-      st = gathered_qmm(ctx, be, a, a->x, T, token_of_row, H, a->up_w, a->up_s, a->up_b, I,
-                        &plan, gu + (size_t)(R * I) * esz);
+      st = gathered_qmm(ctx, be, a, a->x, T, token_of_row, H, a->up_w, a->up_s, a->up_b, a->up_pk,
+                        I, &plan, gu + (size_t)(R * I) * esz);
   }
   if (st) goto done;
   double t2 = gqmm__now_s();
@@ -203,7 +206,8 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   gqmm__moe_parallel_rows(ctx, R, 16, act_rows, &job);
   double t3 = gqmm__now_s();
   ph.act_s = t3 - t2;
-  st = gathered_qmm(ctx, be, a, h, R, row_id, I, a->down_w, a->down_s, a->down_b, H, &plan, y);
+  st = gathered_qmm(ctx, be, a, h, R, row_id, I, a->down_w, a->down_s, a->down_b, a->down_pk, H,
+                    &plan, y);
   if (st) goto done;
   double t4 = gqmm__now_s();
   ph.down_s = t4 - t3;

@@ -55,6 +55,12 @@ static int check_packed(gqmm_ctx *ctx, const gqmm_packed *p, const char *name,
                         const gqmm_packed **dst) {
   *dst = p;
   if (!p) return GQMM_OK;
+  if (p->device != t->device)
+    return gqmm__fail(ctx, GQMM_ERR_DEVICE,
+                      "%s_packed: was packed for the %s, but %s is on the %s (pack the tensors "
+                      "the layer runs on)",
+                      name, p->device == GQMM_DEVICE_CPU ? "cpu" : "cuda device", name,
+                      t->device == GQMM_DEVICE_CPU ? "cpu" : "cuda device");
   bool same = p->ndim == t->ndim && p->q.bits == q.bits && p->q.group_size == q.group_size &&
               p->dtype == dtype;
   for (int d = 0; same && d < t->ndim; d++) same = p->shape[d] == t->shape[d];

@@ -87,6 +87,7 @@ out:
 typedef struct {
   const char *isa;
   int threads, config, int8;
+  int packed; /* gqmm_pack the weights on the runner's context, then gather_qmm_packed */
 } runner;
 
 /* Runs the problem on `how` (or the reference if how.isa is NULL) into out. */
@@ -111,7 +112,12 @@ static int problem_run(const problem *p, runner how, void *out, char *err, size_
   if (st) return st;
   ctx->forced_config = how.config;
   test_poison(out, p->dt, (int64_t)p->batch * p->M * p->N);
-  st = gqmm_gather_qmm(ctx, &tx, &twq, &ts, &tb, NULL, &ti, p->transpose, p->q, 1, &to);
+  gqmm_packed *pk = NULL;
+  if (how.packed && !(st = gqmm_pack(ctx, &twq, &ts, &tb, p->q, &pk)))
+    st = gqmm_gather_qmm_packed(ctx, &tx, pk, NULL, &ti, 1, &to);
+  else if (!how.packed)
+    st = gqmm_gather_qmm(ctx, &tx, &twq, &ts, &tb, NULL, &ti, p->transpose, p->q, 1, &to);
+  gqmm_packed_free(ctx, pk);
   if (st)
     snprintf(err, errlen, "%s", gqmm_last_error(ctx));
   else if (how.isa && strncmp(gqmm_last_backend(ctx), "cpu-", 4))
@@ -142,22 +148,22 @@ static double tol_for(gqmm_dtype dt) {
 }
 
 /* Checks one problem on one runner against the reference; returns the error. */
-#define CHECK_AGAINST_REF(p, how, tol)                                                           \
-  do {                                                                                           \
-    const int64_t n_out_ = (int64_t)(p).batch * (p).M * (p).N;                                   \
-    const size_t es_ = gqmm_dtype_size((p).dt);                                                  \
-    void *ref_ = malloc((size_t)n_out_ * es_), *got_ = malloc((size_t)n_out_ * es_);             \
-    char err_[512] = "";                                                                         \
-    int sr_ = ref_ && got_ ? problem_run(&(p), (runner){0}, ref_, err_, sizeof err_) : -12;      \
-    int sg_ = sr_ ? sr_ : problem_run(&(p), (how), got_, err_, sizeof err_);                     \
-    double e_ = sg_ ? INFINITY : test_rel_err(got_, (p).dt, ref_, (p).dt, n_out_);               \
-    free(ref_), free(got_);                                                                      \
-    CHECK_MSG(e_ <= (tol),                                                                       \
-              "isa %s threads %d config %d int8 %d bits %d gs %d %s M %d N %d "                  \
-              "K %d E %d batch %d T %d: rel err %.3g (status %d %s)",                            \
-              (how).isa, (how).threads, (how).config, (how).int8, (p).q.bits, (p).q.group_size,  \
-              gqmm_dtype_name((p).dt), (p).M, (p).N, (p).K, (p).E, (p).batch, (p).transpose, e_, \
-              sg_, err_);                                                                        \
+#define CHECK_AGAINST_REF(p, how, tol)                                                          \
+  do {                                                                                          \
+    const int64_t n_out_ = (int64_t)(p).batch * (p).M * (p).N;                                  \
+    const size_t es_ = gqmm_dtype_size((p).dt);                                                 \
+    void *ref_ = malloc((size_t)n_out_ * es_), *got_ = malloc((size_t)n_out_ * es_);            \
+    char err_[512] = "";                                                                        \
+    int sr_ = ref_ && got_ ? problem_run(&(p), (runner){0}, ref_, err_, sizeof err_) : -12;     \
+    int sg_ = sr_ ? sr_ : problem_run(&(p), (how), got_, err_, sizeof err_);                    \
+    double e_ = sg_ ? INFINITY : test_rel_err(got_, (p).dt, ref_, (p).dt, n_out_);              \
+    free(ref_), free(got_);                                                                     \
+    CHECK_MSG(e_ <= (tol),                                                                      \
+              "isa %s threads %d config %d int8 %d packed %d bits %d gs %d %s M %d N %d "       \
+              "K %d E %d batch %d T %d: rel err %.3g (status %d %s)",                           \
+              (how).isa, (how).threads, (how).config, (how).int8, (how).packed, (p).q.bits,     \
+              (p).q.group_size, gqmm_dtype_name((p).dt), (p).M, (p).N, (p).K, (p).E, (p).batch, \
+              (p).transpose, e_, sg_, err_);                                                    \
   } while (0)
 
 GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
@@ -180,10 +186,40 @@ GQMM_TEST(cpu_every_isa_format_dtype_matches_reference) {
                          .q = {all_bits[bi], all_groups[gi]},
                          .dt = all_dtypes[di]};
             CHECK_OK(problem_make(&p, &r, 0, mi == 0));
-            CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+            CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0, 0}), tol_for(p.dt));
             problem_free(&p);
           }
         }
+  }
+}
+
+/* gqmm_pack on the CPU (cpu_pack.c) and its kernels: every ISA (the
+ * portable kernel where there is no vdpbf16ps one, or x is not bf16), 2-
+ * and 4-bit, every group size, f16 and bf16; panels whole and ragged (N = 100:
+ * a pair with a partial second panel; 200: a pair and a pair whose second
+ * panel has 8 rows), one row per expert and blocks of many rows (tiles of
+ * 1-4 rows and their tails), skewed routing with empty experts. */
+GQMM_TEST(cpu_packed_matches_reference) {
+  test_rng r = test_rng_make(731);
+  static const int pk_bits[] = {2, 4};
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bi = 0; bi < 2; bi++)
+      for (int gi = 0; gi < 3; gi++)
+        for (int di = 1; di < 3; di++) /* 16-bit scales (float32 ones are refused below) */
+          for (int c = 0; c < 2; c++) {
+            problem p = {.E = c ? 3 : 5,
+                         .M = c ? 3 : 1,
+                         .N = c ? 200 : 100,
+                         .K = 3 * all_groups[gi] + (gi == 0 ? 32 : 0),
+                         .batch = c ? 9 : 23,
+                         .transpose = 1,
+                         .q = {pk_bits[bi], all_groups[gi]},
+                         .dt = all_dtypes[di]};
+            CHECK_OK(problem_make(&p, &r, c, c == 0));
+            CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0, 1}), tol_for(p.dt));
+            problem_free(&p);
+          }
   }
 }
 
@@ -260,7 +296,7 @@ GQMM_TEST(cpu_integer_problems_match_reference_bitwise) {
             char err[256] = "";
             CHECK(ref && got);
             int st = problem_run(&p, (runner){0}, ref, err, sizeof err);
-            if (!st) st = problem_run(&p, (runner){isas[ii], 2, -1, 0}, got, err, sizeof err);
+            if (!st) st = problem_run(&p, (runner){isas[ii], 2, -1, 0, 0}, got, err, sizeof err);
             CHECK_MSG(!st, "isa %s bits %d gs %d M %d transpose %d: %s", isas[ii], p.q.bits, gs,
                       p.M, T, err);
             int64_t bad = 0;
@@ -302,7 +338,7 @@ GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
                        .q = {all_bits[bi], all_groups[gi]},
                        .dt = all_dtypes[1 + (bi + gi + mi) % 2]};
           CHECK_OK(problem_make(&p, &r, 0, true));
-          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0, 0}), tol_for(p.dt));
           problem_free(&p);
         }
   }
@@ -312,7 +348,7 @@ GQMM_TEST(cpu_qmv_k_blocks_match_reference) {
 static bool config_exists(const problem *p, const char *isa, int cfg) {
   char err[256];
   void *tmp = malloc((size_t)p->batch * p->M * p->N * 4);
-  int st = problem_run(p, (runner){isa, 1, cfg, 0}, tmp, err, sizeof err);
+  int st = problem_run(p, (runner){isa, 1, cfg, 0, 0}, tmp, err, sizeof err);
   free(tmp);
   return !(st == GQMM_ERR_ARG && cfg > 0);
 }
@@ -339,7 +375,7 @@ GQMM_TEST(cpu_every_config_and_row_count) {
           problem_free(&p);
           break;
         }
-        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0}), tol_for(p.dt));
+        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0, 0}), tol_for(p.dt));
         problem_free(&p);
       }
     }
@@ -374,7 +410,7 @@ GQMM_TEST(cpu_gemm_row_blocks_and_k_phases) {
             cfg = 16; /* and the loops above end */
             break;
           }
-          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0}), tol_for(p.dt));
+          CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, cfg, 0, 0}), tol_for(p.dt));
           problem_free(&p);
         }
   }
@@ -395,7 +431,7 @@ GQMM_TEST(cpu_transpose_false_matches_reference) {
                      .q = {all_bits[bi], all_groups[(bi + di) % 3]},
                      .dt = all_dtypes[di]};
         CHECK_OK(problem_make(&p, &r, 0, false));
-        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0, 0}), tol_for(p.dt));
         problem_free(&p);
       }
   }
@@ -425,14 +461,87 @@ GQMM_TEST(cpu_results_do_not_depend_on_thread_count) {
     CHECK_OK(problem_make(&p, &r, 1, true));
     char err[256] = "";
     for (int t = 2; t <= 5; t++)
-      CHECK_MSG(
-          same_bits(&p, (runner){"avx2", 1, -1, 0}, (runner){"avx2", t, -1, 0}, err, sizeof err) ||
-              !isa_available("avx2"),
-          "threads 1 vs %d differ (M %d) %s", t, M, err);
-    CHECK(same_bits(&p, (runner){"portable", 1, -1, 0}, (runner){"portable", 3, -1, 0}, err,
+      CHECK_MSG(same_bits(&p, (runner){"avx2", 1, -1, 0, 0}, (runner){"avx2", t, -1, 0, 0}, err,
+                          sizeof err) ||
+                    !isa_available("avx2"),
+                "threads 1 vs %d differ (M %d) %s", t, M, err);
+    CHECK(same_bits(&p, (runner){"portable", 1, -1, 0, 0}, (runner){"portable", 3, -1, 0, 0}, err,
                     sizeof err));
     problem_free(&p);
   }
+}
+
+/* Packed weights, integer-valued problems: bit for bit equal to the
+ * reference (a wrong lane, slot field or table entry shows however small),
+ * for tiles of 1, 2, 3 and 4 rows and their mixes (blocks of 1-2 rows per
+ * entry, 5 and 13 rows), three panels (a pair, then one alone) and 2- and
+ * 4-bit at every group size; and the same bits for 1 and 3 threads. */
+GQMM_TEST(cpu_packed_integer_problems_bitwise_and_threads) {
+  test_rng r = test_rng_make(732);
+  static const int Ms[] = {1, 2, 3, 5, 13};
+  for (size_t ii = 0; ii < 3; ii++) {
+    if (!isa_available(isas[ii])) continue;
+    for (int bits = 2; bits <= 4; bits += 2)
+      for (int gi = 0; gi < 3; gi++)
+        for (int mi = 0; mi < 5; mi++) {
+          problem p = {.E = 4,
+                       .M = Ms[mi],
+                       .N = 130,
+                       .K = 2 * all_groups[gi],
+                       .batch = 6,
+                       .transpose = 1,
+                       .q = {bits, all_groups[gi]},
+                       .dt = all_dtypes[1 + (gi + mi) % 2]};
+          CHECK_OK(problem_make_int(&p, &r));
+          char err[256] = "";
+          CHECK_MSG(same_bits(&p, (runner){0}, (runner){isas[ii], 2, -1, 0, 1}, err, sizeof err),
+                    "isa %s bits %d gs %d %s M %d: packed differs from the reference %s", isas[ii],
+                    bits, p.q.group_size, gqmm_dtype_name(p.dt), p.M, err);
+          CHECK_MSG(same_bits(&p, (runner){isas[ii], 1, -1, 0, 1}, (runner){isas[ii], 3, -1, 0, 1},
+                              err, sizeof err),
+                    "isa %s bits %d gs %d M %d: packed, threads 1 vs 3 differ %s", isas[ii], bits,
+                    p.q.group_size, p.M, err);
+          problem_free(&p);
+        }
+  }
+}
+
+/* What the CPU pack refuses, with a message that says why. */
+GQMM_TEST(cpu_pack_refuses_clearly) {
+  test_rng r = test_rng_make(733);
+  for (int bits = 3; bits <= 8; bits += 5) {
+    problem p = {.E = 2,
+                 .M = 1,
+                 .N = 64,
+                 .K = 64,
+                 .batch = 2,
+                 .transpose = 1,
+                 .q = {bits, 64},
+                 .dt = GQMM_BF16};
+    CHECK_OK(problem_make(&p, &r, 0, true));
+    void *out = malloc((size_t)p.batch * p.N * 2);
+    char err[256] = "";
+    CHECK(out);
+    CHECK_MSG(problem_run(&p, (runner){"portable", 1, -1, 0, 1}, out, err, sizeof err) ==
+                      GQMM_ERR_UNSUPPORTED &&
+                  strstr(err, "2- and 4-bit"),
+              "%d-bit pack: %s", bits, err);
+    free(out);
+    problem_free(&p);
+  }
+  /* float32 scales: the packed layout holds 16-bit ones */
+  problem p = {
+      .E = 2, .M = 1, .N = 64, .K = 64, .batch = 2, .transpose = 1, .q = {4, 64}, .dt = GQMM_F32};
+  CHECK_OK(problem_make(&p, &r, 0, true));
+  void *out = malloc((size_t)p.batch * p.N * 4);
+  char err[256] = "";
+  CHECK(out);
+  CHECK_MSG(problem_run(&p, (runner){"portable", 1, -1, 0, 1}, out, err, sizeof err) ==
+                    GQMM_ERR_UNSUPPORTED &&
+                strstr(err, "scales"),
+            "f32 scales: %s", err);
+  free(out);
+  problem_free(&p);
 }
 
 /* The qmv kernel adds sum_g b_g * sum(x)_g after its group loop, a vector
@@ -455,10 +564,10 @@ GQMM_TEST(cpu_qmv_bias_dot_vectors_and_tail) {
                      .q = {all_bits[bi], all_groups[gi]},
                      .dt = all_dtypes[1 + (bi + gi) % 2]};
         CHECK_OK(problem_make(&p, &r, 0, true));
-        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0}), tol_for(p.dt));
+        CHECK_AGAINST_REF(p, ((runner){isas[ii], 2, -1, 0, 0}), tol_for(p.dt));
         char err[256] = "";
-        CHECK_MSG(same_bits(&p, (runner){isas[ii], 1, -1, 0}, (runner){isas[ii], 3, -1, 0}, err,
-                            sizeof err),
+        CHECK_MSG(same_bits(&p, (runner){isas[ii], 1, -1, 0, 0}, (runner){isas[ii], 3, -1, 0, 0},
+                            err, sizeof err),
                   "isa %s bits %d gs %d: threads 1 vs 3 differ %s", isas[ii], p.q.bits,
                   p.q.group_size, err);
         problem_free(&p);
@@ -476,7 +585,7 @@ static void check_unsorted_equals_sorted(int *gqmm_test_failed, problem p, test_
   void *sorted_x = malloc((size_t)p.batch * p.K * 2);
   CHECK(sorted_out && unsorted_out && perm && sorted_idx && sorted_x);
   char err[256] = "";
-  CHECK_OK(problem_run(&p, (runner){"avx2", 2, -1, 0}, sorted_out, err, sizeof err));
+  CHECK_OK(problem_run(&p, (runner){"avx2", 2, -1, 0, 0}, sorted_out, err, sizeof err));
   /* shuffle entries (index and x row together): each output row must keep its bits */
   for (int i = 0; i < p.batch; i++)
     perm[i] = i;
@@ -491,12 +600,12 @@ static void check_unsorted_equals_sorted(int *gqmm_test_failed, problem p, test_
     memcpy((char *)p.x + (size_t)i * p.K * 2, (char *)sorted_x + (size_t)perm[i] * p.K * 2,
            (size_t)p.K * 2);
   }
-  CHECK_OK(problem_run(&p, (runner){"avx2", 2, -1, 0}, unsorted_out, err, sizeof err));
+  CHECK_OK(problem_run(&p, (runner){"avx2", 2, -1, 0, 0}, unsorted_out, err, sizeof err));
   for (int i = 0; i < p.batch; i++)
     CHECK_MSG(
         !memcmp((char *)unsorted_out + i * row, (char *)sorted_out + (size_t)perm[i] * row, row),
         "row %d (sorted row %d) differs", i, perm[i]);
-  CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 0}), tol_for(p.dt));
+  CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 0, 0}), tol_for(p.dt));
   free(sorted_out), free(unsorted_out), free(perm), free(sorted_idx), free(sorted_x);
 }
 
@@ -547,8 +656,8 @@ GQMM_TEST(cpu_skewed_routing_and_empty_experts) {
                  .q = {4, 128},
                  .dt = GQMM_BF16};
     CHECK_OK(problem_make(&p, &r, 1, M == 1));
-    CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 0}), tol_for(p.dt));
-    CHECK_AGAINST_REF(p, ((runner){"portable", 3, 1, 0}), tol_for(p.dt));
+    CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 0, 0}), tol_for(p.dt));
+    CHECK_AGAINST_REF(p, ((runner){"portable", 3, 1, 0, 0}), tol_for(p.dt));
     problem_free(&p);
   }
 }
@@ -572,9 +681,9 @@ GQMM_TEST(cpu_int8_mode_is_close_and_opt_in) {
      * Over 400 seeds (M = 1, 400 outputs) the error was 0.0154 median,
      * 0.0199 at p99, 0.021-0.022 at the worst (a bound of 2e-2 failed ~1 run
      * in 300): 3e-2 bounds the mode, an exact-path bug gives errors ~1. */
-    if (isa_available("avx2")) CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 1}), 3e-2);
+    if (isa_available("avx2")) CHECK_AGAINST_REF(p, ((runner){"avx2", 2, -1, 1, 0}), 3e-2);
     /* the portable ISA has no int8 kernel: the option falls back to exact */
-    CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 1}), tol_for(p.dt));
+    CHECK_AGAINST_REF(p, ((runner){"portable", 2, -1, 1, 0}), tol_for(p.dt));
     problem_free(&p);
     /* other widths ignore the option (int8 covers 4-bit only) */
     problem q = {.E = 3,
@@ -586,7 +695,7 @@ GQMM_TEST(cpu_int8_mode_is_close_and_opt_in) {
                  .q = {3, 64},
                  .dt = GQMM_F32};
     CHECK_OK(problem_make(&q, &r, 0, true));
-    CHECK_AGAINST_REF(q, ((runner){"avx2", 2, -1, 1}), tol_for(q.dt));
+    CHECK_AGAINST_REF(q, ((runner){"avx2", 2, -1, 1, 0}), tol_for(q.dt));
     problem_free(&q);
   }
 }
@@ -670,12 +779,12 @@ GQMM_TEST(cpu_int8_weight_reuse_matches_qmv_bitwise) {
         CHECK(qmv && got && emu);
         char err[256] = "";
         const int cq = last_config(&p, i8_isas[ii]);
-        CHECK_OK(problem_run(&p, (runner){i8_isas[ii], 1, cq, 1}, qmv, err, sizeof err));
+        CHECK_OK(problem_run(&p, (runner){i8_isas[ii], 1, cq, 1, 0}, qmv, err, sizeof err));
         /* every config on bf16 g64, the default and another elsewhere, 1-3 threads */
         for (int c = -1; c < cq; c++) {
           if (c >= 0 && !(gi == 1 && di == 2) && c != 0) continue;
           const int threads = 1 + (c + 2) % 3;
-          CHECK_OK(problem_run(&p, (runner){i8_isas[ii], threads, c, 1}, got, err, sizeof err));
+          CHECK_OK(problem_run(&p, (runner){i8_isas[ii], threads, c, 1, 0}, got, err, sizeof err));
           CHECK_MSG(!memcmp(got, qmv, bytes),
                     "isa %s gs %d %s config %d threads %d: differs from qmv_i8's bits", i8_isas[ii],
                     p.q.group_size, gqmm_dtype_name(p.dt), c, threads);
@@ -688,7 +797,7 @@ GQMM_TEST(cpu_int8_weight_reuse_matches_qmv_bitwise) {
         }
         CHECK_MSG(sqrt(num / den) <= tol_for(p.dt), "isa %s gs %d %s: %.3g from the emulation",
                   i8_isas[ii], p.q.group_size, gqmm_dtype_name(p.dt), sqrt(num / den));
-        CHECK_AGAINST_REF(p, ((runner){i8_isas[ii], 2, -1, 1}), 3e-2);
+        CHECK_AGAINST_REF(p, ((runner){i8_isas[ii], 2, -1, 1, 0}), 3e-2);
         free(qmv), free(got), free(emu);
         problem_free(&p);
       }
@@ -741,13 +850,13 @@ GQMM_TEST(cpu_bad_isa_requests_fail_clearly) {
   CHECK_OK(problem_make(&p, &r, 0, true));
   float out[16];
   char err[512] = "";
-  int st = problem_run(&p, (runner){"sse9", 1, -1, 0}, out, err, sizeof err);
+  int st = problem_run(&p, (runner){"sse9", 1, -1, 0, 0}, out, err, sizeof err);
   CHECK_MSG(st == GQMM_ERR_ARG && strstr(err, "sse9"), "status %d: %s", st, err);
   if (!isa_available("avx512")) {
-    st = problem_run(&p, (runner){"avx512", 1, -1, 0}, out, err, sizeof err);
+    st = problem_run(&p, (runner){"avx512", 1, -1, 0, 0}, out, err, sizeof err);
     CHECK_MSG(st == GQMM_ERR_UNSUPPORTED && strstr(err, "avx512"), "status %d: %s", st, err);
   }
-  st = problem_run(&p, (runner){"portable", 1, 999, 0}, out, err, sizeof err);
+  st = problem_run(&p, (runner){"portable", 1, 999, 0, 0}, out, err, sizeof err);
   CHECK_MSG(st == GQMM_ERR_ARG && strstr(err, "config"), "status %d: %s", st, err);
   problem_free(&p);
 }
@@ -789,7 +898,7 @@ GQMM_TEST(cpu_int8_accuracy_vs_float64) {
     const char *modes[3] = {"reference", "cpu exact", "cpu int8"};
     for (int mode = 0; mode < 3; mode++) {
       char err[256] = "";
-      runner how = {mode ? "avx2" : NULL, 2, -1, mode == 2};
+      runner how = {mode ? "avx2" : NULL, 2, -1, mode == 2, 0};
       if (mode && !isa_available("avx2")) how.isa = "portable";
       CHECK_OK(problem_run(&p, how, raw, err, sizeof err));
       double num = 0, den = 0, worst = 0;

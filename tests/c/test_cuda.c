@@ -325,9 +325,16 @@ GQMM_TEST(cuda_pack_rejects_bad_input) {
   gqmm_packed *pk = (gqmm_packed *)&pk;
   CHECK(gqmm_pack(ctx, &tw, &ts, &ts, (gqmm_quant){4, 64}, NULL) == GQMM_ERR_NULL);
   CHECK(gqmm_pack(ctx, &tw, &ts, NULL, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_NULL && pk == NULL);
-  /* host tensors: no backend packs them */
-  CHECK(gqmm_pack(ctx, &tw, &ts, &ts, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_UNSUPPORTED);
-  CHECK(strstr(gqmm_last_error(ctx), "CUDA") != NULL && pk == NULL);
+  /* host tensors pack for the CPU (one panel of one record: 64 rows x 64
+   * values of 4 bits, then 64 scales and 64 biases), not on a reference
+   * context, which packs nothing */
+  CHECK(gqmm_pack(ctx, &tw, &ts, &ts, (gqmm_quant){4, 64}, &pk) == GQMM_OK && pk != NULL);
+  CHECK(gqmm_packed_nbytes(pk) == 64 * 64 / 2 + 64 * 2 * 2);
+  gqmm_packed_free(ctx, pk);
+  gqmm_ctx *ref = test_ctx(GQMM_BACKEND_REF);
+  CHECK(ref && gqmm_pack(ref, &tw, &ts, &ts, (gqmm_quant){4, 64}, &pk) == GQMM_ERR_UNSUPPORTED);
+  CHECK(strstr(gqmm_last_error(ref), "CPU backend") != NULL && pk == NULL);
+  gqmm_ctx_destroy(ref);
   /* 5-bit has no packed layout; 4 words of 8 bits hold 32 values, K=32 */
   int64_t ws5[2] = {4, 5};
   gqmm_tensor tw5 = gqmm_tensor_make(wq, GQMM_U32, 2, ws5);

@@ -254,6 +254,76 @@ GQMM_TEST(moe_forward_matches_float64_all_formats) {
   }
 }
 
+/* The layer on the CPU with gqmm_pack copies of its weights (src/cpu/
+ * cpu_pack.c: 2- and 4-bit): fused gate_up (gqmm_pack_glu, as a user of
+ * either backend would pack it) and separate gate and up, both activations,
+ * every group size, f16 and bf16, against float64; fused and separate agree
+ * bit for bit, and a copy packed for the CPU is refused by a layer whose
+ * tensors claim to be on the GPU. */
+GQMM_TEST(moe_forward_cpu_packed_weights) {
+  const int groups[] = {32, 64, 128};
+  const gqmm_dtype dts[] = {GQMM_F16, GQMM_BF16};
+  test_rng r = test_rng_make(606);
+  gqmm_ctx_options o = {.backend = GQMM_BACKEND_CPU};
+  gqmm_ctx *ctx = NULL;
+  CHECK_OK(gqmm_ctx_create(&ctx, &o));
+  for (int bits = 2; bits <= 4; bits += 2)
+    for (int gi = 0; gi < 3; gi++)
+      for (int di = 0; di < 2; di++) {
+        /* ragged: 21 tokens, 4 slots, 9 experts (one never routed); I = 96 rows
+         * (group 32) make a ragged panel, 2I = 192 three panels (a pair and one) */
+        layer L = {
+            .T = 21, .k = 4, .E = 9, .H = 384, .I = 96, .q = {bits, groups[gi]}, .dt = dts[di]};
+        if (L.I % L.q.group_size) L.I = 128;
+        int st = layer_make(ctx, &r, &L, false);
+        gqmm_packed *pk[4] = {NULL, NULL, NULL, NULL}; /* gate_up, gate, up, down */
+        if (!st) st = gqmm_pack_glu(ctx, &L.t[TGU], &L.t[TGUS], &L.t[TGUB], L.q, &pk[0]);
+        if (!st) st = gqmm_pack(ctx, &L.t[TG], &L.t[TGS], &L.t[TGB], L.q, &pk[1]);
+        if (!st) st = gqmm_pack(ctx, &L.t[TU], &L.t[TUS], &L.t[TUB], L.q, &pk[2]);
+        if (!st) st = gqmm_pack(ctx, &L.t[TD], &L.t[TDS], &L.t[TDB], L.q, &pk[3]);
+        gqmm_moe_weights f = L.fused, s = L.separate;
+        f.gate_up_packed = pk[0], f.down_packed = pk[3];
+        s.gate_packed = pk[1], s.up_packed = pk[2], s.down_packed = pk[3];
+        double *ref = malloc((size_t)(L.T * L.H) * sizeof(double));
+        const size_t nb = (size_t)(L.T * L.H) * gqmm_dtype_size(L.dt);
+        void *first = malloc(nb);
+        for (int a = 0; a < 2 && !st; a++) {
+          const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
+          reference64(&L, act, ref);
+          for (int fu = 0; fu < 2 && !st; fu++) {
+            st = run(ctx, &L, fu ? &f : &s, act);
+            double err = st ? INFINITY : rel_err64(L.out, L.dt, ref, L.T * L.H);
+            if (st || !(err <= tolerance(L.dt))) {
+              fprintf(stderr, "  packed bits %d gs %d %s act %d fused %d: st %d (%s) err %.3g\n",
+                      bits, L.q.group_size, gqmm_dtype_name(L.dt), a, fu, st, gqmm_last_error(ctx),
+                      err);
+              st = st ? st : GQMM_ERR_BACKEND;
+            }
+            if (!st && fu == 0) memcpy(first, L.out, nb);
+            if (!st && fu == 1 && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
+          }
+        }
+        if (!st) { /* a CPU copy for tensors said to be on the GPU: refused before anything runs */
+          gqmm_moe_weights g = f;
+          gqmm_tensor t[3] = {L.t[TGU], L.t[TGUS], L.t[TGUB]};
+          for (int i = 0; i < 3; i++)
+            t[i].device = GQMM_DEVICE_CUDA;
+          g.gate_up = &t[0], g.gate_up_scales = &t[1], g.gate_up_biases = &t[2];
+          const int bad = gqmm_moe_forward(ctx, &g, &L.t[TX], &L.t[TIDS], &L.t[TEW], GQMM_ACT_GEGLU,
+                                           &L.t[TOUT]);
+          if (bad == GQMM_OK) st = GQMM_ERR_BACKEND;
+        }
+        for (int i = 0; i < 4; i++)
+          gqmm_packed_free(ctx, pk[i]);
+        free(ref);
+        free(first);
+        layer_free(&L);
+        if (st) gqmm_ctx_destroy(ctx);
+        CHECK_OK(st);
+      }
+  gqmm_ctx_destroy(ctx);
+}
+
 GQMM_TEST(moe_forward_is_deterministic_across_threads_and_runs) {
   test_rng r = test_rng_make(602);
   gqmm_ctx *ctx[2] = {NULL, NULL};

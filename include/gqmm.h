@@ -195,17 +195,24 @@ int gqmm_gather_qmm_output(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_tenso
                            const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,
                            int transpose, gqmm_quant q, gqmm_tensor *out);
 
-/* ---- packed weights (load-time layout for the CUDA kernels) -------------- */
+/* ---- packed weights (load-time layouts for the CUDA and CPU kernels) ----- */
 
 /*
  * gqmm_pack: a copy of quantized weights w [..., N, K*bits/32] (MLX layout,
  * transpose=1) with their scales and biases [..., N, K/group_size] (f16 or
- * bf16), all on the CUDA device, in the layout the CUDA tensor-core kernels
- * stream fastest: for each expert, each tile of 128 rows and each 128 values
- * of K, one contiguous block holding the weights in the order the kernel's
- * threads read them followed by that block's scales and biases. Built once,
- * at load time, on the device; the MLX tensors stay valid and unchanged.
- * Supports bits 2/3/4/8 (GQMM_ERR_UNSUPPORTED otherwise) and K % 32 == 0.
+ * bf16) in the layout the backend's kernels stream fastest, made by the
+ * backend that owns the tensors' memory:
+ *  - CUDA device tensors: for each expert, each tile of 128 rows and each
+ *    128 values of K, one contiguous block holding the weights in the order
+ *    the kernel's threads read them followed by that block's scales and
+ *    biases; bits 2/3/4/8. Built on the device.
+ *  - host tensors (the CPU backend): panels of 64 rows whose records put
+ *    the rows in the vector lanes (docs/format.md, "CPU packed layout");
+ *    bits 2 and 4 (GQMM_ERR_UNSUPPORTED for 3 and 8). Its fast kernel takes
+ *    bfloat16 x on CPUs with AVX-512 BF16; other dtypes and CPUs run a
+ *    portable kernel over it (correct, not fast).
+ * Built once, at load time; the MLX tensors stay valid and unchanged and
+ * may be freed. Needs K % 32 == 0 (GQMM_ERR_UNSUPPORTED otherwise).
  * Values are bit-identical to the MLX layout's: results of the packed ops
  * equal the unpacked ops' within the usual float32-accumulation tolerance.
  */
@@ -219,12 +226,13 @@ int gqmm_pack(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
  * it lets gqmm_moe_forward apply the activation in the gate_up GEMM's
  * epilogue (no [tokens*k, 2I] intermediate and no separate pass).
  * gqmm_gather_qmm_packed reads it like a gqmm_pack copy, with the same
- * results. GQMM_ERR_SHAPE if the row count is odd.
+ * results. GQMM_ERR_SHAPE if the row count is odd. (The CPU layout keeps
+ * the rows' order, so on host tensors it is the gqmm_pack copy.)
  */
 int gqmm_pack_glu(gqmm_ctx *ctx, const gqmm_tensor *w, const gqmm_tensor *scales,
                   const gqmm_tensor *biases, gqmm_quant q, gqmm_packed **out);
 void gqmm_packed_free(gqmm_ctx *ctx, gqmm_packed *p);
-/* Device bytes the packed copy occupies. */
+/* Bytes the packed copy occupies (device or host memory, as it was made). */
 int64_t gqmm_packed_nbytes(const gqmm_packed *p);
 /*
  * 1 if the pack dequantizes with one FMA per two weights (its scales stored
@@ -232,15 +240,16 @@ int64_t gqmm_packed_nbytes(const gqmm_packed *p);
  * the two-instruction path (same results, ~5% more kernel time on the
  * seed's shapes). gqmm_pack chooses the first when every scale fits:
  * |scale| < 2^-5 (3-, 4-, 8-bit) or 2^-1 (2-bit) for bfloat16, 2^-8 or 2^-4
- * for float16.
+ * for float16. Always 0 for a CPU copy (its layout has one form).
  */
 int gqmm_packed_scaled(const gqmm_packed *p);
 /*
  * gather_qmm (transpose=1) over packed weights: the same semantics, shapes,
  * broadcasting and errors as gqmm_gather_qmm with the tensors w was packed
- * from; NULL indices give quantized_matmul. CUDA backend only: x and out
- * on the device, the indices in host memory as for gqmm_gather_qmm
- * (GQMM_ERR_UNSUPPORTED where it cannot run, e.g. a context forced to CPU).
+ * from; NULL indices give quantized_matmul. It runs on the backend that
+ * packed w: x and out on the same device as the copy, the indices in host
+ * memory as for gqmm_gather_qmm (GQMM_ERR_UNSUPPORTED where it cannot run,
+ * e.g. a CUDA copy under a context forced to the CPU).
  */
 int gqmm_gather_qmm_packed(gqmm_ctx *ctx, const gqmm_tensor *x, const gqmm_packed *w,
                            const gqmm_tensor *lhs_indices, const gqmm_tensor *rhs_indices,

@@ -506,42 +506,36 @@ GQMM_TEST(cpu_packed_integer_problems_bitwise_and_threads) {
   }
 }
 
-/* What the CPU pack refuses, with a message that says why. */
+/* What the CPU pack refuses, with a message that says why: 3- and 8-bit
+ * weights (its layout holds 2 and 4), and float32 scales (16-bit ones). */
 GQMM_TEST(cpu_pack_refuses_clearly) {
   test_rng r = test_rng_make(733);
-  for (int bits = 3; bits <= 8; bits += 5) {
+  static const struct {
+    int bits;
+    gqmm_dtype dt;
+    const char *why;
+  } cases[] = {
+      {3, GQMM_BF16, "2- and 4-bit"}, {8, GQMM_BF16, "2- and 4-bit"}, {4, GQMM_F32, "scales"}};
+  for (int c = 0; c < 3; c++) {
     problem p = {.E = 2,
                  .M = 1,
                  .N = 64,
                  .K = 64,
                  .batch = 2,
                  .transpose = 1,
-                 .q = {bits, 64},
-                 .dt = GQMM_BF16};
+                 .q = {cases[c].bits, 64},
+                 .dt = cases[c].dt};
     CHECK_OK(problem_make(&p, &r, 0, true));
-    void *out = malloc((size_t)p.batch * p.N * 2);
+    void *out = malloc((size_t)p.batch * p.N * gqmm_dtype_size(p.dt));
     char err[256] = "";
     CHECK(out);
     CHECK_MSG(problem_run(&p, (runner){"portable", 1, -1, 0, 1}, out, err, sizeof err) ==
                       GQMM_ERR_UNSUPPORTED &&
-                  strstr(err, "2- and 4-bit"),
-              "%d-bit pack: %s", bits, err);
+                  strstr(err, cases[c].why),
+              "%d-bit %s pack: %s", cases[c].bits, gqmm_dtype_name(p.dt), err);
     free(out);
     problem_free(&p);
   }
-  /* float32 scales: the packed layout holds 16-bit ones */
-  problem p = {
-      .E = 2, .M = 1, .N = 64, .K = 64, .batch = 2, .transpose = 1, .q = {4, 64}, .dt = GQMM_F32};
-  CHECK_OK(problem_make(&p, &r, 0, true));
-  void *out = malloc((size_t)p.batch * p.N * 4);
-  char err[256] = "";
-  CHECK(out);
-  CHECK_MSG(problem_run(&p, (runner){"portable", 1, -1, 0, 1}, out, err, sizeof err) ==
-                    GQMM_ERR_UNSUPPORTED &&
-                strstr(err, "scales"),
-            "f32 scales: %s", err);
-  free(out);
-  problem_free(&p);
 }
 
 /* The qmv kernel adds sum_g b_g * sum(x)_g after its group loop, a vector

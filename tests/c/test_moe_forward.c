@@ -208,6 +208,36 @@ static int run(gqmm_ctx *ctx, layer *L, const gqmm_moe_weights *w, gqmm_activati
   return gqmm_moe_forward(ctx, w, &L->t[TX], &L->t[TIDS], &L->t[TEW], act, &L->t[TOUT]);
 }
 
+/* Both activations, with the separate and the fused gate/up weights, each
+ * against float64; fused and separate hold the same weights, so they must
+ * give the same bits. Returns a status (messages on stderr, `what` first). */
+static int check_layer(gqmm_ctx *ctx, layer *L, const gqmm_moe_weights *separate,
+                       const gqmm_moe_weights *fused, const char *what) {
+  const size_t nb = (size_t)(L->T * L->H) * gqmm_dtype_size(L->dt);
+  double *ref = malloc((size_t)(L->T * L->H) * sizeof(double));
+  void *first = malloc(nb);
+  int st = ref && first ? GQMM_OK : GQMM_ERR_NOMEM;
+  for (int a = 0; a < 2 && !st; a++) {
+    const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
+    reference64(L, act, ref);
+    for (int f = 0; f < 2 && !st; f++) {
+      st = run(ctx, L, f ? fused : separate, act);
+      double err = st ? INFINITY : rel_err64(L->out, L->dt, ref, L->T * L->H);
+      if (st || !(err <= tolerance(L->dt))) {
+        fprintf(stderr, "  %s bits %d gs %d %s act %d fused %d: st %d (%s) err %.3g\n", what,
+                L->q.bits, L->q.group_size, gqmm_dtype_name(L->dt), a, f, st, gqmm_last_error(ctx),
+                err);
+        st = st ? st : GQMM_ERR_BACKEND;
+      }
+      if (!st && f == 0) memcpy(first, L->out, nb);
+      if (!st && f == 1 && memcmp(first, L->out, nb) != 0) st = GQMM_ERR_BACKEND;
+    }
+  }
+  free(ref);
+  free(first);
+  return st;
+}
+
 GQMM_TEST(moe_forward_matches_float64_all_formats) {
   const gqmm_backend_kind kinds[] = {GQMM_BACKEND_REF, GQMM_BACKEND_AUTO};
   const int bits[] = {2, 3, 4, 5, 6, 8}, groups[] = {32, 64, 128};
@@ -224,28 +254,7 @@ GQMM_TEST(moe_forward_matches_float64_all_formats) {
           layer L = {.T = 13, .k = 3, .E = 7, .H = 256, .I = 128, .q = {bits[bi], groups[gi]},
                      .dt = dts[di]};
           int st = layer_make(ctx, &r, &L, false);
-          double *ref = malloc((size_t)(L.T * L.H) * sizeof(double));
-          void *first = malloc((size_t)(L.T * L.H) * gqmm_dtype_size(L.dt));
-          for (int a = 0; a < 2 && !st; a++) {
-            const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
-            reference64(&L, act, ref);
-            for (int f = 0; f < 2 && !st; f++) {
-              st = run(ctx, &L, f ? &L.fused : &L.separate, act);
-              double err = st ? INFINITY : rel_err64(L.out, L.dt, ref, L.T * L.H);
-              if (st || !(err <= tolerance(L.dt))) {
-                fprintf(stderr, "  backend %d bits %d gs %d %s act %d fused %d: st %d (%s) err %.3g\n",
-                        kb, L.q.bits, L.q.group_size, gqmm_dtype_name(L.dt), a, f, st,
-                        gqmm_last_error(ctx), err);
-                st = st ? st : GQMM_ERR_BACKEND;
-              }
-              /* fused and separate gate/up hold the same weights: same bits out */
-              size_t nb = (size_t)(L.T * L.H) * gqmm_dtype_size(L.dt);
-              if (!st && f == 0) memcpy(first, L.out, nb);
-              if (!st && f == 1 && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
-            }
-          }
-          free(ref);
-          free(first);
+          if (!st) st = check_layer(ctx, &L, &L.separate, &L.fused, kb ? "auto" : "ref");
           layer_free(&L);
           if (st) gqmm_ctx_destroy(ctx);
           CHECK_OK(st);
@@ -284,25 +293,7 @@ GQMM_TEST(moe_forward_cpu_packed_weights) {
         gqmm_moe_weights f = L.fused, s = L.separate;
         f.gate_up_packed = pk[0], f.down_packed = pk[3];
         s.gate_packed = pk[1], s.up_packed = pk[2], s.down_packed = pk[3];
-        double *ref = malloc((size_t)(L.T * L.H) * sizeof(double));
-        const size_t nb = (size_t)(L.T * L.H) * gqmm_dtype_size(L.dt);
-        void *first = malloc(nb);
-        for (int a = 0; a < 2 && !st; a++) {
-          const gqmm_activation act = a ? GQMM_ACT_GEGLU : GQMM_ACT_SWIGLU;
-          reference64(&L, act, ref);
-          for (int fu = 0; fu < 2 && !st; fu++) {
-            st = run(ctx, &L, fu ? &f : &s, act);
-            double err = st ? INFINITY : rel_err64(L.out, L.dt, ref, L.T * L.H);
-            if (st || !(err <= tolerance(L.dt))) {
-              fprintf(stderr, "  packed bits %d gs %d %s act %d fused %d: st %d (%s) err %.3g\n",
-                      bits, L.q.group_size, gqmm_dtype_name(L.dt), a, fu, st, gqmm_last_error(ctx),
-                      err);
-              st = st ? st : GQMM_ERR_BACKEND;
-            }
-            if (!st && fu == 0) memcpy(first, L.out, nb);
-            if (!st && fu == 1 && memcmp(first, L.out, nb) != 0) st = GQMM_ERR_BACKEND;
-          }
-        }
+        if (!st) st = check_layer(ctx, &L, &s, &f, "cpu packed");
         if (!st) { /* a CPU copy for tensors said to be on the GPU: refused before anything runs */
           gqmm_moe_weights g = f;
           gqmm_tensor t[3] = {L.t[TGU], L.t[TGUS], L.t[TGUB]};
@@ -315,8 +306,6 @@ GQMM_TEST(moe_forward_cpu_packed_weights) {
         }
         for (int i = 0; i < 4; i++)
           gqmm_packed_free(ctx, pk[i]);
-        free(ref);
-        free(first);
         layer_free(&L);
         if (st) gqmm_ctx_destroy(ctx);
         CHECK_OK(st);

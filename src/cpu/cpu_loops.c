@@ -72,6 +72,12 @@ typedef struct {
   const struct gqmm_packed *pk; /* a CPU gqmm_pack copy (cpu_pack.c), or NULL */
   gqmm__cpu_pkshape ps;
   bool pk_bf16; /* pk with bf16 x on an ISA with packed_bf16 (else the portable kernel) */
+  bool pk_i8;   /* pk in int8 mode (packed_i8) */
+  /* pk_bf16 / pk_i8: every row's group sums (and int8 codes and scales),
+   * made once for all threads by a first pass over the blocks (prep_x) */
+  float *pk_xsum, *pk_xs; /* [rows][G] */
+  int8_t *pk_xq;          /* [rows][K] */
+  atomic_llong next_blk;
   atomic_llong next;
 } job;
 
@@ -310,7 +316,8 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
     const bool qmv_row = r >= P;
     const int64_t r0 = qmv_row ? P + (r - P) / sp.S * sp.S : r;
     const int64_t Rh = qmv_row ? (R - r0 < sp.S ? R - r0 : sp.S) : 1;
-    for (int64_t c = 0; !j->int8 && !(panel_bf && !qmv_row) && c < K; c += 32) {
+    /* (the packed bf16 kernel reads x in place: only the group sums here) */
+    for (int64_t c = 0; !j->int8 && !j->pk_bf16 && !(panel_bf && !qmv_row) && c < K; c += 32) {
       float *dst = v->xf + (qmv_row ? r0 * K + c * Rh + (r - r0) * 32 : r * K + c);
       for (int l = 0; l < 32; l++)
         dst[l] = v->tmp[c + j->perm[l]];
@@ -330,7 +337,10 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
       v->xsum[r * G + g] = sum;
       if (j->int8) v->xsum_t[g * R8 + r] = sum;
     }
-    if (j->int8) j->isa->quant_i8(v->tmp, K, gs, v->xq + r * K, v->xs + r * G);
+    if (j->pk_i8)
+      gqmm__cpu_pk_quant_i8(v->tmp, K, gs, j->sh.bits, v->xq + r * K, v->xs + r * G);
+    else if (j->int8)
+      j->isa->quant_i8(v->tmp, K, gs, v->xq + r * K, v->xs + r * G);
   }
   for (int64_t g = 0; j->int8 && g < G; g++) /* padding lanes of the bias pass */
     for (int64_t r = R; r < R8; r++)
@@ -504,7 +514,16 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
     for (int64_t t = 0, r0 = 0; t < tiles; t++) {
       const int mr = (int)((R - r0) / (tiles - t)); /* near-equal heights */
       float *Ct = v->C + r0 * nt + p * GQMM__CPU_PANEL;
-      if (!j->pk_bf16) {
+      if (j->pk_i8) {
+        const int8_t *xr[GQMM__CPU_PK_MAX_ROWS];
+        for (int m = 0; m < mr; m++)
+          xr[m] = j->pk_xq + (first + r0 + m) * K;
+        const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
+        for (int v0 = 0; v0 < 4 * pair; v0 += nv)
+          j->isa->packed_i8(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
+                            j->pk_xs + (first + r0) * G, j->pk_xsum + (first + r0) * G,
+                            Ct + 16 * v0, nt);
+      } else if (!j->pk_bf16) {
         const float *xr[GQMM__CPU_PK_MAX_ROWS];
         for (int m = 0; m < mr; m++)
           xr[m] = v->xf + (r0 + m) * K;
@@ -516,7 +535,7 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
         const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
         for (int v0 = 0; v0 < 4 * pair; v0 += nv)
           j->isa->packed_bf16(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
-                              v->xsum + r0 * G, Ct + 16 * v0, nt);
+                              j->pk_xsum + (first + r0) * G, Ct + 16 * v0, nt);
       }
       r0 += mr;
     }
@@ -622,6 +641,40 @@ static void prefetch_unit(const job *j, int64_t u) {
   }
 }
 
+/* The packed kernels' x rows, once for all threads (pk_bf16, pk_i8): blocks
+ * from a shared counter, each row's group sums in prepare_x's order (and its
+ * int8 codes); the unit pass then reads them wherever its units run, where a
+ * per-thread x block would be made by every thread that takes a unit of the
+ * block (the seed's gather: 11 units a block, so both threads, each
+ * quantizing every row). */
+static void prep_x(void *arg, int t) {
+  job *j = arg;
+  const gqmm__qmm_args *a = j->a;
+  const size_t esz = gqmm_dtype_size(a->dtype);
+  const int64_t K = a->K, G = j->G;
+  const int gs = j->sh.group_size;
+  scratch_view v;
+  layout(j, j->st->scratch[t].buf, &v);
+  for (;;) {
+    const int64_t b = atomic_fetch_add(&j->next_blk, 1);
+    if (b >= j->nblocks) break;
+    for (int64_t r = j->blk_first[b]; r < j->blk_first[b] + j->blk_rows[b]; r++) {
+      j->isa->to_float(elem(a->x, j->x_off[r], esz), a->dtype, K, v.tmp);
+      for (int64_t g = 0; g < G; g++) {
+        const float *tg = v.tmp + g * gs;
+        float sm[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (int i = 0; i < gs; i += 8)
+          for (int l = 0; l < 8; l++)
+            sm[l] += tg[i + l];
+        j->pk_xsum[r * G + g] =
+            ((sm[0] + sm[4]) + (sm[1] + sm[5])) + ((sm[2] + sm[6]) + (sm[3] + sm[7]));
+      }
+      if (j->pk_i8)
+        gqmm__cpu_pk_quant_i8(v.tmp, K, gs, j->sh.bits, j->pk_xq + r * K, j->pk_xs + r * G);
+    }
+  }
+}
+
 static void worker(void *arg, int t) {
   job *j = arg;
   gqmm__cpu_scratch *s = &j->st->scratch[t];
@@ -635,7 +688,7 @@ static void worker(void *arg, int t) {
     const int64_t blk = u / j->tiles, n0 = (u % j->tiles) * nt;
     const int nn = (int)(ncols - n0 < nt ? ncols - n0 : nt);
     if (j->a->transpose) prefetch_unit(j, u + 1);
-    if (s->cached_block != blk) {
+    if (s->cached_block != blk && !j->pk_xsum) {
       prepare_x(j, &v, blk);
       s->cached_block = blk;
     }
@@ -656,14 +709,18 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.cfg = cfg;
   j.st = st;
   j.pk = a->packed;
-  j.int8 = int8 && !j.pk && a->transpose && a->q.bits == 4 && st->isa->qmv_i8;
+  /* int8 mode: 4-bit on the MLX layout, 2/4-bit packed, where the ISA has it */
+  j.int8 = int8 && a->transpose &&
+           (j.pk ? st->isa->packed_i8 != NULL : a->q.bits == 4 && st->isa->qmv_i8 != NULL);
   j.xbf = !j.int8 && !j.pk && a->transpose && a->dtype == GQMM_BF16 && st->isa->qmv_bf16 &&
           st->isa->qmv_bf16_supported();
   j.bf16_panel = j.xbf && st->isa->gemm_bf16 && st->isa->dequant_bf16;
   if (j.pk) {
     const int64_t G = a->K / a->q.group_size, rec = gqmm__cpu_pk_rec(a->q.bits, a->q.group_size);
     j.ps = (gqmm__cpu_pkshape){a->q.bits, a->q.group_size, j.pk->dtype, G, rec, G * rec};
-    j.pk_bf16 = a->dtype == GQMM_BF16 && st->isa->packed_bf16 && st->isa->qmv_bf16_supported();
+    j.pk_i8 = j.int8;
+    j.pk_bf16 =
+        !j.int8 && a->dtype == GQMM_BF16 && st->isa->packed_bf16 && st->isa->qmv_bf16_supported();
   }
   j.nt = a->transpose ? cfg->nt : 64; /* transpose=0 units are whole 32-column chunks */
   const int64_t wlen = a->transpose ? a->K : a->N;
@@ -713,10 +770,23 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   }
   j.tiles = (a->N + j.nt - 1) / j.nt;
   if (!status) status = reserve_scratch(ctx, &j);
+  if (!status && (j.pk_bf16 || j.pk_i8)) {
+    const int64_t rows = a->batch * a->M;
+    j.pk_xsum = malloc((size_t)(2 * rows * j.G) * sizeof(float) + 1);
+    j.pk_xq = j.pk_i8 ? malloc((size_t)(rows * a->K) + 1) : NULL;
+    if (!j.pk_xsum || (j.pk_i8 && !j.pk_xq))
+      status = gqmm__fail(ctx, GQMM_ERR_NOMEM, "cpu backend: cannot allocate x's group sums");
+    else
+      j.pk_xs = j.pk_xsum + rows * j.G;
+    atomic_init(&j.next_blk, 0);
+    if (!status) gqmm__cpu_pool_run(st->pool, prep_x, &j);
+  }
   if (!status) {
     atomic_init(&j.next, 0);
     gqmm__cpu_pool_run(st->pool, worker, &j);
   }
+  free(j.pk_xsum);
+  free(j.pk_xq);
   free(j.x_off);
   free(j.out_off);
   free(j.blk_first);

@@ -240,14 +240,17 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
 /* ---- packed weights for bf16 data (AVX-512 BF16): cpu_isa.h packed_bf16 ----
  * Lanes along weight rows: a slot vector (one 64-byte load) is 16 rows'
  * 32-bit slots, and pair j of every lane, (q[2j], q[2j+1]) as two bf16, is
- * one shift and one vpermw: the slot keeps the even values in its low half
- * and the odd ones in its high half (cpu_pack.c), so shifting both 16-bit
- * halves by bits * j brings the pair's fields to the bottom of each half,
- * and the table maps the low 5 bits of each half to the bf16 of the field
- * (entry i = bf16(i & mask)). Each pair then feeds one vdpbf16ps per row
- * of x against the row's pair (k, k + 1) broadcast from its natural order:
- * 2 instructions of unpacking per 32 weights, shared by every row of the
- * tile, and no horizontal sums. At a group's end every accumulator takes
+ * one shift and one vpternlogd: the slot keeps the even values in its low
+ * half and the odd ones in its high half (cpu_pack.c), so shifting both
+ * 16-bit halves by bits * j brings the pair's fields to the bottom of each
+ * half, and (field & mask) | 0x4300 is the bf16 of 128 + q, exact (8
+ * significant bits). The offset is paid once a group: sum x (128 + q) =
+ * sum x q + 128 sum x, so the bias term takes b - 128 s instead of b. Each
+ * pair then feeds one vdpbf16ps per row of x against the row's pair
+ * (k, k + 1) broadcast from its natural order: 2 simple instructions of
+ * unpacking per 32 weights (a vpermw table lookup instead: 5 cycles of
+ * latency on a shuffle port), shared by every row of the tile, and no
+ * horizontal sums. At a group's end every accumulator takes its rows'
  * its rows' scales and biases (a vector of 16 rows each) in two FMAs.
  * Tiles: mr rows x nv vectors (16 rows each) from vector v0 of the panel
  * at pk on (vectors 4-7 are the next panel's 0-3): 1-2 rows x 8 (two
@@ -255,7 +258,7 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
  * (vdpbf16ps: ~6 cycles of latency, 2 instructions a cycle); 3-4 rows x 4;
  * 5-8 rows x 2 (half a panel: each pair's 2 unpacks feed 16 FMAs). A row's
  * operations do not depend on the tile it is in. */
-#define UKR_PK_PREFETCH 4 /* records ahead (2304 bytes each at 4-bit, g64) */
+#define UKR_PK_PREFETCH 2 /* records ahead (2304 bytes each at 4-bit, g64): 1-2 beat 4 and 8 */
 static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *p, gqmm_dtype t) {
   const __m256i h = _mm256_loadu_si256((const __m256i *)p);
   return t == GQMM_F16 ? _mm512_cvtph_ps(h)
@@ -265,16 +268,8 @@ static inline __attribute__((always_inline)) void
 ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, int v0,
                 const uint16_t *const *x, const int mr, const float *xsum, float *C, int64_t ldc,
                 const int bits) {
-#define UKR_BF16_0_15                                                                             \
-  0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0, 0x4100, 0x4110, 0x4120, 0x4130, \
-      0x4140, 0x4150, 0x4160, 0x4170
-#define UKR_BF16_0_3 0, 0x3f80, 0x4000, 0x4040
-  static const uint16_t t4[32] = {UKR_BF16_0_15, UKR_BF16_0_15};
-  static const uint16_t t2[32] = {UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3,
-                                  UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3, UKR_BF16_0_3};
-#undef UKR_BF16_0_15
-#undef UKR_BF16_0_3
-  const __m512i tab = _mm512_loadu_si512(bits == 4 ? (const void *)t4 : (const void *)t2);
+  const __m512i field = _mm512_set1_epi16((short)((1u << bits) - 1u)),
+                exp128 = _mm512_set1_epi16(0x4300); /* bf16 128.0: q joins its mantissa */
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
   const int64_t G = ps->G, rec = ps->rec;
   const bool two = nv == 8; /* a second panel */
@@ -302,8 +297,8 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
       for (int j = 0; j < per / 2; j++) {
         ukr_vbf w[8];
         for (int v = 0; v < nv; v++)
-          w[v] =
-              (ukr_vbf)_mm512_permutexvar_epi16(_mm512_srli_epi16(T[v], (unsigned)(bits * j)), tab);
+          w[v] = (ukr_vbf)_mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)),
+                                                    field, exp128, 0xEA); /* (a & b) | c */
         for (int m = 0; m < mr; m++) {
           int32_t xp;
           memcpy(&xp, x[m] + k + 2 * j, 4);
@@ -317,7 +312,8 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
     for (int v = 0; v < nv; v++) {
       const uint8_t *sb = (v < 4 ? r0 : r1) + sbo + 32 * ((v0 + v) & 3);
       const ukr_vf s = ukr_pk_param(sb, ps->dtype),
-                   b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
+                   b = vf_fma(vf_set1(-128.0f), s,
+                              ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype));
       for (int m = 0; m < mr; m++) {
         tot[m][v] = vf_fma(acc[m][v], s, tot[m][v]);
         tot[m][v] = vf_fma(b, vf_set1(xsum[m * G + g]), tot[m][v]);
@@ -336,8 +332,9 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
 #define UKR_PK_BITS(b)                                                                \
   UKR_PK_CASE(b, 1, 8)                                                                \
   UKR_PK_CASE(b, 1, 4)                                                                \
-  UKR_PK_CASE(b, 2, 8) UKR_PK_CASE(b, 2, 4) UKR_PK_CASE(b, 3, 4) UKR_PK_CASE(b, 4, 4) \
-      UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) UKR_PK_CASE(b, 7, 2) UKR_PK_CASE(b, 8, 2)
+  UKR_PK_CASE(b, 2, 4)                                                                \
+  UKR_PK_CASE(b, 3, 2) UKR_PK_CASE(b, 4, 2) UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) \
+      UKR_PK_CASE(b, 7, 2) UKR_PK_CASE(b, 8, 2)
 static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
                                const uint16_t *const *x, int mr, const float *xsum, float *C,
                                int64_t ldc) {
@@ -348,9 +345,91 @@ static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, i
     break;
   }
 }
-#undef UKR_PK_BITS
-#undef UKR_PK_ROWS
 #undef UKR_PK_CASE
+
+/* ---- packed weights, int8 mode (VNNI): cpu_isa.h packed_i8 ----
+ * The same slots read as bytes: (slot >> bits * s) & the low field of every
+ * byte gives each lane four u8 values of its row, (q[2s], q[2s + H],
+ * q[2s + 1], q[2s + 1 + H]) with H = 16 / bits (the low half-word's bytes
+ * hold the even values, the high one's the odd), and one 512-bit vpdpbusd
+ * multiplies them by the row of x's codes in that order
+ * (gqmm__cpu_pk_quant_i8): 64 products an instruction, 1-2 instructions of
+ * unpacking per 64 weights. At a group's end the int32 sums become float
+ * and take s * xs and b * sum(x). Same tiles as packed_bf16. */
+static inline __attribute__((always_inline)) void
+ukr_packed_i8_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, int v0,
+                   const int8_t *const *x, const int mr, const float *xs, const float *xsum,
+                   float *C, int64_t ldc, const int bits) {
+  const __m512i field = _mm512_set1_epi8((char)((1u << bits) - 1u));
+  const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
+  const int64_t G = ps->G, rec = ps->rec;
+  const bool two = nv == 8; /* a second panel */
+  ukr_vf tot[8][8];
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++)
+      tot[m][v] = vf_zero();
+  for (int64_t g = 0; g < G; g++) {
+    const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
+    if (g + UKR_PK_PREFETCH < G)
+      for (int64_t l = 0; l < rec; l += 64) {
+        __builtin_prefetch(r0 + UKR_PK_PREFETCH * rec + l, 0, 3);
+        if (two) __builtin_prefetch(r1 + UKR_PK_PREFETCH * rec + l, 0, 3);
+      }
+    __m512i acc[8][8];
+    for (int m = 0; m < mr; m++)
+      for (int v = 0; v < nv; v++)
+        acc[m][v] = _mm512_setzero_si512();
+    for (int d = 0; d < slots; d++) {
+      __m512i T[8];
+      for (int v = 0; v < nv; v++)
+        T[v] =
+            _mm512_loadu_si512((v < 4 ? r0 : r1) + (d * GQMM__CPU_PANEL + 16 * ((v0 + v) & 3)) * 4);
+      const int64_t k = g * gs + d * per;
+      for (int q = 0; q < per / 4; q++) {
+        __m512i w[8];
+        for (int v = 0; v < nv; v++)
+          w[v] = _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * q)), field);
+        for (int m = 0; m < mr; m++) {
+          int32_t xq;
+          memcpy(&xq, x[m] + k + 4 * q, 4);
+          const __m512i xb = _mm512_set1_epi32(xq);
+          for (int v = 0; v < nv; v++)
+            acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], w[v], xb);
+        }
+      }
+    }
+    const int64_t sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
+    for (int v = 0; v < nv; v++) {
+      const uint8_t *sb = (v < 4 ? r0 : r1) + sbo + 32 * ((v0 + v) & 3);
+      const ukr_vf s = ukr_pk_param(sb, ps->dtype),
+                   b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
+      for (int m = 0; m < mr; m++) {
+        const ukr_vf sx = _mm512_mul_ps(s, vf_set1(xs[m * G + g]));
+        tot[m][v] = vf_fma(_mm512_cvtepi32_ps(acc[m][v]), sx, tot[m][v]);
+        tot[m][v] = vf_fma(b, vf_set1(xsum[m * G + g]), tot[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < nv; v++)
+      vf_store(C + m * ldc + 16 * v, tot[m][v]);
+}
+#define UKR_PK_CASE(b, m, n)                                      \
+  case ((b)*10 + (m)) * 10 + (n):                                 \
+    ukr_packed_i8_tile(ps, pk, n, v0, x, m, xs, xsum, C, ldc, b); \
+    break;
+static void avx512_packed_i8(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                             const int8_t *const *x, int mr, const float *xs, const float *xsum,
+                             float *C, int64_t ldc) {
+  switch ((ps->bits * 10 + mr) * 10 + nv) {
+    UKR_PK_BITS(4)
+    UKR_PK_BITS(2)
+  default:
+    break;
+  }
+}
+#undef UKR_PK_CASE
+#undef UKR_PK_BITS
 
 /* VNNI: four u8 x s8 products summed into each int32 lane in one
  * instruction, so the kernels' group sums are int32 from the start. The
@@ -374,6 +453,31 @@ static inline __m256i ukr_i8_finish(__m256i acc) {
 #define UKR_I8_NR 3
 #define UKR_I8_PEAK_CHAINS 12 /* vpdpbusd: 5 cycles latency, 2 per cycle */
 #include "ukr_x86_common.h"
+
+/* 512-bit vpdpbusd, the packed int8 kernel's instruction (64 multiply-adds
+ * a lane set); the MLX-layout int8 kernels use its 256-bit form */
+static inline __m512i ukr_dpbusd512(__m512i acc, __m512i w, __m512i x) {
+  return _mm512_dpbusd_epi32(acc, w, x);
+}
+static double ukr_peak_i8z(long iters) {
+  __m512i acc[12], x[12], w = _mm512_set1_epi8(3);
+  for (int i = 0; i < 12; i++) {
+    acc[i] = _mm512_setzero_si512();
+    x[i] = _mm512_set1_epi8((char)(i + 1));
+  }
+  for (long it = 0; it < iters; it++) {
+    for (int i = 0; i < 12; i++)
+      acc[i] = ukr_dpbusd512(acc[i], w, x[i]);
+    __asm__ volatile("" : "+v"(w));
+  }
+  int sink = 0;
+  for (int i = 0; i < 12; i++)
+    sink += _mm_cvtsi128_si32(_mm512_castsi512_si128(acc[i]));
+  return (double)sink;
+}
+static double avx512_peak_macs(bool int8) {
+  return int8 ? gqmm__cpu_time_peak(ukr_peak_i8z, 64.0 * 12) : ukr_peak_macs(false);
+}
 
 /* vdpbf16ps (run only where avx512_bf16_supported()) */
 UKR_PEAK_LOOP(ukr_peak_dp, ukr_vbf, (ukr_vbf)_mm512_set1_epi16(0x3f80),
@@ -409,9 +513,10 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .dequant_bf16 = avx512_dequant_bf16,
     .gemm_bf16 = avx512_gemm_bf16,
     .packed_bf16 = avx512_packed_bf16,
+    .packed_i8 = avx512_packed_i8,
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,
-    .peak_macs = ukr_peak_macs,
-    .i8_what = "int8 vpdpbusd",
+    .peak_macs = avx512_peak_macs,
+    .i8_what = "int8 vpdpbusd (512-bit)",
     .peak_bf16 = avx512_peak_bf16,
 };

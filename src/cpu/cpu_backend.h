@@ -51,11 +51,6 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
 int64_t gqmm__cpu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits, int group_size);
 void gqmm__cpu_packed_portable(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int np,
                                const float *const *x, int mr, float *C, int64_t ldc);
-/* int8 mode over the packed layout: one row of float x (K values) as int8
- * codes in the order the packed_i8 kernels read them, and its per-group
- * scales (the MLX-layout int8 mode's rule: xs = max|x| / 127, codes
- * round(x / xs)). */
-void gqmm__cpu_pk_quant_i8(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs);
 
 /* Same-run ceilings on every thread of the pool (cpu_ceilings.c). */
 int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceilings *out);

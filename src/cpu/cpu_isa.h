@@ -70,7 +70,7 @@ typedef struct {
 /* Rows of x in one packed_bf16 call, and its tile's vectors of 16 weight
  * rows by rows: 1-2 rows take two panels, 3-4 one, 5-8 half of one. */
 #define GQMM__CPU_PK_MAX_ROWS 8
-#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : (mr) == 2 ? 4 : 2)
+#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : (mr) <= 4 ? 4 : 2)
 typedef struct {
   int bits, group_size;
   gqmm_dtype dtype;    /* of the scales and biases (f16 or bf16) */
@@ -194,12 +194,17 @@ typedef struct {
    */
   void (*packed_bf16)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
                       const uint16_t *const *x, int mr, const float *xsum, float *C, int64_t ldc);
-  /* The same in int8 mode (NULL where none): x as int8 codes in the packed
-   * order of gqmm__cpu_pk_quant_i8 (row m at x[m]) with per-group scales xs
-   * (row m at xs + m * G): sum_g float(sum_{k in g} q x) * (s xs) + b xsum. */
+  /* The same in int8 mode (NULL where none): x as int8 codes in the order
+   * pk_quant_i8 writes them (row m at x[m]) with per-group scales xs (row m
+   * at xs + m * G): sum_g float(sum_{k in g} q x) * (s xs) + b xsum.
+   * pk_quant_i8: one row of float x (K values) as those codes and scales,
+   * by quant_i8's rule (xs = max|x| / 127, codes round(x / xs)), each slot's
+   * values (32 / bits) in quads (2q, 2q + H, 2q + 1, 2q + 1 + H), H = 16 / bits,
+   * the values a slot's byte q of each half-word holds (cpu_pack.c). */
   void (*packed_i8)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
                     const int8_t *const *x, int mr, const float *xs, const float *xsum, float *C,
                     int64_t ldc);
+  void (*pk_quant_i8)(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs);
   /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread;
    * i8_what names the int8 mode's instruction (NULL: no int8 mode). */
   double (*peak_macs)(bool int8);

@@ -337,9 +337,7 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
       v->xsum[r * G + g] = sum;
       if (j->int8) v->xsum_t[g * R8 + r] = sum;
     }
-    if (j->pk_i8)
-      gqmm__cpu_pk_quant_i8(v->tmp, K, gs, j->sh.bits, v->xq + r * K, v->xs + r * G);
-    else if (j->int8)
+    if (j->int8 && !j->pk) /* (packed int8 codes: prep_x) */
       j->isa->quant_i8(v->tmp, K, gs, v->xq + r * K, v->xs + r * G);
   }
   for (int64_t g = 0; j->int8 && g < G; g++) /* padding lanes of the bias pass */
@@ -670,7 +668,7 @@ static void prep_x(void *arg, int t) {
             ((sm[0] + sm[4]) + (sm[1] + sm[5])) + ((sm[2] + sm[6]) + (sm[3] + sm[7]));
       }
       if (j->pk_i8)
-        gqmm__cpu_pk_quant_i8(v.tmp, K, gs, j->sh.bits, j->pk_xq + r * K, j->pk_xs + r * G);
+        j->isa->pk_quant_i8(v.tmp, K, gs, j->sh.bits, j->pk_xq + r * K, j->pk_xs + r * G);
     }
   }
 }

@@ -27,7 +27,6 @@
  */
 #include "cpu_backend.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -82,36 +81,6 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
   p->nbytes = bytes;
   p->scaled = 0;
   return GQMM_OK;
-}
-
-void gqmm__cpu_pk_quant_i8(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs) {
-  const int per = 32 / bits, H = 16 / bits; /* values a slot; the high byte's offset */
-  int8_t c[128];                            /* one group's codes in natural order */
-  for (int64_t g = 0; g < K / gs; g++) {
-    const float *t = x + g * gs;
-    float amax = 0.0f;
-    for (int i = 0; i < gs; i++) { /* a NaN never becomes the maximum (as vmaxps there) */
-      const float a = fabsf(t[i]);
-      amax = a > amax ? a : amax;
-    }
-    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-    xs[g] = amax / 127.0f;
-    /* round to nearest even as vcvtps2dq does, by the 1.5 * 2^23 addition
-     * (exact for |v| <= 2^22; these are <= 127), in a loop that vectorizes
-     * (lrintf does not: this ran ~40% of the seed's int8 gather); NaN -> -128
-     * as the saturating packs there */
-    for (int i = 0; i < gs; i++) {
-      const float f = (t[i] * inv + 12582912.0f) - 12582912.0f;
-      c[i] = (int8_t)(f > 127.0f ? 127 : f >= -128.0f ? (int)f : -128);
-    }
-    /* slot by slot, quad q of a slot is (2q, 2q + H, 2q + 1, 2q + 1 + H) */
-    for (int d = 0; d < gs; d += per)
-      for (int q = 0; q < per / 4; q++) {
-        int8_t *o = xq + g * gs + d + 4 * q;
-        o[0] = c[d + 2 * q], o[1] = c[d + 2 * q + H];
-        o[2] = c[d + 2 * q + 1], o[3] = c[d + 2 * q + 1 + H];
-      }
-  }
 }
 
 /* The portable kernel over the packed layout (any dtype of x, any CPU):

@@ -273,10 +273,14 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
   const int64_t G = ps->G, rec = ps->rec;
   const bool two = nv == 8; /* a second panel */
+  /* the totals live in C past 12 accumulators (registers for the tile) */
+  const bool in_c = mr * nv > 12;
   ukr_vf tot[8][8];
   for (int m = 0; m < mr; m++)
-    for (int v = 0; v < nv; v++)
+    for (int v = 0; v < nv; v++) {
       tot[m][v] = vf_zero();
+      if (in_c) vf_store(C + m * ldc + 16 * v, tot[m][v]);
+    }
   for (int64_t g = 0; g < G; g++) {
     const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
     if (g + UKR_PK_PREFETCH < G)
@@ -315,12 +319,16 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
                    b = vf_fma(vf_set1(-128.0f), s,
                               ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype));
       for (int m = 0; m < mr; m++) {
-        tot[m][v] = vf_fma(acc[m][v], s, tot[m][v]);
-        tot[m][v] = vf_fma(b, vf_set1(xsum[m * G + g]), tot[m][v]);
+        ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * v) : tot[m][v];
+        t = vf_fma(b, vf_set1(xsum[m * G + g]), vf_fma(acc[m][v], s, t));
+        if (in_c)
+          vf_store(C + m * ldc + 16 * v, t);
+        else
+          tot[m][v] = t;
       }
     }
   }
-  for (int m = 0; m < mr; m++)
+  for (int m = 0; m < mr && !in_c; m++)
     for (int v = 0; v < nv; v++)
       vf_store(C + m * ldc + 16 * v, tot[m][v]);
 }
@@ -333,8 +341,9 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
   UKR_PK_CASE(b, 1, 8)                                                                \
   UKR_PK_CASE(b, 1, 4)                                                                \
   UKR_PK_CASE(b, 2, 4)                                                                \
-  UKR_PK_CASE(b, 3, 2) UKR_PK_CASE(b, 4, 2) UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) \
-      UKR_PK_CASE(b, 7, 2) UKR_PK_CASE(b, 8, 2)
+  UKR_PK_CASE(b, 3, 4)                                                                \
+  UKR_PK_CASE(b, 4, 4) UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) UKR_PK_CASE(b, 7, 2) \
+      UKR_PK_CASE(b, 8, 2)
 static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
                                const uint16_t *const *x, int mr, const float *xsum, float *C,
                                int64_t ldc) {
@@ -364,10 +373,15 @@ ukr_packed_i8_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv,
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
   const int64_t G = ps->G, rec = ps->rec;
   const bool two = nv == 8; /* a second panel */
+  /* the totals in C for the 3-4 x 4 tiles (as packed_bf16's); 5-8 x 2 ran
+   * 8-10% faster with them in registers (the compiler's spills) */
+  const bool in_c = mr * nv > 12 && mr <= 4;
   ukr_vf tot[8][8];
   for (int m = 0; m < mr; m++)
-    for (int v = 0; v < nv; v++)
+    for (int v = 0; v < nv; v++) {
       tot[m][v] = vf_zero();
+      if (in_c) vf_store(C + m * ldc + 16 * v, tot[m][v]);
+    }
   for (int64_t g = 0; g < G; g++) {
     const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
     if (g + UKR_PK_PREFETCH < G)
@@ -405,12 +419,16 @@ ukr_packed_i8_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv,
                    b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
       for (int m = 0; m < mr; m++) {
         const ukr_vf sx = _mm512_mul_ps(s, vf_set1(xs[m * G + g]));
-        tot[m][v] = vf_fma(_mm512_cvtepi32_ps(acc[m][v]), sx, tot[m][v]);
-        tot[m][v] = vf_fma(b, vf_set1(xsum[m * G + g]), tot[m][v]);
+        ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * v) : tot[m][v];
+        t = vf_fma(b, vf_set1(xsum[m * G + g]), vf_fma(_mm512_cvtepi32_ps(acc[m][v]), sx, t));
+        if (in_c)
+          vf_store(C + m * ldc + 16 * v, t);
+        else
+          tot[m][v] = t;
       }
     }
   }
-  for (int m = 0; m < mr; m++)
+  for (int m = 0; m < mr && !in_c; m++)
     for (int v = 0; v < nv; v++)
       vf_store(C + m * ldc + 16 * v, tot[m][v]);
 }
@@ -430,6 +448,28 @@ static void avx512_packed_i8(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int
 }
 #undef UKR_PK_CASE
 #undef UKR_PK_BITS
+static void avx512_pk_quant_i8(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs) {
+  /* quads of 16 codes: (0, 4, 1, 5, 2, 6, 3, 7) per 8-value 4-bit slot,
+   * (0, 8, 1, 9, ... 7, 15) per 16-value 2-bit slot */
+  const __m128i quads = bits == 4
+                            ? _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15)
+                            : _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t g = 0; g < K / gs; g++) {
+    const float *t = x + g * gs;
+    __m512 m = vf_zero();
+    for (int i = 0; i < gs; i += 16) /* max(x, m) keeps m where x is NaN, as quant_i8's */
+      m = _mm512_max_ps(_mm512_andnot_ps(sign, vf_load(t + i)), m);
+    const float amax = _mm512_reduce_max_ps(m);
+    const ukr_vf inv = vf_set1(amax > 0.0f ? 127.0f / amax : 0.0f);
+    xs[g] = amax / 127.0f;
+    for (int i = 0; i < gs; i += 16) { /* round to nearest even, saturate as the packs there */
+      const __m128i c =
+          _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(vf_load(t + i), inv)));
+      _mm_storeu_si128((__m128i *)(xq + g * gs + i), _mm_shuffle_epi8(c, quads));
+    }
+  }
+}
 
 /* VNNI: four u8 x s8 products summed into each int32 lane in one
  * instruction, so the kernels' group sums are int32 from the start. The
@@ -514,6 +554,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .gemm_bf16 = avx512_gemm_bf16,
     .packed_bf16 = avx512_packed_bf16,
     .packed_i8 = avx512_packed_i8,
+    .pk_quant_i8 = avx512_pk_quant_i8,
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,
     .peak_macs = avx512_peak_macs,

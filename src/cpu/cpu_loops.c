@@ -288,6 +288,18 @@ static int64_t qmv_kblock(const job *j, int64_t R1) {
   return QMV_KBLOCK_BYTES / xb / R1 / gs * gs;
 }
 
+/* A group's sum of x in one fixed order (every path reads these bits): 8
+ * interleaved partial sums, added pairwise at the end, a loop the compiler
+ * keeps in vector registers (4 groups' scalar chains went through the stack
+ * and took ~10% of the seed's gate_up on AVX-512). */
+static float group_sum(const float *t, int gs) {
+  float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+  for (int i = 0; i < gs; i += 8)
+    for (int l = 0; l < 8; l++)
+      s[l] += t[i + l];
+  return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+}
+
 /* Step 1: the block's x rows, float32 in chunk order, group sums, or int8
  * codes, their scales and the group sums transposed in int8 mode.
  * The qmv kernel reads each sub-block's rows chunk-interleaved (cpu_isa.h),
@@ -323,17 +335,8 @@ static void prepare_x(const job *j, const scratch_view *v, int64_t blk) {
         dst[l] = v->tmp[c + j->perm[l]];
     }
     if (!a->transpose) continue;
-    /* each group's sum in one fixed order (every path reads these bits):
-     * 8 interleaved partial sums, added pairwise at the end, a loop the
-     * compiler keeps in vector registers (4 groups' scalar chains went
-     * through the stack and took ~10% of the seed's gate_up on AVX-512) */
     for (int64_t g = 0; g < G; g++) {
-      const float *t = v->tmp + g * gs;
-      float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-      for (int i = 0; i < gs; i += 8)
-        for (int l = 0; l < 8; l++)
-          s[l] += t[i + l];
-      const float sum = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+      const float sum = group_sum(v->tmp + g * gs, gs);
       v->xsum[r * G + g] = sum;
       if (j->int8) v->xsum_t[g * R8 + r] = sum;
     }
@@ -511,12 +514,12 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
     const int pair = np - p < 2 ? 1 : 2;
     for (int64_t t = 0, r0 = 0; t < tiles; t++) {
       const int mr = (int)((R - r0) / (tiles - t)); /* near-equal heights */
+      const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
       float *Ct = v->C + r0 * nt + p * GQMM__CPU_PANEL;
       if (j->pk_i8) {
         const int8_t *xr[GQMM__CPU_PK_MAX_ROWS];
         for (int m = 0; m < mr; m++)
           xr[m] = j->pk_xq + (first + r0 + m) * K;
-        const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
         for (int v0 = 0; v0 < 4 * pair; v0 += nv)
           j->isa->packed_i8(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
                             j->pk_xs + (first + r0) * G, j->pk_xsum + (first + r0) * G,
@@ -530,7 +533,6 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
         const uint16_t *xr[GQMM__CPU_PK_MAX_ROWS];
         for (int m = 0; m < mr; m++)
           xr[m] = (const uint16_t *)elem(a->x, j->x_off[first + r0 + m], esz);
-        const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
         for (int v0 = 0; v0 < 4 * pair; v0 += nv)
           j->isa->packed_bf16(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
                               j->pk_xsum + (first + r0) * G, Ct + 16 * v0, nt);
@@ -640,8 +642,8 @@ static void prefetch_unit(const job *j, int64_t u) {
 }
 
 /* The packed kernels' x rows, once for all threads (pk_bf16, pk_i8): blocks
- * from a shared counter, each row's group sums in prepare_x's order (and its
- * int8 codes); the unit pass then reads them wherever its units run, where a
+ * from a shared counter, each row's group sums (and its int8 codes); the
+ * unit pass then reads them wherever its units run, where a
  * per-thread x block would be made by every thread that takes a unit of the
  * block (the seed's gather: 11 units a block, so both threads, each
  * quantizing every row). */
@@ -658,15 +660,8 @@ static void prep_x(void *arg, int t) {
     if (b >= j->nblocks) break;
     for (int64_t r = j->blk_first[b]; r < j->blk_first[b] + j->blk_rows[b]; r++) {
       j->isa->to_float(elem(a->x, j->x_off[r], esz), a->dtype, K, v.tmp);
-      for (int64_t g = 0; g < G; g++) {
-        const float *tg = v.tmp + g * gs;
-        float sm[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        for (int i = 0; i < gs; i += 8)
-          for (int l = 0; l < 8; l++)
-            sm[l] += tg[i + l];
-        j->pk_xsum[r * G + g] =
-            ((sm[0] + sm[4]) + (sm[1] + sm[5])) + ((sm[2] + sm[6]) + (sm[3] + sm[7]));
-      }
+      for (int64_t g = 0; g < G; g++)
+        j->pk_xsum[r * G + g] = group_sum(v.tmp + g * gs, gs);
       if (j->pk_i8)
         j->isa->pk_quant_i8(v.tmp, K, gs, j->sh.bits, j->pk_xq + r * K, j->pk_xs + r * G);
     }

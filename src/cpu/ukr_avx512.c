@@ -237,44 +237,53 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
   }
 }
 #undef UKR_BF16_NR
-/* ---- packed weights for bf16 data (AVX-512 BF16): cpu_isa.h packed_bf16 ----
+/* ---- packed weights (cpu_pack.c): cpu_isa.h packed_bf16 and packed_i8 ----
  * Lanes along weight rows: a slot vector (one 64-byte load) is 16 rows'
- * 32-bit slots, and pair j of every lane, (q[2j], q[2j+1]) as two bf16, is
- * one shift and one vpternlogd: the slot keeps the even values in its low
- * half and the odd ones in its high half (cpu_pack.c), so shifting both
- * 16-bit halves by bits * j brings the pair's fields to the bottom of each
- * half, and (field & mask) | 0x4300 is the bf16 of 128 + q, exact (8
- * significant bits). The offset is paid once a group: sum x (128 + q) =
- * sum x q + 128 sum x, so the bias term takes b - 128 s instead of b. Each
- * pair then feeds one vdpbf16ps per row of x against the row's pair
- * (k, k + 1) broadcast from its natural order: 2 simple instructions of
- * unpacking per 32 weights (a vpermw table lookup instead: 5 cycles of
- * latency on a shuffle port), shared by every row of the tile, and no
- * horizontal sums. At a group's end every accumulator takes its rows'
- * its rows' scales and biases (a vector of 16 rows each) in two FMAs.
- * Tiles: mr rows x nv vectors (16 rows each) from vector v0 of the panel
- * at pk on (vectors 4-7 are the next panel's 0-3): 1-2 rows x 8 (two
- * panels), so even one row has 8 independent accumulator chains
- * (vdpbf16ps: ~6 cycles of latency, 2 instructions a cycle); 3-4 rows x 4;
- * 5-8 rows x 2 (half a panel: each pair's 2 unpacks feed 16 FMAs). A row's
- * operations do not depend on the tile it is in. */
+ * 32-bit slots, the even values of each in its low half-word and the odd
+ * ones in its high half-word, so one shift of the slot vector by bits * j
+ * brings field j of both halves to the bottom:
+ *  - bf16 x (vdpbf16ps): (field & mask) | 0x4300 in each half is the bf16
+ *    of 128 + q, exact (8 significant bits), so a pair (q[2j], q[2j + 1])
+ *    of 16 rows is 2 simple instructions (a vpermw table lookup instead: 5
+ *    cycles of latency on a shuffle port) and meets x's pair (k, k + 1)
+ *    broadcast from its natural order. The offset is paid once a group:
+ *    sum x (128 + q) = sum x q + 128 sum x, so the bias takes b - 128 s.
+ *  - int8 mode (512-bit vpdpbusd): the field of every byte instead, four u8
+ *    values a lane, (q[2j], q[2j + H], q[2j + 1], q[2j + 1 + H]) with
+ *    H = 16 / bits, against x's codes in that order (pk_quant_i8): 64
+ *    products an instruction; at a group's end the int32 sums become float
+ *    and take s * xs.
+ * Each unpacked vector feeds one instruction per row of x, and no lanes are
+ * summed at the end; at a group's end every accumulator takes its rows'
+ * scales and biases (a vector of 16 rows each) in two FMAs.
+ * Tiles: mr rows x nv vectors (16 rows each) from vector v0 of the panel at
+ * pk on (vectors 4-7 are the next panel's 0-3): 1 row x 8 (two panels: 8
+ * independent chains; vdpbf16ps has ~6 cycles of latency at 2 a cycle);
+ * 2 x 4; 3-4 x 4 with the totals kept in C (in registers they spilled:
+ * 4 rows 3.8 -> 3.0 ms); 5-8 x 2 (half a panel: each unpack feeds 5-8
+ * instructions). A row's operations do not depend on its tile. */
 #define UKR_PK_PREFETCH 2 /* records ahead (2304 bytes each at 4-bit, g64): 1-2 beat 4 and 8 */
 static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *p, gqmm_dtype t) {
   const __m256i h = _mm256_loadu_si256((const __m256i *)p);
   return t == GQMM_F16 ? _mm512_cvtph_ps(h)
                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+/* x: rows as bytes (bf16 values, or int8 codes with i8); xs: int8 mode's
+ * code scales (row m at xs + m * G). */
 static inline __attribute__((always_inline)) void
 ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, int v0,
-                const uint16_t *const *x, const int mr, const float *xsum, float *C, int64_t ldc,
-                const int bits) {
-  const __m512i field = _mm512_set1_epi16((short)((1u << bits) - 1u)),
+                const uint8_t *const *x, const int mr, const float *xs, const float *xsum, float *C,
+                int64_t ldc, const int bits, const bool i8) {
+  const __m512i field = i8 ? _mm512_set1_epi8((char)((1u << bits) - 1u))
+                           : _mm512_set1_epi16((short)((1u << bits) - 1u)),
                 exp128 = _mm512_set1_epi16(0x4300); /* bf16 128.0: q joins its mantissa */
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
+  const int steps = i8 ? per / 4 : per / 2; /* each takes 4 bytes of x: 2 bf16 or 4 codes */
   const int64_t G = ps->G, rec = ps->rec;
   const bool two = nv == 8; /* a second panel */
-  /* the totals live in C past 12 accumulators (registers for the tile) */
-  const bool in_c = mr * nv > 12;
+  /* the totals in C for the 3-4 x 4 tiles (and 7-8 x 2 for bf16; int8's
+   * 5-8 x 2 ran 8-10% faster with the compiler's spills) */
+  const bool in_c = mr * nv > 12 && (!i8 || mr <= 4);
   ukr_vf tot[8][8];
   for (int m = 0; m < mr; m++)
     for (int v = 0; v < nv; v++) {
@@ -288,7 +297,7 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
         __builtin_prefetch(r0 + UKR_PK_PREFETCH * rec + l, 0, 3);
         if (two) __builtin_prefetch(r1 + UKR_PK_PREFETCH * rec + l, 0, 3);
       }
-    ukr_vf acc[8][8];
+    ukr_vf acc[8][8]; /* float sums, or int32 ones in int8 mode */
     for (int m = 0; m < mr; m++)
       for (int v = 0; v < nv; v++)
         acc[m][v] = vf_zero();
@@ -297,118 +306,21 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
       for (int v = 0; v < nv; v++)
         T[v] =
             _mm512_loadu_si512((v < 4 ? r0 : r1) + (d * GQMM__CPU_PANEL + 16 * ((v0 + v) & 3)) * 4);
-      const int64_t k = g * gs + d * per;
-      for (int j = 0; j < per / 2; j++) {
-        ukr_vbf w[8];
-        for (int v = 0; v < nv; v++)
-          w[v] = (ukr_vbf)_mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)),
-                                                    field, exp128, 0xEA); /* (a & b) | c */
-        for (int m = 0; m < mr; m++) {
-          int32_t xp;
-          memcpy(&xp, x[m] + k + 2 * j, 4);
-          const ukr_vbf xb = (ukr_vbf)_mm512_set1_epi32(xp);
-          for (int v = 0; v < nv; v++)
-            acc[m][v] = _mm512_dpbf16_ps(acc[m][v], w[v], xb);
-        }
-      }
-    }
-    const int64_t sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
-    for (int v = 0; v < nv; v++) {
-      const uint8_t *sb = (v < 4 ? r0 : r1) + sbo + 32 * ((v0 + v) & 3);
-      const ukr_vf s = ukr_pk_param(sb, ps->dtype),
-                   b = vf_fma(vf_set1(-128.0f), s,
-                              ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype));
-      for (int m = 0; m < mr; m++) {
-        ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * v) : tot[m][v];
-        t = vf_fma(b, vf_set1(xsum[m * G + g]), vf_fma(acc[m][v], s, t));
-        if (in_c)
-          vf_store(C + m * ldc + 16 * v, t);
-        else
-          tot[m][v] = t;
-      }
-    }
-  }
-  for (int m = 0; m < mr && !in_c; m++)
-    for (int v = 0; v < nv; v++)
-      vf_store(C + m * ldc + 16 * v, tot[m][v]);
-}
-/* one instantiation per (bits, rows, vectors): the loops' bounds are constants */
-#define UKR_PK_CASE(b, m, n)                               \
-  case ((b)*10 + (m)) * 10 + (n):                          \
-    ukr_packed_tile(ps, pk, n, v0, x, m, xsum, C, ldc, b); \
-    break;
-#define UKR_PK_BITS(b)                                                                \
-  UKR_PK_CASE(b, 1, 8)                                                                \
-  UKR_PK_CASE(b, 1, 4)                                                                \
-  UKR_PK_CASE(b, 2, 4)                                                                \
-  UKR_PK_CASE(b, 3, 4)                                                                \
-  UKR_PK_CASE(b, 4, 4) UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) UKR_PK_CASE(b, 7, 2) \
-      UKR_PK_CASE(b, 8, 2)
-static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                               const uint16_t *const *x, int mr, const float *xsum, float *C,
-                               int64_t ldc) {
-  switch ((ps->bits * 10 + mr) * 10 + nv) {
-    UKR_PK_BITS(4)
-    UKR_PK_BITS(2)
-  default:
-    break;
-  }
-}
-#undef UKR_PK_CASE
-
-/* ---- packed weights, int8 mode (VNNI): cpu_isa.h packed_i8 ----
- * The same slots read as bytes: (slot >> bits * s) & the low field of every
- * byte gives each lane four u8 values of its row, (q[2s], q[2s + H],
- * q[2s + 1], q[2s + 1 + H]) with H = 16 / bits (the low half-word's bytes
- * hold the even values, the high one's the odd), and one 512-bit vpdpbusd
- * multiplies them by the row of x's codes in that order
- * (gqmm__cpu_pk_quant_i8): 64 products an instruction, 1-2 instructions of
- * unpacking per 64 weights. At a group's end the int32 sums become float
- * and take s * xs and b * sum(x). Same tiles as packed_bf16. */
-static inline __attribute__((always_inline)) void
-ukr_packed_i8_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, int v0,
-                   const int8_t *const *x, const int mr, const float *xs, const float *xsum,
-                   float *C, int64_t ldc, const int bits) {
-  const __m512i field = _mm512_set1_epi8((char)((1u << bits) - 1u));
-  const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
-  const int64_t G = ps->G, rec = ps->rec;
-  const bool two = nv == 8; /* a second panel */
-  /* the totals in C for the 3-4 x 4 tiles (as packed_bf16's); 5-8 x 2 ran
-   * 8-10% faster with them in registers (the compiler's spills) */
-  const bool in_c = mr * nv > 12 && mr <= 4;
-  ukr_vf tot[8][8];
-  for (int m = 0; m < mr; m++)
-    for (int v = 0; v < nv; v++) {
-      tot[m][v] = vf_zero();
-      if (in_c) vf_store(C + m * ldc + 16 * v, tot[m][v]);
-    }
-  for (int64_t g = 0; g < G; g++) {
-    const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
-    if (g + UKR_PK_PREFETCH < G)
-      for (int64_t l = 0; l < rec; l += 64) {
-        __builtin_prefetch(r0 + UKR_PK_PREFETCH * rec + l, 0, 3);
-        if (two) __builtin_prefetch(r1 + UKR_PK_PREFETCH * rec + l, 0, 3);
-      }
-    __m512i acc[8][8];
-    for (int m = 0; m < mr; m++)
-      for (int v = 0; v < nv; v++)
-        acc[m][v] = _mm512_setzero_si512();
-    for (int d = 0; d < slots; d++) {
-      __m512i T[8];
-      for (int v = 0; v < nv; v++)
-        T[v] =
-            _mm512_loadu_si512((v < 4 ? r0 : r1) + (d * GQMM__CPU_PANEL + 16 * ((v0 + v) & 3)) * 4);
-      const int64_t k = g * gs + d * per;
-      for (int q = 0; q < per / 4; q++) {
+      const int64_t xb0 = (g * gs + d * per) * (i8 ? 1 : 2); /* the slot's first x byte */
+      for (int j = 0; j < steps; j++) {
         __m512i w[8];
         for (int v = 0; v < nv; v++)
-          w[v] = _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * q)), field);
+          w[v] = i8 ? _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * j)), field)
+                    : _mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)),
+                                                field, exp128, 0xEA); /* (a & b) | c */
         for (int m = 0; m < mr; m++) {
-          int32_t xq;
-          memcpy(&xq, x[m] + k + 4 * q, 4);
-          const __m512i xb = _mm512_set1_epi32(xq);
+          int32_t xp; /* a pair of bf16 or a quad of codes */
+          memcpy(&xp, x[m] + xb0 + 4 * j, 4);
+          const __m512i xv = _mm512_set1_epi32(xp);
           for (int v = 0; v < nv; v++)
-            acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], w[v], xb);
+            acc[m][v] = i8 ? _mm512_castsi512_ps(
+                                 _mm512_dpbusd_epi32(_mm512_castps_si512(acc[m][v]), w[v], xv))
+                           : _mm512_dpbf16_ps(acc[m][v], (ukr_vbf)w[v], (ukr_vbf)xv);
         }
       }
     }
@@ -417,10 +329,12 @@ ukr_packed_i8_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv,
       const uint8_t *sb = (v < 4 ? r0 : r1) + sbo + 32 * ((v0 + v) & 3);
       const ukr_vf s = ukr_pk_param(sb, ps->dtype),
                    b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
+      const ukr_vf bb = i8 ? b : vf_fma(vf_set1(-128.0f), s, b);
       for (int m = 0; m < mr; m++) {
-        const ukr_vf sx = _mm512_mul_ps(s, vf_set1(xs[m * G + g]));
+        const ukr_vf a = i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][v])) : acc[m][v];
+        const ukr_vf sm = i8 ? _mm512_mul_ps(s, vf_set1(xs[m * G + g])) : s;
         ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * v) : tot[m][v];
-        t = vf_fma(b, vf_set1(xsum[m * G + g]), vf_fma(_mm512_cvtepi32_ps(acc[m][v]), sx, t));
+        t = vf_fma(bb, vf_set1(xsum[m * G + g]), vf_fma(a, sm, t));
         if (in_c)
           vf_store(C + m * ldc + 16 * v, t);
         else
@@ -432,20 +346,42 @@ ukr_packed_i8_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv,
     for (int v = 0; v < nv; v++)
       vf_store(C + m * ldc + 16 * v, tot[m][v]);
 }
-#define UKR_PK_CASE(b, m, n)                                      \
-  case ((b)*10 + (m)) * 10 + (n):                                 \
-    ukr_packed_i8_tile(ps, pk, n, v0, x, m, xs, xsum, C, ldc, b); \
+/* one instantiation per (mode, bits, rows, vectors): the loops' bounds are constants */
+#define UKR_PK_CASE(b, m, n)                                              \
+  case ((b)*10 + (m)) * 10 + (n):                                         \
+    ukr_packed_tile(ps, pk, n, v0, x, m, xs, xsum, C, ldc, b, UKR_PK_I8); \
     break;
-static void avx512_packed_i8(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                             const int8_t *const *x, int mr, const float *xs, const float *xsum,
-                             float *C, int64_t ldc) {
-  switch ((ps->bits * 10 + mr) * 10 + nv) {
-    UKR_PK_BITS(4)
-    UKR_PK_BITS(2)
-  default:
-    break;
+#define UKR_PK_BITS(b)                                                                \
+  UKR_PK_CASE(b, 1, 8)                                                                \
+  UKR_PK_CASE(b, 1, 4)                                                                \
+  UKR_PK_CASE(b, 2, 4)                                                                \
+  UKR_PK_CASE(b, 3, 4) UKR_PK_CASE(b, 4, 4) UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) \
+      UKR_PK_CASE(b, 7, 2) UKR_PK_CASE(b, 8, 2)
+#define UKR_PK_SWITCH                       \
+  switch ((ps->bits * 10 + mr) * 10 + nv) { \
+    UKR_PK_BITS(4)                          \
+    UKR_PK_BITS(2)                          \
+  default:                                  \
+    break;                                  \
   }
+#define UKR_PK_I8 false
+static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                               const uint16_t *const *xb, int mr, const float *xsum, float *C,
+                               int64_t ldc) {
+  const uint8_t *const *x = (const uint8_t *const *)xb;
+  const float *xs = NULL;
+  UKR_PK_SWITCH
 }
+#undef UKR_PK_I8
+#define UKR_PK_I8 true
+static void avx512_packed_i8(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                             const int8_t *const *xq, int mr, const float *xs, const float *xsum,
+                             float *C, int64_t ldc) {
+  const uint8_t *const *x = (const uint8_t *const *)xq;
+  UKR_PK_SWITCH
+}
+#undef UKR_PK_I8
+#undef UKR_PK_SWITCH
 #undef UKR_PK_CASE
 #undef UKR_PK_BITS
 static void avx512_pk_quant_i8(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs) {

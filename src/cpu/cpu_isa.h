@@ -67,8 +67,8 @@ typedef struct {
 /* A gqmm_pack copy for the CPU (cpu_pack.c has the layout): panels of
  * GQMM__CPU_PANEL weight rows, each K / group_size records of rec bytes. */
 #define GQMM__CPU_PANEL 64
-/* Rows of x in one packed_bf16 call, and its tile's vectors of 16 weight
- * rows by rows: 1-2 rows take two panels, 3-4 one, 5-8 half of one. */
+/* Rows of x in one packed_bf16 / packed_i8 call, and its tile's vectors of 16
+ * weight rows by rows: 1 row takes two panels, 2-4 one, 5-8 half of one. */
 #define GQMM__CPU_PK_MAX_ROWS 8
 #define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : (mr) <= 4 ? 4 : 2)
 typedef struct {

@@ -47,7 +47,7 @@
 #define SMALL_UNIT_ROWS 256
 #define SMALL_UNITS_PER_THREAD 4
 /* Weight rows per unit of packed weights: two panels (cpu_pack.c), the pair
- * the kernel takes at once for 1-2 rows. */
+ * the kernel takes at once for 1 row. */
 #define PK_UNIT_ROWS (2 * GQMM__CPU_PANEL)
 
 typedef struct {

@@ -8,6 +8,8 @@ A thin ctypes binding over libgqmm.so with an API shaped like mlx.core:
     y = gqmm.gather_qmm(x, wq, scales, biases, rhs_indices=idx, group_size=64, bits=4)
     out = gqmm.moe_forward(x, expert_ids, expert_weights, weights, bits=4, group_size=64)
     ids, w = gqmm.router_topk(logits, k, mode="softmax_topk")
+    pw = gqmm.pack(wq, scales, biases, group_size=64, bits=4)   # once, at load
+    y = gqmm.gather_qmm_packed(x, pw, rhs_indices=idx)
 
 Arrays are numpy arrays (float32, float16, or ml_dtypes.bfloat16 for bfloat16;
 packed weights uint32; indices int32 or uint32, other integer dtypes are
@@ -32,6 +34,9 @@ __all__ = [
     "dequantize",
     "quantized_matmul",
     "gather_qmm",
+    "pack",
+    "Packed",
+    "gather_qmm_packed",
     "moe_forward",
     "router_topk",
     "last_backend",
@@ -138,6 +143,11 @@ def _load():
         "gqmm_gather_qmm_output": (c_int, [c_void_p, T, T, T, T, T, T, c_int, _Quant, T]),
         "gqmm_moe_forward": (c_int, [c_void_p, ctypes.POINTER(_MoeWeights), T, T, T, c_int, T]),
         "gqmm_router_topk": (c_int, [c_void_p, T, c_int, c_int, T, T]),
+        "gqmm_pack": (c_int, [c_void_p, T, T, T, _Quant, ctypes.POINTER(c_void_p)]),
+        "gqmm_pack_glu": (c_int, [c_void_p, T, T, T, _Quant, ctypes.POINTER(c_void_p)]),
+        "gqmm_packed_free": (None, [c_void_p, c_void_p]),
+        "gqmm_packed_nbytes": (ctypes.c_int64, [c_void_p]),
+        "gqmm_gather_qmm_packed": (c_int, [c_void_p, T, c_void_p, T, T, c_int, T]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -352,6 +362,66 @@ def gather_qmm(
             int(bool(transpose)), q, int(bool(sorted_indices)), _ref(to),
         )
     )
+    return out
+
+
+class Packed:
+    """A gqmm_pack copy of quantized weights (transpose layout) in the kernels' own
+    layout: made once at load, then given to gather_qmm_packed or moe_forward
+    (packed=...). Host arrays pack for the CPU backend (2- and 4-bit, float16 or
+    bfloat16 scales; docs/format.md "CPU packed layout"). It keeps the shapes of the
+    arrays it came from and frees its copy when collected."""
+
+    def __init__(self, ctx, handle, w, scales, biases, group_size, bits, glu):
+        self._ctx, self.handle = ctx, handle
+        self.shape, self.scales_shape = w.shape, scales.shape
+        self.scales_dtype, self.group_size, self.bits, self.glu = scales.dtype, group_size, bits, glu
+
+    @property
+    def nbytes(self):
+        return int(_lib.gqmm_packed_nbytes(self.handle))
+
+    def __del__(self):
+        if _lib is not None and self.handle:
+            _lib.gqmm_packed_free(self._ctx.handle, self.handle)
+            self.handle = None
+
+
+def pack(w, scales, biases, group_size=64, bits=4, glu=False, backend="auto"):
+    """gqmm_pack (glu=True: gqmm_pack_glu) of w [..., N, K*bits/32] with its scales and
+    biases: a Packed copy for gather_qmm_packed and moe_forward."""
+    arrays = [_array(w, "w"), _array(scales, "scales", float_only=True),
+              _array(biases, "biases", float_only=True)]
+    tw, ts, tb = (_tensor(a) for a in arrays)
+    ctx = _ctx(backend)
+    handle = ctypes.c_void_p()
+    fn = _lib.gqmm_pack_glu if glu else _lib.gqmm_pack
+    ctx.check(fn(ctx.handle, _ref(tw), _ref(ts), _ref(tb), _Quant(bits, group_size),
+                 ctypes.byref(handle)))
+    return Packed(ctx, handle, arrays[0], arrays[1], arrays[2], group_size, bits, glu)
+
+
+def gather_qmm_packed(x, w, lhs_indices=None, rhs_indices=None, sorted_indices=False):
+    """gather_qmm (transpose=True) over a Packed copy w: the same result as gather_qmm
+    with the arrays w was packed from, on the backend that packed it."""
+    if not isinstance(w, Packed) or not w.handle:
+        raise _error(-1, "w: expected a live gqmm.Packed (from gqmm.pack)")
+    arrays = [_array(x, "x", float_only=True), _indices(lhs_indices, "lhs_indices"),
+              _indices(rhs_indices, "rhs_indices")]
+    tx, tl, tr = (_tensor(a) for a in arrays)
+    # the output's shape and dtype: gather_qmm's with descriptors of the packed shapes
+    words, groups = np.empty(w.shape, np.uint32), np.empty(w.scales_shape, w.scales_dtype)
+    desc = _Tensor()
+    tw, ts = _tensor(words), _tensor(groups)
+    ctx = w._ctx
+    ctx.check(_lib.gqmm_gather_qmm_output(ctx.handle, _ref(tx), _ref(tw), _ref(ts), _ref(ts),
+                                          _ref(tl), _ref(tr), 1, _Quant(w.bits, w.group_size),
+                                          ctypes.byref(desc)))
+    out = _empty_like_desc(desc)
+    to = _tensor(out)
+    _last[0] = ctx
+    ctx.check(_lib.gqmm_gather_qmm_packed(ctx.handle, _ref(tx), w.handle, _ref(tl), _ref(tr),
+                                          int(bool(sorted_indices)), _ref(to)))
     return out
 
 

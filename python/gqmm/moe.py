@@ -25,17 +25,23 @@ def _choice(table, value, name):
 
 
 def moe_forward(x, expert_ids, expert_weights, weights, bits=4, group_size=64, act="swiglu",
-                backend="auto", num_threads=0):
+                backend="auto", num_threads=0, packed=None):
     """out [tokens, hidden] of x's dtype: the expert layer of a MoE block
     (mlx-lm's SwitchGLU plus the router's weighted sum, see gqmm_moe_forward).
 
     `weights` maps the gqmm_moe_weights names (gate_up*, or gate* and up*, and
     down*) to packed / scales / biases arrays; expert_weights is converted to
-    x's dtype."""
+    x's dtype. `packed` optionally maps "gate_up", "gate", "up" and "down" to
+    gqmm.pack copies of those weights (made on the backend that runs the layer)."""
     unknown = set(weights) - set(_MOE_WEIGHT_NAMES)
     if unknown:
         raise _error(-15, f"weights: unknown names {sorted(unknown)} "
                           f"(expected some of {_MOE_WEIGHT_NAMES})")
+    packed = packed or {}
+    unknown = set(packed) - {"gate_up", "gate", "up", "down"}
+    if unknown:
+        raise _error(-15, f"packed: unknown names {sorted(unknown)} "
+                          f"(expected some of gate_up, gate, up, down)")
     code = _choice(ACTIVATIONS, act, "act")
     x = _array(x, "x", float_only=True)
     # the arrays must outlive the call: keep them next to their descriptors
@@ -45,6 +51,8 @@ def moe_forward(x, expert_ids, expert_weights, weights, bits=4, group_size=64, a
     w.q = _Quant(bits, group_size)
     for n, t in tensors.items():
         setattr(w, n, ctypes.pointer(t))
+    for n, p in packed.items():
+        setattr(w, n + "_packed", p.handle)
     ids = _indices(expert_ids, "expert_ids")
     ew = _array(np.asarray(expert_weights).astype(x.dtype), "expert_weights", float_only=True)
     out = np.empty(x.shape, dtype=x.dtype)

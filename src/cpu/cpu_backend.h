@@ -43,12 +43,11 @@ int gqmm__cpu_default_config(const gqmm__cpu_isa *isa, const gqmm__qmm_args *a);
 int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
                   const gqmm__cpu_config *cfg, bool int8);
 
-/* gqmm_pack for the CPU (cpu_pack.c): the copy, its bytes, and the
- * portable kernel over it (x as float rows; cpu_isa.h packed_bf16's contract
+/* gqmm_pack for the CPU (cpu_pack.c): the copy and the
+ * portable kernel over it (x as float rows; cpu_isa.h packed's contract
  * without the group sums). */
 int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
                    const void *biases, int64_t E, int64_t N);
-int64_t gqmm__cpu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits, int group_size);
 void gqmm__cpu_packed_portable(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int np,
                                const float *const *x, int mr, float *C, int64_t ldc);
 

@@ -67,7 +67,7 @@ typedef struct {
 /* A gqmm_pack copy for the CPU (cpu_pack.c has the layout): panels of
  * GQMM__CPU_PANEL weight rows, each K / group_size records of rec bytes. */
 #define GQMM__CPU_PANEL 64
-/* Rows of x in one packed_bf16 / packed_i8 call, and its tile's vectors of 16
+/* Rows of x in one packed call, and its tile's vectors of 16
  * weight rows by rows: 1 row takes two panels, 2-4 one, 5-8 half of one. */
 #define GQMM__CPU_PK_MAX_ROWS 8
 #define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : (mr) <= 4 ? 4 : 2)
@@ -78,6 +78,11 @@ typedef struct {
   int64_t rec;         /* bytes of one record */
   int64_t panel_bytes; /* G * rec */
 } gqmm__cpu_pkshape;
+
+/* Panels that hold n rows (the last one padded). */
+static inline int64_t gqmm__cpu_pk_panels(int64_t n) {
+  return (n + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL;
+}
 
 /* Bytes of one record: the panel's slots (gs * bits / 32 uint32 words a
  * row), then its 64 scales and 64 biases (2 bytes each). */
@@ -183,27 +188,25 @@ typedef struct {
                   float *Cv, int64_t ldc, int phase, float *C);
   int mr_i8, nr_i8;
   /*
-   * Packed weights (NULL where none; used where qmv_bf16_supported()), bf16
-   * x: mr <= GQMM__CPU_PK_MAX_ROWS rows of x, row m at x[m] (bf16, natural
-   * order, K values), its group sums at xsum + m * G, against nv x 16 weight
-   * rows from row 16 v0 of the panel at pk on (vectors past the panel's 4
-   * are the next panel's), nv = GQMM__CPU_PK_VECTORS(mr) or 4 where that is
-   * 8 and there is no next panel:
-   *   C[m * ldc + n] = sum_g s_ng * (sum_{k in g} x_mk q_nk) + b_ng * xsum_mg
-   * for n < 16 nv (rows in the lanes).
-   */
-  void (*packed_bf16)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                      const uint16_t *const *x, int mr, const float *xsum, float *C, int64_t ldc);
-  /* The same in int8 mode (NULL where none): x as int8 codes in the order
-   * pk_quant_i8 writes them (row m at x[m]) with per-group scales xs (row m
-   * at xs + m * G): sum_g float(sum_{k in g} q x) * (s xs) + b xsum.
+   * Packed weights (NULL where none): mr <= GQMM__CPU_PK_MAX_ROWS rows of x,
+   * row m at x[m] (K values), its group sums at xsum + m * G, against nv x 16
+   * weight rows from row 16 v0 of the panel at pk on (vectors past the
+   * panel's 4 are the next panel's), nv = GQMM__CPU_PK_VECTORS(mr) or 4
+   * where that is 8 and there is no next panel; for n < 16 nv (rows in the
+   * lanes):
+   *  - xs NULL: x is bf16 in natural order (only where qmv_bf16_supported()),
+   *    C[m * ldc + n] = sum_g s_ng * (sum_{k in g} x_mk q_nk) + b_ng * xsum_mg;
+   *  - int8 mode: x is int8 codes in the order pk_quant_i8 writes them, with
+   *    per-group scales xs (row m at xs + m * G),
+   *    C[m * ldc + n] = sum_g float(sum_{k in g} q x) * (s xs) + b xsum.
    * pk_quant_i8: one row of float x (K values) as those codes and scales,
    * by quant_i8's rule (xs = max|x| / 127, codes round(x / xs)), each slot's
    * values (32 / bits) in quads (2q, 2q + H, 2q + 1, 2q + 1 + H), H = 16 / bits,
-   * the values a slot's byte q of each half-word holds (cpu_pack.c). */
-  void (*packed_i8)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                    const int8_t *const *x, int mr, const float *xs, const float *xsum, float *C,
-                    int64_t ldc);
+   * the values a slot's byte q of each half-word holds (cpu_pack.c).
+   */
+  void (*packed)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                 const uint8_t *const *x, int mr, const float *xs, const float *xsum, float *C,
+                 int64_t ldc);
   void (*pk_quant_i8)(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs);
   /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread;
    * i8_what names the int8 mode's instruction (NULL: no int8 mode). */

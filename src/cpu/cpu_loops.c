@@ -71,8 +71,8 @@ typedef struct {
   int col_perm[32]; /* transpose=0: column order of a dequantized chunk */
   const struct gqmm_packed *pk; /* a CPU gqmm_pack copy (cpu_pack.c), or NULL */
   gqmm__cpu_pkshape ps;
-  bool pk_bf16; /* pk with bf16 x on an ISA with packed_bf16 (else the portable kernel) */
-  bool pk_i8;   /* pk in int8 mode (packed_i8) */
+  bool pk_bf16; /* pk with bf16 x on an ISA with a bf16 packed kernel (else the portable one) */
+  bool pk_i8;   /* pk in int8 mode (the ISA's packed kernel on int8 codes) */
   /* pk_bf16 / pk_i8: every row's group sums (and int8 codes and scales),
    * made once for all threads by a first pass over the blocks (prep_x) */
   float *pk_xsum, *pk_xs; /* [rows][G] */
@@ -506,8 +506,7 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
   const size_t esz = gqmm_dtype_size(a->dtype);
   const int64_t e = j->blk_e[blk], R = j->blk_rows[blk], first = j->blk_first[blk];
   const int64_t K = a->K, G = j->G, nt = j->nt, pb = j->ps.panel_bytes;
-  const int64_t panels = (a->N + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL,
-                np = (nn + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL;
+  const int64_t panels = gqmm__cpu_pk_panels(a->N), np = gqmm__cpu_pk_panels(nn);
   const uint8_t *base = (const uint8_t *)j->pk->data + (e * panels + n0 / GQMM__CPU_PANEL) * pb;
   const int64_t tiles = (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
   for (int64_t p = 0; p < np; p += 2) {
@@ -516,26 +515,20 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
       const int mr = (int)((R - r0) / (tiles - t)); /* near-equal heights */
       const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
       float *Ct = v->C + r0 * nt + p * GQMM__CPU_PANEL;
-      if (j->pk_i8) {
-        const int8_t *xr[GQMM__CPU_PK_MAX_ROWS];
-        for (int m = 0; m < mr; m++)
-          xr[m] = j->pk_xq + (first + r0 + m) * K;
-        for (int v0 = 0; v0 < 4 * pair; v0 += nv)
-          j->isa->packed_i8(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
-                            j->pk_xs + (first + r0) * G, j->pk_xsum + (first + r0) * G,
-                            Ct + 16 * v0, nt);
-      } else if (!j->pk_bf16) {
+      if (!j->pk_bf16 && !j->pk_i8) {
         const float *xr[GQMM__CPU_PK_MAX_ROWS];
         for (int m = 0; m < mr; m++)
           xr[m] = v->xf + (r0 + m) * K;
         gqmm__cpu_packed_portable(&j->ps, base + p * pb, pair, xr, mr, Ct, nt);
-      } else {
-        const uint16_t *xr[GQMM__CPU_PK_MAX_ROWS];
+      } else { /* int8 codes, or the caller's bf16 rows */
+        const uint8_t *xr[GQMM__CPU_PK_MAX_ROWS];
         for (int m = 0; m < mr; m++)
-          xr[m] = (const uint16_t *)elem(a->x, j->x_off[first + r0 + m], esz);
+          xr[m] = j->pk_i8 ? (const uint8_t *)j->pk_xq + (first + r0 + m) * K
+                           : (const uint8_t *)elem(a->x, j->x_off[first + r0 + m], esz);
         for (int v0 = 0; v0 < 4 * pair; v0 += nv)
-          j->isa->packed_bf16(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
-                              j->pk_xsum + (first + r0) * G, Ct + 16 * v0, nt);
+          j->isa->packed(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
+                         j->pk_i8 ? j->pk_xs + (first + r0) * G : NULL,
+                         j->pk_xsum + (first + r0) * G, Ct + 16 * v0, nt);
       }
       r0 += mr;
     }
@@ -704,7 +697,7 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.pk = a->packed;
   /* int8 mode: 4-bit on the MLX layout, 2/4-bit packed, where the ISA has it */
   j.int8 = int8 && a->transpose &&
-           (j.pk ? st->isa->packed_i8 != NULL : a->q.bits == 4 && st->isa->qmv_i8 != NULL);
+           (j.pk ? st->isa->packed != NULL : a->q.bits == 4 && st->isa->qmv_i8 != NULL);
   j.xbf = !j.int8 && !j.pk && a->transpose && a->dtype == GQMM_BF16 && st->isa->qmv_bf16 &&
           st->isa->qmv_bf16_supported();
   j.bf16_panel = j.xbf && st->isa->gemm_bf16 && st->isa->dequant_bf16;
@@ -713,7 +706,7 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
     j.ps = (gqmm__cpu_pkshape){a->q.bits, a->q.group_size, j.pk->dtype, G, rec, G * rec};
     j.pk_i8 = j.int8;
     j.pk_bf16 =
-        !j.int8 && a->dtype == GQMM_BF16 && st->isa->packed_bf16 && st->isa->qmv_bf16_supported();
+        !j.int8 && a->dtype == GQMM_BF16 && st->isa->packed && st->isa->qmv_bf16_supported();
   }
   j.nt = a->transpose ? cfg->nt : 64; /* transpose=0 units are whole 32-column chunks */
   const int64_t wlen = a->transpose ? a->K : a->N;

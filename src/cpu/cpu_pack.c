@@ -40,11 +40,6 @@ static uint32_t slot_of_word(uint32_t w, int bits) {
   return s;
 }
 
-int64_t gqmm__cpu_pack_bytes(int64_t E, int64_t N, int64_t K, int bits, int group_size) {
-  const int64_t panels = (N + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL;
-  return E * panels * (K / group_size) * gqmm__cpu_pk_rec(bits, group_size);
-}
-
 int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
                    const void *biases, int64_t E, int64_t N) {
   const int bits = p->q.bits, gs = p->q.group_size;
@@ -54,9 +49,8 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
                       "use them unpacked (the MLX layout runs on every CPU path)",
                       bits);
   const int64_t K = p->K, G = K / gs, words = K * bits / 32, slots = gs * bits / 32;
-  const int64_t rec = gqmm__cpu_pk_rec(bits, gs),
-                panels = (N + GQMM__CPU_PANEL - 1) / GQMM__CPU_PANEL;
-  const int64_t bytes = gqmm__cpu_pack_bytes(E, N, K, bits, gs);
+  const int64_t rec = gqmm__cpu_pk_rec(bits, gs), panels = gqmm__cpu_pk_panels(N);
+  const int64_t bytes = E * panels * G * rec;
   uint8_t *d = aligned_alloc(64, (size_t)((bytes + 63) & ~(int64_t)63));
   if (!d)
     return gqmm__fail(ctx, GQMM_ERR_NOMEM, "gqmm_pack: cannot allocate %lld bytes",

@@ -237,7 +237,7 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
   }
 }
 #undef UKR_BF16_NR
-/* ---- packed weights (cpu_pack.c): cpu_isa.h packed_bf16 and packed_i8 ----
+/* ---- packed weights (cpu_pack.c): cpu_isa.h packed ----
  * Lanes along weight rows: a slot vector (one 64-byte load) is 16 rows'
  * 32-bit slots, the even values of each in its low half-word and the odd
  * ones in its high half-word, so one shift of the slot vector by bits * j
@@ -373,23 +373,19 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
   default:                                  \
     break;                                  \
   }
-#define UKR_PK_I8 false
-static void avx512_packed_bf16(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                               const uint16_t *const *xb, int mr, const float *xsum, float *C,
-                               int64_t ldc) {
-  const uint8_t *const *x = (const uint8_t *const *)xb;
-  const float *xs = NULL;
-  UKR_PK_SWITCH
-}
-#undef UKR_PK_I8
+static void avx512_packed(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+                          const uint8_t *const *x, int mr, const float *xs, const float *xsum,
+                          float *C, int64_t ldc) {
+  if (xs) {
 #define UKR_PK_I8 true
-static void avx512_packed_i8(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                             const int8_t *const *xq, int mr, const float *xs, const float *xsum,
-                             float *C, int64_t ldc) {
-  const uint8_t *const *x = (const uint8_t *const *)xq;
-  UKR_PK_SWITCH
-}
+    UKR_PK_SWITCH
 #undef UKR_PK_I8
+  } else {
+#define UKR_PK_I8 false
+    UKR_PK_SWITCH
+#undef UKR_PK_I8
+  }
+}
 #undef UKR_PK_SWITCH
 #undef UKR_PK_CASE
 #undef UKR_PK_BITS
@@ -497,8 +493,7 @@ const gqmm__cpu_isa gqmm__cpu_isa_avx512 = {
     .gemm = avx512_gemm,
     .dequant_bf16 = avx512_dequant_bf16,
     .gemm_bf16 = avx512_gemm_bf16,
-    .packed_bf16 = avx512_packed_bf16,
-    .packed_i8 = avx512_packed_i8,
+    .packed = avx512_packed,
     .pk_quant_i8 = avx512_pk_quant_i8,
     .vw = UKR_VW,
     UKR_I8_ISA_FIELDS,

@@ -124,6 +124,17 @@ static void print_row(sweep *s, const point *p, double med, double mn, int runs)
           s->ceil.compute_GMACps, s->ceil.compute_what, roof, gbps / roof);
 }
 
+/* Descriptors of one input set's w, scales and biases: [E, N, ...] (gather)
+ * or, with ndim 2, the one matrix [N, ...] (quantized_matmul, E = 1). */
+static void weight_tensors(const buffers *b, int ndim, const int64_t wshape[3],
+                           const int64_t sshape[3], gqmm_device dev, gqmm_tensor t[3]) {
+  t[0] = gqmm_tensor_make(b->p[1], GQMM_U32, ndim, wshape + 3 - ndim);
+  t[1] = gqmm_tensor_make(b->p[2], GQMM_BF16, ndim, sshape + 3 - ndim);
+  t[2] = gqmm_tensor_make(b->p[3], GQMM_BF16, ndim, sshape + 3 - ndim);
+  for (int i = 0; i < 3; i++)
+    t[i].device = dev;
+}
+
 /*
  * Times one point. Host inputs: x [rows, K] bf16, w/scales/biases of E
  * experts [E, N, ...], idx [rows] (NULL: quantized_matmul with x [M, K]).
@@ -156,39 +167,28 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
   const gqmm_device dev = s->be->mem_alloc ? GQMM_DEVICE_CUDA : GQMM_DEVICE_CPU;
   int64_t xshape[3] = {rows, 1, p->K}, wshape[3] = {p->E, p->N, words};
   int64_t sshape[3] = {p->E, p->N, groups}, ishape[1] = {rows}, oshape[3] = {rows, 1, p->N};
-  int64_t qx[2] = {p->M, p->K}, qw[2] = {p->N, words}, qs[2] = {p->N, groups}, qo[2] = {p->M, p->N};
+  int64_t qx[2] = {p->M, p->K}, qo[2] = {p->M, p->N};
+  const int wdim = idx ? 3 : 2;
   for (int c = 0; s->packed && !st && c < copies; c++) {
-    gqmm_tensor tw = idx ? gqmm_tensor_make(set[c].p[1], GQMM_U32, 3, wshape)
-                         : gqmm_tensor_make(set[c].p[1], GQMM_U32, 2, qw);
-    gqmm_tensor ts = idx ? gqmm_tensor_make(set[c].p[2], GQMM_BF16, 3, sshape)
-                         : gqmm_tensor_make(set[c].p[2], GQMM_BF16, 2, qs);
-    gqmm_tensor tb = idx ? gqmm_tensor_make(set[c].p[3], GQMM_BF16, 3, sshape)
-                         : gqmm_tensor_make(set[c].p[3], GQMM_BF16, 2, qs);
-    tw.device = ts.device = tb.device = dev;
-    st = gqmm_pack(s->ctx, &tw, &ts, &tb, q, &pk[c]);
+    gqmm_tensor wt[3];
+    weight_tensors(&set[c], wdim, wshape, sshape, dev, wt);
+    st = gqmm_pack(s->ctx, &wt[0], &wt[1], &wt[2], q, &pk[c]);
   }
   double *times = NULL;
   int runs = 0, max_runs = s->min_runs;
   for (int r = -2; !st && r < max_runs; r++) {
     buffers *b = &set[(r + 2) % copies];
-    gqmm_tensor tx, tw, ts, tb, to, ti = {0};
+    gqmm_tensor tx, to, ti = {0}, wt[3];
+    weight_tensors(b, wdim, wshape, sshape, dev, wt);
     if (idx) {
       tx = gqmm_tensor_make(b->p[0], GQMM_BF16, 3, xshape);
-      tw = gqmm_tensor_make(b->p[1], GQMM_U32, 3, wshape);
-      ts = gqmm_tensor_make(b->p[2], GQMM_BF16, 3, sshape);
-      tb = gqmm_tensor_make(b->p[3], GQMM_BF16, 3, sshape);
       to = gqmm_tensor_make(out, GQMM_BF16, 3, oshape);
       ti = gqmm_tensor_make((void *)idx, GQMM_I32, 1, ishape);
     } else {
       tx = gqmm_tensor_make(b->p[0], GQMM_BF16, 2, qx);
-      tw = gqmm_tensor_make(b->p[1], GQMM_U32, 2, qw);
-      ts = gqmm_tensor_make(b->p[2], GQMM_BF16, 2, qs);
-      tb = gqmm_tensor_make(b->p[3], GQMM_BF16, 2, qs);
       to = gqmm_tensor_make(out, GQMM_BF16, 2, qo);
     }
-    gqmm_tensor *on_device[] = {&tx, &tw, &ts, &tb, &to};
-    for (int i = 0; i < 5; i++)
-      on_device[i]->device = dev;
+    tx.device = to.device = dev;
     poison(s, out, no);
     if (s->be->sync) s->be->sync(s->ctx);
     const double t0 = gqmm__now_s();
@@ -196,8 +196,8 @@ static int time_point(sweep *s, point *p, const uint16_t *x, int64_t rows, const
       st =
           gqmm_gather_qmm_packed(s->ctx, &tx, pk[(r + 2) % copies], NULL, idx ? &ti : NULL, 1, &to);
     else
-      st = idx ? gqmm_gather_qmm(s->ctx, &tx, &tw, &ts, &tb, NULL, &ti, 1, q, 1, &to)
-               : gqmm_quantized_matmul(s->ctx, &tx, &tw, &ts, &tb, 1, q, &to);
+      st = idx ? gqmm_gather_qmm(s->ctx, &tx, &wt[0], &wt[1], &wt[2], NULL, &ti, 1, q, 1, &to)
+               : gqmm_quantized_matmul(s->ctx, &tx, &wt[0], &wt[1], &wt[2], 1, q, &to);
     if (!st && s->be->sync) st = s->be->sync(s->ctx);
     const double t = gqmm__now_s() - t0;
     if (st) break;

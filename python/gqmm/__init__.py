@@ -248,22 +248,27 @@ def _indices(a, name):
     return np.ascontiguousarray(a.astype(np.int32))
 
 
+def _desc(data, dtype, shape):
+    """A row-contiguous gqmm_tensor of `shape` and numpy dtype `dtype` at address `data`."""
+    if len(shape) > _MAX_DIMS:
+        raise _error(-3, f"array has {len(shape)} dimensions, at most {_MAX_DIMS} are supported")
+    t = _Tensor()
+    t.data = data
+    t.dtype = _DTYPE_CODE[np.dtype(dtype)]
+    t.ndim = len(shape)
+    stride = 1
+    for i in range(len(shape) - 1, -1, -1):
+        t.shape[i] = shape[i]
+        t.strides[i] = stride
+        stride *= shape[i]
+    return t
+
+
 def _tensor(a):
     """A gqmm_tensor describing the C-contiguous numpy array `a`."""
     if a is None:
         return None
-    if a.ndim > _MAX_DIMS:
-        raise _error(-3, f"array has {a.ndim} dimensions, at most {_MAX_DIMS} are supported")
-    t = _Tensor()
-    t.data = a.ctypes.data if a.size else None
-    t.dtype = _DTYPE_CODE[a.dtype]
-    t.ndim = a.ndim
-    stride = 1
-    for i in range(a.ndim - 1, -1, -1):
-        t.shape[i] = a.shape[i]
-        t.strides[i] = stride
-        stride *= a.shape[i]
-    return t
+    return _desc(a.ctypes.data if a.size else None, a.dtype, a.shape)
 
 
 def _ref(t):
@@ -409,10 +414,11 @@ def gather_qmm_packed(x, w, lhs_indices=None, rhs_indices=None, sorted_indices=F
     arrays = [_array(x, "x", float_only=True), _indices(lhs_indices, "lhs_indices"),
               _indices(rhs_indices, "rhs_indices")]
     tx, tl, tr = (_tensor(a) for a in arrays)
-    # the output's shape and dtype: gather_qmm's with descriptors of the packed shapes
-    words, groups = np.empty(w.shape, np.uint32), np.empty(w.scales_shape, w.scales_dtype)
+    # the output's shape and dtype: gather_qmm's for descriptors of the packed shapes
+    # over the copy (the query reads shapes only, as gqmm_gather_qmm_packed's own)
+    tw = _desc(w.handle, np.uint32, w.shape)
+    ts = _desc(w.handle, w.scales_dtype, w.scales_shape)
     desc = _Tensor()
-    tw, ts = _tensor(words), _tensor(groups)
     ctx = w._ctx
     ctx.check(_lib.gqmm_gather_qmm_output(ctx.handle, _ref(tx), _ref(tw), _ref(ts), _ref(ts),
                                           _ref(tl), _ref(tr), 1, _Quant(w.bits, w.group_size),

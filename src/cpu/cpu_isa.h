@@ -67,10 +67,13 @@ typedef struct {
 /* A gqmm_pack copy for the CPU (cpu_pack.c has the layout): panels of
  * GQMM__CPU_PANEL weight rows, each K / group_size records of rec bytes. */
 #define GQMM__CPU_PANEL 64
-/* Rows of x in one packed call, and its tile's vectors of 16
- * weight rows by rows: 1 row takes two panels, 2-4 one, 5-8 half of one. */
+/* Rows of x in one packed call, its vectors of 16 weight rows by rows (1
+ * row takes two panels, more one), and the vectors a kernel's accumulators
+ * hold at once (a chunk; 5-8 rows take the panel in two halves, group by
+ * group, so the weights stream from memory at an even pace). */
 #define GQMM__CPU_PK_MAX_ROWS 8
-#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : (mr) <= 4 ? 4 : 2)
+#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : 4)
+#define GQMM__CPU_PK_CHUNK(mr, nv) ((mr) <= 4 ? (nv) : 2)
 typedef struct {
   int bits, group_size;
   gqmm_dtype dtype;    /* of the scales and biases (f16 or bf16) */
@@ -190,10 +193,9 @@ typedef struct {
   /*
    * Packed weights (NULL where none): mr <= GQMM__CPU_PK_MAX_ROWS rows of x,
    * row m at x[m] (K values), its group sums at xsum + m * G, against nv x 16
-   * weight rows from row 16 v0 of the panel at pk on (vectors past the
-   * panel's 4 are the next panel's), nv = GQMM__CPU_PK_VECTORS(mr) or 4
-   * where that is 8 and there is no next panel; for n < 16 nv (rows in the
-   * lanes):
+   * weight rows of the panel at pk (vectors past the panel's 4 are the next
+   * panel's), nv = GQMM__CPU_PK_VECTORS(mr), or 4 where that is 8 and there
+   * is no next panel; for n < 16 nv (rows in the lanes):
    *  - xs NULL: x is bf16 in natural order (only where qmv_bf16_supported()),
    *    C[m * ldc + n] = sum_g s_ng * (sum_{k in g} x_mk q_nk) + b_ng * xsum_mg;
    *  - int8 mode: x is int8 codes in the order pk_quant_i8 writes them, with
@@ -204,9 +206,8 @@ typedef struct {
    * values (32 / bits) in quads (2q, 2q + H, 2q + 1, 2q + 1 + H), H = 16 / bits,
    * the values a slot's byte q of each half-word holds (cpu_pack.c).
    */
-  void (*packed)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
-                 const uint8_t *const *x, int mr, const float *xs, const float *xsum, float *C,
-                 int64_t ldc);
+  void (*packed)(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, const uint8_t *const *x,
+                 int mr, const float *xs, const float *xsum, float *C, int64_t ldc);
   void (*pk_quant_i8)(const float *x, int64_t K, int gs, int bits, int8_t *xq, float *xs);
   /* Peak loop of the kernels' multiply-add instruction: MACs/s on one thread;
    * i8_what names the int8 mode's instruction (NULL: no int8 mode). */

@@ -526,7 +526,7 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
           xr[m] = j->pk_i8 ? (const uint8_t *)j->pk_xq + (first + r0 + m) * K
                            : (const uint8_t *)elem(a->x, j->x_off[first + r0 + m], esz);
         for (int v0 = 0; v0 < 4 * pair; v0 += nv)
-          j->isa->packed(&j->ps, base + (p + v0 / 4) * pb, nv, v0 % 4, xr, mr,
+          j->isa->packed(&j->ps, base + (p + v0 / 4) * pb, nv, xr, mr,
                          j->pk_i8 ? j->pk_xs + (first + r0) * G : NULL,
                          j->pk_xsum + (first + r0) * G, Ct + 16 * v0, nt);
       }

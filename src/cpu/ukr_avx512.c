@@ -256,12 +256,18 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
  * Each unpacked vector feeds one instruction per row of x, and no lanes are
  * summed at the end; at a group's end every accumulator takes its rows'
  * scales and biases (a vector of 16 rows each) in two FMAs.
- * Tiles: mr rows x nv vectors (16 rows each) from vector v0 of the panel at
- * pk on (vectors 4-7 are the next panel's 0-3): 1 row x 8 (two panels: 8
- * independent chains; vdpbf16ps has ~6 cycles of latency at 2 a cycle);
- * 2 x 4; 3-4 x 4 with the totals kept in C (in registers they spilled:
- * 4 rows 3.8 -> 3.0 ms); 5-8 x 2 (half a panel: each unpack feeds 5-8
- * instructions). A row's operations do not depend on its tile. */
+ * Tiles: mr rows x nv vectors (16 rows each) of the panel at pk (vectors
+ * 4-7 are the next panel's 0-3): 1 row x 8 (two panels: 8 independent
+ * chains; vdpbf16ps has ~6 cycles of latency at 2 a cycle); 2 x 4; 3-4 x 4
+ * with the totals kept in C (in registers they spilled: 4 rows 3.8 -> 3.0
+ * ms); 5-8 x 4 in chunks of 2 vectors (each unpack feeds 5-8 instructions,
+ * and 5-8 x 4 accumulators do not fit the registers). A chunk's
+ * accumulators cover one group; the chunks of a record run one after the
+ * other, so the call reads its panel once, at an even pace. (Before, 5-8
+ * rows took a panel in two calls of 2 vectors each: the first streamed the
+ * whole panel from memory at half the work, the second found it in L2 and
+ * left the memory idle; qmm M = 8 went 70-72% -> 80-83% of its roofline.)
+ * A row's operations do not depend on its tile. */
 #define UKR_PK_PREFETCH 2 /* records ahead (2304 bytes each at 4-bit, g64): 1-2 beat 4 and 8 */
 static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *p, gqmm_dtype t) {
   const __m256i h = _mm256_loadu_si256((const __m256i *)p);
@@ -269,9 +275,11 @@ static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *
                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 /* x: rows as bytes (bf16 values, or int8 codes with i8); xs: int8 mode's
- * code scales (row m at xs + m * G). */
+ * code scales (row m at xs + m * G). The nv vectors go in chunks of cw
+ * (cw = nv but for 5-8 rows), all chunks of a record before the next
+ * record. */
 static inline __attribute__((always_inline)) void
-ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, int v0,
+ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, const int cw,
                 const uint8_t *const *x, const int mr, const float *xs, const float *xsum, float *C,
                 int64_t ldc, const int bits, const bool i8) {
   const __m512i field = i8 ? _mm512_set1_epi8((char)((1u << bits) - 1u))
@@ -281,9 +289,9 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
   const int steps = i8 ? per / 4 : per / 2; /* each takes 4 bytes of x: 2 bf16 or 4 codes */
   const int64_t G = ps->G, rec = ps->rec;
   const bool two = nv == 8; /* a second panel */
-  /* the totals in C for the 3-4 x 4 tiles (and 7-8 x 2 for bf16; int8's
-   * 5-8 x 2 ran 8-10% faster with the compiler's spills) */
-  const bool in_c = mr * nv > 12 && (!i8 || mr <= 4);
+  /* the totals in C for more than 12 of them (3-4 x 4 and 5-8 x 4: in
+   * registers they spilled) */
+  const bool in_c = mr * nv > 12;
   ukr_vf tot[8][8];
   for (int m = 0; m < mr; m++)
     for (int v = 0; v < nv; v++) {
@@ -292,62 +300,63 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
     }
   for (int64_t g = 0; g < G; g++) {
     const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
-    /* prefetch, UKR_PK_PREFETCH records ahead. bf16: by the call that
-     * starts at a panel's first vector, each slot's whole line set beside its
-     * loads (a loop over the record's lines was 15-25% of the instructions;
-     * M = 1 -7%), so a later call on the panel's other half finds its lines
-     * too. int8 (half the work a line): that loop, in every call, measured
-     * 5% faster at 8-16 rows. */
-    const int64_t ahead = g + UKR_PK_PREFETCH < G && (i8 || v0 == 0) ? UKR_PK_PREFETCH * rec : 0;
+    /* prefetch, UKR_PK_PREFETCH records ahead. bf16: each slot's lines
+     * beside its loads, by the first chunk (a loop over the record's lines
+     * was 15-25% of the instructions; M = 1 -7%). int8 (half the work a
+     * line): that loop measured 5% faster at 8-16 rows. */
+    const int64_t ahead = g + UKR_PK_PREFETCH < G ? UKR_PK_PREFETCH * rec : 0;
     const int64_t sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
     for (int64_t l = i8 ? 0 : sbo; ahead && l < rec; l += 64) {
       __builtin_prefetch(r0 + ahead + l, 0, 3);
       if (two) __builtin_prefetch(r1 + ahead + l, 0, 3);
     }
-    ukr_vf acc[8][8]; /* float sums, or int32 ones in int8 mode */
-    for (int m = 0; m < mr; m++)
-      for (int v = 0; v < nv; v++)
-        acc[m][v] = vf_zero();
-    for (int d = 0; d < slots; d++) {
-      __m512i T[8];
-      for (int v = 0; v < nv; v++)
-        T[v] =
-            _mm512_loadu_si512((v < 4 ? r0 : r1) + (d * GQMM__CPU_PANEL + 16 * ((v0 + v) & 3)) * 4);
-      for (int l = 0; ahead && !i8 && l < (two ? 8 : 4); l++)
-        __builtin_prefetch((l < 4 ? r0 : r1) + ahead + (d * GQMM__CPU_PANEL + 16 * (l & 3)) * 4, 0,
-                           3);
-      const int64_t xb0 = (g * gs + d * per) * (i8 ? 1 : 2); /* the slot's first x byte */
-      for (int j = 0; j < steps; j++) {
-        __m512i w[8];
-        for (int v = 0; v < nv; v++)
-          w[v] = i8 ? _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * j)), field)
-                    : _mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)),
-                                                field, exp128, 0xEA); /* (a & b) | c */
-        for (int m = 0; m < mr; m++) {
-          int32_t xp; /* a pair of bf16 or a quad of codes */
-          memcpy(&xp, x[m] + xb0 + 4 * j, 4);
-          const __m512i xv = _mm512_set1_epi32(xp);
-          for (int v = 0; v < nv; v++)
-            acc[m][v] = i8 ? _mm512_castsi512_ps(
-                                 _mm512_dpbusd_epi32(_mm512_castps_si512(acc[m][v]), w[v], xv))
-                           : _mm512_dpbf16_ps(acc[m][v], (ukr_vbf)w[v], (ukr_vbf)xv);
+    for (int c0 = 0; c0 < nv; c0 += cw) {
+      ukr_vf acc[8][8]; /* float sums, or int32 ones in int8 mode */
+      for (int m = 0; m < mr; m++)
+        for (int v = 0; v < cw; v++)
+          acc[m][v] = vf_zero();
+      for (int d = 0; d < slots; d++) {
+        __m512i T[8];
+        for (int v = 0; v < cw; v++)
+          T[v] = _mm512_loadu_si512((c0 + v < 4 ? r0 : r1) +
+                                    (d * GQMM__CPU_PANEL + 16 * ((c0 + v) & 3)) * 4);
+        for (int l = 0; ahead && !i8 && c0 == 0 && l < (two ? 8 : 4); l++)
+          __builtin_prefetch((l < 4 ? r0 : r1) + ahead + (d * GQMM__CPU_PANEL + 16 * (l & 3)) * 4,
+                             0, 3);
+        const int64_t xb0 = (g * gs + d * per) * (i8 ? 1 : 2); /* the slot's first x byte */
+        for (int j = 0; j < steps; j++) {
+          __m512i w[8];
+          for (int v = 0; v < cw; v++)
+            w[v] = i8 ? _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * j)), field)
+                      : _mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)),
+                                                  field, exp128, 0xEA); /* (a & b) | c */
+          for (int m = 0; m < mr; m++) {
+            int32_t xp; /* a pair of bf16 or a quad of codes */
+            memcpy(&xp, x[m] + xb0 + 4 * j, 4);
+            const __m512i xv = _mm512_set1_epi32(xp);
+            for (int v = 0; v < cw; v++)
+              acc[m][v] = i8 ? _mm512_castsi512_ps(
+                                   _mm512_dpbusd_epi32(_mm512_castps_si512(acc[m][v]), w[v], xv))
+                             : _mm512_dpbf16_ps(acc[m][v], (ukr_vbf)w[v], (ukr_vbf)xv);
+          }
         }
       }
-    }
-    for (int v = 0; v < nv; v++) {
-      const uint8_t *sb = (v < 4 ? r0 : r1) + sbo + 32 * ((v0 + v) & 3);
-      const ukr_vf s = ukr_pk_param(sb, ps->dtype),
-                   b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
-      const ukr_vf bb = i8 ? b : vf_fma(vf_set1(-128.0f), s, b);
-      for (int m = 0; m < mr; m++) {
-        const ukr_vf a = i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][v])) : acc[m][v];
-        const ukr_vf sm = i8 ? _mm512_mul_ps(s, vf_set1(xs[m * G + g])) : s;
-        ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * v) : tot[m][v];
-        t = vf_fma(bb, vf_set1(xsum[m * G + g]), vf_fma(a, sm, t));
-        if (in_c)
-          vf_store(C + m * ldc + 16 * v, t);
-        else
-          tot[m][v] = t;
+      for (int v = 0; v < cw; v++) {
+        const int c = c0 + v;
+        const uint8_t *sb = (c < 4 ? r0 : r1) + sbo + 32 * (c & 3);
+        const ukr_vf s = ukr_pk_param(sb, ps->dtype),
+                     b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
+        const ukr_vf bb = i8 ? b : vf_fma(vf_set1(-128.0f), s, b);
+        for (int m = 0; m < mr; m++) {
+          const ukr_vf a = i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][v])) : acc[m][v];
+          const ukr_vf sm = i8 ? _mm512_mul_ps(s, vf_set1(xs[m * G + g])) : s;
+          ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * c) : tot[m][c];
+          t = vf_fma(bb, vf_set1(xsum[m * G + g]), vf_fma(a, sm, t));
+          if (in_c)
+            vf_store(C + m * ldc + 16 * c, t);
+          else
+            tot[m][c] = t;
+        }
       }
     }
   }
@@ -356,16 +365,17 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
       vf_store(C + m * ldc + 16 * v, tot[m][v]);
 }
 /* one instantiation per (mode, bits, rows, vectors): the loops' bounds are constants */
-#define UKR_PK_CASE(b, m, n)                                              \
-  case ((b)*10 + (m)) * 10 + (n):                                         \
-    ukr_packed_tile(ps, pk, n, v0, x, m, xs, xsum, C, ldc, b, UKR_PK_I8); \
+#define UKR_PK_CASE(b, m, n)                                                                    \
+  case ((b)*10 + (m)) * 10 + (n):                                                               \
+    ukr_packed_tile(ps, pk, n, GQMM__CPU_PK_CHUNK(m, n), x, m, xs, xsum, C, ldc, b, UKR_PK_I8); \
     break;
 #define UKR_PK_BITS(b)                                                                \
   UKR_PK_CASE(b, 1, 8)                                                                \
   UKR_PK_CASE(b, 1, 4)                                                                \
   UKR_PK_CASE(b, 2, 4)                                                                \
-  UKR_PK_CASE(b, 3, 4) UKR_PK_CASE(b, 4, 4) UKR_PK_CASE(b, 5, 2) UKR_PK_CASE(b, 6, 2) \
-      UKR_PK_CASE(b, 7, 2) UKR_PK_CASE(b, 8, 2)
+  UKR_PK_CASE(b, 3, 4)                                                                \
+  UKR_PK_CASE(b, 4, 4) UKR_PK_CASE(b, 5, 4) UKR_PK_CASE(b, 6, 4) UKR_PK_CASE(b, 7, 4) \
+      UKR_PK_CASE(b, 8, 4)
 #define UKR_PK_SWITCH                       \
   switch ((ps->bits * 10 + mr) * 10 + nv) { \
     UKR_PK_BITS(4)                          \
@@ -373,7 +383,7 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, in
   default:                                  \
     break;                                  \
   }
-static void avx512_packed(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv, int v0,
+static void avx512_packed(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int nv,
                           const uint8_t *const *x, int mr, const float *xs, const float *xsum,
                           float *C, int64_t ldc) {
   if (xs) {

@@ -51,7 +51,7 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
   const int64_t K = p->K, G = K / gs, words = K * bits / 32, slots = gs * bits / 32;
   const int64_t rec = gqmm__cpu_pk_rec(bits, gs), panels = gqmm__cpu_pk_panels(N);
   const int64_t bytes = E * panels * G * rec;
-  uint8_t *d = aligned_alloc(64, (size_t)((bytes + 63) & ~(int64_t)63));
+  uint8_t *d = gqmm__cpu_alloc_stream((size_t)bytes);
   if (!d)
     return gqmm__fail(ctx, GQMM_ERR_NOMEM, "gqmm_pack: cannot allocate %lld bytes",
                       (long long)bytes);

@@ -40,6 +40,8 @@ typedef struct {
   uint64_t rng;
   int even;   /* gather: --routing even, every expert exactly rows/e rows */
   int packed; /* --packed: the weights through gqmm_pack (untimed), then the packed op */
+  int ms[16]; /* M (qmm) and rows per expert (gather) of the sweep, in order */
+  int n_ms;
 } sweep;
 
 typedef struct {
@@ -272,29 +274,24 @@ static double cpu_llc_bytes(void) {
   return best > 0 ? best : 32e6;
 }
 
-/* M (qmm) and rows per expert (gather) of the sweep; --m picks a subset. */
-static const int ms_all[] = {1, 2, 4, 8, 16, 32, 64, 128};
-static int ms[8] = {1, 2, 4, 8, 16, 32, 64, 128};
-static int N_MS = 8;
-
 static int sweep_qmm(sweep *s, gqmm_quant q, int K) {
   const double bytes_per_row = (double)K * q.bits / 8 + 2.0 * 2 * K / q.group_size;
   int N = (int)ceil(4.0 * s->llc_bytes / bytes_per_row / 64.0) * 64;
   uint32_t *w = NULL;
   uint16_t *sc = NULL, *bi = NULL, *x = make_x(s, (int64_t)128 * K);
   int st = x ? make_weights(s, 1, N, K, q, &w, &sc, &bi) : GQMM_ERR_NOMEM;
-  for (int i = 0; !st && i < N_MS; i++) {
+  for (int i = 0; !st && i < s->n_ms; i++) {
     point p = {s->packed ? "qmm_pk" : "qmm",
                1,
                K,
                N,
-               ms[i],
+               s->ms[i],
                q.bits,
                q.group_size,
-               ms[i],
+               s->ms[i],
                N * bytes_per_row,
-               (double)ms[i] * N * K};
-    st = time_point(s, &p, x, ms[i], w, sc, bi, NULL);
+               (double)s->ms[i] * N * K};
+    st = time_point(s, &p, x, s->ms[i], w, sc, bi, NULL);
   }
   free(w), free(sc), free(bi), free(x);
   return st;
@@ -305,8 +302,8 @@ static int sweep_gather(sweep *s, gqmm_quant q, int E, int K, int N, int topk) {
   uint16_t *sc = NULL, *bi = NULL;
   int st = make_weights(s, E, N, K, q, &w, &sc, &bi);
   const double bytes_per_expert = (double)N * K * q.bits / 8 + 2.0 * 2 * N * K / q.group_size;
-  for (int i = 0; !st && i < N_MS; i++) {
-    const int tokens = ms[i] * E / topk;
+  for (int i = 0; !st && i < s->n_ms; i++) {
+    const int tokens = s->ms[i] * E / topk;
     const int64_t rows = (int64_t)tokens * topk;
     int32_t *idx = malloc((size_t)rows * 4);
     int *count = calloc((size_t)E, sizeof(int));
@@ -359,6 +356,8 @@ int gqmm_cmd_sweep(int argc, char **argv) {
   double llc_mb = 0.0;
   sweep s;
   memset(&s, 0, sizeof s);
+  for (int m = 1; m <= 128; m *= 2) /* the seed's sweep */
+    s.ms[s.n_ms++] = m;
   s.min_runs = 20;
   s.rng = 0x9E3779B97F4A7C15ull ^ (uint64_t)time(NULL);
   for (int i = 1; i < argc; i++) {
@@ -393,14 +392,19 @@ int gqmm_cmd_sweep(int argc, char **argv) {
     else if (!strcmp(argv[i], "--llc-mb") && i + 1 < argc)
       llc_mb = atof(argv[++i]);
     else if (!strcmp(argv[i], "--m") && i + 1 < argc) {
-      N_MS = 0; /* comma-separated subset of 1,2,4,...,128 */
-      for (char *t = strtok(argv[++i], ","); t && N_MS < 8; t = strtok(NULL, ","))
-        for (int k = 0; k < 8; k++)
-          if (atoi(t) == ms_all[k]) ms[N_MS++] = ms_all[k];
+      s.n_ms = 0; /* comma-separated, any M (the seed's are the default) */
+      for (char *t = strtok(argv[++i], ","); t; t = strtok(NULL, ",")) {
+        const int m = atoi(t);
+        if (m < 1 || m > 512 || s.n_ms == 16) {
+          fprintf(stderr, "gqmm sweep: --m takes up to 16 values in 1..512, not '%s'\n", t);
+          return 2;
+        }
+        s.ms[s.n_ms++] = m;
+      }
     } else {
       printf("usage: gqmm sweep [--backend auto|cpu|cuda] [--op all|qmm|gather] [--json FILE]\n"
              "                  [--runs N (default 20)] [--config ID] [--threads N]\n"
-             "                  [--m 1,2,...  subset of M / rows per expert]\n"
+             "                  [--m 1,2,...  M / rows per expert (default 1,2,4,...,128)]\n"
              "                  [--llc-mb MB  cache size the shapes must exceed (default: sysfs)]\n"
              "                  [--int8  FAST MODE: int8-quantized activations, not exact]\n"
              "                  [--packed  weights packed at load by gqmm_pack (not timed)]\n"

@@ -72,8 +72,8 @@ typedef struct {
  * hold at once (a chunk; 5-8 rows take the panel in two halves, group by
  * group, so the weights stream from memory at an even pace). */
 #define GQMM__CPU_PK_MAX_ROWS 8
-#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 ? 8 : 4)
-#define GQMM__CPU_PK_CHUNK(mr, nv) ((mr) <= 4 ? (nv) : 2)
+#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 || (mr) == 5 ? 8 : 4)
+#define GQMM__CPU_PK_CHUNK(mr, nv) ((mr) <= 4 ? (nv) : (mr) == 5 ? 3 : 2)
 typedef struct {
   int bits, group_size;
   gqmm_dtype dtype;    /* of the scales and biases (f16 or bf16) */

@@ -274,19 +274,78 @@ static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *
   return t == GQMM_F16 ? _mm512_cvtph_ps(h)
                        : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-/* x: rows as bytes (bf16 values, or int8 codes with i8); xs: int8 mode's
- * code scales (row m at xs + m * G). The nv vectors go in chunks of cw
- * (cw = nv but for 5-8 rows), all chunks of a record before the next
- * record. */
+/* One chunk of a record: vectors c0 .. c0 + cw of the record at r0 (r1:
+ * the next panel's) against the mr rows, its sums added to the totals (tot
+ * or C) at the group's end; the first chunk of a record also prefetches the
+ * slots' lines `ahead` bytes on (bf16; 0: none). */
 static inline __attribute__((always_inline)) void
-ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, const int cw,
-                const uint8_t *const *x, const int mr, const float *xs, const float *xsum, float *C,
-                int64_t ldc, const int bits, const bool i8) {
+ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, int64_t g,
+             const int c0, const int cw, int64_t ahead, const int nv, const uint8_t *const *x,
+             const int mr, const float *xs, const float *xsum, float *C, int64_t ldc,
+             ukr_vf tot[8][8], const bool in_c, const int bits, const bool i8) {
   const __m512i field = i8 ? _mm512_set1_epi8((char)((1u << bits) - 1u))
                            : _mm512_set1_epi16((short)((1u << bits) - 1u)),
                 exp128 = _mm512_set1_epi16(0x4300); /* bf16 128.0: q joins its mantissa */
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
   const int steps = i8 ? per / 4 : per / 2; /* each takes 4 bytes of x: 2 bf16 or 4 codes */
+  const int64_t G = ps->G, sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
+  ukr_vf acc[8][8]; /* float sums, or int32 ones in int8 mode */
+  for (int m = 0; m < mr; m++)
+    for (int v = 0; v < cw; v++)
+      acc[m][v] = vf_zero();
+  for (int d = 0; d < slots; d++) {
+    __m512i T[8];
+    for (int v = 0; v < cw; v++)
+      T[v] = _mm512_loadu_si512((c0 + v < 4 ? r0 : r1) +
+                                (d * GQMM__CPU_PANEL + 16 * ((c0 + v) & 3)) * 4);
+    for (int l = 0; ahead && !i8 && c0 == 0 && l < (nv == 8 ? 8 : 4); l++)
+      __builtin_prefetch((l < 4 ? r0 : r1) + ahead + (d * GQMM__CPU_PANEL + 16 * (l & 3)) * 4, 0,
+                         3);
+    const int64_t xb0 = (g * gs + d * per) * (i8 ? 1 : 2); /* the slot's first x byte */
+    for (int j = 0; j < steps; j++) {
+      __m512i w[8];
+      for (int v = 0; v < cw; v++)
+        w[v] = i8 ? _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * j)), field)
+                  : _mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)), field,
+                                              exp128, 0xEA); /* (a & b) | c */
+      for (int m = 0; m < mr; m++) {
+        int32_t xp; /* a pair of bf16 or a quad of codes */
+        memcpy(&xp, x[m] + xb0 + 4 * j, 4);
+        const __m512i xv = _mm512_set1_epi32(xp);
+        for (int v = 0; v < cw; v++)
+          acc[m][v] = i8 ? _mm512_castsi512_ps(
+                               _mm512_dpbusd_epi32(_mm512_castps_si512(acc[m][v]), w[v], xv))
+                         : _mm512_dpbf16_ps(acc[m][v], (ukr_vbf)w[v], (ukr_vbf)xv);
+      }
+    }
+  }
+  for (int v = 0; v < cw; v++) {
+    const int c = c0 + v;
+    const uint8_t *sb = (c < 4 ? r0 : r1) + sbo + 32 * (c & 3);
+    const ukr_vf s = ukr_pk_param(sb, ps->dtype),
+                 b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
+    const ukr_vf bb = i8 ? b : vf_fma(vf_set1(-128.0f), s, b);
+    for (int m = 0; m < mr; m++) {
+      const ukr_vf a = i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][v])) : acc[m][v];
+      const ukr_vf sm = i8 ? _mm512_mul_ps(s, vf_set1(xs[m * G + g])) : s;
+      ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * c) : tot[m][c];
+      t = vf_fma(bb, vf_set1(xsum[m * G + g]), vf_fma(a, sm, t));
+      if (in_c)
+        vf_store(C + m * ldc + 16 * c, t);
+      else
+        tot[m][c] = t;
+    }
+  }
+}
+/* x: rows as bytes (bf16 values, or int8 codes with i8); xs: int8 mode's
+ * code scales (row m at xs + m * G). The nv vectors go in chunks of cw
+ * (the last one nv % cw where that is not 0), all chunks of a record before
+ * the next record. */
+static inline __attribute__((always_inline)) void
+ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, const int cw,
+                const uint8_t *const *x, const int mr, const float *xs, const float *xsum, float *C,
+                int64_t ldc, const int bits, const bool i8) {
+  const int slots = ps->group_size * bits / 32;
   const int64_t G = ps->G, rec = ps->rec;
   const bool two = nv == 8; /* a second panel */
   /* the totals in C for more than 12 of them (3-4 x 4 and 5-8 x 4: in
@@ -310,55 +369,12 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, co
       __builtin_prefetch(r0 + ahead + l, 0, 3);
       if (two) __builtin_prefetch(r1 + ahead + l, 0, 3);
     }
-    for (int c0 = 0; c0 < nv; c0 += cw) {
-      ukr_vf acc[8][8]; /* float sums, or int32 ones in int8 mode */
-      for (int m = 0; m < mr; m++)
-        for (int v = 0; v < cw; v++)
-          acc[m][v] = vf_zero();
-      for (int d = 0; d < slots; d++) {
-        __m512i T[8];
-        for (int v = 0; v < cw; v++)
-          T[v] = _mm512_loadu_si512((c0 + v < 4 ? r0 : r1) +
-                                    (d * GQMM__CPU_PANEL + 16 * ((c0 + v) & 3)) * 4);
-        for (int l = 0; ahead && !i8 && c0 == 0 && l < (two ? 8 : 4); l++)
-          __builtin_prefetch((l < 4 ? r0 : r1) + ahead + (d * GQMM__CPU_PANEL + 16 * (l & 3)) * 4,
-                             0, 3);
-        const int64_t xb0 = (g * gs + d * per) * (i8 ? 1 : 2); /* the slot's first x byte */
-        for (int j = 0; j < steps; j++) {
-          __m512i w[8];
-          for (int v = 0; v < cw; v++)
-            w[v] = i8 ? _mm512_and_si512(_mm512_srli_epi32(T[v], (unsigned)(bits * j)), field)
-                      : _mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)),
-                                                  field, exp128, 0xEA); /* (a & b) | c */
-          for (int m = 0; m < mr; m++) {
-            int32_t xp; /* a pair of bf16 or a quad of codes */
-            memcpy(&xp, x[m] + xb0 + 4 * j, 4);
-            const __m512i xv = _mm512_set1_epi32(xp);
-            for (int v = 0; v < cw; v++)
-              acc[m][v] = i8 ? _mm512_castsi512_ps(
-                                   _mm512_dpbusd_epi32(_mm512_castps_si512(acc[m][v]), w[v], xv))
-                             : _mm512_dpbf16_ps(acc[m][v], (ukr_vbf)w[v], (ukr_vbf)xv);
-          }
-        }
-      }
-      for (int v = 0; v < cw; v++) {
-        const int c = c0 + v;
-        const uint8_t *sb = (c < 4 ? r0 : r1) + sbo + 32 * (c & 3);
-        const ukr_vf s = ukr_pk_param(sb, ps->dtype),
-                     b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
-        const ukr_vf bb = i8 ? b : vf_fma(vf_set1(-128.0f), s, b);
-        for (int m = 0; m < mr; m++) {
-          const ukr_vf a = i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][v])) : acc[m][v];
-          const ukr_vf sm = i8 ? _mm512_mul_ps(s, vf_set1(xs[m * G + g])) : s;
-          ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * c) : tot[m][c];
-          t = vf_fma(bb, vf_set1(xsum[m * G + g]), vf_fma(a, sm, t));
-          if (in_c)
-            vf_store(C + m * ldc + 16 * c, t);
-          else
-            tot[m][c] = t;
-        }
-      }
-    }
+    int c0 = 0;
+    for (; c0 + cw <= nv; c0 += cw)
+      ukr_pk_chunk(ps, r0, r1, g, c0, cw, ahead, nv, x, mr, xs, xsum, C, ldc, tot, in_c, bits, i8);
+    if (nv % cw)
+      ukr_pk_chunk(ps, r0, r1, g, c0, nv % cw, ahead, nv, x, mr, xs, xsum, C, ldc, tot, in_c, bits,
+                   i8);
   }
   for (int m = 0; m < mr && !in_c; m++)
     for (int v = 0; v < nv; v++)
@@ -374,7 +390,8 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, co
   UKR_PK_CASE(b, 1, 4)                                                                \
   UKR_PK_CASE(b, 2, 4)                                                                \
   UKR_PK_CASE(b, 3, 4)                                                                \
-  UKR_PK_CASE(b, 4, 4) UKR_PK_CASE(b, 5, 4) UKR_PK_CASE(b, 6, 4) UKR_PK_CASE(b, 7, 4) \
+  UKR_PK_CASE(b, 4, 4)                                                                \
+  UKR_PK_CASE(b, 5, 8) UKR_PK_CASE(b, 5, 4) UKR_PK_CASE(b, 6, 4) UKR_PK_CASE(b, 7, 4) \
       UKR_PK_CASE(b, 8, 4)
 #define UKR_PK_SWITCH                       \
   switch ((ps->bits * 10 + mr) * 10 + nv) { \

@@ -67,10 +67,14 @@ typedef struct {
 /* A gqmm_pack copy for the CPU (cpu_pack.c has the layout): panels of
  * GQMM__CPU_PANEL weight rows, each K / group_size records of rec bytes. */
 #define GQMM__CPU_PANEL 64
-/* Rows of x in one packed call, its vectors of 16 weight rows by rows (1
- * row takes two panels, more one), and the vectors a kernel's accumulators
- * hold at once (a chunk; 5-8 rows take the panel in two halves, group by
- * group, so the weights stream from memory at an even pace). */
+/* Rows of x in one packed call; its vectors of 16 weight rows by rows (1
+ * and 5 rows take two panels, the rest one); and the vectors a kernel's
+ * accumulators hold at once (a chunk; the chunks of a group run one after
+ * the other, so the weights stream from memory at an even pace). Every tile
+ * keeps >= 12 accumulator chains (vdpbf16ps: ~6 cycles of latency, 2 a
+ * cycle) but 1 row (8) and 2 rows (8: 2 x 8 measured no faster, bound by
+ * the unpacking), within the 32 vector registers: 5 rows in chunks of 3
+ * (3 + 3 + 2), 6-8 rows in chunks of 2. */
 #define GQMM__CPU_PK_MAX_ROWS 8
 #define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 || (mr) == 5 ? 8 : 4)
 #define GQMM__CPU_PK_CHUNK(mr, nv) ((mr) <= 4 ? (nv) : (mr) == 5 ? 3 : 2)

@@ -74,10 +74,11 @@ typedef struct {
  * keeps >= 12 accumulator chains (vdpbf16ps: ~6 cycles of latency, 2 a
  * cycle) but 1 row (8) and 2 rows (8: 2 x 8 measured no faster, bound by
  * the unpacking), within the 32 vector registers: 5 rows in chunks of 3
- * (3 + 3 + 2), 6-8 rows in chunks of 2. */
+ * (3 + 3 + 2), 6-8 rows in chunks of 2. int8 mode keeps 5 rows on one panel
+ * in chunks of 2: its 3-chunks ran 45% slower (qmm M = 5). */
 #define GQMM__CPU_PK_MAX_ROWS 8
-#define GQMM__CPU_PK_VECTORS(mr) ((mr) == 1 || (mr) == 5 ? 8 : 4)
-#define GQMM__CPU_PK_CHUNK(mr, nv) ((mr) <= 4 ? (nv) : (mr) == 5 ? 3 : 2)
+#define GQMM__CPU_PK_VECTORS(mr, i8) ((mr) == 1 || ((mr) == 5 && !(i8)) ? 8 : 4)
+#define GQMM__CPU_PK_CHUNK(mr, nv, i8) ((mr) <= 4 ? (nv) : (mr) == 5 && !(i8) ? 3 : 2)
 typedef struct {
   int bits, group_size;
   gqmm_dtype dtype;    /* of the scales and biases (f16 or bf16) */
@@ -198,7 +199,7 @@ typedef struct {
    * Packed weights (NULL where none): mr <= GQMM__CPU_PK_MAX_ROWS rows of x,
    * row m at x[m] (K values), its group sums at xsum + m * G, against nv x 16
    * weight rows of the panel at pk (vectors past the panel's 4 are the next
-   * panel's), nv = GQMM__CPU_PK_VECTORS(mr), or 4 where that is 8 and there
+   * panel's), nv = GQMM__CPU_PK_VECTORS(mr, xs != NULL), or 4 where that is 8 and there
    * is no next panel; for n < 16 nv (rows in the lanes):
    *  - xs NULL: x is bf16 in natural order (only where qmv_bf16_supported()),
    *    C[m * ldc + n] = sum_g s_ng * (sum_{k in g} x_mk q_nk) + b_ng * xsum_mg;

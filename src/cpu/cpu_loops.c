@@ -513,7 +513,7 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
     const int pair = np - p < 2 ? 1 : 2;
     for (int64_t t = 0, r0 = 0; t < tiles; t++) {
       const int mr = (int)((R - r0) / (tiles - t)); /* near-equal heights */
-      const int nv = GQMM__CPU_PK_VECTORS(mr) < 4 * pair ? GQMM__CPU_PK_VECTORS(mr) : 4 * pair;
+      const int nw = GQMM__CPU_PK_VECTORS(mr, j->pk_i8), nv = nw < 4 * pair ? nw : 4 * pair;
       float *Ct = v->C + r0 * nt + p * GQMM__CPU_PANEL;
       if (!j->pk_bf16 && !j->pk_i8) {
         const float *xr[GQMM__CPU_PK_MAX_ROWS];

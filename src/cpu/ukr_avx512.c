@@ -281,18 +281,18 @@ static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *
 static inline __attribute__((always_inline)) void
 ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, int64_t g,
              const int c0, const int cw, int64_t ahead, const int nv, const uint8_t *const *x,
-             const int mr, const float *xs, const float *xsum, float *C, int64_t ldc,
-             ukr_vf tot[8][8], const bool in_c, const int bits, const bool i8) {
+             const int mr, const float *xs, const float *xsum, float *C, int64_t ldc, ukr_vf *tot,
+             const bool in_c, const int bits, const bool i8) {
   const __m512i field = i8 ? _mm512_set1_epi8((char)((1u << bits) - 1u))
                            : _mm512_set1_epi16((short)((1u << bits) - 1u)),
                 exp128 = _mm512_set1_epi16(0x4300); /* bf16 128.0: q joins its mantissa */
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
   const int steps = i8 ? per / 4 : per / 2; /* each takes 4 bytes of x: 2 bf16 or 4 codes */
   const int64_t G = ps->G, sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
-  ukr_vf acc[8][8]; /* float sums, or int32 ones in int8 mode */
+  ukr_vf acc[16]; /* [m * cw + v]: float sums, or int32 ones in int8 mode */
   for (int m = 0; m < mr; m++)
     for (int v = 0; v < cw; v++)
-      acc[m][v] = vf_zero();
+      acc[m * cw + v] = vf_zero();
   for (int d = 0; d < slots; d++) {
     __m512i T[8];
     for (int v = 0; v < cw; v++)
@@ -313,9 +313,9 @@ ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, 
         memcpy(&xp, x[m] + xb0 + 4 * j, 4);
         const __m512i xv = _mm512_set1_epi32(xp);
         for (int v = 0; v < cw; v++)
-          acc[m][v] = i8 ? _mm512_castsi512_ps(
-                               _mm512_dpbusd_epi32(_mm512_castps_si512(acc[m][v]), w[v], xv))
-                         : _mm512_dpbf16_ps(acc[m][v], (ukr_vbf)w[v], (ukr_vbf)xv);
+          acc[m * cw + v] = i8 ? _mm512_castsi512_ps(_mm512_dpbusd_epi32(
+                                     _mm512_castps_si512(acc[m * cw + v]), w[v], xv))
+                               : _mm512_dpbf16_ps(acc[m * cw + v], (ukr_vbf)w[v], (ukr_vbf)xv);
       }
     }
   }
@@ -326,14 +326,15 @@ ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, 
                  b = ukr_pk_param(sb + 2 * GQMM__CPU_PANEL, ps->dtype);
     const ukr_vf bb = i8 ? b : vf_fma(vf_set1(-128.0f), s, b);
     for (int m = 0; m < mr; m++) {
-      const ukr_vf a = i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m][v])) : acc[m][v];
+      const ukr_vf a =
+          i8 ? _mm512_cvtepi32_ps(_mm512_castps_si512(acc[m * cw + v])) : acc[m * cw + v];
       const ukr_vf sm = i8 ? _mm512_mul_ps(s, vf_set1(xs[m * G + g])) : s;
-      ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * c) : tot[m][c];
+      ukr_vf t = in_c ? vf_load(C + m * ldc + 16 * c) : tot[m * nv + c];
       t = vf_fma(bb, vf_set1(xsum[m * G + g]), vf_fma(a, sm, t));
       if (in_c)
         vf_store(C + m * ldc + 16 * c, t);
       else
-        tot[m][c] = t;
+        tot[m * nv + c] = t;
     }
   }
 }
@@ -351,11 +352,13 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, co
   /* the totals in C for more than 12 of them (3-4 x 4 and 5-8 x 4: in
    * registers they spilled) */
   const bool in_c = mr * nv > 12;
-  ukr_vf tot[8][8];
+  ukr_vf tot[12]; /* [m * nv + v], where they stay in registers */
   for (int m = 0; m < mr; m++)
     for (int v = 0; v < nv; v++) {
-      tot[m][v] = vf_zero();
-      if (in_c) vf_store(C + m * ldc + 16 * v, tot[m][v]);
+      if (in_c)
+        vf_store(C + m * ldc + 16 * v, vf_zero());
+      else
+        tot[m * nv + v] = vf_zero();
     }
   for (int64_t g = 0; g < G; g++) {
     const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
@@ -378,12 +381,13 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, co
   }
   for (int m = 0; m < mr && !in_c; m++)
     for (int v = 0; v < nv; v++)
-      vf_store(C + m * ldc + 16 * v, tot[m][v]);
+      vf_store(C + m * ldc + 16 * v, tot[m * nv + v]);
 }
 /* one instantiation per (mode, bits, rows, vectors): the loops' bounds are constants */
-#define UKR_PK_CASE(b, m, n)                                                                    \
-  case ((b)*10 + (m)) * 10 + (n):                                                               \
-    ukr_packed_tile(ps, pk, n, GQMM__CPU_PK_CHUNK(m, n), x, m, xs, xsum, C, ldc, b, UKR_PK_I8); \
+#define UKR_PK_CASE(b, m, n)                                                                   \
+  case ((b)*10 + (m)) * 10 + (n):                                                              \
+    ukr_packed_tile(ps, pk, n, GQMM__CPU_PK_CHUNK(m, n, UKR_PK_I8), x, m, xs, xsum, C, ldc, b, \
+                    UKR_PK_I8);                                                                \
     break;
 #define UKR_PK_BITS(b)                                                                \
   UKR_PK_CASE(b, 1, 8)                                                                \

@@ -129,6 +129,11 @@ if want cpu; then
       >> "$OUT/cpu.log" 2>&1 || status=1
     GQMM_CPU_ISA=avx512 "$BIN/gqmm" sweep --backend cpu --int8 \
       --json "$OUT/sweep-cpu-avx512-int8.json" >> "$OUT/cpu.log" 2>&1 || status=1
+    # the packed layout (gqmm_pack): exact and int8
+    GQMM_CPU_ISA=avx512 "$BIN/gqmm" sweep --backend cpu --packed \
+      --json "$OUT/sweep-cpu-avx512-packed.json" >> "$OUT/cpu.log" 2>&1 || status=1
+    GQMM_CPU_ISA=avx512 "$BIN/gqmm" sweep --backend cpu --packed --int8 \
+      --json "$OUT/sweep-cpu-avx512-packed-int8.json" >> "$OUT/cpu.log" 2>&1 || status=1
   fi
 fi
 note "gpu_check exit $status"

@@ -111,7 +111,16 @@ typedef struct {
 
 #define CHUNK 512 /* floats per stack buffer */
 
-static void act_rows(void *arg, int64_t begin, int64_t end) {
+/* The elementwise loops in 16-lane AVX-512 where the CPU has it, picked at
+ * load time (ifunc): the same IEEE operations in the same order (no FMA
+ * contraction under -std=c11), so the same bits as the baseline build. */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define GQMM_ELEMENTWISE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GQMM_ELEMENTWISE_CLONES
+#endif
+
+GQMM_ELEMENTWISE_CLONES static void act_rows(void *arg, int64_t begin, int64_t end) {
   const layer_job *j = arg;
   const gqmm_dtype dt = j->a->dtype;
   const size_t esz = gqmm_dtype_size(dt);
@@ -134,7 +143,7 @@ static void act_rows(void *arg, int64_t begin, int64_t end) {
 
 /* out[t] = sum over slots in ascending order, one float32 add each: the
  * order, not the thread, fixes the bits. */
-static void combine_rows(void *arg, int64_t begin, int64_t end) {
+GQMM_ELEMENTWISE_CLONES static void combine_rows(void *arg, int64_t begin, int64_t end) {
   const layer_job *j = arg;
   const gqmm__moe_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);

@@ -133,6 +133,7 @@ static void cpu_release(gqmm_ctx *ctx) {
   for (int t = 0; t < st->threads; t++)
     free(st->scratch[t].buf);
   free(st->scratch);
+  free(st->prep);
   free(st);
   ctx->cpu_state = NULL;
 }

@@ -33,6 +33,13 @@ typedef struct {
   gqmm__cpu_pool *pool;
   int threads;
   gqmm__cpu_scratch *scratch; /* [threads] */
+  /* The packed kernels' x group sums and int8 codes, shared by the threads
+   * (cpu_loops.c prep_x), kept between calls: at the seed's 128 rows per
+   * expert the codes are 46 MB, which malloc maps afresh each call (over
+   * its largest reuse threshold), and zeroing those pages cost ~10% of the
+   * call. */
+  void *prep;
+  size_t prep_cap;
 } gqmm__cpu_state;
 
 /* The table (per ISA: register tiles differ) and the built-in choice. */

@@ -758,12 +758,21 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   if (!status) status = reserve_scratch(ctx, &j);
   if (!status && (j.pk_bf16 || j.pk_i8)) {
     const int64_t rows = a->batch * a->M;
-    j.pk_xsum = malloc((size_t)(2 * rows * j.G) * sizeof(float) + 1);
-    j.pk_xq = j.pk_i8 ? malloc((size_t)(rows * a->K) + 1) : NULL;
-    if (!j.pk_xsum || (j.pk_i8 && !j.pk_xq))
-      status = gqmm__fail(ctx, GQMM_ERR_NOMEM, "cpu backend: cannot allocate x's group sums");
-    else
+    const size_t sums = (size_t)(2 * rows * j.G) * sizeof(float), /* xsum, then xs */
+        need = sums + (j.pk_i8 ? (size_t)(rows * a->K) : 0);
+    if (st->prep_cap < need) {
+      free(st->prep);
+      st->prep = gqmm__cpu_alloc_stream(need);
+      st->prep_cap = st->prep ? need : 0;
+    }
+    if (need && !st->prep) {
+      status = gqmm__fail(ctx, GQMM_ERR_NOMEM,
+                          "cpu backend: cannot allocate %zu bytes for x's group sums", need);
+    } else {
+      j.pk_xsum = st->prep;
       j.pk_xs = j.pk_xsum + rows * j.G;
+      j.pk_xq = j.pk_i8 ? (int8_t *)((char *)st->prep + sums) : NULL;
+    }
     atomic_init(&j.next_blk, 0);
     if (!status) gqmm__cpu_pool_run(st->pool, prep_x, &j);
   }
@@ -771,8 +780,6 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
     atomic_init(&j.next, 0);
     gqmm__cpu_pool_run(st->pool, worker, &j);
   }
-  free(j.pk_xsum);
-  free(j.pk_xq);
   free(j.x_off);
   free(j.out_off);
   free(j.blk_first);

@@ -35,6 +35,7 @@ int gqmm_ctx_create(gqmm_ctx **out, const gqmm_ctx_options *opts) {
 void gqmm_ctx_destroy(gqmm_ctx *ctx) {
   if (!ctx) return;
   gqmm__tune_release(ctx);
+  free(ctx->moe_buf);
   for (const gqmm__backend *const *b = gqmm__backends(); *b; b++)
     if ((*b)->release) (*b)->release(ctx);
   free(ctx);

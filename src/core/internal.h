@@ -34,6 +34,11 @@ struct gqmm_ctx {
   /* The MoE layer records its phases' device times (gqmm bench --breakdown;
    * the backend's moe_phases hook), at some cost on the device. */
   int moe_timing;
+  /* The host MoE layer's work buffers (moe_compose.c), kept between calls:
+   * at 8 canvases they are ~160 MB, which malloc would map and the kernel
+   * zero afresh every layer. */
+  void *moe_buf;
+  size_t moe_cap;
 };
 
 /* Record a formatted message on ctx (may be NULL) and return status. */

@@ -178,17 +178,27 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   gqmm__moe_plan plan;
   int st = gqmm__moe_plan_build(ctx, a->expert_ids_host, T, k, a->experts, &plan);
   if (st) return st;
+  /* the work buffers, 64-byte aligned parts of the context's moe_buf:
+   * token_of_row, row_id [R]; gu [R, 2I] (gate | up, or [R, I] twice); h [R, I]; y [R, H] */
   const size_t nr = (size_t)(R > 0 ? R : 1);
-  int64_t *token_of_row = malloc(nr * sizeof(int64_t));
-  int64_t *row_id = malloc(nr * sizeof(int64_t));
-  char *gu = malloc(nr * (size_t)(2 * I) * esz); /* [R, 2I]: gate | up, or [R, I] twice */
-  char *h = malloc(nr * (size_t)I * esz);
-  char *y = malloc(nr * (size_t)H * esz);
-  if (!token_of_row || !row_id || !gu || !h || !y) {
+  const size_t part[5] = {nr * sizeof(int64_t), nr * sizeof(int64_t), nr * (size_t)(2 * I) * esz,
+                          nr * (size_t)I * esz, nr * (size_t)H * esz};
+  size_t off[5], need = 0;
+  for (int i = 0; i < 5; i++)
+    off[i] = need, need += (part[i] + 63) & ~(size_t)63;
+  if (ctx->moe_cap < need) {
+    free(ctx->moe_buf);
+    ctx->moe_buf = aligned_alloc(64, need);
+    ctx->moe_cap = ctx->moe_buf ? need : 0;
+  }
+  if (!ctx->moe_buf) {
     st = gqmm__fail(ctx, GQMM_ERR_NOMEM, "moe_forward: cannot allocate work buffers for %lld rows",
                     (long long)R);
     goto done;
   }
+  char *buf = ctx->moe_buf;
+  int64_t *token_of_row = (int64_t *)(buf + off[0]), *row_id = (int64_t *)(buf + off[1]);
+  char *gu = buf + off[2], *h = buf + off[3], *y = buf + off[4];
   for (int64_t r = 0; r < R; r++) {
     token_of_row[r] = plan.row_pair[r] / k;
     row_id[r] = r;
@@ -224,11 +234,6 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   ph.combine_s = gqmm__now_s() - t4;
   if (phases) *phases = ph;
 done:
-  free(token_of_row);
-  free(row_id);
-  free(gu);
-  free(h);
-  free(y);
   gqmm__moe_plan_free(&plan);
   return st;
 }

@@ -260,8 +260,10 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
  * 4-7 are the next panel's 0-3): 1 row x 8 (two panels: 8 independent
  * chains; vdpbf16ps has ~6 cycles of latency at 2 a cycle); 2 x 4; 3-4 x 4
  * with the totals kept in C (in registers they spilled: 4 rows 3.8 -> 3.0
- * ms); 5-8 x 4 in chunks of 2 vectors (each unpack feeds 5-8 instructions,
- * and 5-8 x 4 accumulators do not fit the registers). A chunk's
+ * ms); 5 x 8 in chunks of 3, 3 and 2 vectors (15 chains; int8 mode: 5 x 4
+ * in chunks of 2, its 3-chunks ran slower); 6-8 x 4 in chunks of 2 (each
+ * unpack feeds 6-8 instructions; 6-8 x 4 accumulators do not fit the
+ * registers). A chunk's
  * accumulators cover one group; the chunks of a record run one after the
  * other, so the call reads its panel once, at an even pace. (Before, 5-8
  * rows took a panel in two calls of 2 vectors each: the first streamed the
@@ -289,7 +291,7 @@ ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, 
   const int gs = ps->group_size, slots = gs * bits / 32, per = 32 / bits; /* values a slot */
   const int steps = i8 ? per / 4 : per / 2; /* each takes 4 bytes of x: 2 bf16 or 4 codes */
   const int64_t G = ps->G, sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
-  ukr_vf acc[16]; /* [m * cw + v]: float sums, or int32 ones in int8 mode */
+  ukr_vf acc[16]; /* [m * cw + v] (<= 16: 1 x 8, 4 x 4, 5 x 3, 8 x 2): float sums, or int32 ones */
   for (int m = 0; m < mr; m++)
     for (int v = 0; v < cw; v++)
       acc[m * cw + v] = vf_zero();

@@ -19,6 +19,11 @@ def pytest_report_header(config):
 import pytest  # noqa: E402
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The seed at the end too: -q hides the header, and a failure is replayed with it."""
+    terminalreporter.write_line(f"GQMM_TEST_SEED={helpers.seed()} (set it to replay this run)")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """A skipped test is a check that did not run: report it as a failure."""

@@ -77,6 +77,13 @@ typedef struct {
  * (3 + 3 + 2), 6-8 rows in chunks of 2. int8 mode keeps 5 rows on one panel
  * in chunks of 2: its 3-chunks ran 45% slower (qmm M = 5). */
 #define GQMM__CPU_PK_MAX_ROWS 8
+/* Records ahead that the packed kernels prefetch (2304 bytes each at 4-bit,
+ * g64; 1-2 beat 4 and 8), across a panel's end into whatever follows: the
+ * next panel of the pair, or the next unit's. gqmm__cpu_pack pads the copy
+ * with this many records, so the farthest one stays inside it. (Stopping at
+ * the panel's end left each call's first records cold: the seed's down,
+ * K = 704 and 11 records a panel, ran 5.6% slower.) */
+#define GQMM__CPU_PK_PREFETCH 2
 #define GQMM__CPU_PK_VECTORS(mr, i8) ((mr) == 1 || ((mr) == 5 && !(i8)) ? 8 : 4)
 #define GQMM__CPU_PK_CHUNK(mr, nv, i8) ((mr) <= 4 ? (nv) : (mr) == 5 && !(i8) ? 3 : 2)
 typedef struct {

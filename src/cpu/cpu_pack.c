@@ -50,7 +50,8 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
                       bits);
   const int64_t K = p->K, G = K / gs, words = K * bits / 32, slots = gs * bits / 32;
   const int64_t rec = gqmm__cpu_pk_rec(bits, gs), panels = gqmm__cpu_pk_panels(N);
-  const int64_t bytes = E * panels * G * rec;
+  /* the panels, then the records the kernels may prefetch past the last one */
+  const int64_t bytes = E * panels * G * rec + GQMM__CPU_PK_PREFETCH * rec;
   uint8_t *d = gqmm__cpu_alloc_stream((size_t)bytes);
   if (!d)
     return gqmm__fail(ctx, GQMM_ERR_NOMEM, "gqmm_pack: cannot allocate %lld bytes",

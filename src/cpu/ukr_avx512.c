@@ -270,7 +270,6 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
  * whole panel from memory at half the work, the second found it in L2 and
  * left the memory idle; qmm M = 8 went 70-72% -> 80-83% of its roofline.)
  * A row's operations do not depend on its tile. */
-#define UKR_PK_PREFETCH 2 /* records ahead (2304 bytes each at 4-bit, g64): 1-2 beat 4 and 8 */
 static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *p, gqmm_dtype t) {
   const __m256i h = _mm256_loadu_si256((const __m256i *)p);
   return t == GQMM_F16 ? _mm512_cvtph_ps(h)
@@ -364,11 +363,11 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, co
     }
   for (int64_t g = 0; g < G; g++) {
     const uint8_t *r0 = pk + g * rec, *r1 = r0 + ps->panel_bytes;
-    /* prefetch, UKR_PK_PREFETCH records ahead. bf16: each slot's lines
+    /* prefetch, GQMM__CPU_PK_PREFETCH records ahead. bf16: each slot's lines
      * beside its loads, by the first chunk (a loop over the record's lines
      * was 15-25% of the instructions; M = 1 -7%). int8 (half the work a
      * line): that loop measured 5% faster at 8-16 rows. */
-    const int64_t ahead = g + UKR_PK_PREFETCH < G ? UKR_PK_PREFETCH * rec : 0;
+    const int64_t ahead = GQMM__CPU_PK_PREFETCH * rec;        /* past the panel too: cpu_isa.h */
     const int64_t sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
     for (int64_t l = i8 ? 0 : sbo; ahead && l < rec; l += 64) {
       __builtin_prefetch(r0 + ahead + l, 0, 3);

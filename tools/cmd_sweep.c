@@ -277,8 +277,11 @@ static double cpu_llc_bytes(void) {
 static int sweep_qmm(sweep *s, gqmm_quant q, int K) {
   const double bytes_per_row = (double)K * q.bits / 8 + 2.0 * 2 * K / q.group_size;
   int N = (int)ceil(4.0 * s->llc_bytes / bytes_per_row / 64.0) * 64;
+  int most = 1; /* x holds the largest M's rows (--m goes to 512) */
+  for (int i = 0; i < s->n_ms; i++)
+    most = s->ms[i] > most ? s->ms[i] : most;
   uint32_t *w = NULL;
-  uint16_t *sc = NULL, *bi = NULL, *x = make_x(s, (int64_t)128 * K);
+  uint16_t *sc = NULL, *bi = NULL, *x = make_x(s, (int64_t)most * K);
   int st = x ? make_weights(s, 1, N, K, q, &w, &sc, &bi) : GQMM_ERR_NOMEM;
   for (int i = 0; !st && i < s->n_ms; i++) {
     point p = {s->packed ? "qmm_pk" : "qmm",

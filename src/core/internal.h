@@ -82,6 +82,13 @@ static inline uint32_t gqmm__unpack(const uint8_t *row, int bits, int64_t j) {
 /* Seconds on a monotonic clock (benchmarks, tuner, ceilings, phase timing). */
 double gqmm__now_s(void);
 
+/* Host memory (mem.c). A buffer the kernels stream: in huge pages where the
+ * system has them, 64-byte aligned; free() releases it. */
+void *gqmm__alloc_stream(size_t bytes);
+/* A buffer kept between calls, grown to `need` bytes (its contents then
+ * lost); -1 (buf NULL, cap 0) if that allocation fails. */
+int gqmm__reserve(void **buf, size_t *cap, size_t need);
+
 /* ---- dtypes -------------------------------------------------------------- */
 
 static inline bool gqmm__is_float(gqmm_dtype t) {

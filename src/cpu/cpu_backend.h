@@ -58,10 +58,6 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
 void gqmm__cpu_packed_portable(const gqmm__cpu_pkshape *ps, const uint8_t *pk, int np,
                                const float *const *x, int mr, float *C, int64_t ldc);
 
-/* A buffer the kernels stream (cpu_mem.c): in huge pages where the system
- * has them, 64-byte aligned; free() releases it. */
-void *gqmm__cpu_alloc_stream(size_t bytes);
-
 /* Same-run ceilings on every thread of the pool (cpu_ceilings.c). */
 int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceilings *out);
 

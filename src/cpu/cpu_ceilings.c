@@ -89,7 +89,7 @@ static double best_rate(gqmm__cpu_state *st, bench_job *b, int op, double factor
 
 int gqmm__cpu_ceilings(gqmm_ctx *ctx, gqmm__cpu_state *st, bool int8, gqmm__ceilings *out) {
   bench_job *b = calloc(1, sizeof *b);
-  char *src = gqmm__cpu_alloc_stream(BUF_BYTES), *dst = gqmm__cpu_alloc_stream(BUF_BYTES / 2);
+  char *src = gqmm__alloc_stream(BUF_BYTES), *dst = gqmm__alloc_stream(BUF_BYTES / 2);
   if (!b || !src || !dst) {
     free(b), free(src), free(dst);
     return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cpu ceilings: cannot allocate %zu MB of buffers",

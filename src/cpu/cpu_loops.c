@@ -211,11 +211,7 @@ static int reserve_scratch(gqmm_ctx *ctx, job *j) {
   for (int t = 0; t < j->st->threads; t++) {
     gqmm__cpu_scratch *s = &j->st->scratch[t];
     s->cached_block = -1;
-    if (s->cap >= need) continue;
-    free(s->buf);
-    s->buf = aligned_alloc(64, (need + 63) & ~(size_t)63);
-    s->cap = s->buf ? need : 0;
-    if (!s->buf)
+    if (gqmm__reserve(&s->buf, &s->cap, need))
       return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cpu backend: cannot allocate %zu bytes of scratch",
                         need);
   }
@@ -760,12 +756,7 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
     const int64_t rows = a->batch * a->M;
     const size_t sums = (size_t)(2 * rows * j.G) * sizeof(float), /* xsum, then xs */
         need = sums + (j.pk_i8 ? (size_t)(rows * a->K) : 0);
-    if (st->prep_cap < need) {
-      free(st->prep);
-      st->prep = gqmm__cpu_alloc_stream(need);
-      st->prep_cap = st->prep ? need : 0;
-    }
-    if (need && !st->prep) {
+    if (gqmm__reserve(&st->prep, &st->prep_cap, need)) {
       status = gqmm__fail(ctx, GQMM_ERR_NOMEM,
                           "cpu backend: cannot allocate %zu bytes for x's group sums", need);
     } else {

@@ -52,7 +52,7 @@ int gqmm__cpu_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, cons
   const int64_t rec = gqmm__cpu_pk_rec(bits, gs), panels = gqmm__cpu_pk_panels(N);
   /* the panels, then the records the kernels may prefetch past the last one */
   const int64_t bytes = E * panels * G * rec + GQMM__CPU_PK_PREFETCH * rec;
-  uint8_t *d = gqmm__cpu_alloc_stream((size_t)bytes);
+  uint8_t *d = gqmm__alloc_stream((size_t)bytes);
   if (!d)
     return gqmm__fail(ctx, GQMM_ERR_NOMEM, "gqmm_pack: cannot allocate %lld bytes",
                       (long long)bytes);

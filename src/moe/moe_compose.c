@@ -186,12 +186,7 @@ int gqmm__moe_compose(gqmm_ctx *ctx, const gqmm__backend *be, const gqmm__moe_ar
   size_t off[5], need = 0;
   for (int i = 0; i < 5; i++)
     off[i] = need, need += (part[i] + 63) & ~(size_t)63;
-  if (ctx->moe_cap < need) {
-    free(ctx->moe_buf);
-    ctx->moe_buf = aligned_alloc(64, need);
-    ctx->moe_cap = ctx->moe_buf ? need : 0;
-  }
-  if (!ctx->moe_buf) {
+  if (gqmm__reserve(&ctx->moe_buf, &ctx->moe_cap, need)) {
     st = gqmm__fail(ctx, GQMM_ERR_NOMEM, "moe_forward: cannot allocate work buffers for %lld rows",
                     (long long)R);
     goto done;

@@ -717,16 +717,14 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   j.rows_max = ROWS_MAX_BYTES / (a->K * 4 + 1);
   if (j.rows_max < 8) j.rows_max = 8;
   if (j.rows_max > ROWS_MAX_COUNT) j.rows_max = ROWS_MAX_COUNT;
-  if (a->transpose && !j.pk) {
+  /* x in the ISA's chunk order, but for the packed kernels (natural order)
+   * and transpose=0 (the weights' chunk order is undone at the store) */
+  for (int l = 0; l < 32; l++)
+    j.perm[l] = l;
+  if (a->transpose && !j.pk)
     st->isa->perm(a->q.bits, j.perm);
-  } else if (a->transpose) { /* packed kernels read x in natural order */
-    for (int l = 0; l < 32; l++)
-      j.perm[l] = l;
-  } else { /* x stays in natural order; the weights' chunk order is undone at the store */
-    for (int l = 0; l < 32; l++)
-      j.perm[l] = l;
+  else if (!a->transpose)
     st->isa->perm(a->q.bits, j.col_perm);
-  }
   int status = build_blocks(ctx, &j);
   if (!status && j.pk) { /* whole panels: PK_UNIT_ROWS, more where every block is small */
     int64_t nt = PK_UNIT_ROWS, most = 0;

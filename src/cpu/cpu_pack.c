@@ -30,13 +30,19 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The bit of a slot where value i of its MLX word sits: even values in the
+ * low half-word, odd ones in the high. */
+static int slot_bit(int i, int bits) {
+  return (i & 1) * 16 + bits * (i >> 1);
+}
+
 /* The fields of one MLX word (V values of `bits`, value i at bits * i)
- * reordered into a slot: even values to the low half, odd to the high. */
+ * reordered into a slot. */
 static uint32_t slot_of_word(uint32_t w, int bits) {
   const uint32_t mask = (1u << bits) - 1u;
   uint32_t s = 0;
   for (int i = 0; i < 32 / bits; i++)
-    s |= ((w >> (bits * i)) & mask) << ((i & 1) * 16 + bits * (i >> 1));
+    s |= ((w >> (bits * i)) & mask) << slot_bit(i, bits);
   return s;
 }
 
@@ -98,7 +104,7 @@ void gqmm__cpu_packed_portable(const gqmm__cpu_pkshape *ps, const uint8_t *pk, i
         for (int d = 0; d < slots; d++) {
           const uint32_t v = slot[d * GQMM__CPU_PANEL + r];
           for (int i = 0; i < per; i++) {
-            const uint32_t q = (v >> ((i & 1) * 16 + bits * (i >> 1))) & mask;
+            const uint32_t q = (v >> slot_bit(i, bits)) & mask;
             wv[d * per + i] = s * (float)q + b;
           }
         }

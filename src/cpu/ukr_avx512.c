@@ -278,7 +278,7 @@ static inline __attribute__((always_inline)) ukr_vf ukr_pk_param(const uint8_t *
 /* One chunk of a record: vectors c0 .. c0 + cw of the record at r0 (r1:
  * the next panel's) against the mr rows, its sums added to the totals (tot
  * or C) at the group's end; the first chunk of a record also prefetches the
- * slots' lines `ahead` bytes on (bf16; 0: none). */
+ * slots' lines `ahead` bytes on (bf16). */
 static inline __attribute__((always_inline)) void
 ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, int64_t g,
              const int c0, const int cw, int64_t ahead, const int nv, const uint8_t *const *x,
@@ -299,7 +299,7 @@ ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, 
     for (int v = 0; v < cw; v++)
       T[v] = _mm512_loadu_si512((c0 + v < 4 ? r0 : r1) +
                                 (d * GQMM__CPU_PANEL + 16 * ((c0 + v) & 3)) * 4);
-    for (int l = 0; ahead && !i8 && c0 == 0 && l < (nv == 8 ? 8 : 4); l++)
+    for (int l = 0; !i8 && c0 == 0 && l < (nv == 8 ? 8 : 4); l++)
       __builtin_prefetch((l < 4 ? r0 : r1) + ahead + (d * GQMM__CPU_PANEL + 16 * (l & 3)) * 4, 0,
                          3);
     const int64_t xb0 = (g * gs + d * per) * (i8 ? 1 : 2); /* the slot's first x byte */
@@ -369,7 +369,7 @@ ukr_packed_tile(const gqmm__cpu_pkshape *ps, const uint8_t *pk, const int nv, co
      * line): that loop measured 5% faster at 8-16 rows. */
     const int64_t ahead = GQMM__CPU_PK_PREFETCH * rec;        /* past the panel too: cpu_isa.h */
     const int64_t sbo = (int64_t)slots * GQMM__CPU_PANEL * 4; /* the record's scales */
-    for (int64_t l = i8 ? 0 : sbo; ahead && l < rec; l += 64) {
+    for (int64_t l = i8 ? 0 : sbo; l < rec; l += 64) {
       __builtin_prefetch(r0 + ahead + l, 0, 3);
       if (two) __builtin_prefetch(r1 + ahead + l, 0, 3);
     }

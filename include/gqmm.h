@@ -365,9 +365,62 @@ int gqmm_device_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes,
  * deferred error of earlier calls (a bad device expert id of
  * gqmm_moe_forward) as GQMM_ERR_ARG. */
 int gqmm_device_sync(gqmm_ctx *ctx);
+
 /* Device time of the last op on ctx, from device events: its matmul kernel
  * alone, and all its device work (index upload, routing plan, kernel). */
 int gqmm_device_last_time(gqmm_ctx *ctx, double *kernel_us, double *op_us);
+
+/* ---- streams and graphs (GPU backends) ----------------------------------- */
+
+/*
+ * The CUDA stream (a cudaStream_t, passed as void *) that ctx's device work
+ * goes to from now on: its kernels, index uploads and packing, and the
+ * copies of gqmm_device_copy; gqmm_device_sync then waits for that stream.
+ * NULL, the default: the legacy default stream. The call first waits for
+ * the work ctx queued on its previous stream, so the order of ctx's calls
+ * holds across the change. The stream stays the caller's: it must outlive
+ * its use by ctx (set NULL before destroying it).
+ */
+int gqmm_device_set_stream(gqmm_ctx *ctx, void *stream);
+
+/*
+ * CUDA graphs of a sequence of calls on ctx (a model step, say): the work
+ * is recorded once and replayed with one launch, without the host's
+ * per-kernel launch work and with the device's launches prepared ahead.
+ *
+ *   gqmm_graph_begin(ctx)        ctx's device work is recorded from now on,
+ *                                not run. With no stream set, ctx first
+ *                                gets a stream of its own (a blocking one:
+ *                                ordered with the legacy default stream).
+ *   gqmm_moe_forward(ctx, ...)   as many as wanted
+ *   gqmm_graph_end(ctx, &g)      stops recording; g is the runnable graph
+ *   gqmm_graph_launch(ctx, g)    runs it on ctx's stream, as often as wanted
+ *   gqmm_graph_free(g)
+ *
+ * A replay reads and writes the same device buffers the recorded calls
+ * named, with their contents at the time of the replay. What may be
+ * recorded: gqmm_moe_forward on device tensors, after one call of the same
+ * shape has run on ctx outside the recording (its scratch memory is sized
+ * then; a call that would need more, or another top_k, returns
+ * GQMM_ERR_UNSUPPORTED and records nothing). Later calls on ctx leave a
+ * graph valid: a scratch they must replace is kept until ctx is destroyed.
+ * Launch a graph only on the context that recorded it (it uses that
+ * context's scratch memory). Everything that copies host data, allocates or waits
+ * (gqmm_gather_qmm and gqmm_quantized_matmul, which upload their host
+ * indices; gqmm_pack; gqmm_device_alloc, _copy, _sync and _set_stream)
+ * returns GQMM_ERR_UNSUPPORTED while recording, and the recording goes on;
+ * do not gqmm_device_free (or gqmm_packed_free) during it either. Phase
+ * timing is off in recorded calls. A bad device expert id in a replay is
+ * reported as for a plain call, naming the recorded call's number. While
+ * ctx records, the program must not queue other work on the legacy default
+ * stream (CUDA's rule for recording a blocking stream) nor record on ctx
+ * from another thread.
+ */
+typedef struct gqmm_graph gqmm_graph;
+int gqmm_graph_begin(gqmm_ctx *ctx);
+int gqmm_graph_end(gqmm_ctx *ctx, gqmm_graph **out);
+int gqmm_graph_launch(gqmm_ctx *ctx, const gqmm_graph *g);
+void gqmm_graph_free(gqmm_graph *g);
 
 #ifdef __cplusplus
 }

@@ -291,6 +291,14 @@ typedef struct gqmm__backend {
    * aligned_alloc for the CPU backend, freed with free). */
   int (*pack)(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
               const void *biases, int64_t E, int64_t N);
+  /* Optional (device backends): the stream of ctx's work, and the recording
+   * of graphs on it (gqmm_device_set_stream, gqmm_graph_*); graph_end gives
+   * the backend's runnable graph, graph_free releases it. */
+  int (*set_stream)(gqmm_ctx *ctx, void *stream);
+  int (*graph_begin)(gqmm_ctx *ctx);
+  int (*graph_end)(gqmm_ctx *ctx, void **exec);
+  int (*graph_launch)(gqmm_ctx *ctx, void *exec);
+  void (*graph_free)(void *exec);
 } gqmm__backend;
 
 /* Each backend defines one of these (src/ref, src/cpu, src/cuda). */

@@ -5,7 +5,9 @@
  *
  * The front end hands over host index arrays; they are copied once per call
  * (int32, through a pinned buffer) and the plan of rows grouped by expert is
- * built on the GPU (route.cu). All work goes to the legacy default stream.
+ * built on the GPU (route.cu). All work goes to the context's stream (the
+ * legacy default stream unless gqmm_device_set_stream or gqmm_graph_begin
+ * set another), which a graph may be recording (gqmm_graph_*).
  * Supports only tensors in device memory (no host staging): with CPU tensors
  * or without a usable GPU, supports_qmm says no and AUTO falls through.
  * Weights come in MLX's layout (the mma.sync kernel, qmm_mma.cu) or as a
@@ -40,10 +42,39 @@ typedef struct {
   cudaEvent_t ev_op0, ev_k0, ev_k1, ev_staged;
   bool staged_pending, timed;
   void *moe; /* moe_cuda.c's state */
+  cudaStream_t stream; /* NULL: the legacy default stream */
+  bool own_stream;     /* created by graph_begin, destroyed with the state */
 } cuda_state;
 
 void **gqmm__cuda_moe_slot(gqmm_ctx *ctx) {
   return ctx->cuda_state ? &((cuda_state *)ctx->cuda_state)->moe : NULL;
+}
+
+gqmm__cu_stream gqmm__cuda_stream(gqmm_ctx *ctx) {
+  return ctx->cuda_state ? ((cuda_state *)ctx->cuda_state)->stream : NULL;
+}
+
+/* Whether ctx's stream is recording a graph (or was, and a call broke it). */
+static bool recording(const cuda_state *s) {
+  enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  if (!s || !s->stream) return false; /* the legacy stream cannot record */
+  if (cudaStreamIsCapturing(s->stream, &cs) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return cs != cudaStreamCaptureStatusNone;
+}
+
+bool gqmm__cuda_recording(gqmm_ctx *ctx) {
+  return recording(ctx->cuda_state);
+}
+
+int gqmm__cuda_refuse_recording(gqmm_ctx *ctx, const char *what) {
+  if (!recording(ctx->cuda_state)) return GQMM_OK;
+  return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
+                    "cuda: %s cannot be recorded in a graph (gqmm_graph_begin is recording on "
+                    "this context; see gqmm.h for what may be)",
+                    what);
 }
 
 int gqmm__cuda_grid(gqmm_ctx *ctx, int cfg, const gqmm__cu_qmm *k, int *grid) {
@@ -236,12 +267,16 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
                       "w: packed weights need float16/bfloat16 x and 16-byte aligned rows of x");
   if (!gqmm__cuda_config_valid(cfg, &probe_k))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "config: id %d is not valid for these arguments", cfg);
+  /* Host indices are uploaded each call: a replay would reuse the recorded
+   * ones (and the wait below cannot be recorded). */
+  int st = gqmm__cuda_refuse_recording(ctx, "gather_qmm / quantized_matmul (host indices)");
+  if (st) return st;
   /* The pinned buffer may still feed the previous call's copy. */
   if (s->staged_pending && cudaEventSynchronize(s->ev_staged) != cudaSuccess)
     return cuda_fail(ctx, (int)cudaGetLastError(), "waiting for the index upload");
   s->staged_pending = false;
   size_t hb = s->h_cap * sizeof(int32_t), db = s->d_cap * sizeof(int32_t);
-  int st = grow(ctx, (void **)&s->h_idx, &hb, (size_t)(2 * B) * sizeof(int32_t), true);
+  st = grow(ctx, (void **)&s->h_idx, &hb, (size_t)(2 * B) * sizeof(int32_t), true);
   s->h_cap = hb / sizeof(int32_t);
   if (!st) st = grow(ctx, (void **)&s->d_idx, &db, (size_t)(2 * B) * sizeof(int32_t), false);
   s->d_cap = db / sizeof(int32_t);
@@ -250,17 +285,17 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     s->h_idx[b] = (int32_t)a->x_index[b];
     s->h_idx[B + b] = (int32_t)a->w_index[b];
   }
-  cudaEventRecord(s->ev_op0, 0);
+  cudaEventRecord(s->ev_op0, s->stream);
   cudaError_t e = cudaMemcpyAsync(s->d_idx, s->h_idx, (size_t)(2 * B) * sizeof(int32_t),
-                                  cudaMemcpyHostToDevice, 0);
+                                  cudaMemcpyHostToDevice, s->stream);
   if (e != cudaSuccess) return cuda_fail(ctx, (int)e, "index upload");
-  cudaEventRecord(s->ev_staged, 0);
+  cudaEventRecord(s->ev_staged, s->stream);
   s->staged_pending = true;
   gqmm__cu_qmm k = marshal(a, s->d_idx);
   int err;
   if (cfg == generic_id()) {
-    cudaEventRecord(s->ev_k0, 0);
-    err = gqmm__cu_generic_run(&k);
+    cudaEventRecord(s->ev_k0, s->stream);
+    err = gqmm__cu_generic_run(&k, s->stream);
   } else {
     const int64_t E = a->w_batches;
     const int tok = gqmm__cu_mma_tok_max(cfg), n_tiles = gqmm__cu_mma_n_tiles(cfg, &k);
@@ -283,13 +318,13 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     if (err) return cuda_fail(ctx, err, "occupancy query");
     /* No more CTAs than units can exist. */
     if (grid > max_units) grid = (int)max_units;
-    err = gqmm__cu_route(k.x_index, k.w_index, (int32_t)B, (int32_t)a->M, (int32_t)E, tok,
-                         n_tiles, p, s->sms);
+    err = gqmm__cu_route(k.x_index, k.w_index, (int32_t)B, (int32_t)a->M, (int32_t)E, tok, n_tiles,
+                         p, s->sms, s->stream);
     if (err) return cuda_fail(ctx, err, "routing plan launch");
-    cudaEventRecord(s->ev_k0, 0);
-    err = gqmm__cu_mma_run(cfg, &k, &p, (int)E, grid);
+    cudaEventRecord(s->ev_k0, s->stream);
+    err = gqmm__cu_mma_run(cfg, &k, &p, (int)E, grid, s->stream);
   }
-  cudaEventRecord(s->ev_k1, 0);
+  cudaEventRecord(s->ev_k1, s->stream);
   s->timed = true;
   if (err) return cuda_fail(ctx, err, "kernel launch");
   return GQMM_OK;
@@ -317,6 +352,8 @@ int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
 
 static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  int st = gqmm__cuda_refuse_recording(ctx, "the ceiling measurement");
+  if (st) return st;
   cuda_state *s = ctx->cuda_state;
   memset(out, 0, sizeof *out);
   snprintf(out->device_name, sizeof out->device_name, "%.95s", s->name);
@@ -327,7 +364,10 @@ static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
 
 static int cuda_sync(gqmm_ctx *ctx) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  cudaError_t e = cudaDeviceSynchronize();
+  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_sync");
+  if (st) return st;
+  cuda_state *s = ctx->cuda_state;
+  cudaError_t e = s->stream ? cudaStreamSynchronize(s->stream) : cudaDeviceSynchronize();
   return e ? cuda_fail(ctx, (int)e, "synchronize") : gqmm__cuda_moe_take_error(ctx);
 }
 
@@ -346,6 +386,8 @@ static int cuda_last_time(gqmm_ctx *ctx, double *kernel_us, double *op_us) {
 
 static int cuda_mem_alloc(gqmm_ctx *ctx, size_t bytes, void **out) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_alloc");
+  if (st) return st;
   cudaError_t e = cudaMalloc(out, bytes ? bytes : 1);
   if (e) {
     cudaGetLastError();
@@ -362,16 +404,95 @@ static void cuda_mem_free(gqmm_ctx *ctx, void *p) {
 static int cuda_mem_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes,
                          gqmm__copy_dir dir) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_copy");
+  if (st) return st;
+  cuda_state *s = ctx->cuda_state;
   const enum cudaMemcpyKind kinds[3] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
                                         cudaMemcpyDeviceToDevice};
-  cudaError_t e = cudaMemcpy(dst, src, bytes, kinds[dir]);
+  /* on ctx's stream, after its queued work, and synchronous like cudaMemcpy */
+  cudaError_t e = s->stream ? cudaMemcpyAsync(dst, src, bytes, kinds[dir], s->stream)
+                            : cudaMemcpy(dst, src, bytes, kinds[dir]);
+  if (!e && s->stream) e = cudaStreamSynchronize(s->stream);
   return e ? cuda_fail(ctx, (int)e, "copy") : GQMM_OK;
+}
+
+/* ---- the stream and graphs ------------------------------------------------- */
+
+static int cuda_set_stream(gqmm_ctx *ctx, void *stream) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_set_stream");
+  if (st) return st;
+  cuda_state *s = ctx->cuda_state;
+  /* the old stream's work first, so ctx's calls stay in order */
+  cudaError_t e = s->stream ? cudaStreamSynchronize(s->stream) : cudaDeviceSynchronize();
+  if (e) return cuda_fail(ctx, (int)e, "waiting for the previous stream");
+  if (s->own_stream) cudaStreamDestroy(s->stream);
+  s->stream = (cudaStream_t)stream;
+  s->own_stream = false;
+  return GQMM_OK;
+}
+
+static int cuda_graph_begin(gqmm_ctx *ctx) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  cuda_state *s = ctx->cuda_state;
+  if (recording(s))
+    return gqmm__fail(ctx, GQMM_ERR_ARG, "gqmm_graph_begin: this context is already recording");
+  if (!s->stream) { /* the legacy stream cannot record: a stream of ctx's own */
+    cudaError_t e = cudaDeviceSynchronize();
+    if (!e) e = cudaStreamCreate(&s->stream);
+    if (e) return cuda_fail(ctx, (int)e, "creating the context's stream");
+    s->own_stream = true;
+  }
+  /* thread-local: other threads' work does not break the recording */
+  cudaError_t e = cudaStreamBeginCapture(s->stream, cudaStreamCaptureModeThreadLocal);
+  return e ? cuda_fail(ctx, (int)e, "gqmm_graph_begin") : GQMM_OK;
+}
+
+static int cuda_graph_end(gqmm_ctx *ctx, void **exec) {
+  cuda_state *s = ctx->cuda_state;
+  if (!recording(s))
+    return gqmm__fail(ctx, GQMM_ERR_ARG,
+                      "gqmm_graph_end: this context is not recording "
+                      "(gqmm_graph_begin)");
+  cudaGraph_t g = NULL;
+  cudaGraphExec_t x = NULL;
+  cudaError_t e = cudaStreamEndCapture(s->stream, &g);
+  if (e) {
+    cudaGetLastError();
+    if (g) cudaGraphDestroy(g);
+    return gqmm__fail(ctx, GQMM_ERR_BACKEND,
+                      "gqmm_graph_end: the recording broke (%s): a call during it failed or "
+                      "queued work CUDA cannot record",
+                      cudaGetErrorString(e));
+  }
+  e = cudaGraphInstantiate(&x, g, 0);
+  cudaGraphDestroy(g);
+  if (e) return cuda_fail(ctx, (int)e, "gqmm_graph_end: instantiating the graph");
+  *exec = x;
+  return GQMM_OK;
+}
+
+static int cuda_graph_launch(gqmm_ctx *ctx, void *exec) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  cuda_state *s = ctx->cuda_state;
+  cudaError_t e = cudaGraphLaunch((cudaGraphExec_t)exec, s->stream);
+  return e ? cuda_fail(ctx, (int)e, "gqmm_graph_launch") : GQMM_OK;
+}
+
+static void cuda_graph_free(void *exec) {
+  if (exec) cudaGraphExecDestroy((cudaGraphExec_t)exec);
 }
 
 static void cuda_release(gqmm_ctx *ctx) {
   cuda_state *s = ctx->cuda_state;
   if (!s) return;
+  if (recording(s)) { /* a recording never ended: drop it */
+    cudaGraph_t g = NULL;
+    if (cudaStreamEndCapture(s->stream, &g) == cudaSuccess && g) cudaGraphDestroy(g);
+    cudaGetLastError();
+  }
   cudaDeviceSynchronize();
+  if (s->own_stream) cudaStreamDestroy(s->stream);
   gqmm__cuda_moe_release(s->moe);
   cudaFreeHost(s->h_idx);
   cudaFree(s->d_idx);
@@ -387,13 +508,15 @@ static void cuda_release(gqmm_ctx *ctx) {
 static int cuda_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
                      const void *biases, int64_t E, int64_t N) {
   if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_pack");
+  if (st) return st;
   const int64_t bytes = gqmm__cu_pack_bytes(E, N, p->K, p->q.bits, p->q.group_size, p->glu);
   void *d = NULL;
-  int st = cuda_mem_alloc(ctx, (size_t)bytes, &d);
+  st = cuda_mem_alloc(ctx, (size_t)bytes, &d);
   if (st) return st;
   int lin = !ctx->pack_plain;
   int err = gqmm__cu_pack(w, scales, biases, E, N, p->K, p->q.bits, p->q.group_size, p->glu,
-                          (int)p->dtype, &lin, d);
+                          (int)p->dtype, &lin, d, gqmm__cuda_stream(ctx));
   if (err) {
     cudaFree(d);
     return cuda_fail(ctx, err, "pack kernel");
@@ -436,4 +559,9 @@ const gqmm__backend gqmm__cuda_backend = {
     .moe_phases = gqmm__cuda_moe_phases,
     .device_key = cuda_device_key,
     .pack = cuda_pack,
+    .set_stream = cuda_set_stream,
+    .graph_begin = cuda_graph_begin,
+    .graph_end = cuda_graph_end,
+    .graph_launch = cuda_graph_launch,
+    .graph_free = cuda_graph_free,
 };

@@ -20,6 +20,12 @@ int gqmm__cuda_moe_take_error(gqmm_ctx *ctx);
  * its own (NULL: no GPU state), and the config a gathered GEMM runs with
  * (forced, tuned, else the heuristic). */
 void **gqmm__cuda_moe_slot(gqmm_ctx *ctx);
+/* ctx's stream (NULL: the legacy default stream); whether a graph is
+ * recording on it (gqmm_graph_begin), and GQMM_ERR_UNSUPPORTED naming
+ * `what` if so (else GQMM_OK). */
+gqmm__cu_stream gqmm__cuda_stream(gqmm_ctx *ctx);
+bool gqmm__cuda_recording(gqmm_ctx *ctx);
+int gqmm__cuda_refuse_recording(gqmm_ctx *ctx, const char *what);
 int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
 /* The persistent grid of tensor-core config cfg's kernel instance for k (its
  * occupancy times the SMs), asked of the runtime once per instance and

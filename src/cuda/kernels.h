@@ -1,7 +1,8 @@
 /*
  * kernels.h - the C view of the CUDA kernels: plain extern "C" launchers
- * called by backend_cuda.c. Each launcher enqueues work on the legacy default
- * stream and returns a cudaError_t as int (0 = success).
+ * called by backend_cuda.c and moe_cuda.c. Each launcher enqueues work on
+ * the stream it is given (the context's: gqmm_device_set_stream; NULL is
+ * the legacy default stream) and returns a cudaError_t as int (0 = success).
  */
 #ifndef GQMM_CUDA_KERNELS_H
 #define GQMM_CUDA_KERNELS_H
@@ -11,6 +12,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* cudaStream_t, without the CUDA headers (it is this very type). */
+typedef struct CUstream_st *gqmm__cu_stream;
 
 /* Element types the kernels take (values match gqmm_dtype). */
 enum { GQMM__CU_F32 = 0, GQMM__CU_F16 = 1, GQMM__CU_BF16 = 2 };
@@ -40,8 +44,8 @@ static inline int64_t gqmm__cu_units_bound(int64_t R, int64_t used, int64_t tok_
 
 /* sms: the device's multiprocessors (the plan kernel's grid, route.cu). */
 int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch, int32_t M,
-                   int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan,
-                   int sms);
+                   int32_t experts, int32_t tok_max, int32_t n_tiles, gqmm__cu_plan plan, int sms,
+                   gqmm__cu_stream stream);
 
 /*
  * The MoE layer's plan (M = 1, entry p = t*top_k + j is pair p, x row
@@ -65,6 +69,7 @@ typedef struct {
   int32_t *err;      /* device view of 5 host-mapped ints */
   int32_t call;
   int sms; /* the device's multiprocessors */
+  gqmm__cu_stream stream;
 } gqmm__cu_moe_route_args;
 
 int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *a);
@@ -155,9 +160,11 @@ static inline int64_t gqmm__cu_pack_bytes(int64_t E, int64_t N, int64_t K, int b
  * even). *lin in: 1 to try linear dequantization (wfmt.cuh: the scales
  * stored pre-scaled by a power of two); out: 1 if the pack has it, 0 if
  * the width has no such form or some scale does not take the factor
- * exactly (then the scales are stored as they are). Synchronizes. */
+ * exactly (then the scales are stored as they are). Synchronizes the
+ * stream. */
 int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
-                  int64_t K, int bits, int group_size, int glu, int dtype, int *lin, uint8_t *out);
+                  int64_t K, int bits, int group_size, int glu, int dtype, int *lin, uint8_t *out,
+                  gqmm__cu_stream stream);
 /* Tile configurations of the tensor-core kernel (qmm_mma.cu), as data. */
 typedef struct {
   const char *name;
@@ -190,12 +197,13 @@ int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *out_grid);
 const void *gqmm__cu_mma_instance(int cfg, const gqmm__cu_qmm *a);
 /* Run with a plan made by gqmm__cu_route for tok_max and this config's N tile. */
 int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int experts,
-                     int grid);
+                     int grid, gqmm__cu_stream stream);
 
 /* Generic kernel (qmm_generic.cu): every bits, group size, dtype, transpose. */
-int gqmm__cu_generic_run(const gqmm__cu_qmm *a);
+int gqmm__cu_generic_run(const gqmm__cu_qmm *a, gqmm__cu_stream stream);
 
-/* Ceilings (ceilings.cu): measured now on the current device. */
+/* Ceilings (ceilings.cu): measured now on the current device (on the legacy
+ * default stream; synchronous). */
 int gqmm__cu_measure_ceilings(double *copy_GBps, double *read_GBps, double *mma_GMACps);
 
 
@@ -203,11 +211,12 @@ int gqmm__cu_measure_ceilings(double *copy_GBps, double *read_GBps, double *mma_
 
 /* tok[p] = p / top_k and iota[p] = p for p < R: the x rows of the gate_up
  * GEMM (the pair's token) and of the down GEMM (the pair's own h row). */
-int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k);
+int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k,
+                         gqmm__cu_stream stream);
 /* h[r, i] = act(gu[r*gs + i], gu[r*gs + uo + i]) for r < R, i < I; act 0 is
  * SwiGLU, 1 GeGLU (tanh); float32 math, rounded to dtype once. */
-int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h,
-                     int64_t R, int64_t I);
+int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t R,
+                     int64_t I, gqmm__cu_stream stream);
 /* out[t, n] = sum over j < k ascending of w[t, j] * y[t*k + j, n] in float32,
  * rounded once; one thread per output element (deterministic). A token with
  * an id outside [0, E) in ids[t*k .. t*k+k) gets NaN (its y rows were
@@ -218,7 +227,7 @@ int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo,
  * layer's other scratch that no later kernel reads. */
 int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids, int32_t E,
                          void *out, int64_t T, int64_t k, int64_t H, const void *dead,
-                         int64_t dead_bytes);
+                         int64_t dead_bytes, gqmm__cu_stream stream);
 
 #ifdef __cplusplus
 }

@@ -145,19 +145,23 @@ template <typename T> int vec_width(std::initializer_list<int64_t> counts,
 }
 
 template <typename T>
-int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t R, int64_t I) {
+int act_launch(int act, const void *gu, int64_t gs, int64_t uo, void *h, int64_t R, int64_t I,
+               cudaStream_t st) {
   constexpr int VW = 16 / sizeof(T);
   const int V = vec_width<T>({I, gs, uo}, {gu, h});
   unsigned g;
   if (!grid_flat(R, I, V, &g)) return (int)cudaErrorInvalidConfiguration;
-  if (V == VW) act_kernel<T, VW><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, R, I);
-  else act_kernel<T, 1><<<g, kThreads>>>(act, (const T *)gu, gs, uo, (T *)h, R, I);
+  if (V == VW)
+    act_kernel<T, VW><<<g, kThreads, 0, st>>>(act, (const T *)gu, gs, uo, (T *)h, R, I);
+  else
+    act_kernel<T, 1><<<g, kThreads, 0, st>>>(act, (const T *)gu, gs, uo, (T *)h, R, I);
   return (int)cudaGetLastError();
 }
 
 template <typename T>
 int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, void *out,
-                   int64_t T_, int64_t k, int64_t H, const void *dead, int64_t dead_bytes) {
+                   int64_t T_, int64_t k, int64_t H, const void *dead, int64_t dead_bytes,
+                   cudaStream_t st) {
   constexpr int VW = 16 / sizeof(T);
   const int V = vec_width<T>({H}, {y, out});
   unsigned g;
@@ -173,21 +177,26 @@ int combine_launch(const void *y, const void *w, const int32_t *ids, int32_t E, 
   /* y's lines dropped after use (combine_kernel DROP) */
   const bool drop = V == VW && (H * (int64_t)sizeof(T)) % 128 == 0 && (uintptr_t)y % 128 == 0;
   if (drop && k == 8) /* the common top-8 */
-    combine_kernel<T, VW, 8, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
+    combine_kernel<T, VW, 8, true>
+        <<<g, kThreads, 0, st>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   else if (drop)
-    combine_kernel<T, VW, 0, true><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
+    combine_kernel<T, VW, 0, true>
+        <<<g, kThreads, 0, st>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   else if (V == VW)
-    combine_kernel<T, VW, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
+    combine_kernel<T, VW, 0, false>
+        <<<g, kThreads, 0, st>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   else
-    combine_kernel<T, 1, 0, false><<<g, kThreads>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
+    combine_kernel<T, 1, 0, false>
+        <<<g, kThreads, 0, st>>>(yt, wt, ids, e, (T *)out, T_, k, H, dl, nl);
   return (int)cudaGetLastError();
 }
 
 } // namespace
 
-extern "C" int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k) {
+extern "C" int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int32_t top_k,
+                                    gqmm__cu_stream stream) {
   if (R < 1) return 0;
-  indices_kernel<<<(R + kThreads - 1) / kThreads, kThreads>>>(tok, iota, R, top_k);
+  indices_kernel<<<(R + kThreads - 1) / kThreads, kThreads, 0, stream>>>(tok, iota, R, top_k);
   return (int)cudaGetLastError();
 }
 
@@ -201,12 +210,12 @@ extern "C" int gqmm__cu_moe_indices(int32_t *tok, int32_t *iota, int32_t R, int3
   }
 
 extern "C" int gqmm__cu_moe_act(int dtype, int act, const void *gu, int64_t gs, int64_t uo, void *h,
-                                int64_t R, int64_t I) {
-  GQMM__CU_DISPATCH(dtype, act_launch, act, gu, gs, uo, h, R, I)
+                                int64_t R, int64_t I, gqmm__cu_stream stream) {
+  GQMM__CU_DISPATCH(dtype, act_launch, act, gu, gs, uo, h, R, I, stream)
 }
 
 extern "C" int gqmm__cu_moe_combine(int dtype, const void *y, const void *w, const int32_t *ids,
                                     int32_t E, void *out, int64_t T, int64_t k, int64_t H,
-                                    const void *dead, int64_t dead_bytes) {
-  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, ids, E, out, T, k, H, dead, dead_bytes)
+                                    const void *dead, int64_t dead_bytes, gqmm__cu_stream stream) {
+  GQMM__CU_DISPATCH(dtype, combine_launch, y, w, ids, E, out, T, k, H, dead, dead_bytes, stream)
 }

@@ -1,8 +1,8 @@
 /*
  * moe_cuda.c - the CUDA backend's moe_forward: the whole MoE expert layer on
- * device tensors, enqueued on the backend's stream (the legacy default
- * stream, like every launcher of kernels.h) with no host round trip and no
- * host synchronization:
+ * device tensors, enqueued on the context's stream (backend_cuda.c) with no
+ * host round trip and no host synchronization, so a graph can record it
+ * (gqmm_graph_begin):
  *   plan     the pairs p = t*top_k + j as batch entries (x row t, expert
  *            ids[p], M = 1) -> routing plan on the GPU (route.cu), built from
  *            the device ids in one kernel for both GEMMs' N tilings; the
@@ -18,8 +18,9 @@
  * core kernel when it takes the arguments, else the generic one (5/6-bit,
  * f32). Scratch (indices, plans, gu, h, y) is cached in the context's CUDA
  * state and grown with cudaMalloc when a call needs more; only a growth
- * waits for queued work (cudaFree synchronizes). Events between the steps
- * give the phase times of the last call (moe_phases hook).
+ * waits for queued work (cudaFree synchronizes), and is refused while a
+ * graph records. Events between the steps give the phase times of the last
+ * call (moe_phases hook; not in a recorded call).
  *
  * Bad ids: the host never reads the device ids (a copy would drain the
  * stream every layer). The plan kernel routes an id outside [0, E) to
@@ -50,6 +51,12 @@ typedef struct {
   volatile int32_t *err_h;   /* host-mapped bad-id record (kernels.h, gqmm__cu_moe_route) */
   int32_t *err_d;            /* its device view */
   uint32_t calls;            /* layer calls enqueued, to name the bad one */
+  /* Recorded graphs keep the scratch's address: once a call was recorded,
+   * a scratch that must change is replaced, the old one kept until the
+   * state goes (so a replay of an old graph still has its memory). */
+  bool recorded;
+  void **retired;
+  int nretired;
 } moe_state;
 
 static int moe_fail(gqmm_ctx *ctx, int err, const char *what) {
@@ -89,6 +96,9 @@ void gqmm__cuda_moe_release(void *moe) {
   if (!s) return;
   for (int i = 0; i < NEV; i++) cudaEventDestroy(s->ev[i]);
   cudaFree(s->buf);
+  for (int i = 0; i < s->nretired; i++)
+    cudaFree(s->retired[i]);
+  free(s->retired);
   cudaFreeHost((void *)s->err_h);
   free(s);
 }
@@ -154,9 +164,22 @@ static size_t layout(const gqmm__moe_args *a, size_t off[S_PARTS]) {
   return at;
 }
 
-static int ensure_scratch(gqmm_ctx *ctx, moe_state *s, size_t need) {
-  if (s->cap >= need) return GQMM_OK;
-  cudaFree(s->buf); /* waits for queued kernels that may still use it */
+/* At least `need` bytes of scratch; fresh: a new one even if it is large
+ * enough (its pair indices must change under recorded graphs). */
+static int ensure_scratch(gqmm_ctx *ctx, moe_state *s, size_t need, bool fresh) {
+  if (s->cap >= need && !fresh) return GQMM_OK;
+  int st = gqmm__cuda_refuse_recording(ctx, "a moe_forward larger than any before on this "
+                                            "context, or of another top_k (run one such "
+                                            "call first)");
+  if (st) return st;
+  if (s->recorded && s->buf) { /* a recorded graph may still replay on it */
+    void **r = realloc(s->retired, (size_t)(s->nretired + 1) * sizeof *r);
+    if (!r) return gqmm__fail(ctx, GQMM_ERR_NOMEM, "cuda moe_forward: out of host memory");
+    s->retired = r;
+    s->retired[s->nretired++] = s->buf;
+  } else {
+    cudaFree(s->buf); /* waits for queued kernels that may still use it */
+  }
   s->buf = NULL;
   s->cap = 0;
   s->idx_rows = s->idx_k = 0;
@@ -241,11 +264,12 @@ static int pick_config(gqmm_ctx *ctx, gemm *g, int64_t experts) {
   return GQMM_OK;
 }
 
-static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__cu_plan *p,
-                       int64_t E, const char *what) {
+static int launch_gemm(gqmm_ctx *ctx, const gemm *g, const gqmm__cu_plan *p, int64_t E,
+                       const char *what) {
   int err;
+  gqmm__cu_stream stream = gqmm__cuda_stream(ctx);
   if (g->cfg == gqmm__cu_mma_config_count()) {
-    err = gqmm__cu_generic_run(&g->k);
+    err = gqmm__cu_generic_run(&g->k, stream);
   } else {
     int grid = 0;
     if ((err = gqmm__cuda_grid(ctx, g->cfg, &g->k, &grid)))
@@ -255,7 +279,7 @@ static int launch_gemm(gqmm_ctx *ctx, moe_state *s, const gemm *g, const gqmm__c
     const int64_t R = g->k.batch, used = R < E ? R : E;
     const int64_t units = gqmm__cu_units_bound(R, used, g->tok, g->n_tiles);
     if (grid > units) grid = (int)units;
-    err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid);
+    err = gqmm__cu_mma_run(g->cfg, &g->k, p, (int)E, grid, stream);
   }
   return err ? moe_fail(ctx, err, what) : GQMM_OK;
 }
@@ -266,10 +290,18 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   if (a->device != GQMM_DEVICE_CUDA)
     return gqmm__fail(ctx, GQMM_ERR_UNSUPPORTED,
                       "moe_forward: the cuda backend takes device tensors only");
+  void **slot = gqmm__cuda_moe_slot(ctx);
+  int st =
+      slot && !*slot ? gqmm__cuda_refuse_recording(ctx, "a context's first moe_forward") : GQMM_OK;
+  if (st) return st;
   moe_state *s = get_state(ctx);
   if (!s) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda moe_forward: no usable GPU");
+  gqmm__cu_stream stream = gqmm__cuda_stream(ctx);
+  /* no phase events in a recorded call: their times could not be read */
+  const bool recording = gqmm__cuda_recording(ctx);
+  const int timing = ctx->moe_timing && !recording;
   /* A bad id of an earlier call that the device has reached by now. */
-  int st = gqmm__cuda_moe_take_error(ctx);
+  st = gqmm__cuda_moe_take_error(ctx);
   if (st) return st;
   const int64_t T = a->tokens, k = a->top_k, H = a->hidden, I = a->inter, E = a->experts;
   /* The smallest work unit of any config bounds the unit count. */
@@ -283,7 +315,9 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
                       "cuda moe_forward: %lld tokens x top_k %lld exceed the kernels' 32-bit "
                       "row indices", (long long)T, (long long)k);
   size_t off[S_PARTS];
-  st = ensure_scratch(ctx, s, layout(a, off));
+  /* the pair indices (tok_of, iota) depend on top_k: rewriting them in place
+   * would change what a recorded graph computes */
+  st = ensure_scratch(ctx, s, layout(a, off), s->recorded && s->idx_k && s->idx_k != k);
   if (st) return st;
   const size_t esz = gqmm_dtype_size(a->dtype);
   int32_t *tok_of = (int32_t *)(s->buf + off[S_TOK]), *iota = (int32_t *)(s->buf + off[S_IOTA]);
@@ -311,12 +345,20 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
    * down reads h row p, the out row of pair p. */
   const gemm *g0 = gate.cfg != generic ? &gate : &up;
   if (++s->calls == 0) s->calls = 1; /* 0 means "no error" in the record */
-  const gqmm__cu_moe_route_args ra = {
-      .ids = a->expert_ids, .pairs = (int32_t)R, .top_k = (int32_t)k, .experts = (int32_t)E,
-      .tok_max = {g0->tok, down.tok}, .n_tiles = {g0->n_tiles, down.n_tiles},
-      .unit_start2 = down_units, .units2 = down_descs, .plan = pg, .ids_safe = ids,
-      .err = s->err_d,
-      .call = (int32_t)s->calls, .sms = s->sms};
+  const gqmm__cu_moe_route_args ra = {.ids = a->expert_ids,
+                                      .pairs = (int32_t)R,
+                                      .top_k = (int32_t)k,
+                                      .experts = (int32_t)E,
+                                      .tok_max = {g0->tok, down.tok},
+                                      .n_tiles = {g0->n_tiles, down.n_tiles},
+                                      .unit_start2 = down_units,
+                                      .units2 = down_descs,
+                                      .plan = pg,
+                                      .ids_safe = ids,
+                                      .err = s->err_d,
+                                      .call = (int32_t)s->calls,
+                                      .sms = s->sms,
+                                      .stream = stream};
   gqmm__cu_plan pd = pg;
   pd.unit_start = down_units;
   pd.units = down_descs;
@@ -332,36 +374,37 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   } while (0)
   /* the phase events only when asked for (gqmm bench --breakdown): six
    * records per layer are not free on the device's timeline */
-#define MARK(i)                                                                                   \
-  if (ctx->moe_timing) STEP(cudaEventRecord(ev[i], 0), "event")
+#define MARK(i) \
+  if (timing) STEP(cudaEventRecord(ev[i], stream), "event")
   MARK(0);
   if (s->idx_rows != R || s->idx_k != k) { /* they depend on R and k only */
-    STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k), "pair indices");
+    STEP(gqmm__cu_moe_indices(tok_of, iota, (int32_t)R, (int32_t)k, stream), "pair indices");
     s->idx_rows = R, s->idx_k = k;
   }
   STEP(gqmm__cu_moe_route(&ra), "routing plan");
   MARK(1);
-  if ((st = launch_gemm(ctx, s, &gate, &pg, E, "gate_up GEMM"))) return st;
-  if (!fused && (st = launch_gemm(ctx, s, &up, &pg, E, "up GEMM"))) return st;
+  if ((st = launch_gemm(ctx, &gate, &pg, E, "gate_up GEMM"))) return st;
+  if (!fused && (st = launch_gemm(ctx, &up, &pg, E, "up GEMM"))) return st;
   MARK(2);
   if (!act_fused)
     STEP(gqmm__cu_moe_act((int)a->dtype, (int)a->act, gu, fused ? 2 * I : I, fused ? I : R * I, h,
-                          R, I),
+                          R, I, stream),
          "activation");
   MARK(3);
-  if ((st = launch_gemm(ctx, s, &down, &pd, E, "down GEMM"))) return st;
+  if ((st = launch_gemm(ctx, &down, &pd, E, "down GEMM"))) return st;
   MARK(4);
   /* h (and gu, before it in the scratch, when a GEMM wrote it) is dead once
    * down has run: the combine drops their L2 lines, as it does y's, so they
    * are never written back to memory during the next layer's weight streams */
   char *dead = act_fused ? h : gu;
   STEP(gqmm__cu_moe_combine((int)a->dtype, y, a->expert_weights, a->expert_ids, (int32_t)E, a->out,
-                            T, k, H, dead, (int64_t)(s->buf + off[S_Y] - dead)),
+                            T, k, H, dead, (int64_t)(s->buf + off[S_Y] - dead), stream),
        "combine");
   MARK(5);
 #undef MARK
 #undef STEP
-  s->timed = ctx->moe_timing;
+  s->timed = timing;
+  s->recorded = s->recorded || recording;
   return GQMM_OK;
 launch_failed:
   return moe_fail(ctx, err, what);

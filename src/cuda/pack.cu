@@ -139,7 +139,7 @@ template <typename T> int lin_exp(int bits) {
 
 template <typename T>
 int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E, int64_t N,
-            int64_t K, int bits, int gs, int glu, int *lin, uint8_t *out) {
+            int64_t K, int bits, int gs, int glu, int *lin, uint8_t *out, cudaStream_t stream) {
   const int64_t tiles = gqmm__cu_pack_tiles(N, glu), stages = gqmm__cu_pack_stages(K);
   const int64_t blocks = E * tiles * stages;
   if (blocks > INT32_MAX) return (int)cudaErrorInvalidValue;
@@ -150,14 +150,14 @@ int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E
   *lin = *lin && exp;
   for (;;) {
     *bad = 0;
-    pack_kernel<T><<<(unsigned)blocks, 256>>>(
+    pack_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(
         reinterpret_cast<const uint8_t *>(w), static_cast<const uint16_t *>(scales),
         static_cast<const uint16_t *>(biases), out, (int)N, (int)K, bits, gs, (int)tiles,
         (int)stages, (int)gqmm__cu_pack_stage_bytes(bits, gs),
         gqmm__cu_pack_expert_bytes(N, K, bits, gs, glu), gqmm__cu_pack_half_last(N, glu),
         gqmm__cu_pack_half_k(K, bits), glu, *lin ? exp : 0, bad);
     err = cudaGetLastError();
-    if (!err) err = cudaDeviceSynchronize();
+    if (!err) err = cudaStreamSynchronize(stream);
     if (err || !*lin || !*bad) break;
     *lin = 0; /* a scale too large (or NaN) for the factor: pack them as they are */
   }
@@ -169,13 +169,14 @@ int pack_as(const uint32_t *w, const void *scales, const void *biases, int64_t E
 
 extern "C" int gqmm__cu_pack(const uint32_t *w, const void *scales, const void *biases, int64_t E,
                              int64_t N, int64_t K, int bits, int group_size, int glu, int dtype,
-                             int *lin, uint8_t *out) {
+                             int *lin, uint8_t *out, gqmm__cu_stream stream) {
   if ((bits != 2 && bits != 3 && bits != 4 && bits != 8) ||
       (group_size != 32 && group_size != 64 && group_size != 128) || K % 32 != 0 || N < 1 ||
       K < 1 || E < 1 || N > INT32_MAX || K > INT32_MAX || (glu && N % 2) ||
       (dtype != GQMM__CU_BF16 && dtype != GQMM__CU_F16))
     return (int)cudaErrorInvalidValue;
   return dtype == GQMM__CU_BF16
-             ? pack_as<__nv_bfloat16>(w, scales, biases, E, N, K, bits, group_size, glu, lin, out)
-             : pack_as<__half>(w, scales, biases, E, N, K, bits, group_size, glu, lin, out);
+             ? pack_as<__nv_bfloat16>(w, scales, biases, E, N, K, bits, group_size, glu, lin, out,
+                                      stream)
+             : pack_as<__half>(w, scales, biases, E, N, K, bits, group_size, glu, lin, out, stream);
 }

@@ -45,16 +45,22 @@ template <typename T> __global__ void generic_kernel(gqmm__cu_qmm a) {
 
 } // namespace
 
-extern "C" int gqmm__cu_generic_run(const gqmm__cu_qmm *a) {
+extern "C" int gqmm__cu_generic_run(const gqmm__cu_qmm *a, gqmm__cu_stream stream) {
   const int64_t total = a->batch * a->M * a->N;
   const int threads = 256;
   int64_t blocks = (total + threads - 1) / threads;
   if (blocks > 65535 * 8) blocks = 65535 * 8; /* grid-stride covers the rest */
   if (blocks < 1) return 0;
   switch (a->dtype) {
-  case GQMM__CU_F32: generic_kernel<float><<<(unsigned)blocks, threads>>>(*a); break;
-  case GQMM__CU_F16: generic_kernel<__half><<<(unsigned)blocks, threads>>>(*a); break;
-  case GQMM__CU_BF16: generic_kernel<__nv_bfloat16><<<(unsigned)blocks, threads>>>(*a); break;
+  case GQMM__CU_F32:
+    generic_kernel<float><<<(unsigned)blocks, threads, 0, stream>>>(*a);
+    break;
+  case GQMM__CU_F16:
+    generic_kernel<__half><<<(unsigned)blocks, threads, 0, stream>>>(*a);
+    break;
+  case GQMM__CU_BF16:
+    generic_kernel<__nv_bfloat16><<<(unsigned)blocks, threads, 0, stream>>>(*a);
+    break;
   default: return (int)cudaErrorInvalidValue;
   }
   return (int)cudaGetLastError();

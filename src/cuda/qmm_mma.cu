@@ -434,9 +434,9 @@ extern "C" int gqmm__cu_mma_grid(int cfg, const gqmm__cu_qmm *a, int sms, int *o
 }
 
 extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_plan *plan,
-                                int experts, int grid) {
+                                int experts, int grid, gqmm__cu_stream stream) {
   launch_info li = pick(a, cfg);
   if (!li.fn || !gqmm__cu_mma_config_ok(cfg, a)) return (int)cudaErrorInvalidValue;
-  li.fn<<<grid, li.threads, li.smem>>>(make_kargs(a, plan, experts));
+  li.fn<<<grid, li.threads, li.smem, stream>>>(make_kargs(a, plan, experts));
   return (int)cudaGetLastError();
 }

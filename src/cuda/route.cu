@@ -56,6 +56,7 @@ struct route_args {
   int32_t call;
   int sms; /* multiprocessors: the shared-memory form's grid (launch) */
   gqmm__cu_plan p;
+  cudaStream_t stream;
 };
 
 /* Inclusive scan of v over the CTA's threads, three values at once; tot gets
@@ -274,11 +275,11 @@ int launch(const route_args &a) {
     const int grid = a.experts < 2 * a.sms ? a.experts : 2 * a.sms;
     const size_t sh = 4 * (size_t)a.experts * sizeof(int32_t);
     if (a.batch <= kSmallThreads * kPer)
-      route_kernel_shared<kSmallThreads, kPer><<<grid, kSmallThreads, sh>>>(a);
+      route_kernel_shared<kSmallThreads, kPer><<<grid, kSmallThreads, sh, a.stream>>>(a);
     else
-      route_kernel_shared<kThreads, 0><<<grid, kThreads, sh>>>(a);
+      route_kernel_shared<kThreads, 0><<<grid, kThreads, sh, a.stream>>>(a);
   } else {
-    route_kernel_global<<<1, kThreads>>>(a);
+    route_kernel_global<<<1, kThreads, 0, a.stream>>>(a);
   }
   return (int)cudaGetLastError();
 }
@@ -287,11 +288,12 @@ int launch(const route_args &a) {
 
 extern "C" int gqmm__cu_route(const int32_t *x_index, const int32_t *w_index, int32_t batch,
                               int32_t M, int32_t experts, int32_t tok_max, int32_t n_tiles,
-                              gqmm__cu_plan plan, int sms) {
+                              gqmm__cu_plan plan, int sms, gqmm__cu_stream stream) {
   route_args a = {};
   a.x_index = x_index, a.w_index = w_index, a.batch = batch, a.M = M, a.experts = experts;
   a.x_div = 1, a.tok[0] = tok_max, a.n_tiles[0] = n_tiles, a.tok[1] = 1, a.p = plan;
   a.sms = sms > 0 ? sms : 1;
+  a.stream = stream;
   return launch(a);
 }
 
@@ -304,5 +306,6 @@ extern "C" int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *m) {
   a.call = m->call;
   a.sms = m->sms > 0 ? m->sms : 1;
   a.p = m->plan;
+  a.stream = m->stream;
   return launch(a);
 }

@@ -10,7 +10,8 @@
  * config, aligned and misaligned out, a hidden size whose rows are not
  * whole 128-byte lines; outputs poisoned before each run;
  * two runs bit-identical; a chain of calls enqueued with no synchronization
- * identical to the same calls synced one by one.
+ * identical to the same calls synced one by one, on the legacy stream, a
+ * stream of the caller's, and replayed from a recorded graph.
  * GQMM_CUDA_TEST_QUICK=1 runs a subset (for compute-sanitizer).
  */
 #include "internal.h"
@@ -19,6 +20,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef GQMM_TEST_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 /* ---- one layer: host buffers, their tensors and device mirrors ------------ */
 
@@ -167,6 +171,16 @@ GQMM_TEST(cuda_moe_declines_cleanly) {
     const uint16_t *o = L.h[OUT];
     for (int64_t i = 0; i < L.T * L.H && !st; i++)
       if (o[i] != 0x7fc0) st = GQMM_ERR_BACKEND;
+    /* no stream to set, no graph to record: errors with a message */
+    gqmm_graph *g = (gqmm_graph *)&L; /* must come back NULL */
+    if (!st &&
+        (gqmm_device_set_stream(cu, NULL) == GQMM_OK || !gqmm_last_error(cu)[0] ||
+         gqmm_graph_begin(cu) == GQMM_OK || !gqmm_last_error(cu)[0] ||
+         gqmm_graph_end(cu, &g) == GQMM_OK || g || gqmm_graph_launch(cu, NULL) != GQMM_ERR_NULL)) {
+      fprintf(stderr, "  streams and graphs without a GPU: %s\n", gqmm_last_error(cu));
+      st = GQMM_ERR_BACKEND;
+    }
+    gqmm_graph_free(NULL);
     /* The hooks themselves, called with no GPU state: errors, no crash. */
     const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
     if (!st && be) {
@@ -393,13 +407,14 @@ GQMM_TEST(cuda_moe_matches_reference) {
 /* `calls` layer calls, a device sync after each one if `each`, else none
  * between them: call c runs layer c % nl in variant (c / nl) % 3 (or 2 for
  * unpackable layers), on the layer's own x (even c) or on the output of
- * call c - 1 (odd c), into outs[c]; then copies every output to host[c].
+ * call c - 1 (odd c), into outs[c] (chain_run then copies every output to
+ * host[c]).
  * Variant 0: a GLU pack of gate_up and a packed down (activation in
  * gate_up's epilogue); 1: separate packed gate and up (two GEMMs and the
  * activation kernel); 2: the MLX layout (the mma.sync kernel; the generic
  * one for 5-bit). */
-static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, int each,
-                     void **outs, void **host) {
+static int chain_enqueue(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, int each,
+                         void **outs) {
   int st = GQMM_OK;
   gqmm_tensor prev = Ls[0].td[OUT];
   for (int c = 0; c < calls && !st; c++) {
@@ -413,10 +428,21 @@ static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, 
     prev = out;
     if (!st && each) st = gqmm_device_sync(gpu);
   }
-  if (!st) st = gqmm_device_sync(gpu);
-  for (int c = 0; c < calls && !st; c++)
-    st = gqmm_device_copy(gpu, host[c], outs[c], Ls[0].bytes[OUT], GQMM_COPY_DEVICE_TO_HOST);
   return st;
+}
+
+/* Wait for the chain, then copy every output to host[c]. */
+static int chain_fetch(gqmm_ctx *gpu, const layer *L0, int calls, void **outs, void **host) {
+  int st = gqmm_device_sync(gpu);
+  for (int c = 0; c < calls && !st; c++)
+    st = gqmm_device_copy(gpu, host[c], outs[c], L0->bytes[OUT], GQMM_COPY_DEVICE_TO_HOST);
+  return st;
+}
+
+static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, int each,
+                     void **outs, void **host) {
+  int st = chain_enqueue(gpu, Ls, nl, packable, calls, each, outs);
+  return st ? st : chain_fetch(gpu, &Ls[0], calls, outs, host);
 }
 
 /* A model enqueues its layers with no host synchronization: every call
@@ -620,5 +646,172 @@ GQMM_TEST(cuda_moe_bad_device_ids_are_deferred_errors) {
   fails += bad_id_case(gpu, ref, 5, GQMM_I32, 1000, 13, 0, 7604);
   fails += bad_id_case(gpu, ref, 5, GQMM_U32, -7, 20, 0, 7605);
   gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
+  CHECK(fails == 0);
+}
+
+/* ---- the context's stream and graphs of layer calls --------------------- */
+
+/* Out of every call poisoned, one replay of g (or two back to back), then
+ * the outputs to host. */
+static int replay(gqmm_ctx *gpu, const gqmm_graph *g, int times, const layer *L0, int calls,
+                  void **outs, const void *poison, void **host) {
+  int st = GQMM_OK;
+  for (int c = 0; c < calls && !st; c++)
+    st = gqmm_device_copy(gpu, outs[c], poison, L0->bytes[OUT], GQMM_COPY_HOST_TO_DEVICE);
+  for (int t = 0; t < times && !st; t++)
+    st = gqmm_graph_launch(gpu, g);
+  return st ? st : chain_fetch(gpu, L0, calls, outs, host);
+}
+
+/* host[c] equal to want[c], bit for bit, for every call; else says which. */
+static bool same_bits(void **host, void **want, int calls, size_t bytes, const char *what) {
+  for (int c = 0; c < calls; c++)
+    if (memcmp(host[c], want[c], bytes)) {
+      fprintf(stderr, "  FAIL %s: call %d differs from the calls run one by one\n", what, c);
+      return false;
+    }
+  return true;
+}
+
+/* A chain of layer calls (chain_enqueue: every variant, x from the call
+ * before) recorded as a graph after the calls ran once one by one: each
+ * replay gives their bits; a replay after x changed gives the bits of the
+ * calls run again on the new x (the graph reads the buffers' contents when
+ * it runs); two replays back to back too; a replay after a larger call of
+ * another top_k replaced the context's scratch. While recording, the calls
+ * that cannot be recorded are refused and the recording goes on. Then the same
+ * on a stream of the caller's (stream; NULL: none), with the chain run
+ * directly there as well. */
+static int graph_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, void *stream, uint64_t salt) {
+  enum { NL = 3, CALLS = 9 };
+  layer Ls[NL + 1]; /* + one larger than any the context ran */
+  memset(Ls, 0, sizeof Ls);
+  void *outs[CALLS] = {0}, *want[CALLS] = {0}, *got[CALLS] = {0};
+  int st = GQMM_OK;
+  bool ok = true;
+  gqmm_graph *g = NULL;
+  test_rng r = test_rng_make(salt);
+  for (int l = 0; l <= NL && !st; l++) {
+    const bool big = l == NL; /* 1024 pairs of top-4 */
+    Ls[l] = (layer){.T = big ? 256 : 64,
+                    .k = big ? 4 : 8,
+                    .E = 16,
+                    .H = 512,
+                    .I = 256,
+                    .q = {bits, 64},
+                    .dt = GQMM_BF16};
+    st = layer_make(ref, &r, &Ls[l], l == 1);
+    if (!st) st = layer_upload(gpu, &Ls[l]);
+    if (!st) st = layer_pack(gpu, &Ls[l]);
+  }
+  const size_t ob = Ls[0].bytes[OUT];
+  void *poison = malloc(ob), *x2 = malloc(Ls[0].bytes[X]);
+  if (!st && (!poison || !x2)) st = GQMM_ERR_NOMEM;
+  for (int c = 0; c < CALLS && !st; c++) {
+    st = gqmm_device_alloc(gpu, ob, &outs[c]);
+    if (!st && (!(want[c] = malloc(ob)) || !(got[c] = malloc(ob)))) st = GQMM_ERR_NOMEM;
+  }
+  if (!st) {
+    test_poison(poison, GQMM_BF16, Ls[0].T * Ls[0].H);
+    test_fill(&r, x2, GQMM_BF16, Ls[0].T * Ls[0].H, 1.0f);
+    st = gqmm_device_set_stream(gpu, stream);
+  }
+  if (!st) st = chain_run(gpu, Ls, NL, 1, CALLS, 1, outs, want);
+  if (!st && stream) { /* on the caller's stream, back to back */
+    st = chain_run(gpu, Ls, NL, 1, CALLS, 0, outs, got);
+    ok = ok && same_bits(got, want, CALLS, ob, "the chain on the caller's stream");
+  }
+  if (!st) st = gqmm_graph_begin(gpu);
+  if (!st) { /* refused while recording; the recording goes on */
+    gqmm_moe_weights wl = device_weights(&Ls[NL], 1, 2);
+    gqmm_packed *pk = NULL;
+    void *d = NULL;
+    ok = ok && status_is(gpu, gqmm_graph_begin(gpu), GQMM_ERR_ARG, "already recording", "begin");
+    ok = ok &&
+         status_is(gpu, gqmm_device_sync(gpu), GQMM_ERR_UNSUPPORTED, "gqmm_device_sync", "sync");
+    ok = ok && status_is(gpu, gqmm_device_copy(gpu, outs[0], poison, ob, GQMM_COPY_HOST_TO_DEVICE),
+                         GQMM_ERR_UNSUPPORTED, "gqmm_device_copy", "copy");
+    ok = ok &&
+         status_is(gpu, gqmm_device_alloc(gpu, 64, &d), GQMM_ERR_UNSUPPORTED, "gqmm_device_alloc",
+                   "alloc") &&
+         !d;
+    ok = ok && status_is(gpu, gqmm_device_set_stream(gpu, NULL), GQMM_ERR_UNSUPPORTED, "set_stream",
+                         "set_stream");
+    ok = ok &&
+         status_is(gpu, gqmm_pack(gpu, &Ls[0].td[D], &Ls[0].td[DS], &Ls[0].td[DB], Ls[0].q, &pk),
+                   GQMM_ERR_UNSUPPORTED, "gqmm_pack", "pack") &&
+         !pk;
+    ok = ok && status_is(gpu,
+                         gqmm_moe_forward(gpu, &wl, &Ls[NL].td[X], &Ls[NL].td[IDS], &Ls[NL].td[EW],
+                                          GQMM_ACT_SWIGLU, &Ls[NL].td[OUT]),
+                         GQMM_ERR_UNSUPPORTED, "larger than any before", "a larger layer");
+    st = chain_enqueue(gpu, Ls, NL, 1, CALLS, 0, outs);
+    const int end = gqmm_graph_end(gpu, &g);
+    if (!st) st = end;
+  }
+  if (!st) st = replay(gpu, g, 1, &Ls[0], CALLS, outs, poison, got);
+  ok = ok && (st || same_bits(got, want, CALLS, ob, "a replay"));
+  if (!st) st = replay(gpu, g, 2, &Ls[0], CALLS, outs, poison, got);
+  ok = ok && (st || same_bits(got, want, CALLS, ob, "two replays back to back"));
+  /* new x for layer 0: the calls one by one, then a replay */
+  if (!st)
+    st = gqmm_device_copy(gpu, Ls[0].td[X].data, x2, Ls[0].bytes[X], GQMM_COPY_HOST_TO_DEVICE);
+  if (!st) st = chain_run(gpu, Ls, NL, 1, CALLS, 1, outs, want);
+  if (!st) st = replay(gpu, g, 1, &Ls[0], CALLS, outs, poison, got);
+  ok = ok && (st || same_bits(got, want, CALLS, ob, "a replay on new x"));
+  /* a larger call of another top_k outside the recording replaces the
+   * scratch: the graph keeps the one it was recorded on */
+  if (!st) {
+    gqmm_moe_weights wl = device_weights(&Ls[NL], 1, 2);
+    st = gqmm_moe_forward(gpu, &wl, &Ls[NL].td[X], &Ls[NL].td[IDS], &Ls[NL].td[EW], GQMM_ACT_SWIGLU,
+                          &Ls[NL].td[OUT]);
+  }
+  if (!st) st = replay(gpu, g, 1, &Ls[0], CALLS, outs, poison, got);
+  ok = ok && (st || same_bits(got, want, CALLS, ob, "a replay after a larger call"));
+  if (!st) { /* not recording any more; a graph replays on its own context only */
+    gqmm_ctx *other = test_ctx(GQMM_BACKEND_CUDA);
+    ok = ok && other &&
+         status_is(other, gqmm_graph_launch(other, g), GQMM_ERR_ARG, "another context",
+                   "launch elsewhere");
+    gqmm_ctx_destroy(other);
+    gqmm_graph *none = g;
+    ok = ok && status_is(gpu, gqmm_graph_end(gpu, &none), GQMM_ERR_ARG, "not recording", "end") &&
+         !none;
+    ok = ok && status_is(gpu, gqmm_device_set_stream(gpu, NULL), GQMM_OK, "", "set_stream NULL");
+  }
+  if (!st && !ok) st = GQMM_ERR_BACKEND;
+  if (st)
+    fprintf(stderr, "  graph case bits %d, %s stream: status %d (%s)\n", bits,
+            stream ? "the caller's" : "the context's own", st, gqmm_last_error(gpu));
+  gqmm_graph_free(g);
+  gqmm_device_set_stream(gpu, NULL);
+  for (int c = 0; c < CALLS; c++) {
+    if (outs[c]) gqmm_device_free(gpu, outs[c]);
+    free(want[c]), free(got[c]);
+  }
+  free(poison), free(x2);
+  for (int l = 0; l <= NL; l++)
+    layer_free(gpu, &Ls[l]);
+  return st != GQMM_OK;
+}
+
+GQMM_TEST(cuda_moe_graph_replays_match_direct_calls) {
+  gqmm_ctx *gpu = test_ctx(GQMM_BACKEND_CUDA), *ref = test_ctx(GQMM_BACKEND_REF);
+  CHECK(gpu && ref);
+  if (!gpu_or_say(gpu, ref, "no graphs to record here (cuda_moe_declines_cleanly)")) return;
+  int fails = graph_case(gpu, ref, 4, NULL, 7801);
+#ifdef GQMM_TEST_HAVE_CUDA
+  cudaStream_t s = NULL; /* a caller's stream, not ordered with the legacy one */
+  if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess)
+    fails++;
+  else
+    fails += graph_case(gpu, ref, 2, s, 7802);
+  gqmm_ctx_destroy(gpu); /* before the stream it may use */
+  if (s) cudaStreamDestroy(s);
+#else
+  fprintf(stderr, "  built without the CUDA runtime headers: no caller's stream case\n");
+  gqmm_ctx_destroy(gpu);
+#endif
+  gqmm_ctx_destroy(ref);
   CHECK(fails == 0);
 }

@@ -7,7 +7,7 @@
 #   bench/gpu_check.sh [all|build|test|sanitize|bench|peers|plot|moe|tune|cpu|profile|probe]...
 # profile (not in "all"): ncu sections and per-instruction stalls of the gather kernel at
 # PROFILE_POINTS (bench/ncu_stalls.py). probe (not in "all"): the tensor cores' rate under the
-# wgmma kernel's issue pattern, no memory traffic (bench/wgmma_probe.cu). moe: the seed model step and its levers on CUDA (gqmm bench); tune: gqmm tune
+# wgmma kernel's issue pattern, no memory traffic (bench/wgmma_probe.cu). moe: the seed model step and its levers on CUDA (gqmm bench: each step launched by the host and replayed from a CUDA graph); tune: gqmm tune
 # on the seed shapes; cpu: the CPU backend's tests and sweep on this host's
 # CPU with every ISA it has (the GPU hosts have AVX-512 BF16/VNNI).
 # Env: OUT (default ./out), BUILD (default build-gpu), PREBUILT (a folder with

@@ -26,12 +26,20 @@ def main(src, dst):
         sys.exit(f"{src}: no moe_step records")
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # a GPU run times each step launched by the host and replayed from a CUDA graph
+    launches = sorted({r.get("launch", "host") for r in recs}, reverse=True)  # host, graph
+    style = {"graph": "o-", "host": "s:"}
     for i, bits in enumerate(sorted({r["bits"] for r in recs}, reverse=True)):
-        rs = sorted((r for r in recs if r["bits"] == bits), key=lambda r: r["canvases"])
-        b = [r["canvases"] for r in rs]
         c = colors[i % len(colors)]
-        ax.plot(b, [r["time_us_per_canvas"] / 1e3 for r in rs], "o-", color=c,
-                label=f"{bits}-bit measured")
+        for launch in launches:
+            rs = sorted((r for r in recs if r["bits"] == bits and r.get("launch", "host") == launch),
+                        key=lambda r: r["canvases"])
+            what = "measured" if len(launches) == 1 else f"measured, {launch} launch"
+            ax.plot([r["canvases"] for r in rs], [r["time_us_per_canvas"] / 1e3 for r in rs],
+                    style.get(launch, "o-"), color=c, label=f"{bits}-bit {what}")
+        rs = sorted((r for r in recs if r["bits"] == bits and r.get("launch", "host") == launches[0]),
+                    key=lambda r: r["canvases"])
+        b = [r["canvases"] for r in rs]
         if all(r.get("roofline_GBps") for r in rs):
             floor = [r["weight_bytes"] / (r["roofline_GBps"] * 1e9) * 1e3 / r["canvases"] for r in rs]
             ax.plot(b, floor, "--", color=c, alpha=0.7, label=f"{bits}-bit floor (bytes/ceiling)")

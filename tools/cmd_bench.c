@@ -12,6 +12,10 @@
  * step time is scaled by layers / layers_run, and the output says so.
  * --levers sweeps canvases per step (B canvases share one pass over the
  * weights) and expert bits; --breakdown splits a layer into its phases.
+ * On a GPU each step is timed two ways, alternated (--launch picks one):
+ * its layer calls enqueued by the host one by one ("host"), and recorded
+ * once as a CUDA graph (gqmm_graph_begin) whose replays are timed
+ * ("graph"): the step as a model that replays graphs runs it.
  */
 #include "../src/moe/moe.h"
 #include "cli.h"
@@ -27,6 +31,13 @@ extern char **environ;
 
 #define NSETS 3 /* input sets rotated between calls */
 
+/* How a step's layer calls reach the device: enqueued by the host call by
+ * call, or replayed from a graph recorded once (gqmm_graph_*, GPU only). */
+enum { LAUNCH_HOST = 1, LAUNCH_GRAPH = 2 };
+static const char *launch_name(int l) {
+  return l == LAUNCH_GRAPH ? "graph" : "host";
+}
+
 typedef struct {
   gqmm_moe_model m;         /* the shape (from the table or the command line) */
   int canvases, tokens;     /* B, tokens per canvas */
@@ -34,6 +45,7 @@ typedef struct {
   int levers, breakdown;
   int no_pack;              /* 1: the GPU reads the MLX layout (no gqmm_pack copies) */
   int no_glu;               /* 1: gate_up packed by gqmm_pack (activation not in its epilogue) */
+  int launch;               /* LAUNCH_* bits: how steps are launched (0: by the backend) */
   const char *json, *plot;
   gqmm_backend_kind kind;
 } bench_opts;
@@ -69,6 +81,7 @@ typedef struct {
   int canvases, bits, layers_run;
   double step_med_s, step_min_s, weight_bytes, phase_s[5];
   int have_phases; /* 1: the composed layer's phases; 2: its GEMMs timed alone */
+  int launch;      /* LAUNCH_HOST or LAUNCH_GRAPH */
 } bench_result;
 
 /* ---- memory on the run's device ------------------------------------------ */
@@ -321,19 +334,45 @@ static int time_gemms(bench_env *env, const bench_opts *o, gqmm_quant q, const b
   return st;
 }
 
-/* Time `reps` steps of nl distinct layers with B canvases; median per step,
- * scaled to the model's layer count. */
+/* Record the step's nl layer calls (layer l on input set l % NSETS) as one
+ * graph in *g (--launch graph). */
+static int record_step(bench_env *env, bench_layer *layers, int nl, bench_inputs *in,
+                       gqmm_activation act, gqmm_graph **g) {
+  int st = gqmm_graph_begin(env->ctx);
+  for (int l = 0; l < nl && !st; l++) {
+    bench_inputs *x = &in[l % NSETS];
+    st = gqmm_moe_forward(env->ctx, &layers[l].w, &x->tx, &x->tids, &x->tew, act, &x->tout);
+  }
+  if (!st) return gqmm_graph_end(env->ctx, g);
+  char why[256]; /* end the broken recording, keeping the first error */
+  snprintf(why, sizeof why, "%s", gqmm_last_error(env->ctx));
+  gqmm_graph *dead = NULL;
+  if (gqmm_graph_end(env->ctx, &dead) == GQMM_OK) gqmm_graph_free(dead);
+  fprintf(stderr, "gqmm bench: recording the step: %s\n", why);
+  return st;
+}
+
+/* Time `reps` steps of nl distinct layers with B canvases, in each launch
+ * mode of o->launch (one result each, in res[]; *nres of them), the modes
+ * alternated step by step so they share the machine's state; median per
+ * step, scaled to the model's layer count. A step the host enqueues runs
+ * layer l on input set (r nl + l) % NSETS, a replayed one on l % NSETS. */
 static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvases,
-                   bench_layer *layers, int nl, bench_result *res) {
+                   bench_layer *layers, int nl, bench_result *res, int *nres) {
   const gqmm_moe_model *m = &o->m;
   const int64_t tokens = (int64_t)o->tokens * canvases, n_out = tokens * m->hidden;
+  int modes[2], nm = 0;
+  if (o->launch & LAUNCH_HOST) modes[nm++] = LAUNCH_HOST;
+  if (o->launch & LAUNCH_GRAPH) modes[nm++] = LAUNCH_GRAPH;
+  *nres = 0;
   bench_inputs in[NSETS];
   memset(in, 0, sizeof in);
   uint64_t seed = 0x9E3779B97F4A7C15ull ^ (uint64_t)(canvases * 131 + q.bits);
   float *bias = malloc((size_t)m->experts * sizeof(float));
   uint16_t *host = malloc((size_t)n_out * 2);
-  double *times = calloc((size_t)o->reps, sizeof(double));
+  double *times = calloc((size_t)(2 * o->reps), sizeof(double));
   int st = -1, noted = 0;
+  gqmm_graph *graph = NULL; /* the recorded step (LAUNCH_GRAPH) */
   if (!bias || !host || !times) goto done;
   for (int64_t e = 0; e < m->experts; e++) bias[e] = 0.25f * rng_normal(&seed);
   for (int i = 0; i < NSETS; i++)
@@ -341,73 +380,92 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
       fprintf(stderr, "gqmm bench: cannot make inputs: %s\n", gqmm_last_error(env->ctx));
       goto done;
     }
-  memset(res, 0, sizeof *res);
-  res->canvases = canvases, res->bits = q.bits, res->layers_run = nl;
   double used = 0;
   for (int i = 0; i < NSETS; i++) used += (double)in[i].used_experts / NSETS;
-  res->weight_bytes = layer_bytes(m, q, 1) * used * m->layers;
+  for (int mi = 0; mi < nm; mi++) {
+    memset(&res[mi], 0, sizeof res[mi]);
+    res[mi].canvases = canvases, res[mi].bits = q.bits, res[mi].layers_run = nl;
+    res[mi].launch = modes[mi];
+    res[mi].weight_bytes = layer_bytes(m, q, 1) * used * m->layers;
+  }
   const gqmm_activation act = m->act;
-  if (o->reps > 1) { /* warm-up: first-touch, lazy backend state */
+  /* warm-up: first-touch, lazy backend state, the scratch a recording needs */
+  if (o->reps > 1 || (o->launch & LAUNCH_GRAPH)) {
     if (gqmm_moe_forward(env->ctx, &layers[0].w, &in[0].tx, &in[0].tids, &in[0].tew, act,
                          &in[0].tout))
       goto fail;
   }
+  if ((o->launch & LAUNCH_GRAPH) && record_step(env, layers, nl, in, act, &graph)) goto done;
   double last_note = gqmm__now_s(), t_start = last_note, phase_sum[5] = {0};
   int calls = 0;
-  int written[NSETS] = {0}; /* sets the last step wrote */
-  for (int r = 0; r < o->reps; r++) {
-    for (int i = 0; i < NSETS; i++) {
-      written[i] = 0;
-      if (poison(env, &in[i], host, n_out)) goto fail;
-    }
-    dev_sync(env);
-    const double t0 = gqmm__now_s();
-    for (int l = 0; l < nl; l++) {
-      written[(r * nl + l) % NSETS] = 1;
-      bench_inputs *x = &in[(r * nl + l) % NSETS];
-      gqmm__moe_phases ph = {-1, 0, 0, 0, 0};
-      if (gqmm__moe_forward_timed(env->ctx, &layers[l].w, &x->tx, &x->tids, &x->tew, act,
-                                  &x->tout, &ph))
-        goto fail;
-      if (ph.plan_s >= 0) {
-        const double v[5] = {ph.plan_s, ph.gate_up_s, ph.act_s, ph.down_s, ph.combine_s};
+  for (int r = 0; r < o->reps; r++)
+    for (int mi = 0; mi < nm; mi++) {
+      const bool replay = modes[mi] == LAUNCH_GRAPH;
+      int written[NSETS] = {0}; /* sets this step writes */
+      for (int i = 0; i < NSETS; i++)
+        if (poison(env, &in[i], host, n_out)) goto fail;
+      dev_sync(env);
+      const double t0 = gqmm__now_s();
+      if (replay && gqmm_graph_launch(env->ctx, graph)) goto fail;
+      for (int l = 0; l < nl; l++) {
+        const int set = replay ? l % NSETS : (r * nl + l) % NSETS;
+        written[set] = 1;
+        if (replay) continue;
+        bench_inputs *x = &in[set];
+        gqmm__moe_phases ph = {-1, 0, 0, 0, 0};
+        if (gqmm__moe_forward_timed(env->ctx, &layers[l].w, &x->tx, &x->tids, &x->tew, act,
+                                    &x->tout, &ph))
+          goto fail;
+        if (ph.plan_s >= 0) {
+          const double v[5] = {ph.plan_s, ph.gate_up_s, ph.act_s, ph.down_s, ph.combine_s};
+          for (int k = 0; k < 5; k++)
+            phase_sum[k] += v[k];
+          calls++;
+        }
+        if (gqmm__now_s() - last_note > 2.0) { /* progress line for long runs */
+          fprintf(stderr, "\r  bits %d, B %d: step %d/%d, layer %d/%d, %.0f s elapsed ", q.bits,
+                  canvases, r + 1, o->reps, l + 1, nl, gqmm__now_s() - t_start);
+          last_note = gqmm__now_s();
+          noted = 1;
+        }
+      }
+      if (replay && env->be->sync(env->ctx)) goto fail; /* a replay's deferred error */
+      dev_sync(env);
+      times[mi * o->reps + r] = (gqmm__now_s() - t0) * (double)m->layers / nl;
+      double v[5]; /* a fused layer's own device-timed steps (its last call of the step) */
+      if (!replay && o->breakdown && env->be->moe_phases &&
+          env->be->moe_phases(env->ctx, v) == GQMM_OK) {
         for (int k = 0; k < 5; k++) phase_sum[k] += v[k];
         calls++;
       }
-      if (gqmm__now_s() - last_note > 2.0) { /* progress line for long runs */
-        fprintf(stderr, "\r  bits %d, B %d: step %d/%d, layer %d/%d, %.0f s elapsed ", q.bits,
-                canvases, r + 1, o->reps, l + 1, nl, gqmm__now_s() - t_start);
-        last_note = gqmm__now_s();
-        noted = 1;
-      }
+      for (int i = 0; i < NSETS && r == o->reps - 1; i++) /* the last step of each mode */
+        if (written[i] && !outputs_written(env, &in[i], host, n_out)) {
+          if (noted) fprintf(stderr, "\n");
+          fprintf(stderr, "gqmm bench: output has NaN (poison not overwritten) for input set %d\n",
+                  i);
+          goto done;
+        }
     }
-    dev_sync(env);
-    times[r] = (gqmm__now_s() - t0) * (double)m->layers / nl;
-    double v[5]; /* a fused layer's own device-timed steps (its last call of the step) */
-    if (o->breakdown && env->be->moe_phases && env->be->moe_phases(env->ctx, v) == GQMM_OK) {
-      for (int k = 0; k < 5; k++) phase_sum[k] += v[k];
-      calls++;
-    }
-  }
   if (noted) fprintf(stderr, "\n");
-  for (int i = 0; i < NSETS; i++)
-    if (written[i] && !outputs_written(env, &in[i], host, n_out)) {
-      fprintf(stderr, "gqmm bench: output has NaN (poison not overwritten) for input set %d\n", i);
-      goto done;
-    }
-  qsort(times, (size_t)o->reps, sizeof(double), cmp_double);
-  res->step_med_s = times[o->reps / 2];
-  res->step_min_s = times[0];
-  res->have_phases = calls > 0;
-  for (int k = 0; k < 5 && calls; k++) res->phase_s[k] = phase_sum[k] / calls;
-  if (!calls && o->breakdown && time_gemms(env, o, q, &layers[0], &in[0], tokens, res))
+  for (int mi = 0; mi < nm; mi++) {
+    double *t = times + mi * o->reps;
+    qsort(t, (size_t)o->reps, sizeof(double), cmp_double);
+    res[mi].step_med_s = t[o->reps / 2];
+    res[mi].step_min_s = t[0];
+  }
+  res[0].have_phases = calls > 0; /* phases are timed on host-launched steps only */
+  for (int k = 0; k < 5 && calls; k++)
+    res[0].phase_s[k] = phase_sum[k] / calls;
+  if (!calls && o->breakdown && time_gemms(env, o, q, &layers[0], &in[0], tokens, &res[0]))
     goto fail;
+  *nres = nm;
   st = 0;
   goto done;
 fail:
   if (noted) fprintf(stderr, "\n");
   fprintf(stderr, "gqmm bench: moe_forward: %s\n", gqmm_last_error(env->ctx));
 done:
+  gqmm_graph_free(graph);
   for (int i = 0; i < NSETS; i++) inputs_free(env, &in[i]);
   free(bias), free(host), free(times);
   return st;
@@ -431,9 +489,10 @@ static void print_row(const bench_env *env, const bench_opts *o, const bench_res
   printf("%3d %5d %13.2f %15.2f %10.4g %8.4g", r->canvases, r->bits, r->step_med_s * 1e3,
          r->step_med_s * 1e3 / r->canvases, r->weight_bytes / 1e9, gbps);
   if (roof > 0)
-    printf(" %10.1f %8.3f %10.2f\n", roof, gbps / roof, r->weight_bytes / (roof * 1e9) * 1e3);
+    printf(" %10.1f %8.3f %10.2f", roof, gbps / roof, r->weight_bytes / (roof * 1e9) * 1e3);
   else
-    printf(" %10s %8s %10s\n", "n/m", "n/m", "n/m");
+    printf(" %10s %8s %10s", "n/m", "n/m", "n/m");
+  printf(" %7s\n", launch_name(r->launch));
 }
 
 static void print_breakdown(const bench_opts *o, const bench_result *r) {
@@ -457,19 +516,22 @@ static void json_record(FILE *f, const bench_env *env, const bench_opts *o, cons
                         int first) {
   const double gbps = r->weight_bytes / r->step_med_s / 1e9, roof = roofline_GBps(env, o, r);
   const double rows = (double)o->tokens * r->canvases * o->m.top_k;
-  fprintf(f, "%s  {\"backend\": \"%s\", \"device\": \"%s\", \"op\": \"moe_step\", \"model\": \"%s\", "
+  fprintf(f,
+          "%s  {\"backend\": \"%s\", \"device\": \"%s\", \"op\": \"moe_step\", \"model\": \"%s\", "
           "\"layers\": %d, \"layers_run\": %d, \"E\": %d, \"top_k\": %d, \"K\": %lld, \"N\": %lld, "
           "\"M\": %.0f, \"rows_per_expert\": %.3f, \"tokens_per_canvas\": %d, \"canvases\": %d, "
           "\"bits\": %d, \"group_size\": %d, \"dtype\": \"bfloat16\", \"config\": \"%s\", "
           "\"time_us_median\": %.3f, \"time_us_min\": %.3f, \"time_us_per_canvas\": %.3f, "
-          "\"weight_bytes\": %.0f, \"weight_GBps\": %.3f",
-          first ? "" : ",\n", gqmm_last_backend(env->ctx), env->have_ceil ? env->ceil.device_name : "",
-          o->m.name, o->m.layers, r->layers_run, o->m.experts, o->m.top_k, (long long)o->m.hidden,
-          (long long)o->m.inter, rows, rows / o->m.experts, o->tokens, r->canvases, r->bits,
-          o->m.q.group_size,
-          !env->pack ? "auto" : env->glu ? "auto-packed" : "auto-packed-plain",
-          r->step_med_s * 1e6, r->step_min_s * 1e6,
-          r->step_med_s * 1e6 / r->canvases, r->weight_bytes, gbps);
+          "\"weight_bytes\": %.0f, \"weight_GBps\": %.3f, \"launch\": \"%s\"",
+          first ? "" : ",\n", gqmm_last_backend(env->ctx),
+          env->have_ceil ? env->ceil.device_name : "", o->m.name, o->m.layers, r->layers_run,
+          o->m.experts, o->m.top_k, (long long)o->m.hidden, (long long)o->m.inter, rows,
+          rows / o->m.experts, o->tokens, r->canvases, r->bits, o->m.q.group_size,
+          !env->pack ? "auto"
+          : env->glu ? "auto-packed"
+                     : "auto-packed-plain",
+          r->step_med_s * 1e6, r->step_min_s * 1e6, r->step_med_s * 1e6 / r->canvases,
+          r->weight_bytes, gbps, launch_name(r->launch));
   if (env->have_ceil)
     fprintf(f, ", \"ceiling_copy_GBps\": %.3f, \"ceiling_read_GBps\": %.3f, "
             "\"ceiling_compute_GMACps\": %.3f, \"roofline_GBps\": %.3f, \"fraction_of_roofline\": %.4f",
@@ -515,12 +577,14 @@ static void usage(FILE *f) {
       "                  [--act swiglu|geglu] [--bits B] [--group G] [--canvases B] [--tokens T]\n"
       "                  [--levers] [--breakdown] [--json FILE] [--plot FILE.png]\n"
       "                  [--backend auto|cpu|cuda|ref] [--reps N] [--max-layers N] [--no-pack]\n"
-      "                  [--no-glu]\n"
+      "                  [--no-glu] [--launch host|graph|both]\n"
       "Times the MoE expert layers of one denoising step (default: the seed's model,\n"
       "one 256-token canvas). --levers: canvases 1,2,4,8 x expert bits 8,4,3,2.\n"
       "The weights are packed once at load (gqmm_pack_glu, gqmm_pack; on the CPU 2- and\n"
       "4-bit only); --no-pack reads the MLX layout instead; --no-glu packs gate_up with\n"
-      "gqmm_pack (on a GPU the activation then runs as its own kernel).\n"
+      "gqmm_pack (on a GPU the activation then runs as its own kernel). --launch: on a GPU\n"
+      "each step is timed as the host enqueues it and replayed from a CUDA graph (both,\n"
+      "the default), alternated; --breakdown times host launches only.\n"
       "models:");
   for (int i = 0; gqmm_moe_model_at(i); i++) fprintf(f, " %s", gqmm_moe_model_at(i)->name);
   fprintf(f, "\n");
@@ -560,7 +624,18 @@ static int parse(int argc, char **argv, bench_opts *o) {
     else if (!strcmp(a, "--breakdown")) o->breakdown = 1;
     else if (!strcmp(a, "--no-pack")) o->no_pack = 1;
     else if (!strcmp(a, "--no-glu")) o->no_glu = 1;
-    else if (!strcmp(a, "--layers")) bad = int_arg(argc, argv, &i, &v), o->m.layers = (int)v, custom = 1;
+    else if (!strcmp(a, "--launch") && i + 1 < argc) {
+      ++i;
+      if (!strcmp(argv[i], "host"))
+        o->launch = LAUNCH_HOST;
+      else if (!strcmp(argv[i], "graph"))
+        o->launch = LAUNCH_GRAPH;
+      else if (!strcmp(argv[i], "both"))
+        o->launch = LAUNCH_HOST | LAUNCH_GRAPH;
+      else
+        bad = 1;
+    } else if (!strcmp(a, "--layers"))
+      bad = int_arg(argc, argv, &i, &v), o->m.layers = (int)v, custom = 1;
     else if (!strcmp(a, "--experts")) bad = int_arg(argc, argv, &i, &v), o->m.experts = (int)v, custom = 1;
     else if (!strcmp(a, "--topk")) bad = int_arg(argc, argv, &i, &v), o->m.top_k = (int)v, custom = 1;
     else if (!strcmp(a, "--hidden")) bad = int_arg(argc, argv, &i, &v), o->m.hidden = v, custom = 1;
@@ -576,6 +651,10 @@ static int parse(int argc, char **argv, bench_opts *o) {
     if (bad) return fprintf(stderr, "gqmm bench: %s needs a valid value\n", a), 2;
   }
   if (custom) o->m.name = "custom";
+  if ((o->launch & LAUNCH_GRAPH) && o->breakdown)
+    return fprintf(stderr, "gqmm bench: --breakdown's phase events cannot be read in a graph "
+                           "replay; time it with --launch host\n"),
+           2;
   if (o->m.top_k > o->m.experts)
     return fprintf(stderr, "gqmm bench: --topk %d exceeds --experts %d\n", o->m.top_k, o->m.experts), 2;
   if (gqmm_quant_check(o->m.q) || o->m.hidden % o->m.q.group_size || o->m.inter % o->m.q.group_size)
@@ -611,6 +690,13 @@ static int pick_env(bench_opts *o, bench_env *env) {
     fprintf(stderr, "gqmm bench: no backend compiled in can run here for this --backend\n");
     return -1;
   }
+  if ((o->launch & LAUNCH_GRAPH) && !env->be->graph_begin) {
+    fprintf(stderr, "gqmm bench: --launch graph needs a GPU backend (this run is on %s)\n",
+            env->be->name);
+    return -1;
+  }
+  if (!o->launch) /* both where graphs exist, but the breakdown's events need host launches */
+    o->launch = env->be->graph_begin && !o->breakdown ? LAUNCH_HOST | LAUNCH_GRAPH : LAUNCH_HOST;
   if (env->be->ceilings && env->be->ceilings(env->ctx, &env->ceil) == GQMM_OK) env->have_ceil = 1;
   env->pack = !o->no_pack && env->be->pack;
   env->glu = env->pack && !o->no_glu;
@@ -648,7 +734,7 @@ int gqmm_cmd_bench(int argc, char **argv) {
   const gqmm_moe_model *m = &o.m;
   const int bits_levers[] = {8, 4, 3, 2}, canv_levers[] = {1, 2, 4, 8};
   const int nb = o.levers ? 4 : 1, nc = o.levers ? 4 : 1;
-  bench_result res[16];
+  bench_result res[32];
   int nres = 0, layers_run = 0;
   bench_layer *layers = calloc((size_t)m->layers, sizeof(bench_layer));
   rc = layers ? 0 : 1;
@@ -669,6 +755,12 @@ int gqmm_cmd_bench(int argc, char **argv) {
   printf("canvas: %d tokens; rows per expert = %d tokens x %d / %d = %.1f per canvas; "
          "median of %d steps\n", o.tokens, o.tokens, m->top_k, m->experts,
          (double)o.tokens * m->top_k / m->experts, o.reps);
+  if (env.dev != GQMM_DEVICE_CPU)
+    printf("launch: %s%s%s, alternated step by step\n",
+           o.launch & LAUNCH_HOST ? "host (each layer call enqueued by the host)" : "",
+           o.launch == (LAUNCH_HOST | LAUNCH_GRAPH) ? " and " : "",
+           o.launch & LAUNCH_GRAPH ? "graph (each step recorded once as a CUDA graph, replayed)"
+                                   : "");
   for (int bi = 0; bi < nb && !rc; bi++) {
     gqmm_quant q = {o.levers ? bits_levers[bi] : m->q.bits, m->q.group_size};
     const int want = o.max_layers < m->layers ? o.max_layers : m->layers;
@@ -700,16 +792,17 @@ int gqmm_cmd_bench(int argc, char **argv) {
              m->layers, layers_run);
     for (int ci = 0; ci < nc && !rc; ci++) {
       const int B = o.levers ? canv_levers[ci] : o.canvases;
-      rc = measure(&env, &o, q, B, layers, layers_run, &res[nres]);
-      if (!rc) nres++;
+      int got = 0;
+      rc = measure(&env, &o, q, B, layers, layers_run, &res[nres], &got);
+      nres += got;
     }
     for (int l = 0; l < layers_run; l++) layer_free(&env, &layers[l]);
   }
   free(layers);
   if (nres) {
     printf("ran on: %s\n", gqmm_last_backend(env.ctx));
-    printf("%3s %5s %13s %15s %10s %8s %10s %8s %10s\n", "B", "bits", "ms/step", "ms/canvas",
-           "weight GB", "GB/s", "roof GB/s", "fraction", "floor ms");
+    printf("%3s %5s %13s %15s %10s %8s %10s %8s %10s %7s\n", "B", "bits", "ms/step", "ms/canvas",
+           "weight GB", "GB/s", "roof GB/s", "fraction", "floor ms", "launch");
     for (int i = 0; i < nres; i++) print_row(&env, &o, &res[i]);
   }
   if (nres && o.breakdown) {

@@ -46,9 +46,14 @@
  * thread are kept, so the shared counter still balances the cores. */
 #define SMALL_UNIT_ROWS 256
 #define SMALL_UNITS_PER_THREAD 4
-/* Weight rows per unit of packed weights: two panels (cpu_pack.c), the pair
- * the kernel takes at once for 1 row. */
-#define PK_UNIT_ROWS (2 * GQMM__CPU_PANEL)
+/* Weight rows per unit of packed weights: four panels (cpu_pack.c), two of
+ * the pairs the kernel takes at once for 1 row. Units come to the threads
+ * from one counter, so a thread's next unit is not the next in memory: each
+ * unit starts its stream cold (the kernel's prefetch across a panel's end
+ * reaches the other thread's unit). Four panels instead of two halve those
+ * starts: gather 2-4 rows per expert and qmm M = 8 4-5% faster, int8
+ * gather 4-8 rows 3-12% (perf-notes, session 16). */
+#define PK_UNIT_ROWS (4 * GQMM__CPU_PANEL)
 
 typedef struct {
   const gqmm__qmm_args *a;

@@ -75,7 +75,10 @@ typedef struct {
  * cycle) but 1 row (8) and 2 rows (8: 2 x 8 measured no faster, bound by
  * the unpacking), within the 32 vector registers: 5 rows in chunks of 3
  * (3 + 3 + 2), 6-8 rows in chunks of 2. int8 mode keeps 5 rows on one panel
- * in chunks of 2: its 3-chunks ran 45% slower (qmm M = 5). */
+ * in chunks of 2: its 3-chunks ran 45% slower (qmm M = 5); it takes 3-4 rows
+ * in chunks of 2 too (all 4 vectors at once, 12-16 int32 sums, ran 25-35%
+ * slower from L2). (7-8 rows in chunks of 1: 5-10% faster from L2, 5-10%
+ * slower from memory.) */
 #define GQMM__CPU_PK_MAX_ROWS 8
 /* Records ahead that the packed kernels prefetch (2304 bytes each at 4-bit,
  * g64; 1-2 beat 4 and 8), across a panel's end into whatever follows: the
@@ -85,7 +88,8 @@ typedef struct {
  * K = 704 and 11 records a panel, ran 5.6% slower.) */
 #define GQMM__CPU_PK_PREFETCH 2
 #define GQMM__CPU_PK_VECTORS(mr, i8) ((mr) == 1 || ((mr) == 5 && !(i8)) ? 8 : 4)
-#define GQMM__CPU_PK_CHUNK(mr, nv, i8) ((mr) <= 4 ? (nv) : (mr) == 5 && !(i8) ? 3 : 2)
+#define GQMM__CPU_PK_CHUNK(mr, nv, i8) \
+  ((i8) ? ((mr) <= 2 ? (nv) : 2) : ((mr) <= 4 ? (nv) : (mr) == 5 ? 3 : 2))
 typedef struct {
   int bits, group_size;
   gqmm_dtype dtype;    /* of the scales and biases (f16 or bf16) */
@@ -210,8 +214,10 @@ typedef struct {
    * is no next panel; for n < 16 nv (rows in the lanes):
    *  - xs NULL: x is bf16 in natural order (only where qmv_bf16_supported()),
    *    C[m * ldc + n] = sum_g s_ng * (sum_{k in g} x_mk q_nk) + b_ng * xsum_mg;
-   *  - int8 mode: x is int8 codes in the order pk_quant_i8 writes them, with
-   *    per-group scales xs (row m at xs + m * G),
+   *  - int8 mode: x is int8 codes in the order pk_quant_i8 writes them,
+   *    the tile's rows interleaved by quads: quad q of row m at x[0] +
+   *    (q mr + m) 4 (x[1..] are not read), with per-group scales xs (row m
+   *    at xs + m * G),
    *    C[m * ldc + n] = sum_g float(sum_{k in g} q x) * (s xs) + b xsum.
    * pk_quant_i8: one row of float x (K values) as those codes and scales,
    * by quant_i8's rule (xs = max|x| / 127, codes round(x / xs)), each slot's

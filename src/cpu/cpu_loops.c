@@ -502,6 +502,15 @@ static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int n
  * tile and from L2 by the rest. bf16 x is read in place (natural order);
  * other dtypes and ISAs without the kernel take the portable one on the
  * float rows. */
+/* Tile t of a block of R rows for the packed kernels: rows [*r0, *r0 +
+ * height) of near-equal heights, at most GQMM__CPU_PK_MAX_ROWS each. */
+static int64_t pk_tiles(int64_t R) {
+  return (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
+}
+static int pk_tile_height(int64_t R, int64_t tiles, int64_t t, int64_t r0) {
+  return (int)((R - r0) / (tiles - t));
+}
+
 static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
   const gqmm__qmm_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);
@@ -509,11 +518,11 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
   const int64_t K = a->K, G = j->G, nt = j->nt, pb = j->ps.panel_bytes;
   const int64_t panels = gqmm__cpu_pk_panels(a->N), np = gqmm__cpu_pk_panels(nn);
   const uint8_t *base = (const uint8_t *)j->pk->data + (e * panels + n0 / GQMM__CPU_PANEL) * pb;
-  const int64_t tiles = (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
+  const int64_t tiles = pk_tiles(R);
   for (int64_t p = 0; p < np; p += 2) {
     const int pair = np - p < 2 ? 1 : 2;
     for (int64_t t = 0, r0 = 0; t < tiles; t++) {
-      const int mr = (int)((R - r0) / (tiles - t)); /* near-equal heights */
+      const int mr = pk_tile_height(R, tiles, t, r0);
       const int nw = GQMM__CPU_PK_VECTORS(mr, j->pk_i8), nv = nw < 4 * pair ? nw : 4 * pair;
       float *Ct = v->C + r0 * nt + p * GQMM__CPU_PANEL;
       if (!j->pk_bf16 && !j->pk_i8) {
@@ -521,10 +530,10 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
         for (int m = 0; m < mr; m++)
           xr[m] = v->xf + (r0 + m) * K;
         gqmm__cpu_packed_portable(&j->ps, base + p * pb, pair, xr, mr, Ct, nt);
-      } else { /* int8 codes, or the caller's bf16 rows */
+      } else { /* the tile's int8 codes (interleaved, prep_x), or the caller's bf16 rows */
         const uint8_t *xr[GQMM__CPU_PK_MAX_ROWS];
         for (int m = 0; m < mr; m++)
-          xr[m] = j->pk_i8 ? (const uint8_t *)j->pk_xq + (first + r0 + m) * K
+          xr[m] = j->pk_i8 ? (const uint8_t *)j->pk_xq + (first + r0) * K
                            : (const uint8_t *)elem(a->x, j->x_off[first + r0 + m], esz);
         for (int v0 = 0; v0 < 4 * pair; v0 += nv)
           j->isa->packed(&j->ps, base + (p + v0 / 4) * pb, nv, xr, mr,
@@ -640,7 +649,11 @@ static void prefetch_unit(const job *j, int64_t u) {
  * unit pass then reads them wherever its units run, where a
  * per-thread x block would be made by every thread that takes a unit of the
  * block (the seed's gather: 11 units a block, so both threads, each
- * quantizing every row). */
+ * quantizing every row). The int8 codes of each packed tile (unit_packed's
+ * rows [r0, r0 + mr) of a block) are interleaved by quads, quad q of the
+ * tile's row m at (q mr + m) 4 bytes from the tile's first code: the kernel
+ * then takes every row's quad of a step from one line, at constant offsets
+ * from one pointer (cpu_isa.h). */
 static void prep_x(void *arg, int t) {
   job *j = arg;
   const gqmm__qmm_args *a = j->a;
@@ -652,12 +665,21 @@ static void prep_x(void *arg, int t) {
   for (;;) {
     const int64_t b = atomic_fetch_add(&j->next_blk, 1);
     if (b >= j->nblocks) break;
-    for (int64_t r = j->blk_first[b]; r < j->blk_first[b] + j->blk_rows[b]; r++) {
-      j->isa->to_float(elem(a->x, j->x_off[r], esz), a->dtype, K, v.tmp);
-      for (int64_t g = 0; g < G; g++)
-        j->pk_xsum[r * G + g] = group_sum(v.tmp + g * gs, gs);
-      if (j->pk_i8)
-        j->isa->pk_quant_i8(v.tmp, K, gs, j->sh.bits, j->pk_xq + r * K, j->pk_xs + r * G);
+    const int64_t first = j->blk_first[b], R = j->blk_rows[b], tiles = pk_tiles(R);
+    for (int64_t ti = 0, r0 = 0; ti < tiles; ti++) {
+      const int mr = pk_tile_height(R, tiles, ti, r0);
+      for (int m = 0; m < mr; m++) {
+        const int64_t r = first + r0 + m;
+        j->isa->to_float(elem(a->x, j->x_off[r], esz), a->dtype, K, v.tmp);
+        for (int64_t g = 0; g < G; g++)
+          j->pk_xsum[r * G + g] = group_sum(v.tmp + g * gs, gs);
+        if (!j->pk_i8) continue;
+        j->isa->pk_quant_i8(v.tmp, K, gs, j->sh.bits, v.xq, j->pk_xs + r * G);
+        int8_t *tile = j->pk_xq + (first + r0) * K;
+        for (int64_t q = 0; q < K / 4; q++)
+          memcpy(tile + (q * mr + m) * 4, v.xq + 4 * q, 4);
+      }
+      r0 += mr;
     }
   }
 }

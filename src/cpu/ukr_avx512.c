@@ -310,8 +310,8 @@ ukr_pk_chunk(const gqmm__cpu_pkshape *ps, const uint8_t *r0, const uint8_t *r1, 
                   : _mm512_ternarylogic_epi32(_mm512_srli_epi16(T[v], (unsigned)(bits * j)), field,
                                               exp128, 0xEA); /* (a & b) | c */
       for (int m = 0; m < mr; m++) {
-        int32_t xp; /* a pair of bf16 or a quad of codes */
-        memcpy(&xp, x[m] + xb0 + 4 * j, 4);
+        int32_t xp; /* a pair of bf16, or a quad of codes (the tile's quads interleaved) */
+        memcpy(&xp, i8 ? x[0] + ((xb0 >> 2) + j) * (4 * mr) + 4 * m : x[m] + xb0 + 4 * j, 4);
         const __m512i xv = _mm512_set1_epi32(xp);
         for (int v = 0; v < cw; v++)
           acc[m * cw + v] = i8 ? _mm512_castsi512_ps(_mm512_dpbusd_epi32(

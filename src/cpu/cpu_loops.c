@@ -494,6 +494,17 @@ static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int n
   }
 }
 
+/* The packed kernels' tiles of a block of R rows (unit_packed, and prep_x,
+ * which lays int8 codes out by tile): pk_tiles of them, of near-equal
+ * heights, at most GQMM__CPU_PK_MAX_ROWS each; tile t, starting at row r0
+ * (the heights of the tiles before it summed), has pk_tile_height rows. */
+static int64_t pk_tiles(int64_t R) {
+  return (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
+}
+static int pk_tile_height(int64_t R, int64_t tiles, int64_t t, int64_t r0) {
+  return (int)((R - r0) / (tiles - t));
+}
+
 /* Packed weights (cpu_pack.c), rows [n0, n0 + nn) of expert e (n0 a whole
  * number of panels): panels in pairs against the block's rows in tiles of
  * at most GQMM__CPU_PK_MAX_ROWS, of near-equal heights (13 rows: 7 + 6, not
@@ -502,15 +513,6 @@ static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int n
  * tile and from L2 by the rest. bf16 x is read in place (natural order);
  * other dtypes and ISAs without the kernel take the portable one on the
  * float rows. */
-/* Tile t of a block of R rows for the packed kernels: rows [*r0, *r0 +
- * height) of near-equal heights, at most GQMM__CPU_PK_MAX_ROWS each. */
-static int64_t pk_tiles(int64_t R) {
-  return (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
-}
-static int pk_tile_height(int64_t R, int64_t tiles, int64_t t, int64_t r0) {
-  return (int)((R - r0) / (tiles - t));
-}
-
 static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_t n0, int nn) {
   const gqmm__qmm_args *a = j->a;
   const size_t esz = gqmm_dtype_size(a->dtype);

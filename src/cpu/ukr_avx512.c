@@ -250,9 +250,10 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
  *    sum x (128 + q) = sum x q + 128 sum x, so the bias takes b - 128 s.
  *  - int8 mode (512-bit vpdpbusd): the field of every byte instead, four u8
  *    values a lane, (q[2j], q[2j + H], q[2j + 1], q[2j + 1 + H]) with
- *    H = 16 / bits, against x's codes in that order (pk_quant_i8): 64
- *    products an instruction; at a group's end the int32 sums become float
- *    and take s * xs.
+ *    H = 16 / bits, against x's codes in that order (pk_quant_i8), the
+ *    tile's rows interleaved by quads (cpu_loops.c prep_x), so a step's
+ *    quads of all rows sit in one line: 64 products an instruction; at a
+ *    group's end the int32 sums become float and take s * xs.
  * Each unpacked vector feeds one instruction per row of x, and no lanes are
  * summed at the end; at a group's end every accumulator takes its rows'
  * scales and biases (a vector of 16 rows each) in two FMAs.
@@ -260,8 +261,9 @@ static void avx512_gemm_bf16(int nr, int64_t kc, int gs, const uint32_t *xT, con
  * 4-7 are the next panel's 0-3): 1 row x 8 (two panels: 8 independent
  * chains; vdpbf16ps has ~6 cycles of latency at 2 a cycle); 2 x 4; 3-4 x 4
  * with the totals kept in C (in registers they spilled: 4 rows 3.8 -> 3.0
- * ms); 5 x 8 in chunks of 3, 3 and 2 vectors (15 chains; int8 mode: 5 x 4
- * in chunks of 2, its 3-chunks ran slower); 6-8 x 4 in chunks of 2 (each
+ * ms; int8 mode: in chunks of 2, cpu_isa.h); 5 x 8 in chunks of 3, 3 and 2
+ * vectors (15 chains; int8 mode: 5 x 4 in chunks of 2, its 3-chunks ran
+ * slower); 6-8 x 4 in chunks of 2 (each
  * unpack feeds 6-8 instructions; 6-8 x 4 accumulators do not fit the
  * registers). A chunk's
  * accumulators cover one group; the chunks of a record run one after the

@@ -65,6 +65,11 @@ static bool recording(const cuda_state *s) {
   return cs != cudaStreamCaptureStatusNone;
 }
 
+/* Wait for the work queued on ctx's stream (the legacy one: all of it). */
+static cudaError_t drain(const cuda_state *s) {
+  return s->stream ? cudaStreamSynchronize(s->stream) : cudaDeviceSynchronize();
+}
+
 bool gqmm__cuda_recording(gqmm_ctx *ctx) {
   return recording(ctx->cuda_state);
 }
@@ -367,7 +372,7 @@ static int cuda_sync(gqmm_ctx *ctx) {
   int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_sync");
   if (st) return st;
   cuda_state *s = ctx->cuda_state;
-  cudaError_t e = s->stream ? cudaStreamSynchronize(s->stream) : cudaDeviceSynchronize();
+  cudaError_t e = drain(s);
   return e ? cuda_fail(ctx, (int)e, "synchronize") : gqmm__cuda_moe_take_error(ctx);
 }
 
@@ -424,7 +429,7 @@ static int cuda_set_stream(gqmm_ctx *ctx, void *stream) {
   if (st) return st;
   cuda_state *s = ctx->cuda_state;
   /* the old stream's work first, so ctx's calls stay in order */
-  cudaError_t e = s->stream ? cudaStreamSynchronize(s->stream) : cudaDeviceSynchronize();
+  cudaError_t e = drain(s);
   if (e) return cuda_fail(ctx, (int)e, "waiting for the previous stream");
   if (s->own_stream) cudaStreamDestroy(s->stream);
   s->stream = (cudaStream_t)stream;

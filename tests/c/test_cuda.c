@@ -228,6 +228,18 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
       if (!st) st = gqmm_device_sync(gpu);
       if (!st) st = gqmm_device_copy(gpu, ogpu, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
       double err = st ? INFINITY : test_rel_err(ogpu, dt, oref, dt, nb * M * N);
+      if (!st && ci < 0 && packed) { /* a second run: the same bits (the deal is fixed) */
+        gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
+        st = gqmm_gather_qmm_packed(gpu, &gx, pk, dense ? NULL : &tl, dense ? NULL : &tr,
+                                    c->routing != 1, &go);
+        if (!st) st = gqmm_device_sync(gpu);
+        if (!st) st = gqmm_device_copy(gpu, oplain, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
+        if (!st && memcmp(oplain, ogpu, dout.bytes)) {
+          fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: a second run gave other bits\n", c->name,
+                  q.bits, q.group_size, gqmm_dtype_name(dt));
+          fails++;
+        }
+      }
       if (st || !(err <= tol)) {
         fprintf(stderr, "  FAIL %s bits=%d gs=%d %s config=%s%s: status %d (%s) rel_err=%.3g tol=%.1g\n",
                 c->name, q.bits, q.group_size, gqmm_dtype_name(dt), ci < 0 ? "auto" : cfgs[ci].name,
@@ -308,6 +320,24 @@ GQMM_TEST(cuda_matches_reference) {
   const gpu_case many = {"many_experts_M3", 4500, 16, 160, 3, 300, 50, 1, 1};
   fails += run_case(gpu, ref, &many, (gqmm_quant){4, 32}, GQMM_BF16, salt++);
   runs++;
+  /* More units than the persistent grid has CTAs (up to 4 an SM: 528 on
+   * 132 SMs), so the packed kernel deals stream-K ranges that cut units in
+   * two (qmm_wgmma.cu): 64 or 40 experts x 9 or 11 N tiles (the last of 76
+   * rows), two or more chunks an expert, K of a half last stage. The
+   * heuristic's run is repeated and must give the same bits. */
+  const gpu_case sk[] = {{"streamk_unsorted", 64, 1100, 0, 1, 1600, 400, 1, 1},
+                         {"streamk_skewed", 40, 1408, 0, 1, 1500, 300, 1, 3}};
+  const struct {
+    gqmm_quant q;
+    gqmm_dtype dt;
+  } skf[] = {{{4, 64}, GQMM_BF16}, {{2, 32}, GQMM_F16}, {{3, 128}, GQMM_BF16}, {{8, 64}, GQMM_BF16}};
+  for (int fi = 0; fi < (quick ? 1 : 4); fi++)
+    for (int ci = 0; ci < 2; ci++) {
+      gpu_case c = sk[ci];
+      c.K = 5 * skf[fi].q.group_size;
+      fails += run_case(gpu, ref, &c, skf[fi].q, skf[fi].dt, salt++);
+      runs++;
+    }
   fprintf(stderr, "  %d GPU cases (each on every config), %d failures\n", runs, fails);
   gqmm_ctx_destroy(gpu), gqmm_ctx_destroy(ref);
   CHECK(fails == 0);

@@ -39,9 +39,6 @@ typedef struct {
   size_t d_cap;
   int32_t *d_plan; /* count, row_start, fill, unit_start (E+1), rows_x, rows_o */
   size_t plan_cap;
-  /* the wgmma kernel's stream-K scratch (kernels.h gqmm__cu_plan; NULL: none) */
-  float *sk_part;
-  int32_t *sk_flag;
   cudaEvent_t ev_op0, ev_k0, ev_k1, ev_staged;
   bool staged_pending, timed;
   void *moe; /* moe_cuda.c's state */
@@ -98,34 +95,6 @@ int gqmm__cuda_grid(gqmm_ctx *ctx, int cfg, const gqmm__cu_qmm *k, int *grid) {
   return err;
 }
 
-/* The stream-K scratch (a few MB), its flags zeroed before any launch can
- * read them. GQMM_CUDA_STREAMK=0 (or no memory for it) deals whole units
- * round-robin instead: same results within rounding, for comparisons. */
-static void streamk_alloc(cuda_state *s) {
-  const char *env = getenv("GQMM_CUDA_STREAMK");
-  if (env && !strcmp(env, "0")) return;
-  const size_t slots = (size_t)GQMM__CU_SK_SLOTS_PER_SM * (size_t)s->sms;
-  const size_t floats = (size_t)GQMM__CU_SK_FLOATS_PER_SM * (size_t)s->sms;
-  if (cudaMalloc((void **)&s->sk_part, floats * sizeof(float)) != cudaSuccess ||
-      cudaMalloc((void **)&s->sk_flag, slots * sizeof(int32_t)) != cudaSuccess ||
-      cudaMemset(s->sk_flag, 0, slots * sizeof(int32_t)) != cudaSuccess ||
-      cudaDeviceSynchronize() != cudaSuccess) {
-    cudaGetLastError();
-    cudaFree(s->sk_part);
-    cudaFree(s->sk_flag);
-    s->sk_part = NULL, s->sk_flag = NULL;
-  }
-}
-
-void gqmm__cuda_plan_streamk(gqmm_ctx *ctx, gqmm__cu_plan *p) {
-  const cuda_state *s = ctx->cuda_state;
-  const bool on = s && s->sk_flag;
-  p->sk_part = on ? s->sk_part : NULL;
-  p->sk_flag = on ? s->sk_flag : NULL;
-  p->sk_floats = on ? (int64_t)GQMM__CU_SK_FLOATS_PER_SM * s->sms : 0;
-  p->sk_slots = on ? GQMM__CU_SK_SLOTS_PER_SM * s->sms : 0;
-}
-
 /* -1: not probed yet; 0: no GPU; 1: GPU. Cached per context. */
 static int probe(gqmm_ctx *ctx) {
   if (ctx->cuda_state) return 1;
@@ -147,7 +116,6 @@ static int probe(gqmm_ctx *ctx) {
   }
   s->sms = p.multiProcessorCount;
   snprintf(s->name, sizeof s->name, "%.95s", p.name);
-  streamk_alloc(s);
   ctx->cuda_state = s;
   return 1;
 }
@@ -350,7 +318,6 @@ static int run_config(gqmm_ctx *ctx, const gqmm__qmm_args *a, int cfg) {
     p.count = s->d_plan, p.row_start = p.count + E, p.fill = p.row_start + E;
     p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
     p.units = s->d_plan + head;
-    gqmm__cuda_plan_streamk(ctx, &p);
     int grid = 0;
     err = gqmm__cuda_grid(ctx, cfg, &k, &grid);
     if (err) return cuda_fail(ctx, err, "occupancy query");
@@ -535,8 +502,6 @@ static void cuda_release(gqmm_ctx *ctx) {
   cudaFreeHost(s->h_idx);
   cudaFree(s->d_idx);
   cudaFree(s->d_plan);
-  cudaFree(s->sk_part);
-  cudaFree(s->sk_flag);
   cudaEventDestroy(s->ev_op0);
   cudaEventDestroy(s->ev_k0);
   cudaEventDestroy(s->ev_k1);

@@ -31,9 +31,6 @@ int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a);
  * occupancy times the SMs), asked of the runtime once per instance and
  * context; a cudaError_t. */
 int gqmm__cuda_grid(gqmm_ctx *ctx, int cfg, const gqmm__cu_qmm *k, int *grid);
-/* The stream-K fields of a plan (kernels.h): the context's scratch, or
- * none. */
-void gqmm__cuda_plan_streamk(gqmm_ctx *ctx, gqmm__cu_plan *p);
 /* Whether config id cfg can run k: a tensor-core config that fits it, or
  * the generic kernel for weights in MLX's layout. */
 bool gqmm__cuda_config_valid(int cfg, const gqmm__cu_qmm *k);

@@ -33,20 +33,7 @@ enum { GQMM__CU_F32 = 0, GQMM__CU_F16 = 1, GQMM__CU_BF16 = 2 };
  */
 typedef struct {
   int32_t *count, *row_start, *unit_start, *fill, *rows_x, *rows_o, *units;
-  /* The wgmma kernel's stream-K deal (qmm_wgmma.cu): per CTA range, a slot
-   * of sk_floats / sk_slots floats for a unit's partial sums and a flag
-   * (zero between launches: each launch resets the flags it raised). NULL:
-   * units are dealt whole, round-robin. */
-  float *sk_part;
-  int32_t *sk_flag;
-  int64_t sk_floats;
-  int32_t sk_slots;
 } gqmm__cu_plan;
-
-/* Stream-K scratch a context keeps: this many float slots of this many
- * floats per multiprocessor (the largest config's accumulators of all its
- * CTAs on one multiprocessor: 4 x 128 threads x 32, 2 x 128 x 64). */
-enum { GQMM__CU_SK_SLOTS_PER_SM = 4, GQMM__CU_SK_FLOATS_PER_SM = 16384 };
 
 /* At most this many units for R rows of `used` distinct experts (each adds
  * at most one partial chunk) in n_tiles N tiles. */

@@ -42,8 +42,7 @@ struct unit_t {
   int e, ntile, r0, cnt, nt;
 };
 
-/* Units are dealt round-robin (the wgmma kernel's stream-K deal, when the
- * plan has its scratch, is in qmm_wgmma.cu): CTA b takes b, b + G, b + 2G, ... The
+/* Units are dealt round-robin: CTA b takes b, b + G, b + 2G, ... The
  * chunks of one (expert, N tile), adjacent in the plan, so run at the
  * same time on neighbouring CTAs and read the same weight rows: the second
  * finds them in L2 instead of DRAM. G is the grid, or with a.balanced the

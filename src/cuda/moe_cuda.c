@@ -325,7 +325,6 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   int32_t *down_units, *ids;
   gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN], E, R, &down_units, &ids);
   pg.units = (int32_t *)(s->buf + off[S_UNITS_GU]);
-  gqmm__cuda_plan_streamk(ctx, &pg);
   int32_t *down_descs = (int32_t *)(s->buf + off[S_UNITS_DOWN]);
   const bool fused = a->gu_expert_rows == 2 * I;
   /* gate_up: [R, 2I] rows (gate | up) from the fused tensor, else gate

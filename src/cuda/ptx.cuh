@@ -103,17 +103,6 @@ __device__ __forceinline__ void discard_l2_line(const void *p) {
   asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(p) : "memory");
 }
 /* Spin until the barrier's phase with this parity has completed. */
-/* A flag between CTAs of one grid: a release store after the CTA's writes
- * (the caller's barrier first), an acquire load before its reads. */
-__device__ __forceinline__ void st_release_gpu(int32_t *p, int32_t v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ int32_t ld_acquire_gpu(const int32_t *p) {
-  int32_t v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;
   do {

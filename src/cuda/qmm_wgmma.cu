@@ -26,24 +26,7 @@
  * Pipeline and work walk as in qmm_mma.cu (mma_common.cuh), but: one bulk copy
  * per stage (weights + scale words, L2 evict-first: read once, they must not
  * push the reused x rows out of L2), x rows by cp.async, an mbarrier per
- * ring slot.
- *
- * The deal (stream-K, in CUTLASS's hybrid form): whole units round-robin for
- * all full rounds of the grid but the last; the units left (one to two
- * rounds' worth) as one sequence of k-stages cut into as many equal ranges
- * as the grid has CTAs. A unit
- * cut by a range boundary is computed in two parts: the range after the
- * boundary computes the unit's last stages first thing, writes its partial
- * sums to a slot of the plan's scratch and raises a flag; the range before
- * the boundary computes the first stages last, waits for the flag (long
- * raised by then), adds the partial sums to its own and stores the unit.
- * Two parts, added in one fixed order: the bits do not depend on the
- * schedule. Whole units dealt round-robin (mma_common.cuh) left SMs idle
- * while others finished: 1408 gate_up units are 3.6 per CTA, 2816 down
- * units 7.1, and the SMs' busy time spread by 10-20% (perf-notes, session
- * 17). A CTA waits only for the CTA before it in launch order (range r is
- * CTA G - 1 - r), which was dispatched first, so the wait always ends. Without
- * the scratch, or with fewer units than CTAs, units are dealt whole.
+ * ring slot, units dealt round-robin over a persistent grid.
  */
 #include "mma_common.cuh"
 #include "wfmt.cuh"
@@ -106,8 +89,6 @@ struct wg_kernel {
   /* Half last stages (kernels.h gqmm__cu_pack_half_k): never 3-bit, and
    * K % 128 <= 64 cannot happen with 128-k groups. */
   static constexpr bool kHalfK = BITS != 3 && GS <= 64;
-  /* A thread's accumulators, and a stream-K slot: all of the CTA's. */
-  static constexpr int kAccN = MT * NTMAX * 4, kSlotFloats = kThreads * kAccN;
 
   /* m16 tile of (warp, mt): the m64 tile's 16-row slice of this warp */
   static __device__ __forceinline__ int m16_of(int mt) { return mt * kWarps + (threadIdx.x >> 5); }
@@ -144,80 +125,6 @@ struct wg_kernel {
       return ++idx < nunits;
     }
   };
-  /* This CTA's share of the work (the deal, above): its units i < nunits
-   * are first + stride i while i < ndp (whole units), then sk_first + i - ndp;
-   * nflat stages; unit ndp starts at stage k0. */
-  struct deal_t {
-    int first, stride, ndp, sk_first, nunits, nflat, k0;
-    int range; /* stream-K range, or -1: whole units round-robin */
-    bool tail; /* the last unit stops short of its end (the next range's) */
-  };
-  static __device__ __forceinline__ deal_t deal_of(const kargs &a, int nk) {
-    const int total = units_total(a), G = (int)gridDim.x, b = (int)blockIdx.x;
-    const gqmm__cu_plan &p = a.plan;
-    deal_t d = {};
-    if (p.sk_flag && total >= G && G <= p.sk_slots && (int64_t)G * kSlotFloats <= p.sk_floats) {
-      /* all full rounds but the last whole, round-robin; the last and the
-       * partial one (G to 2G - 1 units) in ranges of at least nk stages:
-       * a unit has two parts at most */
-      const int dp = (total / G - 1) * G, r = G - 1 - b;
-      const int64_t W = (int64_t)(total - dp) * nk, lo = W * r / G, hi = W * (r + 1) / G;
-      d.first = b, d.stride = G, d.ndp = dp / G;
-      d.sk_first = dp + (int)(lo / nk), d.k0 = (int)(lo % nk);
-      d.nunits = d.ndp + (int)((hi - 1) / nk) - (int)(lo / nk) + 1;
-      d.nflat = d.ndp * nk + (int)(hi - lo);
-      d.range = r;
-      d.tail = hi % nk != 0;
-    } else {
-      const int g = deal_stride(a, total);
-      d.first = b, d.stride = g;
-      d.ndp = d.nunits = b < g && b < total ? (total - 1 - b) / g + 1 : 0;
-      d.nflat = d.nunits * nk;
-      d.range = -1;
-    }
-    return d;
-  }
-  /* Stream-K, the range after a boundary: its first unit's last stages'
-   * sums (finish_unit) to this range's slot, then (sk_raise, every thread's
-   * stores done) its flag. */
-  static __device__ __forceinline__ void sk_put(const kargs &a, int range,
-                                                const float (&acc)[MT][NTMAX][4]) {
-    float *dst = a.plan.sk_part + (int64_t)range * kSlotFloats + threadIdx.x;
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-      for (int j = 0; j < NTMAX; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-          __stcg(dst + ((mt * NTMAX + j) * 4 + r) * kThreads, acc[mt][j][r]);
-  }
-  static __device__ __forceinline__ void sk_raise(const kargs &a, int range) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      st_release_gpu(a.plan.sk_flag + range, 1);
-    }
-  }
-  /* Stream-K, the range before a boundary: its last unit's first stages
-   * (acc) plus the next range's sums, once its flag is up; the flag is then
-   * lowered for the next launch. */
-  static __device__ __forceinline__ void sk_take(const kargs &a, int range,
-                                                 float (&acc)[MT][NTMAX][4]) {
-    int32_t *flag = a.plan.sk_flag + range + 1;
-    if (threadIdx.x == 0)
-      while (!ld_acquire_gpu(flag)) __nanosleep(100);
-    __syncthreads();
-    const float *src = a.plan.sk_part + (int64_t)(range + 1) * kSlotFloats + threadIdx.x;
-#pragma unroll
-    for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-      for (int j = 0; j < NTMAX; j++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-          acc[mt][j][r] += __ldcg(src + ((mt * NTMAX + j) * 4 + r) * kThreads);
-    if (threadIdx.x == 0) *flag = 0;
-  }
-
   static __device__ __forceinline__ int ring_slot(int i) { return kRingOff + (i % kRing) * kRingSlot; }
   static __device__ __forceinline__ unit_t ring_unit(const uint8_t *smem, int i) {
     return unit_of(*reinterpret_cast<const int4 *>(smem + ring_slot(i)));
@@ -225,14 +132,10 @@ struct wg_kernel {
   static __device__ __forceinline__ const int32_t *ring_rows(const uint8_t *smem, int i) {
     return reinterpret_cast<const int32_t *>(smem + ring_slot(i) + 16);
   }
-  /* The CTA's unit i's descriptor into its slot, if there is a unit i. */
-  static __device__ __forceinline__ void ring_fetch(const kargs &a, uint32_t sm, int i,
-                                                    const deal_t &d) {
-    if (i < d.nunits)
-      cp_async<16>(sm + ring_slot(i),
-                   reinterpret_cast<const int4 *>(a.plan.units) +
-                       (i < d.ndp ? d.first + (int64_t)i * d.stride : d.sk_first + i - d.ndp),
-                   16);
+  /* Unit i's descriptor into its slot (deal stride g), if there is a unit i. */
+  static __device__ __forceinline__ void ring_fetch(const kargs &a, uint32_t sm, int i, int nunits,
+                                                    int g) {
+    if (i < nunits) cp_async<16>(sm + ring_slot(i), unit_desc_ptr(a, i, g), 16);
   }
 
   /* kNoRow: chunk row i of this thread is past the unit's tokens */
@@ -514,44 +417,11 @@ struct wg_kernel {
         for (int r = 0; r < 4; r++) wgmma_pin(acc[mt][j][r]);
   }
 
-  /* A unit's sums are done: its output, then acc zeroed (st: the shared
-   * address of the slot of its last stage computed, whose x region stages
-   * the stores). hand >= 0: the sums are the part of a unit cut by stream-K
-   * range hand's start; they go to its slot instead (sk_put), and the
-   * store runs for no rows. One path for both, so that the accumulators
-   * are zeroed by the same instructions: with a branch of its own around
-   * the store, ptxas serialized every wgmma (C7515) and each config lost
-   * 5-30% (perf-notes, session 17). */
-  static __device__ __forceinline__ void finish_unit(const kargs &a, const uint8_t *smem,
-                                                     uint32_t st, const walk &cw,
-                                                     float (&acc)[MT][NTMAX][4], int hand) {
-    walk w = cw;
-    if (hand >= 0) w.u.cnt = 0;
-    if constexpr (WGS == 1) {
-      int32_t row[kRuns];
-      if (!a.glu_i) staged_rows<2 * MT>(smem, w, row);
-      else if (a.act) staged_rows<MT>(smem, w, row);
-      wgmma_wait<0>();
-      pin_all(acc);
-      if (hand >= 0) sk_put(a, hand, acc);
-      if (!a.glu_i) store_staged(a, w.u, acc, st, row);
-      else if (a.act) store_staged_glu(a, w.u, acc, st, row);
-      else store_unit_glu<T, MT, NTMAX, kBN>(a, w.u, acc, ring_rows(smem, w.idx));
-    } else {
-      wgmma_wait<0>();
-      pin_all(acc);
-      if (hand >= 0) sk_put(a, hand, acc);
-      const int32_t *rows = ring_rows(smem, w.idx);
-      if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, w.u, acc, rows);
-      else store_unit<T, MT, NTMAX, kBN, true>(a, w.u, acc, rows);
-    }
-  }
-
   static __device__ __forceinline__ void run(const kargs &a) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
+    const int nunits = units_of_cta(a);
     const int nk = (a.K + kStageK - 1) / kStageK;
-    const deal_t d = deal_of(a, nk);
-    const int nunits = d.nunits, nflat = d.nflat;
+    const int nflat = nunits * nk;
     if (nflat <= 0) return;
     /* the swizzle atoms need 1024-byte aligned regions */
     uint8_t *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -563,7 +433,8 @@ struct wg_kernel {
       for (int j = 0; j < NTMAX; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
-    if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, sm, threadIdx.x, d);
+    const int g = deal_stride(a, units_total(a));
+    if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, sm, threadIdx.x, nunits, g);
     cp_async_commit();
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
@@ -571,16 +442,14 @@ struct wg_kernel {
     }
     cp_async_wait<0>();
     __syncthreads();
-    /* load side, compute side */
-    walk lw = {0, d.ndp == 0 ? d.k0 : 0, ring_unit(smem, 0)}, cw = lw;
+    walk lw = {0, 0, ring_unit(smem, 0)}, cw = lw; /* load side, compute side */
     lstate ls;
     load_unit(a, lw, sm, ls);
     auto load_stage = [&](int slot) {
       issue(a, ls, lw.k, nk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
       if (lw.step(nunits, nk)) {
-        if (lw.idx == d.ndp) lw.k = d.k0;
         lw.u = ring_unit(smem, lw.idx);
-        if (threadIdx.x == 0) ring_fetch(a, sm, lw.idx + kRingAhead, d);
+        if (threadIdx.x == 0) ring_fetch(a, sm, lw.idx + kRingAhead, nunits, g);
         load_unit(a, lw, sm, ls);
       }
     };
@@ -589,7 +458,7 @@ struct wg_kernel {
       if (s < nflat) load_stage(s);
       cp_async_commit();
     }
-    int slot = 0, last = 0;
+    int slot = 0;
     uint32_t parity = 0;
     int sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
     for (int f = 0; f < nflat; f++) {
@@ -617,26 +486,32 @@ struct wg_kernel {
       /* the unit's walk on, inside the rare branch (stepping it outside kept
        * the unit state live across the stage: 168 registers and spills) */
       if (cw.k == nk - 1) {
-        const int hand = cw.idx == d.ndp && d.k0 > 0 ? d.range : -1;
-        finish_unit(a, smem, sm + slot * kStageBytes, cw, acc, hand);
-        if (hand >= 0) sk_raise(a, hand);
+        if constexpr (WGS == 1) {
+          int32_t row[kRuns];
+          if (!a.glu_i) staged_rows<2 * MT>(smem, cw, row);
+          else if (a.act) staged_rows<MT>(smem, cw, row);
+          wgmma_wait<0>();
+          pin_all(acc);
+          const uint32_t st = sm + slot * kStageBytes;
+          if (!a.glu_i) store_staged(a, cw.u, acc, st, row);
+          else if (a.act) store_staged_glu(a, cw.u, acc, st, row);
+          else store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc, ring_rows(smem, cw.idx));
+        } else {
+          wgmma_wait<0>();
+          pin_all(acc);
+          const int32_t *rows = ring_rows(smem, cw.idx);
+          if (a.glu_i) store_unit_glu<T, MT, NTMAX, kBN>(a, cw.u, acc, rows);
+          else store_unit<T, MT, NTMAX, kBN, true>(a, cw.u, acc, rows);
+        }
         if (cw.step(nunits, nk)) {
-          if (cw.idx == d.ndp) cw.k = d.k0;
           cw.u = ring_unit(smem, cw.idx);
           sadj = half_tile(a, cw.u) ? kWBytes / 2 : 0;
         }
       } else {
         cw.k++;
       }
-      last = slot;
       if (slot == STAGES - 1) slot = 0, parity ^= 1u;
       else slot++;
-    }
-    if (d.tail) { /* the last unit's first stages: the next range has the rest */
-      wgmma_wait<0>();
-      pin_all(acc);
-      sk_take(a, d.range, acc);
-      finish_unit(a, smem, sm + last * kStageBytes, cw, acc, -1);
     }
     wgmma_wait<0>();
     cp_async_wait<0>();

@@ -54,6 +54,16 @@
  * starts: gather 2-4 rows per expert and qmm M = 8 4-5% faster, int8
  * gather 4-8 rows 3-12% (perf-notes, session 16). */
 #define PK_UNIT_ROWS (4 * GQMM__CPU_PANEL)
+/* Threads that can take contiguous ranges of units (RANGES); more take
+ * units from the shared counter. */
+#define RANGE_SLOTS 64
+
+/* A thread's range of units [lo, hi) in one word (hi << 32 | lo): the
+ * owner takes from the front, the others from the back, each by one
+ * compare-and-swap, so no unit is taken twice. On its own cache line. */
+typedef struct {
+  _Alignas(64) atomic_ullong lohi;
+} unit_range;
 
 typedef struct {
   const gqmm__qmm_args *a;
@@ -84,6 +94,10 @@ typedef struct {
   int8_t *pk_xq;          /* [rows][K] */
   atomic_llong next_blk;
   atomic_llong next;
+  /* Packed units with weight reuse (4+ rows a block on average) come from
+   * per-thread ranges (next_unit), else from the shared counter `next`. */
+  bool ranges;
+  unit_range range[RANGE_SLOTS];
 } job;
 
 /* ---- building blocks -------------------------------------------------- */
@@ -686,6 +700,44 @@ static void prep_x(void *arg, int t) {
   }
 }
 
+/* Thread t's next unit, or a value >= total when none is left.
+ *
+ * The shared counter deals consecutive units to alternate threads, so a
+ * thread's next unit is never the next in memory and each starts its
+ * stream cold. With `ranges` each thread owns an equal run of consecutive
+ * units and takes them front to back, streaming on from one to the next;
+ * a thread whose run is done takes the last unit of the run with the most
+ * left. Only where the units reuse weights: with 1-2 rows a block (memory
+ * bound) two threads streaming regions far apart were 5-7% slower than
+ * interleaved units (qmm M = 1-2), while 4-16 rows per expert gained 2-5%
+ * (perf-notes, sessions 16 and 17). Which thread computes a unit does not
+ * change its result. */
+static int64_t next_unit(job *j, int t, int threads, int64_t total) {
+  if (!j->ranges) return atomic_fetch_add(&j->next, 1);
+  for (;;) { /* the front of the own run */
+    unsigned long long v = atomic_load(&j->range[t].lohi);
+    const uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+    if (lo >= hi) break;
+    if (atomic_compare_exchange_weak(&j->range[t].lohi, &v, v + 1)) return lo;
+  }
+  for (;;) { /* the back of the run with the most left */
+    int from = -1;
+    uint32_t most = 0;
+    for (int o = 0; o < threads; o++) {
+      const unsigned long long v = atomic_load(&j->range[o].lohi);
+      const uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+      if (hi > lo && hi - lo > most) most = hi - lo, from = o;
+    }
+    if (from < 0) return total;
+    unsigned long long v = atomic_load(&j->range[from].lohi);
+    const uint32_t lo = (uint32_t)v, hi = (uint32_t)(v >> 32);
+    if (lo >= hi) continue;
+    if (atomic_compare_exchange_weak(&j->range[from].lohi, &v,
+                                     (unsigned long long)(hi - 1) << 32 | lo))
+      return hi - 1;
+  }
+}
+
 static void worker(void *arg, int t) {
   job *j = arg;
   gqmm__cpu_scratch *s = &j->st->scratch[t];
@@ -693,8 +745,9 @@ static void worker(void *arg, int t) {
   layout(j, s->buf, &v);
   const int64_t total = j->nblocks * j->tiles;
   const int64_t nt = j->nt, ncols = j->a->N;
+  const int threads = j->st->threads;
   for (;;) {
-    const int64_t u = atomic_fetch_add(&j->next, 1);
+    const int64_t u = next_unit(j, t, threads, total);
     if (u >= total) break;
     const int64_t blk = u / j->tiles, n0 = (u % j->tiles) * nt;
     const int nn = (int)(ncols - n0 < nt ? ncols - n0 : nt);
@@ -796,6 +849,12 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   }
   if (!status) {
     atomic_init(&j.next, 0);
+    const int64_t total = j.nblocks * j.tiles, T = st->threads;
+    j.ranges = j.pk && T > 1 && T <= RANGE_SLOTS && total < INT32_MAX &&
+               a->batch * a->M >= 4 * j.nblocks;
+    for (int64_t t = 0; j.ranges && t < T; t++)
+      atomic_init(&j.range[t].lohi,
+                  (unsigned long long)(total * (t + 1) / T) << 32 | (uint64_t)(total * t / T));
     gqmm__cpu_pool_run(st->pool, worker, &j);
   }
   free(j.x_off);

@@ -47,15 +47,16 @@
 #define SMALL_UNIT_ROWS 256
 #define SMALL_UNITS_PER_THREAD 4
 /* Weight rows per unit of packed weights: four panels (cpu_pack.c), two of
- * the pairs the kernel takes at once for 1 row. Units come to the threads
- * from one counter, so a thread's next unit is not the next in memory: each
+ * the pairs the kernel takes at once for 1 row. Where units come to the
+ * threads from one counter (next_unit: blocks of fewer than 4 rows on
+ * average), a thread's next unit is not the next in memory: each
  * unit starts its stream cold (the kernel's prefetch across a panel's end
  * reaches the other thread's unit). Four panels instead of two halve those
  * starts: gather 2-4 rows per expert and qmm M = 8 4-5% faster, int8
  * gather 4-8 rows 3-12% (perf-notes, session 16). */
 #define PK_UNIT_ROWS (4 * GQMM__CPU_PANEL)
-/* Threads that can take contiguous ranges of units (RANGES); more take
- * units from the shared counter. */
+/* The most threads that take their units from runs of their own
+ * (next_unit); with more, they all take them from the shared counter. */
 #define RANGE_SLOTS 64
 
 /* A thread's range of units [lo, hi) in one word (hi << 32 | lo): the
@@ -850,8 +851,8 @@ int gqmm__cpu_run(gqmm_ctx *ctx, gqmm__cpu_state *st, const gqmm__qmm_args *a,
   if (!status) {
     atomic_init(&j.next, 0);
     const int64_t total = j.nblocks * j.tiles, T = st->threads;
-    j.ranges = j.pk && T > 1 && T <= RANGE_SLOTS && total < INT32_MAX &&
-               a->batch * a->M >= 4 * j.nblocks;
+    j.ranges =
+        j.pk && T > 1 && T <= RANGE_SLOTS && total < INT32_MAX && a->batch * a->M >= 4 * j.nblocks;
     for (int64_t t = 0; j.ranges && t < T; t++)
       atomic_init(&j.range[t].lohi,
                   (unsigned long long)(total * (t + 1) / T) << 32 | (uint64_t)(total * t / T));

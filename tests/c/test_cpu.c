@@ -508,8 +508,14 @@ GQMM_TEST(cpu_packed_integer_problems_bitwise_and_threads) {
      * block (N = 1100), blocks of 5 to 25 rows; every unit once, whatever
      * the thread count. */
     for (int threads = 2; threads <= 3; threads++) {
-      problem p = {.E = 5, .M = 5, .N = 1100, .K = 128, .batch = 9, .transpose = 1,
-                   .q = {4, 64}, .dt = GQMM_BF16};
+      problem p = {.E = 5,
+                   .M = 5,
+                   .N = 1100,
+                   .K = 128,
+                   .batch = 9,
+                   .transpose = 1,
+                   .q = {4, 64},
+                   .dt = GQMM_BF16};
       CHECK_OK(problem_make_int(&p, &r));
       char err[256] = "";
       CHECK_MSG(same_bits(&p, (runner){0}, (runner){isas[ii], threads, -1, 0, 1}, err, sizeof err),

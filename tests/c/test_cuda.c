@@ -331,7 +331,8 @@ GQMM_TEST(cuda_matches_reference) {
   const struct {
     gqmm_quant q;
     gqmm_dtype dt;
-  } skf[] = {{{4, 64}, GQMM_BF16}, {{2, 32}, GQMM_F16}, {{3, 128}, GQMM_BF16}, {{8, 64}, GQMM_BF16}};
+  } skf[] = {
+      {{4, 64}, GQMM_BF16}, {{2, 32}, GQMM_F16}, {{3, 128}, GQMM_BF16}, {{8, 64}, GQMM_BF16}};
   for (int fi = 0; fi < (quick ? 1 : 4); fi++)
     for (int ci = 0; ci < 2; ci++) {
       gpu_case c = sk[ci];

@@ -6,6 +6,7 @@
 
 BUILD      ?= build
 ASAN_BUILD ?= build-asan
+CUDA_BUILD ?= build-cuda
 VENV       ?= .venv
 JOBS       ?= $(shell nproc 2>/dev/null || echo 2)
 CMAKE_ARGS ?=
@@ -46,6 +47,21 @@ asan:
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DGQMM_SANITIZE=ON -DGQMM_CUDA=OFF $(CMAKE_ARGS) >/dev/null
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
+
+# Every CUDA source through nvcc (sm_90a; no GPU needed). Fails where ptxas
+# serialized a kernel's wgmma pipeline (its message C7515): it builds, but
+# each such kernel runs 5-45% slower (docs/perf-notes.md, session 17). The
+# full log, ptxas's register counts included, is $(CUDA_BUILD)/build.log.
+cuda-check:
+	cmake -S . -B $(CUDA_BUILD) -DCMAKE_BUILD_TYPE=Release -DGQMM_CUDA=ON $(CMAKE_ARGS) >/dev/null
+	@cmake --build $(CUDA_BUILD) -j $(JOBS) > $(CUDA_BUILD)/build.log 2>&1; st=$$?; \
+	  grep -Ev '^ptxas info|bytes stack frame' $(CUDA_BUILD)/build.log; \
+	  if [ $$st -ne 0 ]; then exit $$st; fi; \
+	  if grep -q C7515 $(CUDA_BUILD)/build.log; then \
+	    grep C7515 $(CUDA_BUILD)/build.log | grep -o "function '[^']*'" | sort -u; \
+	    echo "cuda-check: ptxas serialized the wgmma pipeline (C7515) of the kernels above"; \
+	    exit 1; \
+	  fi
 
 # The levers (canvases per step x expert bits) of the seed model's step on the
 # best backend, as JSON records and a PNG of time per canvas against B.

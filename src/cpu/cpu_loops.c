@@ -58,6 +58,8 @@
 /* The most threads that take their units from runs of their own
  * (next_unit); with more, they all take them from the shared counter. */
 #define RANGE_SLOTS 64
+/* int8 tile heights of blocks of more than 8 rows (pk_tiles). */
+#define PK_I8_SPLIT_ROWS 6
 
 /* A thread's range of units [lo, hi) in one word (hi << 32 | lo): the
  * owner takes from the front, the others from the back, each by one
@@ -512,9 +514,20 @@ static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int n
 /* The packed kernels' tiles of a block of R rows (unit_packed, and prep_x,
  * which lays int8 codes out by tile): pk_tiles of them, of near-equal
  * heights, at most GQMM__CPU_PK_MAX_ROWS each; tile t, starting at row r0
- * (the heights of the tiles before it summed), has pk_tile_height rows. */
-static int64_t pk_tiles(int64_t R) {
-  return (R + GQMM__CPU_PK_MAX_ROWS - 1) / GQMM__CPU_PK_MAX_ROWS;
+ * (the heights of the tiles before it summed), has pk_tile_height rows.
+ *
+ * int8 blocks of more than GQMM__CPU_PK_MAX_ROWS rows take tiles of at most
+ * PK_I8_SPLIT_ROWS: from L2 the int8 kernel runs 5-6 row tiles at 312-356
+ * GMAC/s a core and 7-8 row ones at 229-282 (gqmm_cpu_pk_probe --int8), and
+ * such a block needs several tiles anyway. int8 qmm M = 16 / 32 / 128 and
+ * gathers of 32 / 128 rows per expert ran 5-11% faster (perf-notes, session
+ * 17). Blocks of up to 8 rows stay one tile: split in two, the second tile
+ * re-reads the weights from L2 after the first streamed them, which cost
+ * qmm M = 8 4-6%. bf16's 8-row tile is among its fastest: bf16 keeps 8. */
+static int64_t pk_tiles(const job *j, int64_t R) {
+  const int64_t most =
+      j->pk_i8 && R > GQMM__CPU_PK_MAX_ROWS ? PK_I8_SPLIT_ROWS : GQMM__CPU_PK_MAX_ROWS;
+  return (R + most - 1) / most;
 }
 static int pk_tile_height(int64_t R, int64_t tiles, int64_t t, int64_t r0) {
   return (int)((R - r0) / (tiles - t));
@@ -535,7 +548,7 @@ static void unit_packed(const job *j, const scratch_view *v, int64_t blk, int64_
   const int64_t K = a->K, G = j->G, nt = j->nt, pb = j->ps.panel_bytes;
   const int64_t panels = gqmm__cpu_pk_panels(a->N), np = gqmm__cpu_pk_panels(nn);
   const uint8_t *base = (const uint8_t *)j->pk->data + (e * panels + n0 / GQMM__CPU_PANEL) * pb;
-  const int64_t tiles = pk_tiles(R);
+  const int64_t tiles = pk_tiles(j, R);
   for (int64_t p = 0; p < np; p += 2) {
     const int pair = np - p < 2 ? 1 : 2;
     for (int64_t t = 0, r0 = 0; t < tiles; t++) {
@@ -682,7 +695,7 @@ static void prep_x(void *arg, int t) {
   for (;;) {
     const int64_t b = atomic_fetch_add(&j->next_blk, 1);
     if (b >= j->nblocks) break;
-    const int64_t first = j->blk_first[b], R = j->blk_rows[b], tiles = pk_tiles(R);
+    const int64_t first = j->blk_first[b], R = j->blk_rows[b], tiles = pk_tiles(j, R);
     for (int64_t ti = 0, r0 = 0; ti < tiles; ti++) {
       const int mr = pk_tile_height(R, tiles, ti, r0);
       for (int m = 0; m < mr; m++) {

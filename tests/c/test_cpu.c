@@ -749,10 +749,10 @@ static void int8_emulate(const problem *p, double *out) {
 
 /* int8 mode over packed weights (packed_i8, AVX-512 VNNI): 2- and 4-bit,
  * every group size, f16 and bf16, blocks of 1 to ~40 rows (tiles of 1-8
- * rows; of at most 6 in blocks of more than 8), against the mode emulated in float64 (the float32 rounding of the
- * result) and the exact reference (the mode's quantization bound), bit for
- * bit across thread counts; on ISAs without the kernel the option falls
- * back to the exact packed path. */
+ * rows; of at most 6 in blocks of more than 8), against the mode emulated
+ * in float64 (the float32 rounding of the result) and the exact reference
+ * (the mode's quantization bound), bit for bit across thread counts; on
+ * ISAs without the kernel the option falls back to the exact packed path. */
 GQMM_TEST(cpu_int8_mode_over_packed_weights) {
   test_rng r = test_rng_make(734);
   static const int Ms[] = {1, 3, 7};

@@ -519,9 +519,9 @@ static void unit_fma_panel(const job *j, const scratch_view *v, int64_t R, int n
  * int8 blocks of more than GQMM__CPU_PK_MAX_ROWS rows take tiles of at most
  * PK_I8_SPLIT_ROWS: from L2 the int8 kernel runs 5-6 row tiles at 312-356
  * GMAC/s a core and 7-8 row ones at 229-282 (gqmm_cpu_pk_probe --int8), and
- * such a block needs several tiles anyway. int8 qmm M = 16 / 32 / 128 and
- * gathers of 32 / 128 rows per expert ran 5-11% faster (perf-notes, session
- * 17). Blocks of up to 8 rows stay one tile: split in two, the second tile
+ * such a block needs several tiles anyway. int8 qmm M = 16-128 ran 5-12%
+ * faster, gathers of 32-128 rows per expert 6-9% (perf-notes, session 17).
+ * Blocks of up to 8 rows stay one tile: split in two, the second tile
  * re-reads the weights from L2 after the first streamed them, which cost
  * qmm M = 8 4-6%. bf16's 8-row tile is among its fastest: bf16 keeps 8. */
 static int64_t pk_tiles(const job *j, int64_t R) {

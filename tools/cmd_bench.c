@@ -106,8 +106,9 @@ static int dev_upload(bench_env *env, void *dst, const void *src, size_t n) {
   return env->be->mem_copy(env->ctx, dst, src, n, GQMM__COPY_H2D);
 }
 
-static void dev_sync(bench_env *env) {
-  if (env->be->sync) env->be->sync(env->ctx);
+/* Wait for the run's device; its status (a deferred error of the work). */
+static int dev_sync(bench_env *env) {
+  return env->be->sync ? env->be->sync(env->ctx) : GQMM_OK;
 }
 
 /* Memory the host can give without swapping (MemAvailable), in bytes. */
@@ -429,8 +430,7 @@ static int measure(bench_env *env, const bench_opts *o, gqmm_quant q, int canvas
           noted = 1;
         }
       }
-      if (replay && env->be->sync(env->ctx)) goto fail; /* a replay's deferred error */
-      dev_sync(env);
+      if (dev_sync(env) && replay) goto fail; /* a replay's deferred error */
       times[mi * o->reps + r] = (gqmm__now_s() - t0) * (double)m->layers / nl;
       double v[5]; /* a fused layer's own device-timed steps (its last call of the step) */
       if (!replay && o->breakdown && env->be->moe_phases &&

@@ -120,6 +120,13 @@ static int probe(gqmm_ctx *ctx) {
   return 1;
 }
 
+/* GQMM_OK if ctx has a usable GPU and no graph is recording on its stream;
+ * else the error (what: the call, named if a recording refuses it). */
+static int usable_unrecorded(gqmm_ctx *ctx, const char *what) {
+  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
+  return gqmm__cuda_refuse_recording(ctx, what);
+}
+
 static int cuda_fail(gqmm_ctx *ctx, int err, const char *what) {
   return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: %s: %s", what,
                     cudaGetErrorString((cudaError_t)err));
@@ -356,8 +363,7 @@ int gqmm__cuda_pick_config(gqmm_ctx *ctx, const gqmm__qmm_args *a) {
 }
 
 static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
-  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  int st = gqmm__cuda_refuse_recording(ctx, "the ceiling measurement");
+  int st = usable_unrecorded(ctx, "the ceiling measurement");
   if (st) return st;
   cuda_state *s = ctx->cuda_state;
   memset(out, 0, sizeof *out);
@@ -368,8 +374,7 @@ static int cuda_ceilings(gqmm_ctx *ctx, gqmm__ceilings *out) {
 }
 
 static int cuda_sync(gqmm_ctx *ctx) {
-  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_sync");
+  int st = usable_unrecorded(ctx, "gqmm_device_sync");
   if (st) return st;
   cuda_state *s = ctx->cuda_state;
   cudaError_t e = drain(s);
@@ -390,8 +395,7 @@ static int cuda_last_time(gqmm_ctx *ctx, double *kernel_us, double *op_us) {
 }
 
 static int cuda_mem_alloc(gqmm_ctx *ctx, size_t bytes, void **out) {
-  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_alloc");
+  int st = usable_unrecorded(ctx, "gqmm_device_alloc");
   if (st) return st;
   cudaError_t e = cudaMalloc(out, bytes ? bytes : 1);
   if (e) {
@@ -408,8 +412,7 @@ static void cuda_mem_free(gqmm_ctx *ctx, void *p) {
 
 static int cuda_mem_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes,
                          gqmm__copy_dir dir) {
-  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_copy");
+  int st = usable_unrecorded(ctx, "gqmm_device_copy");
   if (st) return st;
   cuda_state *s = ctx->cuda_state;
   const enum cudaMemcpyKind kinds[3] = {cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost,
@@ -424,8 +427,7 @@ static int cuda_mem_copy(gqmm_ctx *ctx, void *dst, const void *src, size_t bytes
 /* ---- the stream and graphs ------------------------------------------------- */
 
 static int cuda_set_stream(gqmm_ctx *ctx, void *stream) {
-  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_device_set_stream");
+  int st = usable_unrecorded(ctx, "gqmm_device_set_stream");
   if (st) return st;
   cuda_state *s = ctx->cuda_state;
   /* the old stream's work first, so ctx's calls stay in order */
@@ -512,8 +514,7 @@ static void cuda_release(gqmm_ctx *ctx) {
 
 static int cuda_pack(gqmm_ctx *ctx, struct gqmm_packed *p, const uint32_t *w, const void *scales,
                      const void *biases, int64_t E, int64_t N) {
-  if (probe(ctx) != 1) return gqmm__fail(ctx, GQMM_ERR_BACKEND, "cuda: no usable GPU");
-  int st = gqmm__cuda_refuse_recording(ctx, "gqmm_pack");
+  int st = usable_unrecorded(ctx, "gqmm_pack");
   if (st) return st;
   const int64_t bytes = gqmm__cu_pack_bytes(E, N, p->K, p->q.bits, p->q.group_size, p->glu);
   void *d = NULL;

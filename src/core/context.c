@@ -12,8 +12,6 @@ int gqmm_ctx_create(gqmm_ctx **out, const gqmm_ctx_options *opts) {
   if (!ctx) return GQMM_ERR_NOMEM;
   ctx->backend_kind = GQMM_BACKEND_AUTO;
   ctx->forced_config = -1;
-  const char *ov = getenv("GQMM_CUDA_OVERLAP");
-  ctx->moe_overlap = ov && ov[0] == '0' ? 0 : -1;
   if (opts) {
     if ((unsigned)opts->backend > (unsigned)GQMM_BACKEND_CUDA || opts->num_threads < 0) {
       free(ctx);

@@ -34,10 +34,6 @@ struct gqmm_ctx {
   /* The MoE layer records its phases' device times (gqmm bench --breakdown;
    * the backend's moe_phases hook), at some cost on the device. */
   int moe_timing;
-  /* The CUDA MoE layer's down GEMM overlapping gate_up (moe_cuda.c): -1
-   * where it pays (the default), 0 never (GQMM_CUDA_OVERLAP=0 at the
-   * context's creation; A/B runs), 1 wherever it can run (tests). */
-  int moe_overlap;
   /* The host MoE layer's work buffers (moe_compose.c), kept between calls:
    * at 8 canvases they are ~160 MB, which malloc would map and the kernel
    * zero afresh every layer. */

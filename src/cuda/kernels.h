@@ -66,9 +66,6 @@ typedef struct {
   int32_t *units2;      /* unit descriptors of tiling 1 (as plan.units) */
   gqmm__cu_plan plan;
   int32_t *ids_safe; /* [pairs] */
-  /* NULL, or E + 2 ints for the GEMMs' overlap (gqmm__cu_qmm.sig): set to
-   * each expert's tiling-0 units, their total, and 0 (down's claim). */
-  int32_t *sync;
   int32_t *err;      /* device view of 5 host-mapped ints */
   int32_t call;
   int sms; /* the device's multiprocessors */
@@ -96,18 +93,6 @@ typedef struct {
    * act(gate, up) of the rounded gate and up values (the MoE layer's
    * activation in the epilogue); 0: the plain [rows, N] output. */
   int epilogue_act;
-  /* The MoE layer's overlap of gate_up and down (moe_cuda.c; the wgmma
-   * configs only, else NULL). gate_up: sig = the plan's counters (E + 2
-   * ints, gqmm__cu_moe_route_args.sync): after a unit's outputs are
-   * written, sig[e] and sig[E] drop by one. down: launched with
-   * programmatic stream serialization right after gate_up, so its CTAs
-   * start in gate_up's free slots and as gate_up's CTAs leave; before a
-   * unit reads its x rows (gate_up's outputs) it waits for dep[e] == 0
-   * (dep[E] == 0: all of them), and it takes its units one at a time from
-   * the counter claim (its CTAs start at different times), not by the
-   * static deal. */
-  int32_t *sig, *claim;
-  const int32_t *dep;
 } gqmm__cu_qmm;
 
 /*

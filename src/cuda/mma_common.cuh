@@ -33,8 +33,6 @@ struct kargs {
   int64_t pk_expert_bytes;                 /* bytes of one expert's blocks */
   int glu_i, act; /* a GLU pack: I (else 0), and gqmm__cu_qmm.epilogue_act */
   int balanced;   /* deal units to the fewest CTAs of equal rounds (units_of_cta) */
-  int32_t *sig, *claim; /* gqmm__cu_qmm's: the wgmma kernel only */
-  const int32_t *dep;
   gqmm__cu_plan plan;
 };
 
@@ -245,7 +243,6 @@ inline kargs make_kargs(const gqmm__cu_qmm *a, const gqmm__cu_plan *plan, int ex
   /* the wgmma kernel's long units only (units_of_cta): 16 stages or more;
    * measured there, not on the MLX-layout kernel */
   k.balanced = a->packed && a->K >= 16 * GQMM__CU_PACK_STAGE_K;
-  k.sig = a->sig, k.claim = a->claim, k.dep = a->dep;
   k.plan = *plan;
   return k;
 }

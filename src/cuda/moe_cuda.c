@@ -147,7 +147,7 @@ static size_t units_bytes(int64_t R, int64_t E, int64_t N) {
  * kernel wants 16-byte aligned x rows); returns the total. */
 static size_t layout(const gqmm__moe_args *a, size_t off[S_PARTS]) {
   const size_t R = (size_t)(a->tokens * a->top_k), E = (size_t)a->experts;
-  const size_t esz = gqmm_dtype_size(a->dtype), plan = (6 * E + 4 + 3 * R) * sizeof(int32_t);
+  const size_t esz = gqmm_dtype_size(a->dtype), plan = (5 * E + 2 + 3 * R) * sizeof(int32_t);
   const size_t bytes[S_PARTS] = {R * sizeof(int32_t),
                                  R * sizeof(int32_t),
                                  plan,
@@ -194,15 +194,14 @@ static int ensure_scratch(gqmm_ctx *ctx, moe_state *s, size_t need, bool fresh) 
 }
 
 /* The plan arrays inside the plan part: gate_up's plan, down's units
- * (unit_start2), the checked ids and the overlap's counters (E + 2). */
+ * (unit_start2) and the checked ids. */
 static gqmm__cu_plan plan_at(char *base, int64_t E, int64_t R, int32_t **unit_start2,
-                             int32_t **ids_safe, int32_t **sync) {
+                             int32_t **ids_safe) {
   gqmm__cu_plan p;
   p.count = (int32_t *)base, p.row_start = p.count + E, p.fill = p.row_start + E;
   p.unit_start = p.fill + E, p.rows_x = p.unit_start + E + 1, p.rows_o = p.rows_x + R;
   *unit_start2 = p.rows_o + R;
   *ids_safe = *unit_start2 + E + 1;
-  *sync = *ids_safe + R;
   return p;
 }
 
@@ -323,8 +322,8 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   const size_t esz = gqmm_dtype_size(a->dtype);
   int32_t *tok_of = (int32_t *)(s->buf + off[S_TOK]), *iota = (int32_t *)(s->buf + off[S_IOTA]);
   char *gu = s->buf + off[S_GU], *h = s->buf + off[S_H], *y = s->buf + off[S_Y];
-  int32_t *down_units, *ids, *sync;
-  gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN], E, R, &down_units, &ids, &sync);
+  int32_t *down_units, *ids;
+  gqmm__cu_plan pg = plan_at(s->buf + off[S_PLAN], E, R, &down_units, &ids);
   pg.units = (int32_t *)(s->buf + off[S_UNITS_GU]);
   int32_t *down_descs = (int32_t *)(s->buf + off[S_UNITS_DOWN]);
   const bool fused = a->gu_expert_rows == 2 * I;
@@ -342,19 +341,6 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
   /* A GLU pack of gate_up: the activation runs in its epilogue, into h. */
   const bool act_fused = fused && gate.cfg != generic && gate.k.glu;
   if (act_fused) gate.k.out = h, gate.k.epilogue_act = 1 + (int)a->act;
-  /* down starts in gate_up's free slots and as its CTAs leave (kernels.h
-   * gqmm__cu_qmm.sig): both on the wgmma kernel (packed), nothing between
-   * them (the fused activation, no phase events); and where it pays, units
-   * to spare for a claimed deal (a CTA claims six at its start) */
-  bool overlap =
-      ctx->moe_overlap != 0 && act_fused && down.cfg != generic && down.pk && !timing &&
-      (ctx->moe_overlap > 0 || (int64_t)down.n_tiles * (R < E ? R : E) >= 8 * (int64_t)s->sms);
-  if (overlap) {
-    gate.k.sig = sync, down.k.dep = sync, down.k.claim = sync + E + 1;
-    /* the overlap's kernel instances exist for some configs only */
-    if (!gqmm__cu_mma_instance(gate.cfg, &gate.k) || !gqmm__cu_mma_instance(down.cfg, &down.k))
-      overlap = false, gate.k.sig = down.k.claim = NULL, down.k.dep = NULL;
-  }
   /* One plan kernel for both GEMMs (gate and up share N, so one tiling);
    * down reads h row p, the out row of pair p. */
   const gemm *g0 = gate.cfg != generic ? &gate : &up;
@@ -369,7 +355,6 @@ int gqmm__cuda_moe_forward(gqmm_ctx *ctx, const gqmm__moe_args *a) {
                                       .units2 = down_descs,
                                       .plan = pg,
                                       .ids_safe = ids,
-                                      .sync = overlap ? sync : NULL,
                                       .err = s->err_d,
                                       .call = (int32_t)s->calls,
                                       .sms = s->sms,

@@ -102,28 +102,6 @@ __device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void *src, uin
 __device__ __forceinline__ void discard_l2_line(const void *p) {
   asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(p) : "memory");
 }
-/* Counters between the CTAs of two kernels that may run at once (the MoE
- * layer's gate_up and down, qmm_wgmma.cu). The producer: its CTA's barrier
- * after the writes, then one thread's release fence and relaxed decrements
- * (red: nothing waits for them). The consumer: acquire loads, then its
- * CTA's barrier before the reads. */
-__device__ __forceinline__ void fence_acq_rel_gpu() {
-  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
-}
-__device__ __forceinline__ void red_dec_gpu(int32_t *p) {
-  asm volatile("red.relaxed.gpu.global.add.s32 [%0], -1;\n" ::"l"(p) : "memory");
-}
-__device__ __forceinline__ int32_t ld_acquire_gpu(const int32_t *p) {
-  int32_t v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-/* Programmatic launch: the kernel launched after this one with programmatic
- * stream serialization may start once every CTA of this one has run this. */
-__device__ __forceinline__ void launch_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-}
-
 /* Spin until the barrier's phase with this parity has completed. */
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t done;

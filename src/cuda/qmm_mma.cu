@@ -437,19 +437,6 @@ extern "C" int gqmm__cu_mma_run(int cfg, const gqmm__cu_qmm *a, const gqmm__cu_p
                                 int experts, int grid, gqmm__cu_stream stream) {
   launch_info li = pick(a, cfg);
   if (!li.fn || !gqmm__cu_mma_config_ok(cfg, a)) return (int)cudaErrorInvalidValue;
-  /* the overlap's counters are the wgmma kernel's (kernels.h) */
-  if ((a->sig || a->dep || a->claim) && !a->packed) return (int)cudaErrorInvalidValue;
-  if (!a->dep) {
-    li.fn<<<grid, li.threads, li.smem, stream>>>(make_kargs(a, plan, experts));
-    return (int)cudaGetLastError();
-  }
-  /* down of the overlap: may start before gate_up ends (it waits per
-   * expert on the counters instead) */
-  cudaLaunchAttribute at = {};
-  at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  at.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t c = {};
-  c.gridDim = dim3((unsigned)grid), c.blockDim = dim3((unsigned)li.threads);
-  c.dynamicSmemBytes = (size_t)li.smem, c.stream = stream, c.attrs = &at, c.numAttrs = 1;
-  return (int)cudaLaunchKernelEx(&c, li.fn, make_kargs(a, plan, experts));
+  li.fn<<<grid, li.threads, li.smem, stream>>>(make_kargs(a, plan, experts));
+  return (int)cudaGetLastError();
 }

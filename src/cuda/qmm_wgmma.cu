@@ -31,7 +31,6 @@
 #include "mma_common.cuh"
 #include "wfmt.cuh"
 
-#include <climits>
 #include <cuda_runtime.h>
 
 using namespace gqmm_cu;
@@ -43,14 +42,7 @@ namespace {
  * the barrier; STAGES - 2 refills the slot of the stage before that, whose
  * MMAs every warp has already waited for (the wait inside compute_n) before
  * it reaches the barrier, so the MMAs overlap the barrier and the copies. */
-/* The MoE layer's overlap of gate_up and down (kernels.h gqmm__cu_qmm.sig):
- * its code is in instances of its own. Present but never run, it made the
- * other instances 3-7% slower (the seed step on an H200, perf-notes
- * session 18). */
-enum { kOvNone, kOvUp, kOvDown };
-
-template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD, bool LIN, int WGS,
-          int OV>
+template <typename T, int BITS, int GS, int MT, int STAGES, int NTMAX, int AHEAD, bool LIN, int WGS>
 struct wg_kernel {
   static_assert(AHEAD == STAGES - 1 || AHEAD == STAGES - 2, "ring slots");
   using F = wfmt<BITS>;
@@ -144,40 +136,6 @@ struct wg_kernel {
   static __device__ __forceinline__ void ring_fetch(const kargs &a, uint32_t sm, int i, int nunits,
                                                     int g) {
     if (i < nunits) cp_async<16>(sm + ring_slot(i), unit_desc_ptr(a, i, g), 16);
-  }
-  /* Claimed units (a.claim): slot i gets the descriptor of plan unit id, or
-   * past the plan's units (of `total`) an end mark (expert -1). */
-  static __device__ __forceinline__ void ring_claimed(const kargs &a, uint8_t *smem, int i, int id,
-                                                      int total) {
-    if (id < total)
-      cp_async<16>(smem_u32(smem + ring_slot(i)),
-                   reinterpret_cast<const int4 *>(a.plan.units) + id, 16);
-    else
-      *reinterpret_cast<int4 *>(smem + ring_slot(i)) = make_int4(-1, 0, 0, 0);
-  }
-  /* The overlap (kernels.h gqmm__cu_qmm.dep), one thread: wait until the
-   * x rows of expert e are written, i.e. its dep counter is 0. clear: all
-   * of them were, seen once (then no more loads). The caller's barrier
-   * then orders the CTA's copies of x after this acquire. */
-  static __device__ __forceinline__ void dep_wait(const kargs &a, int e, bool &clear) {
-    if (clear) return;
-    if (ld_acquire_gpu(a.dep + a.experts) == 0) {
-      clear = true;
-      return;
-    }
-    while (ld_acquire_gpu(a.dep + e) != 0) __nanosleep(500);
-  }
-  /* The overlap, the producer's side (a.sig), one thread after the barrier
-   * that follows unit i's stores. */
-#ifndef GQMM_SIG_AT_LOAD
-#define GQMM_SIG_AT_LOAD 1
-#endif
-  static constexpr bool kSigAtLoad = GQMM_SIG_AT_LOAD;
-  static __device__ __forceinline__ void signal(const kargs &a, const uint8_t *smem, int i) {
-    if (threadIdx.x != 32) return; /* not thread 0: it issues the bulk copies */
-    fence_acq_rel_gpu();
-    red_dec_gpu(a.sig + ring_unit(smem, i).e);
-    red_dec_gpu(a.sig + a.experts);
   }
 
   /* kNoRow: chunk row i of this thread is past the unit's tokens */
@@ -461,15 +419,10 @@ struct wg_kernel {
 
   static __device__ __forceinline__ void run(const kargs &a) {
     extern __shared__ __align__(16) uint8_t smem_raw[];
-    /* claimed units: how many is known when the load side meets the end
-     * mark (nflat is set then, AHEAD stages or more before the end) */
-    constexpr bool claimed = OV == kOvDown, depw = OV == kOvDown, sig = OV == kOvUp;
-    const int total = units_total(a);
-    const int nunits = claimed ? INT_MAX : units_of_cta(a);
+    const int nunits = units_of_cta(a);
     const int nk = (a.K + kStageK - 1) / kStageK;
-    int nflat = claimed ? INT_MAX : nunits * nk;
+    const int nflat = nunits * nk;
     if (nflat <= 0) return;
-    if constexpr (sig) launch_dependents();
     /* the swizzle atoms need 1024-byte aligned regions */
     uint8_t *smem = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
     const uint32_t sm = smem_u32(smem);
@@ -480,18 +433,8 @@ struct wg_kernel {
       for (int j = 0; j < NTMAX; j++)
 #pragma unroll
         for (int r = 0; r < 4; r++) acc[mt][j][r] = 0.f;
-    const int g = deal_stride(a, total);
-    /* claimed: the first kRingAhead + 1 units in one claim; then each unit
-     * entered claims one more, used a unit later (the atomic's latency
-     * hides under the unit) */
-    int held = total;
-    if (!claimed) {
-      if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, sm, threadIdx.x, nunits, g);
-    } else if (threadIdx.x == 0) {
-      const int base = atomicAdd(a.claim, kRingAhead + 1);
-      for (int i = 0; i <= kRingAhead; i++) ring_claimed(a, smem, i, base + i, total);
-      if (base + kRingAhead + 1 < total) held = atomicAdd(a.claim, 1);
-    }
+    const int g = deal_stride(a, units_total(a));
+    if ((int)threadIdx.x <= kRingAhead) ring_fetch(a, sm, threadIdx.x, nunits, g);
     cp_async_commit();
     if (threadIdx.x == 0) {
       for (int s = 0; s < STAGES; s++) mbar_init(sm + kBarOff + 8 * s, 1);
@@ -500,60 +443,20 @@ struct wg_kernel {
     cp_async_wait<0>();
     __syncthreads();
     walk lw = {0, 0, ring_unit(smem, 0)}, cw = lw; /* load side, compute side */
-    if (claimed && lw.u.e < 0) return; /* no unit left */
-    /* dep_wait's: all x rows seen written; the load side entered a unit
-     * whose x rows it has not waited for. The wait runs before the barrier
-     * that precedes the unit's first x copies (waiting inside load_stage
-     * took 8 more registers). */
-    bool clear = false, dep_pending = depw;
-    auto dep_check = [&]() {
-      if constexpr (depw) {
-        if (dep_pending && threadIdx.x == 0) dep_wait(a, lw.u.e, clear);
-        dep_pending = false;
-      }
-    };
-    /* sig: units signalled so far (at the load side's unit entries: the
-     * compute side's units before cw.idx are stored, before the barrier
-     * that preceded this load_stage) */
-    int sig_done = 0;
     lstate ls;
     load_unit(a, lw, sm, ls);
-    if constexpr (depw) {
-      dep_check();
-      __syncthreads();
-    }
     auto load_stage = [&](int slot) {
       issue(a, ls, lw.k, nk, sm + slot * kStageBytes, sm + kBarOff + 8 * slot);
       if (lw.step(nunits, nk)) {
-        if constexpr (sig && kSigAtLoad) {
-          if (sig_done < cw.idx) {
-            signal(a, smem, sig_done);
-            sig_done++;
-          }
-        }
         lw.u = ring_unit(smem, lw.idx);
-        if (!claimed) {
-          if (threadIdx.x == 0) ring_fetch(a, sm, lw.idx + kRingAhead, nunits, g);
-        } else if (threadIdx.x == 0) {
-          ring_claimed(a, smem, lw.idx + kRingAhead, held, total);
-          if (held < total) held = atomicAdd(a.claim, 1);
-        }
-        if (claimed && lw.u.e < 0) {
-          nflat = lw.idx * nk; /* the end: unit lw.idx does not exist */
-        } else {
-          load_unit(a, lw, sm, ls);
-          dep_pending = depw; /* its x copies: the next load_stage */
-        }
+        if (threadIdx.x == 0) ring_fetch(a, sm, lw.idx + kRingAhead, nunits, g);
+        load_unit(a, lw, sm, ls);
       }
     };
 #pragma unroll
     for (int s = 0; s < AHEAD; s++) {
       if (s < nflat) load_stage(s);
       cp_async_commit();
-      if constexpr (depw) {
-        dep_check();
-        __syncthreads();
-      }
     }
     int slot = 0;
     uint32_t parity = 0;
@@ -564,11 +467,7 @@ struct wg_kernel {
       /* AHEAD = STAGES - 1: the previous stage's MMAs read the slot that is
        * refilled next */
       if constexpr (AHEAD == STAGES - 1) wgmma_wait<0>();
-      dep_check();
       __syncthreads();
-      /* the unit the last stage ended is stored: signal it */
-      if constexpr (sig && !kSigAtLoad)
-        if (cw.k == 0 && f > 0) signal(a, smem, cw.idx - 1), sig_done++;
       const int nslot = (slot + AHEAD) % STAGES;
       if (f + AHEAD < nflat) load_stage(nslot);
       cp_async_commit();
@@ -616,25 +515,19 @@ struct wg_kernel {
     }
     wgmma_wait<0>();
     cp_async_wait<0>();
-    if constexpr (sig) { /* the units not signalled yet */
-      __syncthreads();
-      for (; sig_done < cw.idx; sig_done++)
-        signal(a, smem, sig_done);
-    }
   }
 };
 
 template <typename T, int BITS, int GS, int MT, int STAGES, int MINB, int NTMAX, int AHEAD,
-          bool LIN, int WGS, int OV>
+          bool LIN, int WGS>
 __global__ void __launch_bounds__(128 * WGS, MINB) wg_kernel_fn(kargs a) {
-  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD, LIN, WGS, OV>::run(a);
+  wg_kernel<T, BITS, GS, MT, STAGES, NTMAX, AHEAD, LIN, WGS>::run(a);
 }
 
-template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH, bool LIN, int WGS,
-          int OV>
+template <typename T, int BITS, int GS, int MT, int S, int B, int NT, int AH, bool LIN, int WGS>
 launch_info info() {
-  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH, LIN, WGS, OV>;
-  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH, LIN, WGS, OV>, K::kThreads, K::kSmem};
+  using K = wg_kernel<T, BITS, GS, MT, S, NT, AH, LIN, WGS>;
+  return {wg_kernel_fn<T, BITS, GS, MT, S, B, NT, AH, LIN, WGS>, K::kThreads, K::kSmem};
 }
 
 /* The wgmma configurations (qmm_mma.cu GQMM_WG_CONFIG_ROWS names them):
@@ -648,61 +541,51 @@ launch_info info() {
  * expert by 3-10% (perf-notes, session 8). The last column: the widths
  * compiled (below). */
 #define GQMM_WG_CONFIGS(X)                                                                        \
-  X(2, 4, 3, 4, 2, 1, kAllBits, kOvBits) X(2, 4, 3, 4, 3, 1, kAllBits, 0u)                         \
-  X(1, 4, 2, 8, 2, 2, kAllBits, 0u) X(2, 4, 2, 8, 2, 1, kAllBits, 0u) X(2, 4, 4, 4, 2, 1, k2Bit, 0u)
+  X(2, 4, 3, 4, 2, 1, kAllBits) X(2, 4, 3, 4, 3, 1, kAllBits) X(1, 4, 2, 8, 2, 2, kAllBits)       \
+  X(2, 4, 2, 8, 2, 1, kAllBits) X(2, 4, 4, 4, 2, 1, k2Bit)
 
 /* The widths a config is compiled for (bit b: b-bit weights); other widths
  * get no instance, so gqmm__cu_mma_config_ok refuses the config for them.
  * Only 2-bit stages are small enough (13 KB with x) for four CTAs of the
- * default shape an SM. The last column: the widths with the overlap's
- * instances (kOvUp, kOvDown), the default config's up to 32 rows an expert. */
-constexpr unsigned kAllBits = 1u << 2 | 1u << 3 | 1u << 4 | 1u << 8, k2Bit = 1u << 2,
-                   kOvBits = 1u << 4;
+ * default shape an SM. */
+constexpr unsigned kAllBits = 1u << 2 | 1u << 3 | 1u << 4 | 1u << 8, k2Bit = 1u << 2;
 
-template <typename T, int BITS, int GS, bool LIN> launch_info pick_cfg(int v, int ov) {
+template <typename T, int BITS, int GS, bool LIN> launch_info pick_cfg(int v) {
   int i = 0;
-#define GQMM__WG_CASE(m, s, b, nt, ah, wgs, bits, ovbits)                                         \
+#define GQMM__WG_CASE(m, s, b, nt, ah, wgs, bits)                                                 \
   if (v == i++) {                                                                                 \
-    if constexpr (((bits) >> BITS) & 1u) {                                                        \
-      if (ov == kOvNone) return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs, kOvNone>();          \
-      if constexpr (((ovbits) >> BITS) & 1u) {                                                    \
-        if (ov == kOvUp) return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs, kOvUp>();            \
-        return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs, kOvDown>();                           \
-      }                                                                                           \
-    }                                                                                             \
-    return {nullptr, 0, 0};                                                                       \
+    if constexpr (((bits) >> BITS) & 1u) return info<T, BITS, GS, m, s, b, nt, ah, LIN, wgs>();   \
+    else return {nullptr, 0, 0};                                                                  \
   }
   GQMM_WG_CONFIGS(GQMM__WG_CASE)
 #undef GQMM__WG_CASE
   return {nullptr, 0, 0};
 }
 
-template <typename T, int BITS, bool LIN> launch_info pick_gs(int gs, int v, int ov) {
+template <typename T, int BITS, bool LIN> launch_info pick_gs(int gs, int v) {
   switch (gs) {
-  case 32: return pick_cfg<T, BITS, 32, LIN>(v, ov);
-  case 64: return pick_cfg<T, BITS, 64, LIN>(v, ov);
-  case 128: return pick_cfg<T, BITS, 128, LIN>(v, ov);
+  case 32: return pick_cfg<T, BITS, 32, LIN>(v);
+  case 64: return pick_cfg<T, BITS, 64, LIN>(v);
+  case 128: return pick_cfg<T, BITS, 128, LIN>(v);
   default: return {nullptr, 0, 0};
   }
 }
 
 /* lin: the pack's scales are pre-scaled for linear dequantization (wfmt.cuh). */
-template <typename T, int BITS> launch_info pick_lin(int gs, int lin, int v, int ov) {
+template <typename T, int BITS> launch_info pick_lin(int gs, int lin, int v) {
   if constexpr (wfmt<BITS>::lin_ok) {
-    if (lin) return pick_gs<T, BITS, true>(gs, v, ov);
+    if (lin) return pick_gs<T, BITS, true>(gs, v);
   }
-  return lin ? launch_info{nullptr, 0, 0} : pick_gs<T, BITS, false>(gs, v, ov);
+  return lin ? launch_info{nullptr, 0, 0} : pick_gs<T, BITS, false>(gs, v);
 }
 
 template <typename T> launch_info pick_bits(const gqmm__cu_qmm *a, int v) {
   const int gs = a->group_size, lin = a->packed_lin;
-  /* the overlap's side (kernels.h): down waits and claims, gate_up signals */
-  const int ov = a->dep ? kOvDown : a->sig ? kOvUp : kOvNone;
   switch (a->bits) {
-  case 2: return pick_lin<T, 2>(gs, lin, v, ov);
-  case 3: return pick_lin<T, 3>(gs, lin, v, ov);
-  case 4: return pick_lin<T, 4>(gs, lin, v, ov);
-  case 8: return pick_lin<T, 8>(gs, lin, v, ov);
+  case 2: return pick_lin<T, 2>(gs, lin, v);
+  case 3: return pick_lin<T, 3>(gs, lin, v);
+  case 4: return pick_lin<T, 4>(gs, lin, v);
+  case 8: return pick_lin<T, 8>(gs, lin, v);
   default: return {nullptr, 0, 0};
   }
 }

@@ -53,7 +53,6 @@ struct route_args {
   int32_t *units2;            /* unit descriptors of the second tiling */
   int32_t *w_safe;            /* NULL, or [batch]: w_index with bad ids -> 0 */
   int32_t *err;               /* NULL, or the error record (kernels.h) */
-  int32_t *sync;              /* NULL, or the overlap's counters (kernels.h) */
   int32_t call;
   int sms; /* multiprocessors: the shared-memory form's grid (launch) */
   gqmm__cu_plan p;
@@ -198,7 +197,6 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
         p.row_start[e] = first;
         p.unit_start[e] = u0;
         if (a.n_tiles[1]) a.unit_start2[e] = u1;
-        if (a.sync) a.sync[e] = own[1];
       }
       start[e] = first; /* each thread rewrites only its own expert */
       es.count[e] = c, es.units0[e] = u0;
@@ -209,7 +207,6 @@ __device__ __forceinline__ void route_body(const route_args &a, const expert_sta
   if (lead && tid == 0) {
     p.unit_start[E] = carry[1];
     if (a.n_tiles[1]) a.unit_start2[E] = carry[2];
-    if (a.sync) a.sync[E] = carry[1], a.sync[E + 1] = 0;
   }
   __syncthreads();
   /* The unit descriptors (kernels.h) of this CTA's experts: a warp per
@@ -306,7 +303,6 @@ extern "C" int gqmm__cu_moe_route(const gqmm__cu_moe_route_args *m) {
   for (int i = 0; i < 2; i++)
     a.tok[i] = m->tok_max[i] > 0 ? m->tok_max[i] : 1, a.n_tiles[i] = m->n_tiles[i];
   a.unit_start2 = m->unit_start2, a.units2 = m->units2, a.w_safe = m->ids_safe, a.err = m->err;
-  a.sync = m->sync;
   a.call = m->call;
   a.sms = m->sms > 0 ? m->sms : 1;
   a.p = m->plan;

@@ -318,14 +318,6 @@ static int run_layer(gqmm_ctx *gpu, gqmm_ctx *ref, layer *L, int routing, uint64
             st = gpu_run(gpu, L, f, pkd, act, poison, again);
             same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
           }
-          /* down overlapping gate_up (moe_cuda.c; a GLU pack) changes no
-           * bits: forced off, then on wherever it can run */
-          for (int ov = 0; ov < 2 && !st && same && ci < 0 && pkd == 2; ov++) {
-            gpu->moe_overlap = ov;
-            st = gpu_run(gpu, L, f, pkd, act, poison, again);
-            same = !st && memcmp(got, again, L->bytes[OUT]) == 0;
-            gpu->moe_overlap = -1;
-          }
           if (!st && ci < 0 && pkd == 0 && f == 0 && a == 0) {
             /* phase times: only after a layer that recorded them */
             const gqmm__backend *be = test_backend(GQMM_BACKEND_CUDA);
@@ -394,14 +386,6 @@ GQMM_TEST(cuda_moe_matches_reference) {
     fails += run_layer(gpu, ref, &seed, 0, salt++);
     runs++;
   }
-  /* down with many more units than CTAs and gate_up with few (128 units):
-   * with the overlap forced on (run_layer), down's CTAs start at once,
-   * wait for gate_up's experts and claim units as they go */
-  if (!quick) {
-    layer wide = {.T = 256, .k = 8, .E = 128, .H = 2560, .I = 64, .q = {4, 64}, .dt = GQMM_BF16};
-    fails += run_layer(gpu, ref, &wide, 0, salt++);
-    runs++;
-  }
   /* hidden 96: y's rows are 192 bytes, not whole 128-byte lines, so the
    * combine keeps y in L2 (moe.cu's 16-byte path without DROP) */
   layer ragged_h = {.T = 24, .k = 8, .E = 12, .H = 96, .I = 64, .q = {4, 32}, .dt = GQMM_BF16};
@@ -468,9 +452,6 @@ static int chain_run(gqmm_ctx *gpu, layer *Ls, int nl, int packable, int calls, 
  * identical. */
 static int chain_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype dt, uint64_t salt) {
   enum { NL = 3, CALLS = 24 };
-  /* variant 0 with down overlapping gate_up: the counters in the scratch
-   * are rewritten by every call's plan kernel */
-  gpu->moe_overlap = 1;
   layer Ls[NL];
   memset(Ls, 0, sizeof Ls);
   void *outs[CALLS] = {0}, *got[2][CALLS] = {{0}};
@@ -521,7 +502,6 @@ static int chain_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, gqmm_dtype dt, uin
     free(got[0][c]), free(got[1][c]);
   }
   for (int l = 0; l < NL; l++) layer_free(gpu, &Ls[l]);
-  gpu->moe_overlap = -1;
   return st != GQMM_OK;
 }
 
@@ -704,7 +684,6 @@ static bool same_bits(void **host, void **want, int calls, size_t bytes, const c
  * directly there as well. */
 static int graph_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, void *stream, uint64_t salt) {
   enum { NL = 3, CALLS = 9 };
-  gpu->moe_overlap = 1; /* down's launch as a programmatic edge of the graph */
   layer Ls[NL + 1]; /* + one larger than any the context ran */
   memset(Ls, 0, sizeof Ls);
   void *outs[CALLS] = {0}, *want[CALLS] = {0}, *got[CALLS] = {0};
@@ -813,7 +792,6 @@ static int graph_case(gqmm_ctx *gpu, gqmm_ctx *ref, int bits, void *stream, uint
   free(poison), free(x2);
   for (int l = 0; l <= NL; l++)
     layer_free(gpu, &Ls[l]);
-  gpu->moe_overlap = -1;
   return st != GQMM_OK;
 }
 

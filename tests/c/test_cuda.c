@@ -107,6 +107,33 @@ static void make_indices(test_rng *r, const gpu_case *c, int32_t *lhs, int32_t *
   }
 }
 
+/* One case's GPU call: its device tensors (host indices), output buffer
+ * and flags. */
+typedef struct {
+  gqmm_tensor x, w, scales, biases, lhs, rhs, out;
+  const dbuf *dout;
+  int dense, transpose, sorted;
+  gqmm_quant q;
+} gpu_call;
+
+/* The call on pk (a gqmm_pack copy), or NULL: on the MLX layout; its output
+ * poisoned first, then the call, a sync and the output copied to host `got`. */
+static int call_into(gqmm_ctx *gpu, gpu_call *k, const gqmm_packed *pk, const void *poison,
+                     void *got) {
+  const gqmm_tensor *tl = k->dense ? NULL : &k->lhs, *tr = k->dense ? NULL : &k->rhs;
+  int st = gqmm_device_copy(gpu, k->dout->d, poison, k->dout->bytes, GQMM_COPY_HOST_TO_DEVICE);
+  if (!st && pk)
+    st = gqmm_gather_qmm_packed(gpu, &k->x, pk, tl, tr, k->sorted, &k->out);
+  else if (!st)
+    st = k->dense ? gqmm_quantized_matmul(gpu, &k->x, &k->w, &k->scales, &k->biases, k->transpose,
+                                          k->q, &k->out)
+                  : gqmm_gather_qmm(gpu, &k->x, &k->w, &k->scales, &k->biases, tl, tr, k->transpose,
+                                    k->q, k->sorted, &k->out);
+  if (!st) st = gqmm_device_sync(gpu);
+  if (!st) st = gqmm_device_copy(gpu, got, k->dout->d, k->dout->bytes, GQMM_COPY_DEVICE_TO_HOST);
+  return st;
+}
+
 /* Runs one case for one format on every config; returns 0 if all pass. */
 static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant q, gqmm_dtype dt,
                     uint64_t salt) {
@@ -169,7 +196,18 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
     goto done;
   }
   gqmm_tensor gq = on_device(tq, dw.d), gs = on_device(ts, ds.d), gb = on_device(tb, db.d);
-  gqmm_tensor gx = on_device(tx, dx.d), go = on_device(to, dout.d);
+  gpu_call call = {.x = on_device(tx, dx.d),
+                   .w = gq,
+                   .scales = gs,
+                   .biases = gb,
+                   .lhs = tl,
+                   .rhs = tr,
+                   .out = on_device(to, dout.d),
+                   .dout = &dout,
+                   .dense = dense,
+                   .transpose = c->transpose,
+                   .sorted = c->routing != 1,
+                   .q = q};
   /* packed = 1: the same case on a gqmm_pack copy (the wgmma kernel), 2: on
    * a gqmm_pack_glu copy (rows paired, same results), where the format has
    * one; elsewhere gqmm_pack must decline (and gqmm_pack_glu refuse an odd
@@ -217,23 +255,10 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
     }
     for (int ci = -1; ci < ncfg; ci++) { /* -1: the built-in heuristic */
       gpu->forced_config = ci < 0 ? -1 : cfgs[ci].id;
-      gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
-      if (packed)
-        st = gqmm_gather_qmm_packed(gpu, &gx, pk, dense ? NULL : &tl, dense ? NULL : &tr,
-                                    c->routing != 1, &go);
-      else
-        st = dense ? gqmm_quantized_matmul(gpu, &gx, &gq, &gs, &gb, c->transpose, q, &go)
-                   : gqmm_gather_qmm(gpu, &gx, &gq, &gs, &gb, &tl, &tr, c->transpose, q,
-                                     c->routing != 1, &go);
-      if (!st) st = gqmm_device_sync(gpu);
-      if (!st) st = gqmm_device_copy(gpu, ogpu, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
+      st = call_into(gpu, &call, packed ? pk : NULL, poison, ogpu);
       double err = st ? INFINITY : test_rel_err(ogpu, dt, oref, dt, nb * M * N);
       if (!st && ci < 0 && packed) { /* a second run: the same bits (the deal is fixed) */
-        gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
-        st = gqmm_gather_qmm_packed(gpu, &gx, pk, dense ? NULL : &tl, dense ? NULL : &tr,
-                                    c->routing != 1, &go);
-        if (!st) st = gqmm_device_sync(gpu);
-        if (!st) st = gqmm_device_copy(gpu, oplain, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
+        st = call_into(gpu, &call, pk, poison, oplain);
         if (!st && memcmp(oplain, ogpu, dout.bytes)) {
           fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: a second run gave other bits\n", c->name,
                   q.bits, q.group_size, gqmm_dtype_name(dt));
@@ -252,13 +277,8 @@ static int run_case(gqmm_ctx *gpu, gqmm_ctx *ref, const gpu_case *c, gqmm_quant 
         gpu->pack_plain = 1;
         st = gqmm_pack(gpu, &gq, &gs, &gb, q, &plain);
         gpu->pack_plain = 0;
-        gqmm_device_copy(gpu, dout.d, poison, dout.bytes, GQMM_COPY_HOST_TO_DEVICE);
         if (!st) st = gqmm_packed_scaled(plain) ? GQMM_ERR_ARG : GQMM_OK;
-        if (!st)
-          st = gqmm_gather_qmm_packed(gpu, &gx, plain, dense ? NULL : &tl, dense ? NULL : &tr,
-                                      c->routing != 1, &go);
-        if (!st) st = gqmm_device_sync(gpu);
-        if (!st) st = gqmm_device_copy(gpu, oplain, dout.d, dout.bytes, GQMM_COPY_DEVICE_TO_HOST);
+        if (!st) st = call_into(gpu, &call, plain, poison, oplain);
         if (st || memcmp(oplain, ogpu, dout.bytes)) {
           fprintf(stderr, "  FAIL %s bits=%d gs=%d %s: linear and plain packs differ (status %d)\n",
                   c->name, q.bits, q.group_size, gqmm_dtype_name(dt), st);

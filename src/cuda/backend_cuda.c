@@ -445,7 +445,7 @@ static int cuda_graph_begin(gqmm_ctx *ctx) {
   if (recording(s))
     return gqmm__fail(ctx, GQMM_ERR_ARG, "gqmm_graph_begin: this context is already recording");
   if (!s->stream) { /* the legacy stream cannot record: a stream of ctx's own */
-    cudaError_t e = cudaDeviceSynchronize();
+    cudaError_t e = drain(s);
     if (!e) e = cudaStreamCreate(&s->stream);
     if (e) return cuda_fail(ctx, (int)e, "creating the context's stream");
     s->own_stream = true;
